@@ -1,0 +1,51 @@
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from treeopt.cli import app
+from treeopt.errors import TreeoptError
+from treeopt.models import chat_prompt, load_model, model_path, resolve_device, resolve_dtype
+
+
+def test_load_local_directory(tiny_model_dir):
+    lm = load_model(str(tiny_model_dir), device="cpu", dtype="bfloat16")
+    assert lm.model.dtype == torch.bfloat16 and not lm.model.training
+    ids = chat_prompt(lm.tokenizer, "w5 w6")
+    assert ids[-1] == lm.tokenizer.convert_tokens_to_ids("w0")
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: model_path("/no/such/dir"), "neither a local directory"),
+    (lambda: resolve_dtype("float8"), "--dtype"),
+    (lambda: resolve_device("tpu"), "--device"),
+])
+def test_bad_model_arguments(call, match):
+    with pytest.raises(TreeoptError, match=match):
+        call()
+
+
+def test_unreachable_hub_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(TreeoptError, match="hub"):
+        load_model("nobody/no-such-model", device="cpu")
+
+
+def test_cli_info_on_local_model(tiny_model_dir):
+    r = CliRunner().invoke(app, ["info", "--model", str(tiny_model_dir), "--heads", "random", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "llama" in r.output and "4 heads" in r.output and "torch" in r.output
+
+
+def test_cli_error_is_one_line(tmp_path):
+    r = CliRunner().invoke(app, ["info", "--model", str(tmp_path)])
+    assert r.exit_code == 2
+    assert r.output.strip().startswith("error:") and "config.json" in r.output
+    assert "Traceback" not in r.output
+
+
+@pytest.mark.slow
+def test_bundled_model_generates(smollm2):
+    ids = torch.tensor([chat_prompt(smollm2.tokenizer, "What is the capital of France?")])
+    out = smollm2.model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in smollm2.tokenizer.decode(out[0, ids.shape[1]:])

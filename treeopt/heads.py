@@ -1,0 +1,235 @@
+"""Medusa heads: K small heads over the base model's last hidden state; head k predicts token t+k+1.
+
+Each head is Medusa's stack of ResBlocks (x + SiLU(W x + b)) followed by a vocabulary projection.
+The projection is either the head's own (Medusa's original layout, ``medusa_lm_head.pt`` with keys
+``{h}.{l}.linear.weight/bias`` and ``{h}.{L}.weight``) or the base model's lm_head, shared
+(``medusa_lm_head.safetensors`` holding ResBlocks only: small checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from treeopt.errors import TreeoptError
+
+CONFIG = "config.json"
+PT_FILE = "medusa_lm_head.pt"
+ST_FILE = "medusa_lm_head.safetensors"
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    hidden_size: int
+    vocab_size: int
+    num_heads: int = 4
+    num_layers: int = 1
+    own_lm_head: bool = False  # False: project with the base model's lm_head (shared)
+    base_model_name_or_path: str = ""
+
+
+class ResBlock(nn.Module):
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, hidden_size)
+        nn.init.zeros_(self.linear.weight)  # starts as the identity: head k begins as the base lm_head
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        return x + self.act(self.linear(x))
+
+
+class MedusaHeads(nn.Module):
+    def __init__(self, config: HeadsConfig):
+        super().__init__()
+        self.config = config
+        H, V = config.hidden_size, config.vocab_size
+
+        def head():
+            blocks = [ResBlock(H) for _ in range(config.num_layers)]
+            return nn.Sequential(*blocks, *([nn.Linear(H, V, bias=False)] if config.own_lm_head else []))
+
+        self.heads = nn.ModuleList(head() for _ in range(config.num_heads))
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_heads
+
+    def features(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., H] -> [K, ..., H]: each head's state before the vocabulary projection."""
+        L = self.config.num_layers
+        return torch.stack([head[:L](hidden) for head in self.heads])
+
+    def forward(self, hidden: torch.Tensor, lm_head: nn.Module | None = None) -> torch.Tensor:
+        """hidden [..., H] -> logits [K, ..., V]. `lm_head` is the base model's, used when shared."""
+        if self.config.own_lm_head:
+            return torch.stack([head(hidden) for head in self.heads])
+        if lm_head is None:
+            raise ValueError("these heads share the base model's lm_head: pass it as lm_head")
+        return lm_head(self.features(hidden))
+
+    def check_compatible(self, model) -> None:
+        """One-line error when the heads were made for another model (hidden size or vocabulary)."""
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        got = (self.config.hidden_size, self.config.vocab_size)
+        want = (cfg.hidden_size, model.get_output_embeddings().weight.shape[0])
+        if got != want:
+            raise TreeoptError(
+                f"heads have hidden size {got[0]} and vocabulary {got[1]} but the model has {want[0]} and "
+                f"{want[1]}: pass --heads trained for this model (base {self.config.base_model_name_or_path or '?'})"
+            )
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def save(self, directory: str | Path) -> Path:
+        """Write a Medusa-layout checkpoint (config.json + weights), atomically per file."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        c = self.config
+        config = {
+            "medusa_num_heads": c.num_heads,
+            "medusa_num_layers": c.num_layers,
+            "base_model_name_or_path": c.base_model_name_or_path,
+            "hidden_size": c.hidden_size,
+            "vocab_size": c.vocab_size,
+            "own_lm_head": c.own_lm_head,
+        }
+        state = {k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()}
+        if c.own_lm_head:
+            _atomic(directory / PT_FILE, lambda p: torch.save(state, p))
+        else:
+            from safetensors.torch import save_file
+
+            _atomic(directory / ST_FILE, lambda p: save_file(state, str(p)))
+        _atomic(directory / CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, model=None) -> "MedusaHeads":
+        """Read either Medusa layout. With `model`, check it matches and fill in missing sizes."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise TreeoptError(f"heads directory {directory} not found: pass --heads DIR holding a Medusa checkpoint")
+        state = _read_state(directory)
+        cfg = _read_config(directory)
+        heads, layers, own, H, V = _layout(state, directory)
+        if cfg.get("medusa_num_heads") not in (None, heads):
+            warnings.warn(f"{directory / CONFIG} says {cfg['medusa_num_heads']} heads but the weights hold "
+                          f"{heads}: using {heads}", stacklevel=2)
+        if V is None:  # shared lm_head: vocabulary from config or model
+            V = cfg.get("vocab_size") or (model.get_output_embeddings().weight.shape[0] if model is not None else None)
+            if V is None:
+                raise TreeoptError(f"{directory} shares the base lm_head: load it with its model to know the vocabulary")
+        config = HeadsConfig(hidden_size=H, vocab_size=V, num_heads=heads, num_layers=layers, own_lm_head=own,
+                             base_model_name_or_path=cfg.get("base_model_name_or_path") or "")
+        medusa = cls(config)
+        medusa.heads.load_state_dict(state)
+        if model is not None:
+            medusa.check_compatible(model)
+        return medusa.eval().requires_grad_(False)
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _read_config(directory: Path) -> dict:
+    path = directory / CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TreeoptError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): fix or remove it") from None
+
+
+def _read_state(directory: Path) -> dict[str, torch.Tensor]:
+    if (directory / ST_FILE).is_file():
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(directory / ST_FILE))
+        except Exception as e:  # safetensors raises several types for a damaged file
+            raise TreeoptError(f"{directory / ST_FILE} is unreadable ({type(e).__name__}): re-save the heads") from None
+    if (directory / PT_FILE).is_file():
+        try:
+            return torch.load(directory / PT_FILE, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise TreeoptError(f"{directory / PT_FILE} is unreadable ({type(e).__name__}): re-save the heads") from None
+    raise TreeoptError(f"{directory} holds neither {PT_FILE} nor {ST_FILE}: pass a Medusa heads directory")
+
+
+_KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
+
+
+def _layout(state: dict, directory: Path):
+    """(num_heads, num_layers, own_lm_head, hidden, vocab or None) read off the weights themselves."""
+    index: dict[int, dict[int, str]] = {}
+    for key in state:
+        m = _KEY.match(key)
+        if not m:
+            raise TreeoptError(f"{directory}: unexpected weight {key!r}: not a Medusa heads checkpoint")
+        index.setdefault(int(m[1]), {})[int(m[2])] = m[3]
+    heads = len(index)
+    if heads == 0 or sorted(index) != list(range(heads)):
+        raise TreeoptError(f"{directory}: heads are not numbered 0..K-1: not a Medusa heads checkpoint")
+    parts = index[0]
+    layers = sum(1 for v in parts.values() if v.startswith("linear"))
+    own = "weight" in parts.values()
+    if any(index[h] != parts for h in index):
+        raise TreeoptError(f"{directory}: heads have different shapes: not a Medusa heads checkpoint")
+    hidden = state["0.0.linear.weight"].shape[1] if layers else state["0.0.weight"].shape[1]
+    vocab = state[f"0.{layers}.weight"].shape[0] if own else None
+    return heads, layers, own, hidden, vocab
+
+
+def random_heads(model, num_heads: int = 4, num_layers: int = 1, own_lm_head: bool = False, seed: int = 0,
+                 scale: float = 0.02) -> MedusaHeads:
+    """Untrained heads with small random ResBlock weights, for tests and dry runs."""
+    cfg = model.config
+    config = HeadsConfig(hidden_size=cfg.hidden_size, vocab_size=model.get_output_embeddings().weight.shape[0],
+                         num_heads=num_heads, num_layers=num_layers, own_lm_head=own_lm_head,
+                         base_model_name_or_path=getattr(cfg, "_name_or_path", ""))
+    g = torch.Generator().manual_seed(seed)
+    heads = MedusaHeads(config)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+        if own_lm_head:  # start each own projection as a noisy copy of the base lm_head
+            for head in heads.heads:
+                head[-1].weight.add_(model.get_output_embeddings().weight.detach().float().cpu())
+    return heads.eval().requires_grad_(False)
+
+
+BUNDLED_HEADS = Path(__file__).parent / "data" / "heads" / "smollm2-135m"
+
+
+def resolve_heads(spec: str | None, model, num_heads: int = 4) -> MedusaHeads:
+    """--heads: a directory, `random` (untrained, for dry runs), or None/`default` for the heads
+    shipped with treeopt for the bundled model."""
+    if spec in (None, "", "default"):
+        if not (BUNDLED_HEADS / CONFIG).is_file():
+            raise TreeoptError("no trained heads ship with this install: pass --heads DIR "
+                               "(train some with `treeopt train-heads`) or --heads random")
+        heads = MedusaHeads.load(BUNDLED_HEADS, model)
+    elif spec == "random":
+        heads = random_heads(model, num_heads=num_heads)
+    else:
+        heads = MedusaHeads.load(spec, model)
+    weight = model.get_output_embeddings().weight
+    return heads.to(device=weight.device, dtype=weight.dtype)

@@ -1,0 +1,46 @@
+"""`treeopt info`: what treeopt would run with, as text."""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+
+from treeopt.errors import TreeoptError
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("treeopt", "torch", "transformers", "numpy", "pandas", "networkx", "matplotlib", "typer", "datasets"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def describe(model: str = "smollm2-135m", heads: str | None = None, device: str = "auto", dtype: str = "float32") -> str:
+    import torch
+
+    from treeopt.heads import resolve_heads
+    from treeopt.models import load_model
+
+    lm = load_model(model, device=device, dtype=dtype)
+    cfg = lm.model.config
+    params = sum(p.numel() for p in lm.model.parameters())
+    lines = [
+        f"model        {lm.name}  ({cfg.model_type}, {params / 1e6:.1f}M parameters, {cfg.num_hidden_layers} layers, "
+        f"hidden {cfg.hidden_size}, vocab {lm.model.get_output_embeddings().weight.shape[0]})",
+        f"  weights    {lm.source}",
+        f"device       {lm.model.device}  dtype {lm.model.dtype}"
+        + (f"  ({torch.cuda.get_device_name()})" if lm.model.device.type == "cuda" else f"  ({torch.get_num_threads()} threads)"),
+    ]
+    try:
+        h = resolve_heads(heads, lm.model)
+        c = h.config
+        lines.append(f"heads        {heads or 'default'}  ({c.num_heads} heads x {c.num_layers} ResBlock(s), "
+                     f"{'own' if c.own_lm_head else 'shared'} lm_head, "
+                     f"{sum(p.numel() for p in h.parameters()) / 1e6:.2f}M parameters)")
+    except TreeoptError as e:
+        lines.append(f"heads        none: {e}")
+    lines.append("versions     " + "  ".join(f"{k} {v}" for k, v in versions().items()))
+    return "\n".join(lines)

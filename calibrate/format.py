@@ -1,0 +1,134 @@
+"""The calibration directory: the one place that knows its files. Everything reads it through here.
+
+A calibration run writes into DIR:
+
+- ``ranks.parquet``: one row per (prompt, position) of the base model's greedy continuation
+  y_0..y_{T-1}. ``position`` = t is the index of the base model's next token y_t, i.e. the row is
+  about the hidden state of the token just before y_t (the last prompt token when t = 0). Column
+  ``r{k}`` (k = 1..K) is the 0-based rank of y_{t+k} in head k's distribution there, clipped to
+  ``top_k`` (so ``r{k} == top_k`` is a miss), and -1 where y_{t+k} lies past the end of the
+  continuation. A decoding step whose root token is y_t accepts tree path (i1, ..., id) exactly when
+  r1..rd at t equal i1..id. No independence between heads is assumed.
+- ``accuracy.csv``: a_k^(i), long form: head, rank, hits, positions, accuracy, cumulative.
+- ``continuations.parquet``: prompt_id, instruction, prompt_ids, tokens (the continuation's ids), stopped
+  (True when it ended at EOS rather than at max_new_tokens).
+- ``calibration.json``: model, heads, dataset, counts, top_k, max_new_tokens, seed, wall time, versions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from treeopt.errors import TreeoptError
+
+RANKS = "ranks.parquet"
+ACCURACY = "accuracy.csv"
+CONTINUATIONS = "continuations.parquet"
+META = "calibration.json"
+MISSING = -1  # the target token lies past the end of the continuation
+
+
+def rank_columns(num_heads: int) -> list[str]:
+    return [f"r{k}" for k in range(1, num_heads + 1)]
+
+
+def accuracy_table(ranks: np.ndarray, top_k: int) -> pd.DataFrame:
+    """a_k^(i) from a rank matrix [N, K]: each head counts only its own valid positions."""
+    rows = []
+    for k in range(ranks.shape[1]):
+        col = ranks[:, k]
+        valid = int((col != MISSING).sum())
+        hits = np.bincount(col[(col >= 0) & (col < top_k)], minlength=top_k)[:top_k]
+        acc = hits / max(valid, 1)
+        for i in range(top_k):
+            rows.append({"head": k + 1, "rank": i, "hits": int(hits[i]), "positions": valid,
+                         "accuracy": float(acc[i]), "cumulative": float(acc[: i + 1].sum())})
+    return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A calibration directory, loaded. `ranks` is [N, K] int16 (see the module docstring)."""
+
+    ranks: np.ndarray  # [N, K]
+    prompt_ids: np.ndarray  # [N]
+    positions: np.ndarray  # [N]
+    top_k: int
+    meta: dict = field(default_factory=dict)
+    directory: Path | None = None
+
+    @property
+    def num_heads(self) -> int:
+        return self.ranks.shape[1]
+
+    @property
+    def num_positions(self) -> int:
+        return self.ranks.shape[0]
+
+    @cached_property
+    def accuracy(self) -> np.ndarray:
+        """a[k, i]: probability that head k+1's rank-i token is the true one, over its valid positions."""
+        t = accuracy_table(self.ranks, self.top_k)
+        return t["accuracy"].to_numpy().reshape(self.num_heads, self.top_k)
+
+    def subset(self, prompts: np.ndarray) -> "Calibration":
+        """The rows of the given prompt ids (for held-out splits)."""
+        keep = np.isin(self.prompt_ids, prompts)
+        return Calibration(self.ranks[keep], self.prompt_ids[keep], self.positions[keep], self.top_k,
+                           self.meta, self.directory)
+
+    def continuations(self) -> pd.DataFrame:
+        if self.directory is None or not (self.directory / CONTINUATIONS).is_file():
+            raise TreeoptError("this calibration has no continuations.parquet: re-run `treeopt calibrate`")
+        return pd.read_parquet(self.directory / CONTINUATIONS)
+
+
+def load_calibration(directory: str | Path) -> Calibration:
+    directory = Path(directory)
+    if not (directory / RANKS).is_file() or not (directory / META).is_file():
+        raise TreeoptError(f"{directory} is not a calibration directory (no {RANKS} or {META}): "
+                           "run `treeopt calibrate --out DIR` and pass that DIR")
+    try:
+        meta = json.loads((directory / META).read_text())
+        df = pd.read_parquet(directory / RANKS)
+    except Exception as e:  # pyarrow and json raise many types for damaged files
+        raise TreeoptError(f"{directory} has an unreadable calibration file ({type(e).__name__}): re-run calibrate") from None
+    cols = sorted((c for c in df.columns if c.startswith("r") and c[1:].isdigit()), key=lambda c: int(c[1:]))
+    if not cols or cols != rank_columns(len(cols)) or "top_k" not in meta:
+        raise TreeoptError(f"{directory / RANKS} lacks columns r1..rK or top_k: re-run `treeopt calibrate`")
+    return Calibration(ranks=df[cols].to_numpy(np.int16), prompt_ids=df["prompt_id"].to_numpy(np.int32),
+                       positions=df["position"].to_numpy(np.int32), top_k=int(meta["top_k"]), meta=meta,
+                       directory=directory)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), then rename onto `path`: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_calibration(directory: str | Path, ranks: pd.DataFrame, continuations: pd.DataFrame, meta: dict) -> Path:
+    """Write the final files of a run, each atomically. `ranks` has prompt_id, position, r1..rK."""
+    directory = Path(directory)
+    K = sum(1 for c in ranks.columns if c.startswith("r") and c[1:].isdigit())
+    table = accuracy_table(ranks[rank_columns(K)].to_numpy(np.int16), int(meta["top_k"]))
+    atomic_write(directory / RANKS, lambda p: ranks.to_parquet(p, index=False))
+    atomic_write(directory / CONTINUATIONS, lambda p: continuations.to_parquet(p, index=False))
+    atomic_write(directory / ACCURACY, lambda p: table.to_csv(p, index=False))
+    atomic_write(directory / META, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    return directory

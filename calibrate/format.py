@@ -18,8 +18,6 @@ A calibration run writes into DIR:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -28,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from treeopt.errors import TreeoptError
+from treeopt.fileio import atomic_write, write_text
 
 RANKS = "ranks.parquet"
 ACCURACY = "accuracy.csv"
@@ -109,19 +108,6 @@ def load_calibration(directory: str | Path) -> Calibration:
                        directory=directory)
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename onto `path`: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_calibration(directory: str | Path, ranks: pd.DataFrame, continuations: pd.DataFrame, meta: dict) -> Path:
     """Write the final files of a run, each atomically. `ranks` has prompt_id, position, r1..rK."""
     directory = Path(directory)
@@ -130,5 +116,5 @@ def write_calibration(directory: str | Path, ranks: pd.DataFrame, continuations:
     atomic_write(directory / RANKS, lambda p: ranks.to_parquet(p, index=False))
     atomic_write(directory / CONTINUATIONS, lambda p: continuations.to_parquet(p, index=False))
     atomic_write(directory / ACCURACY, lambda p: table.to_csv(p, index=False))
-    atomic_write(directory / META, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    write_text(directory / META, json.dumps(meta, indent=2) + "\n")
     return directory

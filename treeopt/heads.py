@@ -9,9 +9,7 @@ The projection is either the head's own (Medusa's original layout, ``medusa_lm_h
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ import torch
 from torch import nn
 
 from treeopt.errors import TreeoptError
+from treeopt.fileio import atomic_write, write_text
 
 CONFIG = "config.json"
 PT_FILE = "medusa_lm_head.pt"
@@ -104,12 +103,12 @@ class MedusaHeads(nn.Module):
         }
         state = {k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()}
         if c.own_lm_head:
-            _atomic(directory / PT_FILE, lambda p: torch.save(state, p))
+            atomic_write(directory / PT_FILE, lambda p: torch.save(state, p))
         else:
             from safetensors.torch import save_file
 
-            _atomic(directory / ST_FILE, lambda p: save_file(state, str(p)))
-        _atomic(directory / CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+            atomic_write(directory / ST_FILE, lambda p: save_file(state, str(p)))
+        write_text(directory / CONFIG, json.dumps(config, indent=2) + "\n")
         return directory
 
     @classmethod
@@ -135,17 +134,6 @@ class MedusaHeads(nn.Module):
         if model is not None:
             medusa.check_compatible(model)
         return medusa.eval().requires_grad_(False)
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _read_config(directory: Path) -> dict:

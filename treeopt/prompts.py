@@ -1,0 +1,88 @@
+"""Instructions to run the model on: AlpacaEval (through `datasets`), a local file, or a hub dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from treeopt.errors import TreeoptError
+
+ALPACA_EVAL = "alpaca_eval"  # tatsu-lab/alpaca_eval on the Hugging Face hub
+FIELDS = ("instruction", "prompt")
+
+
+def local_alpaca_eval() -> Path | None:
+    """The copy of AlpacaEval beside a checkout (../shared/data/alpaca_eval.json), if there is one."""
+    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        path = base.parent / "shared" / "data" / "alpaca_eval.json"
+        if path.is_file():
+            return path
+    return None
+
+
+def default_prompts() -> str:
+    """What commands read when no --prompts/--dataset is given: the local AlpacaEval copy, else the hub's."""
+    path = local_alpaca_eval()
+    return str(path) if path else ALPACA_EVAL
+
+
+def load_instructions(source: str = ALPACA_EVAL, limit: int | None = None, offset: int = 0) -> list[str]:
+    """Instructions from `source`: `alpaca_eval`, a .json/.jsonl file whose records have an `instruction`
+    or `prompt` field, or a Hugging Face dataset id. `offset`/`limit` take a slice."""
+    path = Path(source).expanduser()
+    if path.suffix in (".json", ".jsonl") or path.exists():
+        records = _read_file(path)
+    else:
+        records = _read_hub(source)
+    instructions = [_field(r, source, n) for n, r in enumerate(records)]
+    if not instructions:
+        raise TreeoptError(f"{source} holds no records: pass a file with at least one instruction")
+    end = None if limit is None else offset + limit
+    return instructions[offset:end]
+
+
+def _field(record, source, n) -> str:
+    if isinstance(record, str):
+        return record
+    if isinstance(record, dict):
+        for f in FIELDS:
+            if isinstance(record.get(f), str) and record[f].strip():
+                return record[f]
+    raise TreeoptError(f"{source}: record {n} has no non-empty `instruction` or `prompt` field: add one")
+
+
+def _read_file(path: Path) -> list:
+    if not path.is_file():
+        raise TreeoptError(f"prompts file {path} not found: pass an existing .json or .jsonl file")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise TreeoptError(f"{path} is empty: pass a file with at least one instruction")
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TreeoptError(f"{path} is not valid JSON{' lines' if path.suffix == '.jsonl' else ''} "
+                           f"(line {e.lineno}: {e.msg}): fix the file") from None
+    if isinstance(data, dict):  # {"data": [...]} or {"instructions": [...]}
+        lists = [v for v in data.values() if isinstance(v, list)]
+        data = lists[0] if len(lists) == 1 else [data]
+    return data
+
+
+def _read_hub(name: str) -> list:
+    from treeopt.models import _hub_reachable
+
+    repo, config = ("tatsu-lab/alpaca_eval", "alpaca_eval") if name == ALPACA_EVAL else (name, None)
+    if not _hub_reachable():
+        raise TreeoptError(f"cannot reach the Hugging Face hub to load {repo!r}: pass --dataset PATH "
+                           "to a local .json/.jsonl file with an `instruction` field")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(repo, config)
+    except Exception as e:  # datasets raises many types (connection, missing config, scripts)
+        raise TreeoptError(f"cannot load dataset {repo!r} ({type(e).__name__}): pass --dataset PATH to a local "
+                           ".json/.jsonl file") from None
+    split = "eval" if "eval" in ds else next(iter(ds))
+    return list(ds[split])

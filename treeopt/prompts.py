@@ -86,3 +86,6 @@ def _read_hub(name: str) -> list:
                            ".json/.jsonl file") from None
     split = "eval" if "eval" in ds else next(iter(ds))
     return list(ds[split])
+
+
+DEFAULT_PROMPTS = default_prompts()

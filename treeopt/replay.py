@@ -1,0 +1,121 @@
+"""Replay: greedy Medusa decoding simulated exactly on the calibration's logged continuations.
+
+For each prompt, with T its continuation length: t = 0, steps = 0; while t < T: d = depth of the
+deepest tree path whose ranks equal r1..rd at position t; t += 1 + d; steps += 1. A step emits the
+root token y_t plus the d accepted ones, so tokens/step = sum T / sum steps over prompts (the
+decoder counts a verification forward the same way; the prefill is not a step). Rank -1 (past the
+end of the continuation) never matches, so acceptance never runs past the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import pandas as pd
+
+from calibrate.format import Calibration
+from treeopt.errors import TreeoptError
+from treeopt.tree import Tree
+
+
+def walk(tree: Tree, ranks: np.ndarray):
+    """Yield, for depth d = 1.., the tree node each position reaches at depth d: [N] node index
+    into `tree.paths`, or len(tree) where the position's rank prefix r1..rd is not a tree path.
+    Depths beyond the rank matrix's K heads are not walked (nothing can match there)."""
+    n, width = len(tree), max(tree.max_rank, 0)
+    dead = n + 1
+    # child[node + 1, rank] -> child's node + 1; row 0 is the root, row `dead` and column `width` lead to `dead`
+    child = np.full((n + 2, width + 1), dead, np.int64)  # [n+2, width+1]
+    for i, (p, parent) in enumerate(zip(tree.paths, tree.parents)):
+        child[parent + 1, p[-1]] = i + 1
+    cur = np.zeros(len(ranks), np.int64)  # [N]
+    for d in range(min(tree.depth, ranks.shape[1])):
+        r = ranks[:, d].astype(np.int64)
+        r = np.where((r >= 0) & (r < width), r, width)
+        cur = child[cur, r]
+        yield np.where(cur == dead, n, cur - 1)
+
+
+def accepted_depths(tree: Tree, ranks: np.ndarray) -> np.ndarray:
+    """[N] depth of the deepest tree path equal to each position's rank prefix (0 = root only)."""
+    depth = np.zeros(len(ranks), np.int64)
+    for node in walk(tree, ranks):
+        depth += node < len(tree)
+    return depth
+
+
+def node_hits(tree: Tree, ranks: np.ndarray) -> np.ndarray:
+    """[n] number of positions whose rank vector starts with each tree path."""
+    hits = np.zeros(len(tree) + 1, np.int64)
+    for node in walk(tree, ranks):
+        hits += np.bincount(node, minlength=len(tree) + 1)
+    return hits[: len(tree)]
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """Per-prompt outcome of replaying one tree: tokens (= T) and decoding steps."""
+
+    prompt_ids: np.ndarray  # [P]
+    tokens: np.ndarray  # [P]
+    steps: np.ndarray  # [P]
+
+    @property
+    def tokens_per_step(self) -> float:
+        return float(self.tokens.sum() / max(self.steps.sum(), 1))
+
+    @property
+    def per_prompt(self) -> pd.DataFrame:
+        return pd.DataFrame({"prompt_id": self.prompt_ids, "tokens": self.tokens, "steps": self.steps,
+                             "tokens_per_step": self.tokens / np.maximum(self.steps, 1)})
+
+    def interval(self, level: float = 0.95, samples: int = 2000, seed: int = 0) -> tuple[float, float]:
+        """Bootstrap interval of tokens/step, resampling prompts (each keeps its tokens and steps)."""
+        P = len(self.tokens)
+        if P == 0:
+            return (float("nan"), float("nan"))
+        counts = np.random.default_rng(seed).multinomial(P, np.full(P, 1.0 / P), size=samples)  # [B, P]
+        tps = (counts @ self.tokens) / np.maximum(counts @ self.steps, 1)  # [B]
+        lo, hi = np.quantile(tps, [(1 - level) / 2, (1 + level) / 2])
+        return float(lo), float(hi)
+
+
+@dataclass(frozen=True)
+class Positions:
+    """A calibration's rows ordered by (prompt, position), with each prompt's [start, end) rows."""
+
+    ranks: np.ndarray  # [N, K]
+    prompt_ids: np.ndarray  # [P]
+    starts: np.ndarray  # [P]
+    ends: np.ndarray  # [P]
+
+
+def positions(calibration: Calibration) -> Positions:
+    order = np.lexsort((calibration.positions, calibration.prompt_ids))
+    pid, pos = calibration.prompt_ids[order], calibration.positions[order]
+    prompts, starts = np.unique(pid, return_index=True)
+    ends = np.append(starts[1:], len(pid))
+    expected = np.arange(len(pid)) - np.repeat(starts, ends - starts)
+    if not np.array_equal(pos, expected):
+        bad = int(pid[np.flatnonzero(pos != expected)[0]])
+        raise TreeoptError(f"calibration rows of prompt {bad} are not positions 0..T-1 without gaps: "
+                           "re-run `treeopt calibrate` for this directory")
+    return Positions(calibration.ranks[order], prompts, starts, ends)
+
+
+def replay(tree: Tree, calibration: Calibration | Positions) -> ReplayResult:
+    """Simulate greedy Medusa decoding with `tree` on every logged continuation (module docstring)."""
+    rows = calibration if isinstance(calibration, Positions) else positions(calibration)
+    nxt = np.arange(len(rows.ranks)) + 1 + accepted_depths(tree, rows.ranks)  # [N] row after one step
+    nxt = np.minimum(nxt, np.repeat(rows.ends, rows.ends - rows.starts))  # no-op when -1 marks the end
+    nxt = np.append(nxt, len(rows.ranks))  # [N+1] index N: past the last row (cur never exceeds it)
+    cur, ends = rows.starts.copy(), rows.ends
+    steps = np.zeros(len(cur), np.int64)
+    active = cur < ends
+    while active.any():
+        steps += active
+        cur = np.where(active, nxt[cur], cur)
+        active = cur < ends
+    return ReplayResult(rows.prompt_ids, ends - rows.starts, steps)

@@ -1,0 +1,158 @@
+"""Tree files: read and write a `Tree` as JSON, as a Python file for the Medusa repo, or as
+TensorRT-LLM's `--medusa_choices` string. All three round-trip (paths and their order).
+
+- ``json``: ``{"medusa_choices": [[0], [0, 0], ...], "nodes": N, "predicted_tokens_per_step": x,
+  "acceptance_model": ..., "calibration": ..., "best_chain_length": c, ...}``.
+- ``python``: ``medusa_choices = [[0], [0, 0], ...]`` (drops into medusa/model/medusa_choices.py),
+  plus ``treeopt_meta = {...}``. Read with `ast.literal_eval`, never executed.
+- ``trtllm``: one line ``[[0], [0, 0], [1]]``, for ``--medusa_choices``. TensorRT-LLM sorts the
+  paths itself and accepts leaf-only lists: the reader adds missing ancestors.
+
+A tree spec (`read_tree`) is a file path, ``file.py:name`` for one list of a Python file, the name
+of a published Medusa tree (``mc_sim_7b_63``, see `treeopt.published`), or a literal list string.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+from treeopt.errors import TreeoptError
+from treeopt.fileio import write_text
+from treeopt.published import PUBLISHED
+from treeopt.tree import Tree
+
+FORMATS = ("json", "python", "trtllm")
+SUFFIX_FORMAT = {".json": "json", ".py": "python", ".txt": "trtllm"}
+FIX = "write medusa_choices as a list of rank paths, e.g. [[0], [0, 0], [1]]"
+
+
+def _choices(obj, source: str) -> list[list[int]]:
+    """Check that `obj` is a list of non-empty lists of non-negative ints."""
+    if not isinstance(obj, (list, tuple)):
+        raise TreeoptError(f"{source}: medusa_choices is a {type(obj).__name__}, not a list: {FIX}")
+    for p in obj:
+        if not isinstance(p, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in p):
+            raise TreeoptError(f"{source}: {p!r} is not a list of integer ranks: {FIX}")
+    return [list(p) for p in obj]
+
+
+def _literal(text: str, source: str):
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        raise TreeoptError(f"{source} is not a literal list of rank paths: {FIX}") from None
+
+
+def parse_trtllm(text: str, source: str = "medusa_choices string") -> Tree:
+    """TensorRT-LLM's `--medusa_choices` string: any order, leaf-only lists allowed."""
+    return Tree.from_choices(_choices(_literal(text, source), source), complete=True)
+
+
+def parse_python(text: str, name: str | None = None, source: str = "python file") -> tuple[Tree, dict]:
+    """`medusa_choices = [...]` (or the list called `name`) from Python source, without running it."""
+    try:
+        module = ast.parse(text)
+    except SyntaxError as e:
+        raise TreeoptError(f"{source} is not valid Python (line {e.lineno}): {FIX}") from None
+    lists: dict[str, ast.expr] = {}
+    for node in module.body:
+        if isinstance(node, ast.Assign):
+            lists.update({t.id: node.value for t in node.targets if isinstance(t, ast.Name)})
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            lists[node.target.id] = node.value
+    meta = lists.pop("treeopt_meta", None)
+    if name is None:
+        candidates = [n for n, v in lists.items() if isinstance(v, (ast.List, ast.Tuple))]
+        name = "medusa_choices" if "medusa_choices" in lists else (candidates[0] if len(candidates) == 1 else None)
+        if name is None:
+            raise TreeoptError(f"{source} has no `medusa_choices = [...]`: add it, or pick a list with "
+                               f"FILE.py:NAME (lists there: {', '.join(candidates) or 'none'})")
+    if name not in lists:
+        raise TreeoptError(f"{source} has no list named {name!r}: pick one of {', '.join(lists) or 'none'}")
+    try:
+        value = ast.literal_eval(lists[name])
+        meta = ast.literal_eval(meta) if meta is not None else {}
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        raise TreeoptError(f"{source}: {name} is not a literal list (no names or calls): {FIX}") from None
+    return Tree.from_choices(_choices(value, source)), meta if isinstance(meta, dict) else {}
+
+
+def parse_json(text: str, source: str = "json file") -> tuple[Tree, dict]:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TreeoptError(f"{source} is not valid JSON (line {e.lineno}): write a tree file with "
+                           "`treeopt search -o tree.json` or fix the syntax") from None
+    if isinstance(obj, list):  # a bare medusa_choices list
+        return Tree.from_choices(_choices(obj, source)), {}
+    if not isinstance(obj, dict) or "medusa_choices" not in obj:
+        raise TreeoptError(f"{source} has no \"medusa_choices\" key: {FIX}")
+    meta = {k: v for k, v in obj.items() if k != "medusa_choices"}
+    return Tree.from_choices(_choices(obj["medusa_choices"], source)), meta
+
+
+def read_tree_meta(spec: str | Path) -> tuple[Tree, dict]:
+    """A tree and the metadata stored with it (empty for formats that hold none); see `read_tree`."""
+    spec = str(spec)
+    path, name = spec, ""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head.endswith(".py") and tail.isidentifier():
+        path, name = head, tail
+    file = Path(path)
+    if file.is_file():
+        try:
+            text = file.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise TreeoptError(f"cannot read tree file {file} ({type(e).__name__}): pass a text tree file") from None
+        fmt = SUFFIX_FORMAT.get(file.suffix.lower(), "trtllm")
+        if fmt == "json":
+            return parse_json(text, str(file))
+        if fmt == "python":
+            return parse_python(text, name or None, str(file))
+        return parse_trtllm(text, str(file)), {}
+    if spec in PUBLISHED:
+        return Tree(tuple(map(tuple, PUBLISHED[spec]))), {"source": f"published Medusa tree {spec}"}
+    if spec.lstrip().startswith(("[", "(")):
+        return parse_trtllm(spec), {}
+    raise TreeoptError(f"tree {spec!r} not found: pass a .json/.py/.txt tree file, a published tree name "
+                       f"({', '.join(PUBLISHED)}) or a list string like '[[0], [0, 0]]'")
+
+
+def read_tree(spec: str | Path, num_heads: int | None = None, top_k: int | None = None) -> Tree:
+    """Read a tree from a file (.json, .py, other = TensorRT-LLM string), `file.py:name`, a published
+    tree name or a literal list string; check it fits `num_heads` heads and top-`top_k` if given."""
+    return read_tree_meta(spec)[0].check(num_heads, top_k)
+
+
+def _plain(meta: dict) -> dict:
+    """Metadata as plain JSON values (numpy scalars and arrays, paths become floats, lists, strings)."""
+    def default(x):
+        return x.tolist() if hasattr(x, "tolist") else str(x)
+    return json.loads(json.dumps(meta, default=default))
+
+
+def format_tree(tree: Tree, format: str = "json", **meta) -> str:
+    """The text of a tree file in `format` (json, python or trtllm)."""
+    choices = json.dumps(tree.choices)
+    meta = _plain(meta)
+    if format == "json":
+        obj = {"medusa_choices": tree.choices, "nodes": tree.num_nodes, "depth": tree.depth, **meta}
+        # one key per line, lists kept on one line: readable and still plain JSON
+        return "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in obj.items()) + "\n}\n"
+    if format == "python":
+        info = ", ".join(f"{k}={v}" for k, v in meta.items() if isinstance(v, (int, float, str)))
+        return (f"# Medusa tree written by treeopt: {tree.num_nodes} nodes, depth {tree.depth}. {info}\n"
+                "# Drop-in for the Medusa repo (medusa/model/medusa_choices.py); read back with ast, never run.\n"
+                f"medusa_choices = {choices}\n"
+                f"treeopt_meta = {meta!r}\n")
+    if format == "trtllm":
+        return choices + "\n"
+    raise TreeoptError(f"unknown tree format {format!r}: use --format json, python or trtllm")
+
+
+def write_tree(tree: Tree, path: str | Path, format: str | None = None, **meta) -> Path:
+    """Write `tree` atomically; `format` defaults from the suffix (.json, .py, else trtllm)."""
+    path = Path(path)
+    return write_text(path, format_tree(tree, format or SUFFIX_FORMAT.get(path.suffix.lower(), "trtllm"), **meta))

@@ -71,12 +71,79 @@ def info(
 
 
 # --- search, evaluate, sweep (treeopt.search) ---
+CalibrationOpt = typer.Option(..., "--calibration", "-c", help="Calibration directory (from `treeopt calibrate`).")
+AcceptanceOpt = typer.Option("empirical", "--model", help="Acceptance model: empirical (joint rank counts) or independent (Medusa paper).")
+LatencyOpt = typer.Option(None, "--latency", help="Latency CSV (nodes,forward_ms) from `treeopt profile`: adds tokens/s.")
+
+
+@command()
+def search(
+    calibration: Path = CalibrationOpt,
+    nodes: str = typer.Option("64", "--nodes", "-n", help="Tree size (root excluded), or `auto` (needs --latency)."),
+    model: str = AcceptanceOpt,
+    latency: Optional[Path] = LatencyOpt,
+    max_depth: Optional[int] = typer.Option(None, "--max-depth", help="Deepest path (default: number of heads)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Highest rank + 1 per head (default: the calibration's top-k)."),
+    max_nodes: int = typer.Option(256, "--max-nodes", help="Largest size --nodes auto considers."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Tree file to write (.json, .py, .txt)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="json, python (medusa_choices = [...]) or trtllm (--medusa_choices string); default from the suffix."),
+):
+    """Search the tree that maximizes expected tokens/step; compare it with the baselines."""
+    from treeopt.search import search_report
+
+    typer.echo(search_report(calibration, nodes, model, max_depth, top_k, latency, max_nodes, out, fmt)[2])
+
+
+@command()
+def evaluate(
+    trees: List[str] = typer.Argument(..., help="Tree files (.json, .py, .py:NAME, .txt), published names (mc_sim_7b_63) or '[[0], [0, 0]]'."),
+    calibration: Path = CalibrationOpt,
+    model: str = AcceptanceOpt,
+    split: Optional[float] = typer.Option(None, "--split", help="Fit on this fraction of prompts, replay on the rest (e.g. 0.8)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the prompt split."),
+    latency: Optional[Path] = LatencyOpt,
+):
+    """Replay trees on a calibration (exact greedy Medusa decoding) next to the baselines."""
+    from treeopt.search import evaluate_report
+
+    typer.echo(evaluate_report(trees, calibration, model, split, seed, latency)[1])
+
+
+@command()
+def sweep(
+    calibration: Path = CalibrationOpt,
+    max_nodes: int = typer.Option(256, "--max-nodes", help="Largest tree size."),
+    model: str = AcceptanceOpt,
+    latency: Optional[Path] = LatencyOpt,
+    max_depth: Optional[int] = typer.Option(None, "--max-depth", help="Deepest path (default: number of heads)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Highest rank + 1 per head."),
+    replayed: bool = typer.Option(False, "--replay", help="Also replay every size (slower)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="CSV to write."),
+):
+    """Predicted tokens/step (and tokens/s with --latency) of the best tree of every size 0..N."""
+    from treeopt.search import sweep_report
+
+    typer.echo(sweep_report(calibration, max_nodes, model, latency, max_depth, top_k, replayed, out)[1])
+
 
 
 # --- decode, bench, profile (decoding/) ---
 
 
 # --- plot, report, demo (reports/) ---
+
+
+@command()
+def plot(
+    tree: str = typer.Argument(..., help="Tree: a .json/.py/.txt tree file, a published name (mc_sim_7b_63) or '[[0], [0, 0]]'."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", "-c", help="Calibration directory: colour nodes by acceptance probability."),
+    out: Path = typer.Option(Path("tree.png"), "--out", "-o", help="Picture to write: .png or .svg."),
+    acceptance_model: str = typer.Option("empirical", "--acceptance-model", help="empirical or independent (with --calibration)."),
+):
+    """Draw a tree: one level per head, nodes labelled by rank, coloured by acceptance probability."""
+    from reports.plots import draw_tree
+
+    typer.echo(draw_tree(tree, out, calibration=calibration, model=acceptance_model))
 
 
 def main():

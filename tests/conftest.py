@@ -48,3 +48,42 @@ def smollm2():
     from treeopt.models import load_model
 
     return load_model("smollm2-135m", device="cpu", dtype="float32")
+
+
+def random_ranks(lengths, num_heads: int, top_k: int, seed: int = 0, miss: float = 0.3):
+    """Correlated rank matrices, one [T, K] int16 array per prompt: a per-position easiness drives
+    every head (so heads are not independent), misses are top_k, -1 past the continuation's end."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for T in lengths:
+        easy = rng.random((T, 1))  # [T, 1]
+        r = np.floor(-np.log(rng.random((T, num_heads))) * (1 + 2 * (1 - easy)) * (1 + np.arange(num_heads)) / 2)
+        r = np.where(rng.random((T, num_heads)) < miss * (1 - easy), top_k, np.minimum(r, top_k)).astype(np.int16)
+        t, k = np.arange(T)[:, None], np.arange(1, num_heads + 1)[None, :]
+        out.append(np.where(t + k >= T, -1, r).astype(np.int16))  # [T, K]
+    return out
+
+
+@pytest.fixture
+def make_calibration(tmp_path):
+    """make(ranks_by_prompt, top_k) writes a calibration directory with calibrate.format's
+    write_calibration (continuations are placeholders) and returns it loaded."""
+    import numpy as np
+    import pandas as pd
+
+    from calibrate.format import load_calibration, rank_columns, write_calibration
+
+    def make(ranks_by_prompt, top_k: int, name: str = "calibration"):
+        K = ranks_by_prompt[0].shape[1]
+        ranks = pd.DataFrame(np.concatenate(ranks_by_prompt), columns=rank_columns(K))
+        ranks.insert(0, "position", np.concatenate([np.arange(len(r)) for r in ranks_by_prompt]).astype(np.int32))
+        ranks.insert(0, "prompt_id", np.repeat(np.arange(len(ranks_by_prompt)), [len(r) for r in ranks_by_prompt]).astype(np.int32))
+        continuations = pd.DataFrame({"prompt_id": np.arange(len(ranks_by_prompt)), "instruction": "x",
+                                      "prompt_ids": [[1]] * len(ranks_by_prompt),
+                                      "tokens": [[3] * len(r) for r in ranks_by_prompt], "stopped": True})
+        write_calibration(tmp_path / name, ranks, continuations, {"top_k": top_k, "model": "test"})
+        return load_calibration(tmp_path / name)
+
+    return make

@@ -20,16 +20,18 @@ from treeopt.errors import TreeoptError
 from treeopt.tree import Tree
 
 
-def walk(tree: Tree, ranks: np.ndarray):
+def walk(tree: Tree, ranks: np.ndarray, top_k: int):
     """Yield, for depth d = 1.., the tree node each position reaches at depth d: [N] node index
     into `tree.paths`, or len(tree) where the position's rank prefix r1..rd is not a tree path.
-    Depths beyond the rank matrix's K heads are not walked (nothing can match there)."""
-    n, width = len(tree), max(tree.max_rank, 0)
+    Rank top_k (a miss: the token was not in the head's top-k) and -1 match no node; depths beyond
+    the rank matrix's K heads are not walked (nothing can match there)."""
+    n, width = len(tree), max(min(tree.max_rank, top_k), 0)
     dead = n + 1
     # child[node + 1, rank] -> child's node + 1; row 0 is the root, row `dead` and column `width` lead to `dead`
     child = np.full((n + 2, width + 1), dead, np.int64)  # [n+2, width+1]
     for i, (p, parent) in enumerate(zip(tree.paths, tree.parents)):
-        child[parent + 1, p[-1]] = i + 1
+        if p[-1] < width:
+            child[parent + 1, p[-1]] = i + 1
     cur = np.zeros(len(ranks), np.int64)  # [N]
     for d in range(min(tree.depth, ranks.shape[1])):
         r = ranks[:, d].astype(np.int64)
@@ -38,18 +40,18 @@ def walk(tree: Tree, ranks: np.ndarray):
         yield np.where(cur == dead, n, cur - 1)
 
 
-def accepted_depths(tree: Tree, ranks: np.ndarray) -> np.ndarray:
+def accepted_depths(tree: Tree, ranks: np.ndarray, top_k: int) -> np.ndarray:
     """[N] depth of the deepest tree path equal to each position's rank prefix (0 = root only)."""
     depth = np.zeros(len(ranks), np.int64)
-    for node in walk(tree, ranks):
+    for node in walk(tree, ranks, top_k):
         depth += node < len(tree)
     return depth
 
 
-def node_hits(tree: Tree, ranks: np.ndarray) -> np.ndarray:
+def node_hits(tree: Tree, ranks: np.ndarray, top_k: int) -> np.ndarray:
     """[n] number of positions whose rank vector starts with each tree path."""
     hits = np.zeros(len(tree) + 1, np.int64)
-    for node in walk(tree, ranks):
+    for node in walk(tree, ranks, top_k):
         hits += np.bincount(node, minlength=len(tree) + 1)
     return hits[: len(tree)]
 
@@ -87,6 +89,7 @@ class Positions:
     """A calibration's rows ordered by (prompt, position), with each prompt's [start, end) rows."""
 
     ranks: np.ndarray  # [N, K]
+    top_k: int
     prompt_ids: np.ndarray  # [P]
     starts: np.ndarray  # [P]
     ends: np.ndarray  # [P]
@@ -102,13 +105,13 @@ def positions(calibration: Calibration) -> Positions:
         bad = int(pid[np.flatnonzero(pos != expected)[0]])
         raise TreeoptError(f"calibration rows of prompt {bad} are not positions 0..T-1 without gaps: "
                            "re-run `treeopt calibrate` for this directory")
-    return Positions(calibration.ranks[order], prompts, starts, ends)
+    return Positions(calibration.ranks[order], calibration.top_k, prompts, starts, ends)
 
 
 def replay(tree: Tree, calibration: Calibration | Positions) -> ReplayResult:
     """Simulate greedy Medusa decoding with `tree` on every logged continuation (module docstring)."""
     rows = calibration if isinstance(calibration, Positions) else positions(calibration)
-    nxt = np.arange(len(rows.ranks)) + 1 + accepted_depths(tree, rows.ranks)  # [N] row after one step
+    nxt = np.arange(len(rows.ranks)) + 1 + accepted_depths(tree, rows.ranks, rows.top_k)  # [N] row after one step
     nxt = np.minimum(nxt, np.repeat(rows.ends, rows.ends - rows.starts))  # no-op when -1 marks the end
     nxt = np.append(nxt, len(rows.ranks))  # [N+1] index N: past the last row (cur never exceeds it)
     cur, ends = rows.starts.copy(), rows.ends

@@ -57,7 +57,7 @@ class Empirical:
         return self.ranks.shape[1]
 
     def values(self, tree: Tree) -> np.ndarray:
-        return node_hits(tree, self.ranks) / self.total  # [n]
+        return node_hits(tree, self.ranks, self.top_k) / self.total  # [n]
 
     def greedy(self, nodes: int, max_depth: int, top_k: int) -> tuple[list[RankPath], np.ndarray]:
         # Every rank prefix that occurs, level by level. At depth d a prefix's id is its rank among
@@ -253,7 +253,7 @@ def best_cartesian(calibration: Calibration, nodes: int, model: str = "empirical
     nodes, by exhaustive search; its value is sum_d P(r_1 < k_1, ..., r_d < k_d)."""
     depth, k = _limits(calibration, max_depth, top_k)
     m = acceptance_model(calibration, model)
-    best: list = [0.0, 0, []]  # value, nodes, ks
+    best: list = [-1.0, 0, []]  # value, nodes, ks
 
     def dfs(d: int, state, ks: list[int], size: int, width: int, value: float):
         mass, child = m.cartesian_step(state, d, k)  # [k]

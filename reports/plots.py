@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 
@@ -270,74 +271,87 @@ def family(method: str) -> str:
 
 def plot_budget_curves(curves: pd.DataFrame, out: str | Path, measured: pd.DataFrame | None = None,
                        title: str = "tokens per step vs node budget") -> Path:
-    """Predicted tokens/step vs nodes, one line per `method` of `curves` (columns method, nodes,
-    tokens_per_step), the searched tree's line drawn as a line and the others as markers when they
-    are single trees; `measured` (method, nodes, tokens_per_step) adds hollow markers from a bench."""
+    """Predicted tokens/step vs nodes (log scale), one line per `method` of `curves` (columns method,
+    nodes, tokens_per_step), single trees as filled markers; `measured` (method, nodes,
+    tokens_per_step, e.g. a bench table) adds hollow markers."""
     need = {"method", "nodes", "tokens_per_step"}
     if not need <= set(curves.columns):
         raise TreeoptError(f"budget curves need columns {sorted(need)}, got {list(curves.columns)}")
+    curves = curves[curves["nodes"] > 0]
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
-    markers = iter("osD^v<>ph*")
+    markers = iter("osD^v<>ph*" * 3)
     for method, df in curves.groupby("method", sort=False):
         df = df.sort_values("nodes")
         color = FAMILY_COLORS[family(method)]
         if len(df) > 1:
-            ax.plot(df["nodes"], df["tokens_per_step"], "-", color=color, lw=2 if family(method) == "searched" else 1.2,
-                    label=f"{method} (predicted)", marker="." if len(df) < 40 else None)
+            ax.plot(df["nodes"], df["tokens_per_step"], "-", color=color, lw=2.2 if family(method) == "searched" else 1.2,
+                    label=str(method), marker="." if len(df) < 40 else None)
         else:
-            ax.plot(df["nodes"], df["tokens_per_step"], next(markers, "o"), color=color, ms=7, ls="none",
-                    label=f"{method} (predicted)")
+            ax.plot(df["nodes"], df["tokens_per_step"], next(markers), color=color, ms=7, ls="none", label=str(method))
     if measured is not None and len(measured):
-        for method, df in measured.groupby("method", sort=False):
-            if family(method) == "plain":
-                continue
+        for method, df in measured[measured["nodes"] > 0].groupby("method", sort=False):
             ax.plot(df["nodes"], df["tokens_per_step"], "o", mfc="none", mec=FAMILY_COLORS[family(method)], mew=1.8,
-                    ms=10, ls="none", label=f"{method} (measured)")
-    ax.set_xlabel("nodes (candidate tokens verified per step)")
+                    ms=11, ls="none", label=f"{method} (measured)")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("nodes (candidate tokens verified per step, log scale)")
     ax.set_ylabel("tokens per decoding step")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right", ncol=1 if len(ax.lines) <= 8 else 2)
-    ax.set_title(title, fontsize=10, loc="left")
+    ax.legend(fontsize=7, loc="upper left", ncol=1 if len(ax.lines) <= 7 else 2)
+    ax.set_title(title + (": lines and filled marks predicted from the calibration, hollow marks measured"
+                          if measured is not None and len(measured) else " (predicted from the calibration)"),
+                 fontsize=9, loc="left")
     return save(fig, out)
 
 
 def plot_speed(out: str | Path, bench: pd.DataFrame | None = None, latency: pd.DataFrame | None = None,
-               title: str | None = None) -> Path:
-    """Left: forward-pass latency vs tree size (profile). Right: speedup over plain decoding vs nodes,
-    labelled with tokens/s (bench). Either side may be absent."""
-    panels = [p for p, df in (("latency", latency), ("bench", bench)) if df is not None and len(df)]
+               predicted: pd.DataFrame | None = None, title: str | None = None) -> Path:
+    """Left: forward-pass latency vs tree size (`latency`: nodes, forward_ms, from a profile). Right:
+    speedup over plain decoding vs nodes: one dot per `bench` row labelled with its tokens/s, over the
+    searched tree's `predicted` curve (nodes, speedup: a sweep with a latency file). Panels without
+    data are left out."""
+    has = lambda df: df is not None and len(df) > 0  # noqa: E731
+    panels = (["latency"] if has(latency) else []) + (["speedup"] if has(bench) or has(predicted) else [])
     if not panels:
         raise TreeoptError("no bench or latency table to plot: run `treeopt bench` or `treeopt profile` first")
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.4), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         if panel == "latency":
-            for (dev, dt), df in latency.groupby(["device", "dtype"], sort=False) if {"device", "dtype"} <= set(
-                    latency.columns) else [(("", ""), latency)]:
+            groups = latency.groupby(["device", "dtype"], sort=False) if {"device", "dtype"} <= set(latency.columns) \
+                else [(("", ""), latency)]
+            for (dev, dt), df in groups:
                 df = df.sort_values("nodes")
                 ax.plot(df["nodes"], df["forward_ms"], "o-", ms=3, label=f"{dev} {dt}".strip() or None)
-            ax.set_xlabel("tokens in the verification forward pass (tree nodes + root)")
+            ax.set_xlabel("tree nodes (0 = plain decoding)")
             ax.set_ylabel("forward pass (ms)")
             ax.set_ylim(bottom=0)
-            ax.set_title("latency of one tree forward pass", fontsize=10, loc="left")
+            ax.set_title("latency of one decoding step's forward pass", fontsize=10, loc="left")
             if ax.get_legend_handles_labels()[1]:
                 ax.legend(fontsize=8)
-        else:
-            df = bench.sort_values("nodes")
-            ax.axhline(1.0, color=FAMILY_COLORS["plain"], ls="--", lw=1, label="plain decoding")
-            for _, r in df.iterrows():
-                if family(r["method"]) == "plain":
-                    continue
-                color = FAMILY_COLORS[family(r["method"])]
-                ax.plot(r["nodes"], r["speedup"], "o", color=color, ms=8)
-                tps = f", {r['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in r and pd.notna(r["tokens_per_s"]) else ""
-                ax.annotate(f"{r['method']}{tps}", (r["nodes"], r["speedup"]), textcoords="offset points",
-                            xytext=(6, 4), fontsize=7)
-            ax.set_xlabel("nodes")
-            ax.set_ylabel("speedup over plain decoding (tokens/s ratio)")
-            ax.set_ylim(0, max(1.5, float(df["speedup"].max()) * 1.2))
-            ax.set_xlim(left=min(-2, float(df["nodes"].min()) - 2), right=float(df["nodes"].max()) * 1.3 + 5)
-            ax.set_title("measured speedup", fontsize=10, loc="left")
-            ax.legend(fontsize=8, loc="lower right")
+            ax.grid(alpha=0.3)
+            continue
+        rows = bench if has(bench) else pd.DataFrame(columns=["method", "nodes", "speedup"])
+        plain = rows[[family(m) == "plain" for m in rows["method"]]]
+        dots = rows[[family(m) != "plain" for m in rows["method"]]]
+        tps = lambda r: f", {r['tokens_per_s']:.0f} tok/s" if pd.notna(r.get("tokens_per_s")) else ""  # noqa: E731
+        ax.axhline(1.0, color=FAMILY_COLORS["plain"], ls="--", lw=1,
+                   label="plain decoding" + (tps(plain.iloc[0]) if len(plain) else ""))
+        xs, ys = list(dots["nodes"]), list(dots["speedup"])
+        if has(predicted):
+            p = predicted.dropna(subset=["speedup"]).sort_values("nodes")
+            ax.plot(p["nodes"], p["speedup"], "-", color=FAMILY_COLORS["searched"], lw=1.2, alpha=0.6,
+                    label="searched tree, predicted (calibration x latency)")
+            xs, ys = xs + list(p["nodes"]), ys + list(p["speedup"])
+        for _, r in dots.iterrows():
+            ax.plot(r["nodes"], r["speedup"], "o", color=FAMILY_COLORS[family(r["method"])], ms=8)
+            ax.annotate(f"{r['method']}{tps(r)}", (r["nodes"], r["speedup"]), textcoords="offset points",
+                        xytext=(6, 4), fontsize=7)
+        ax.set_xlabel("tree nodes")
+        ax.set_ylabel("speedup over plain decoding (tokens/s ratio)")
+        ax.set_ylim(0, max([1.5] + [1.2 * y for y in ys if pd.notna(y)]))
+        ax.set_xlim(-2, max([10] + [1.3 * x + 5 for x in xs]))
+        ax.set_title("speedup over plain decoding" + (": measured (dots)" if len(dots) else ""), fontsize=10, loc="left")
+        ax.legend(fontsize=8, loc="lower right")
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=10)

@@ -146,6 +146,17 @@ def plot(
     typer.echo(draw_tree(tree, out, calibration=calibration, model=acceptance_model))
 
 
+@command()
+def report(
+    run_dir: Path = typer.Argument(..., help="Run directory (e.g. the --out of `treeopt demo`)."),
+):
+    """Write RUN_DIR/report.md and a self-contained RUN_DIR/report.html with the run's tables and charts."""
+    from reports.report import write_report
+
+    md, page = write_report(run_dir)
+    typer.echo(f"wrote {md}\nwrote {page}")
+
+
 def main():
     app()
 

@@ -78,8 +78,8 @@ class ReplayResult:
         P = len(self.tokens)
         if P == 0:
             return (float("nan"), float("nan"))
-        counts = np.random.default_rng(seed).multinomial(P, np.full(P, 1.0 / P), size=samples)  # [B, P]
-        tps = (counts @ self.tokens) / np.maximum(counts @ self.steps, 1)  # [B]
+        draw = np.random.default_rng(seed).integers(0, P, size=(samples, P))  # [B, P] prompts drawn
+        tps = self.tokens[draw].sum(1) / np.maximum(self.steps[draw].sum(1), 1)  # [B]
         lo, hi = np.quantile(tps, [(1 - level) / 2, (1 + level) / 2])
         return float(lo), float(hi)
 

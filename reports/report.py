@@ -275,7 +275,7 @@ def _sections(run: Run, figures: dict[str, Path]):
     s = []
     if run.demo:
         stages = run.demo.get("stages", {})
-        table = pd.DataFrame([{"stage": k, "seconds": v} for k, v in stages.items()]) if stages else None
+        table = pd.DataFrame([{"stage": k, "seconds": float(v)} for k, v in stages.items()]) if stages else None
         s.append(("Run", _demo_text(run.demo), table, None))
     if run.calibration is not None:
         s.append(("Calibration", "", calibration_summary(run.calibration), None))
@@ -310,8 +310,11 @@ def _sections(run: Run, figures: dict[str, Path]):
 
 
 def _demo_text(demo: dict) -> str:
-    keys = [k for k, v in demo.items() if isinstance(v, (int, float, str, bool))]
-    return ", ".join(f"{k} = {_fmt(demo[k])}" for k in keys)
+    settings = demo.get("settings", {})
+    parts = [f"{k} = {', '.join(map(str, v)) if isinstance(v, list) else _fmt(v)}" for k, v in settings.items()]
+    extra = [f"{k} = {_fmt(demo[k])}" for k in ("threads", "total_stage_s", "last_wall_s") if k in demo]
+    return "`treeopt demo` settings: " + "; ".join(parts + extra) + ". Stage times are wall seconds of the run " \
+        "that made each stage's outputs."
 
 
 def _missing_text(run: Run) -> list[str]:

@@ -36,7 +36,7 @@ def full_run(tmp_path_factory) -> Path:
     (d / "bench" / "bench.json").write_text(json.dumps({"device": "cpu", "max_new_tokens": 96}))
     pd.DataFrame({"nodes": [0, 16, 64], "forward_ms": [10.0, 11.0, 15.0], "device": "cpu", "dtype": "float32",
                   "model": "m"}).to_csv(d / "latency.csv", index=False)
-    (d / "demo.json").write_text(json.dumps({"wall_s": 12.5, "stages": {"calibrate": 5.0, "bench": 7.5}}))
+    (d / "demo.json").write_text(json.dumps({"settings": {"nodes": 64, "cartesian": ["best", "2x3"]}, "stages": {"calibrate": 5.0, "bench": 7.5}, "threads": 2}))
     return d
 
 

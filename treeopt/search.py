@@ -75,7 +75,7 @@ class Empirical:
             codes.append(code)
             counts.append(count)
             depths.append(np.full(len(code), d))
-        if not codes:
+        if not codes or nodes == 0:
             return [], np.zeros(0)
         count, depth = np.concatenate(counts), np.concatenate(depths)
         lex = np.concatenate([np.arange(len(c)) for c in codes])
@@ -222,7 +222,7 @@ def search(calibration: Calibration, nodes: int, model: str = "empirical", max_d
            top_k: int | None = None) -> SearchResult:
     """The optimal `nodes`-node tree under `model`, grown greedily (see the module docstring)."""
     if nodes < 0:
-        raise TreeoptError(f"--nodes {nodes} must be positive (or `auto` with --latency)")
+        raise TreeoptError(f"--nodes {nodes} must be 0 or more (or `auto` with --latency)")
     depth, k = _limits(calibration, max_depth, top_k)
     paths, values = acceptance_model(calibration, model).greedy(nodes, depth, k)
     return SearchResult(Tree(tuple(paths)), values, model, nodes,
@@ -492,7 +492,8 @@ def search_report(calibration: str | Path, nodes: int | str = 64, model: str = "
     meta = {"predicted_tokens_per_step": result.tokens_per_step, "replayed_tokens_per_step": float(table["replayed"][0]),
             "acceptance_model": model, "calibration": str(cal.directory), "calibration_positions": cal.num_positions,
             "num_heads": cal.num_heads, "calibration_top_k": cal.top_k, "max_depth": result.meta["max_depth"],
-            "top_k": result.meta["top_k"], "best_chain_length": chain, "node_values": result.values.round(6).tolist()}
+            "top_k": result.meta["top_k"], "nodes_requested": str(nodes) if str(nodes) == "auto" else result.requested,
+            "best_chain_length": chain, "node_values": result.values.round(6).tolist()}
     if lat is not None:
         meta.update({"latency": lat.source, "forward_ms": float(table["forward_ms"][0]),
                      "predicted_tokens_per_s": float(lat.tokens_per_second(result.tokens_per_step, tree.num_nodes))})
@@ -541,8 +542,11 @@ def sweep_report(calibration: str | Path, max_nodes: int = 256, model: str = "em
     lines = [_header(cal), f"{model} model; row N = the first N nodes of one greedy search", "", render_table(df)]
     if lat is not None and df["tokens_per_s"].notna().iloc[1:].any():
         best = df.iloc[1:]["tokens_per_s"].idxmax()
-        lines.append(f"best predicted tokens/s at N = {int(df['nodes'][best])}: {df['tokens_per_s'][best]:.1f} "
-                     f"({df['speedup'][best]:.2f}x plain decoding)")
+        speedup = df["speedup"][best]
+        lines.append(f"best predicted tokens/s at N = {int(df['nodes'][best])}: {df['tokens_per_s'][best]:.1f}"
+                     + ("" if np.isnan(speedup) else f" ({speedup:.2f}x plain decoding)"))
+    base = compare(baseline_trees(cal, int(df["nodes"].iloc[-1]), model, max_depth, top_k), cal, model, latency=lat)
+    lines += ["", f"baselines (best Cartesian tree within N = {int(df['nodes'].iloc[-1])} nodes):", render_table(base)]
     if out is not None:
         atomic_write(out, lambda p: df.to_csv(p, index=False))
         lines.append(f"wrote {out}")

@@ -142,8 +142,10 @@ def format_tree(tree: Tree, format: str = "json", **meta) -> str:
         # one key per line, lists kept on one line: readable and still plain JSON
         return "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in obj.items()) + "\n}\n"
     if format == "python":
-        info = ", ".join(f"{k}={v}" for k, v in meta.items() if isinstance(v, (int, float, str)))
-        return (f"# Medusa tree written by treeopt: {tree.num_nodes} nodes, depth {tree.depth}. {info}\n"
+        info = ", ".join(f"{k.replace('_', ' ')} {v:.3g}" if isinstance(v, float) else f"{k.replace('_', ' ')} {v}"
+                         for k, v in meta.items() if k in ("predicted_tokens_per_step", "acceptance_model", "calibration"))
+        return (f"# Medusa tree written by treeopt: {tree.num_nodes} nodes, depth {tree.depth}"
+                + (f"; {info}" if info else "") + ".\n"
                 "# Drop-in for the Medusa repo (medusa/model/medusa_choices.py); read back with ast, never run.\n"
                 f"medusa_choices = {choices}\n"
                 f"treeopt_meta = {meta!r}\n")

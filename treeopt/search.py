@@ -546,7 +546,9 @@ def sweep_report(calibration: str | Path, max_nodes: int = 256, model: str = "em
         lines.append(f"best predicted tokens/s at N = {int(df['nodes'][best])}: {df['tokens_per_s'][best]:.1f}"
                      + ("" if np.isnan(speedup) else f" ({speedup:.2f}x plain decoding)"))
     base = compare(baseline_trees(cal, int(df["nodes"].iloc[-1]), model, max_depth, top_k), cal, model, latency=lat)
-    lines += ["", f"baselines (best Cartesian tree within N = {int(df['nodes'].iloc[-1])} nodes):", render_table(base)]
+    lines += ["", f"baselines (best Cartesian tree within N = {int(df['nodes'].iloc[-1])} nodes):", render_table(base),
+              f"best top-1 chain length for vLLM num_speculative_tokens / TGI --speculate: "
+              f"{best_chain_length(cal, model, lat)}"]
     if out is not None:
         atomic_write(out, lambda p: df.to_csv(p, index=False))
         lines.append(f"wrote {out}")

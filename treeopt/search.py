@@ -471,6 +471,7 @@ def search_report(calibration: str | Path, nodes: int | str = 64, model: str = "
     """`treeopt search`: search, compare with the baselines, write the tree file; returns the result,
     the comparison table and the text to print."""
     from calibrate.format import load_calibration
+    from treeopt.published import BASELINES, PUBLISHED
     from treeopt.treefile import write_tree
 
     cal = load_calibration(calibration)
@@ -487,8 +488,12 @@ def search_report(calibration: str | Path, nodes: int | str = 64, model: str = "
         result = search(cal, n, model, max_depth, top_k)
     tree = result.tree
     chain = best_chain_length(cal, model, lat)
-    table = compare({f"searched ({model})": tree, **baseline_trees(cal, tree.num_nodes, model, max_depth, top_k)},
-                    cal, model, latency=lat)
+    trees = {f"searched ({model})": tree}
+    published = len(PUBLISHED[BASELINES[0]])
+    if tree.num_nodes != published:  # the searched tree at the published trees' size, for a like-for-like row
+        trees[f"searched, {published} nodes"] = search(cal, published, model, max_depth, top_k).tree
+    trees.update(baseline_trees(cal, tree.num_nodes, model, max_depth, top_k))
+    table = compare(trees, cal, model, latency=lat)
     meta = {"predicted_tokens_per_step": result.tokens_per_step, "replayed_tokens_per_step": float(table["replayed"][0]),
             "acceptance_model": model, "calibration": str(cal.directory), "calibration_positions": cal.num_positions,
             "num_heads": cal.num_heads, "calibration_top_k": cal.top_k, "max_depth": result.meta["max_depth"],

@@ -152,8 +152,9 @@ def plot_tree(tree: Tree, out: str | Path, values: Sequence[float] | None = None
         cbar.set_label(value_label, fontsize=9)
         cbar.ax.tick_params(labelsize=8)
     head = title or "tree"
+    red = "the most likely path" if values is not None else "the top-1 path"
     ax.set_title(f"{head}: {tree.num_nodes} nodes, depth {tree.depth}. Label = the node's rank in its head's "
-                 "top-k; red = the most likely path", fontsize=10, loc="left")
+                 f"top-k; red = {red}", fontsize=10, loc="left")
     return save(fig, out)
 
 
@@ -162,7 +163,7 @@ def _draw_links(g: nx.DiGraph, depth: int, values):
     slots = leaf_order_positions(g)
     span = max(x for x, _ in slots.values()) + 1
     pitch_in = min(0.42, max(0.24, 15.0 / span))
-    fig, ax = plt.subplots(figsize=(max(7.0, span * pitch_in + 2.0), 1.2 * depth + 1.9))
+    fig, ax = plt.subplots(figsize=(max(5.5, span * pitch_in + 2.0), 1.2 * depth + 1.9))
     pos = {n: (x, -d) for n, (x, d) in slots.items()}
     diameter = min(20.0, 0.78 * pitch_in * 72)  # marker diameter in points
     font = max(4.5, min(8.0, 0.45 * diameter))

@@ -157,6 +157,36 @@ def report(
     typer.echo(f"wrote {md}\nwrote {page}")
 
 
+@command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run directory (re-running resumes it)."),
+    limit: int = typer.Option(24, "--limit", help="Prompts to calibrate on (the first of the slice)."),
+    bench_prompts: int = typer.Option(8, "--bench-prompts", help="Held-out prompts to benchmark on (the next ones)."),
+    offset: int = typer.Option(0, "--offset", help="First prompt of the slice."),
+    max_new_tokens: int = typer.Option(96, "--max-new-tokens", help="New tokens per prompt (calibration and bench)."),
+    nodes: int = typer.Option(64, "--nodes", help="Size of the searched tree."),
+    top_k: int = typer.Option(10, "--top-k", help="Ranks per head recorded by the calibration."),
+    cartesian: str = typer.Option("best,2x3", "--cartesian", help="Cartesian baselines: `best` (best of --nodes nodes) and/or e.g. 2x3."),
+    published: str = typer.Option("mc_sim_7b_63", "--published", help="Medusa's published trees to bench too (comma-separated; '' for none)."),
+    profile_sizes: str = typer.Option("0,1,4,16,32,64,128", "--profile-sizes", help="Tree sizes to time (latency.csv); '' to skip."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="Prompt set (.json/.jsonl with `instruction`); default: AlpacaEval."),
+    model: str = ModelOpt,
+    heads: Optional[str] = HeadsOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+):
+    """The main job, small: calibrate on a slice of AlpacaEval, search the tree, bench it against
+    Cartesian trees and plain decoding on held-out prompts, write the report."""
+    from reports.demo import DemoConfig, run_demo
+
+    split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
+    config = DemoConfig(model=model, heads=heads, prompts=prompts, offset=offset, fit_prompts=limit,
+                        bench_prompts=bench_prompts, max_new_tokens=max_new_tokens, top_k=top_k, nodes=nodes,
+                        cartesian=split(cartesian), published=split(published), profile_sizes=profile_sizes,
+                        device=device, dtype=dtype)
+    run_demo(out, config, log=typer.echo)
+
+
 def main():
     app()
 

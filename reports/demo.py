@@ -1,0 +1,213 @@
+"""`treeopt demo`: the whole job, small, on the bundled model: calibrate, search, bench, report.
+
+Stages, each writing into OUT (a run directory, see reports/report.py):
+
+1. prompts   OUT/prompts/fit.json and OUT/prompts/bench.json: a slice of the prompt set, split in
+             two disjoint parts: the first `fit_prompts` to calibrate on, the next `bench_prompts`
+             held out for the benchmark (never evaluate on what the tree was fitted to).
+2. calibrate OUT/calibration/ (calibrate/: the heads' rank of each true token, per position).
+3. profile   OUT/latency.csv (decoding/profile.py: forward ms vs tree size on this machine).
+4. search    OUT/tree.json and OUT/sweep.csv (treeopt/search.py: the greedy optimal tree).
+5. bench     OUT/bench/ (decoding/bench.py: plain greedy vs the searched tree vs Cartesian trees on
+             the held-out prompts, same stop rules, outputs checked equal to plain greedy).
+6. report    OUT/report.md and OUT/report.html.
+
+Re-running with the same settings skips every stage whose outputs exist (an interrupted calibration
+or bench resumes where it stopped); OUT/demo.json keeps the settings and each stage's wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from treeopt.errors import TreeoptError
+from treeopt.fileio import write_text
+
+DEMO = "demo.json"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    model: str = "smollm2-135m"
+    heads: str | None = None  # None: the heads shipped for the bundled model
+    prompts: str | None = None  # None: treeopt.prompts.DEFAULT_PROMPTS (AlpacaEval)
+    offset: int = 0  # first prompt of the slice
+    fit_prompts: int = 24  # calibrate on these
+    bench_prompts: int = 8  # and bench on the next ones
+    max_new_tokens: int = 96  # per prompt, in calibration and bench
+    top_k: int = 10  # ranks the calibration records per head
+    nodes: int = 64  # searched tree size
+    cartesian: tuple[str, ...] = ("best", "2x3")  # Cartesian baselines: "best" = the best one of `nodes` nodes
+    published: tuple[str, ...] = ("mc_sim_7b_63",)  # Medusa's trees to bench too
+    profile_sizes: str = "0,1,4,16,32,64,128"  # latency profile sizes ("" to skip the profile)
+    device: str = "auto"
+    dtype: str = "float32"
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    report: Path  # report.html
+    stages: dict[str, float] = field(default_factory=dict)  # seconds, this run (0 = skipped, outputs existed)
+    wall_s: float = 0.0
+
+
+def _settings(cfg: DemoConfig) -> dict:
+    return json.loads(json.dumps(asdict(cfg)))
+
+
+def _check_settings(out: Path, cfg: DemoConfig) -> dict:
+    """The earlier demo.json of OUT, after checking it was made with the same settings."""
+    path = out / DEMO
+    if not path.is_file():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise TreeoptError(f"{path} is damaged: delete it (the stages' outputs are kept) and re-run") from None
+    if old.get("settings") != _settings(cfg):
+        changed = sorted(k for k, v in _settings(cfg).items() if old.get("settings", {}).get(k) != v)
+        raise TreeoptError(f"{out} holds a demo run with other settings ({', '.join(changed)}): "
+                           "pass another --out, or delete that directory to start over")
+    return old
+
+
+def split_prompts(cfg: DemoConfig) -> tuple[list[str], list[str]]:
+    """(fit, held-out) instructions: consecutive, disjoint slices of the prompt set."""
+    from treeopt.prompts import DEFAULT_PROMPTS, load_instructions
+
+    if cfg.fit_prompts < 1 or cfg.bench_prompts < 1:
+        raise TreeoptError("--limit and --bench-prompts must both be at least 1")
+    source = cfg.prompts or DEFAULT_PROMPTS
+    instructions = load_instructions(source, cfg.fit_prompts + cfg.bench_prompts, cfg.offset)
+    if len(instructions) < cfg.fit_prompts + cfg.bench_prompts:
+        raise TreeoptError(f"{source} has only {len(instructions)} prompts from offset {cfg.offset}: "
+                           f"lower --limit ({cfg.fit_prompts}) or --bench-prompts ({cfg.bench_prompts})")
+    return instructions[: cfg.fit_prompts], instructions[cfg.fit_prompts:]
+
+
+def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None,
+             log: Callable[[str], None] = print) -> DemoResult:
+    """Run (or resume) every stage of the demo into `out`; returns where the report is."""
+    cfg = config or DemoConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    old = _check_settings(out, cfg)
+    stages: dict[str, float] = dict(old.get("stages", {}))
+    result = DemoResult(out, out / "report.html")
+    t_start = time.perf_counter()
+
+    def stage(name: str, done: bool, fn):
+        if done:
+            log(f"[{name}] done already: skipped")
+            result.stages[name] = 0.0
+            return
+        log(f"[{name}] ...")
+        t0 = time.perf_counter()
+        fn()
+        stages[name] = result.stages[name] = round(time.perf_counter() - t0, 2)
+        log(f"[{name}] {stages[name]:.1f} s")
+        _save(out, cfg, stages, old)
+
+    fit_file, bench_file = out / "prompts" / "fit.json", out / "prompts" / "bench.json"
+
+    def prompts():
+        fit, held = split_prompts(cfg)
+        write_text(fit_file, json.dumps([{"instruction": s} for s in fit], indent=1) + "\n")
+        write_text(bench_file, json.dumps([{"instruction": s} for s in held], indent=1) + "\n")
+
+    stage("prompts", fit_file.is_file() and bench_file.is_file(), prompts)
+    stage("calibrate", (out / "calibration" / "calibration.json").is_file(), lambda: _calibrate(cfg, out, fit_file))
+    if cfg.profile_sizes:
+        stage("profile", (out / "latency.csv").is_file(), lambda: _profile(cfg, out))
+    stage("search", (out / "tree.json").is_file() and (out / "sweep.csv").is_file(), lambda: _search(cfg, out, log))
+    stage("bench", (out / "bench" / "bench.csv").is_file(), lambda: _bench(cfg, out, bench_file, log))
+
+    from reports.report import write_report
+
+    stage("report", False, lambda: write_report(out))
+    result.wall_s = round(time.perf_counter() - t_start, 2)
+    _save(out, cfg, stages, old, wall_s=result.wall_s)
+    log(f"report: {out / 'report.html'} (and {out / 'report.md'})")
+    return result
+
+
+def _save(out: Path, cfg: DemoConfig, stages: dict, old: dict, wall_s: float | None = None):
+    import torch
+
+    doc = {"settings": _settings(cfg), "stages": stages, "threads": torch.get_num_threads(),
+           "total_stage_s": round(sum(stages.values()), 2)}
+    if wall_s is not None:
+        doc["last_wall_s"] = wall_s
+    write_text(out / DEMO, json.dumps(doc, indent=1) + "\n")
+
+
+def _calibrate(cfg: DemoConfig, out: Path, fit_file: Path):
+    from calibrate.run import CalibrationConfig, calibrate
+
+    calibrate(CalibrationConfig(out=out / "calibration", model=cfg.model, heads=cfg.heads, dataset=str(fit_file),
+                                max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, device=cfg.device,
+                                dtype=cfg.dtype, progress=False))
+
+
+def _profile(cfg: DemoConfig, out: Path):
+    from decoding.profile import run_profile
+
+    run_profile(model=cfg.model, heads=cfg.heads, sizes=cfg.profile_sizes, context=cfg.max_new_tokens + 64,
+                device=cfg.device, dtype=cfg.dtype, out=out / "latency.csv", progress=False)
+
+
+def _search(cfg: DemoConfig, out: Path, log):
+    from treeopt.search import search_report, sweep_report
+
+    latency = out / "latency.csv" if (out / "latency.csv").is_file() else None
+    max_nodes = max(cfg.nodes, 128)
+    _, _, text = search_report(out / "calibration", cfg.nodes, latency=latency, out=out / "tree.json")
+    log(text)
+    sweep_report(out / "calibration", max_nodes=max_nodes, latency=latency, out=out / "sweep.csv")
+
+
+def cartesian_specs(cfg: DemoConfig, calibration) -> list[str]:
+    """The Cartesian baselines as bench specs ('3x2x2'): 'best' becomes the best tree of `nodes` nodes."""
+    from treeopt.search import best_cartesian
+
+    specs = []
+    for spec in cfg.cartesian:
+        if spec == "best":
+            ks = best_cartesian(calibration, cfg.nodes)
+            spec = "x".join(map(str, ks)) if ks else ""
+        if spec and spec not in specs:
+            specs.append(spec)
+    return specs
+
+
+def bench_trees(cfg: DemoConfig, out: Path, calibration) -> list[str]:
+    """Tree files for the bench, named as its table will show them: OUT/trees/searched-N.json and
+    Medusa's published trees cut to the calibration's heads (a 3-head run cannot draft 4 deep)."""
+    from treeopt.search import truncate
+    from treeopt.treefile import read_tree, read_tree_meta, write_tree
+
+    tree, meta = read_tree_meta(out / "tree.json")
+    files = [write_tree(tree, out / "trees" / f"searched-{len(tree)}.json", **meta)]
+    for name in cfg.published:
+        full = read_tree(name)
+        cut = truncate(full, calibration.num_heads, full.max_rank)
+        files.append(write_tree(cut, out / "trees" / f"{name}.json", source=f"published Medusa tree {name}",
+                                note="" if len(cut) == len(full) else f"cut to {calibration.num_heads} heads"))
+    return [str(f) for f in files]
+
+
+def _bench(cfg: DemoConfig, out: Path, bench_file: Path, log):
+    from calibrate.format import load_calibration
+    from decoding.bench import render, run_bench
+
+    cal = load_calibration(out / "calibration")
+    result = run_bench(model=cfg.model, heads=cfg.heads, trees=bench_trees(cfg, out, cal),
+                       cartesian=[",".join(cartesian_specs(cfg, cal))], prompts=str(bench_file), limit=None,
+                       max_new_tokens=cfg.max_new_tokens, device=cfg.device, dtype=cfg.dtype,
+                       calibration=str(out / "calibration"), out=out / "bench", progress=False)
+    log(render(result))

@@ -1,0 +1,65 @@
+"""`treeopt demo` end to end on the tiny Llama with random heads and a tiny prompt slice."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pandas as pd
+import pytest
+
+from reports.demo import DemoConfig, run_demo
+from treeopt.errors import TreeoptError
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory, tiny_model_dir):
+    d = tmp_path_factory.mktemp("demo")
+    prompts = d / "prompts.json"
+    prompts.write_text(json.dumps([{"instruction": f"w{i} w{i + 1} w{i + 2}"} for i in range(3, 10)]))
+    # top-k = the whole vocabulary: every rank prefix is seen, so the search fills its node budget
+    cfg = DemoConfig(model=str(tiny_model_dir), heads="random", prompts=str(prompts), offset=1, fit_prompts=3,
+                     bench_prompts=2, max_new_tokens=8, top_k=97, nodes=8, cartesian=("best",),
+                     published=("mc_sim_7b_63",), profile_sizes="0,8", device="cpu")
+    logs: list[str] = []
+    result = run_demo(d / "run", cfg, log=logs.append)
+    return cfg, result, logs
+
+
+def test_demo_writes_every_stage(tiny_demo):
+    cfg, result, logs = tiny_demo
+    out = result.out
+    for rel in ("calibration/calibration.json", "tree.json", "sweep.csv", "latency.csv", "bench/bench.csv",
+                "report.md", "report.html", "demo.json"):
+        assert (out / rel).is_file(), rel
+    assert any("report.html" in line for line in logs)
+
+    fit = [r["instruction"] for r in json.loads((out / "prompts" / "fit.json").read_text())]
+    held = [r["instruction"] for r in json.loads((out / "prompts" / "bench.json").read_text())]
+    assert fit == ["w4 w5 w6", "w5 w6 w7", "w6 w7 w8"] and held == ["w7 w8 w9", "w8 w9 w10"]
+
+    bench = pd.read_csv(out / "bench" / "bench.csv")
+    assert list(bench["method"][:2]) == ["plain", "searched-8"]
+    assert "mc_sim_7b_63" in set(bench["method"])
+    assert any(m.startswith("cartesian-") for m in bench["method"])  # the best Cartesian tree of 8 nodes
+    assert (bench["match_rate"] == 1.0).all()  # tree decoding is lossless under greedy decoding
+    assert (bench["prompts"] == 2).all()  # benched on the held-out prompts only
+
+    report = (out / "report.md").read_text()
+    assert "## Benchmark (measured)" in report and "Not in this run" not in report
+    demo = json.loads((out / "demo.json").read_text())
+    assert demo["settings"]["nodes"] == 8 and set(demo["stages"]) >= {"calibrate", "search", "bench", "report"}
+
+
+def test_demo_resumes_and_guards_settings(tiny_demo):
+    cfg, result, _ = tiny_demo
+    again = run_demo(result.out, cfg, log=lambda s: None)
+    assert all(again.stages[s] == 0.0 for s in ("prompts", "calibrate", "profile", "search", "bench"))
+    with pytest.raises(TreeoptError, match="other settings.*nodes"):
+        run_demo(result.out, replace(cfg, nodes=4), log=lambda s: None)
+
+
+def test_demo_needs_enough_prompts(tmp_path, tiny_demo):
+    cfg, _, _ = tiny_demo
+    with pytest.raises(TreeoptError, match="has only"):
+        run_demo(tmp_path / "r", replace(cfg, fit_prompts=100), log=lambda s: None)

@@ -68,6 +68,34 @@ def info(
 
 
 # --- calibrate (calibrate/) ---
+@command()
+def calibrate(
+    model: str = ModelOpt,
+    heads: Optional[str] = HeadsOpt,
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="alpaca_eval (hub, via `datasets`) or a local .json/.jsonl with an `instruction` field; default: ../shared/data/alpaca_eval.json if present, else alpaca_eval."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N prompts."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Greedy continuation length cap (stops earlier at EOS)."),
+    top_k: int = typer.Option(10, "--top-k", help="Ranks >= top-k are recorded as a miss."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generation batch (1: exactly unbatched greedy)."),
+    shard_size: int = typer.Option(32, "--shard-size", help="Prompts per resumable shard (rounded up to whole batches)."),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(Path("calibration"), "--out", "-o", help="Output directory; rerun the same command to resume."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with tokens/s."),
+):
+    """Record where every head ranks the base model's greedy tokens (ranks.parquet, accuracy.csv, ...)."""
+    from calibrate.format import load_calibration
+    from calibrate.run import CalibrationConfig, calibrate as run_calibration
+
+    config = CalibrationConfig(out=out, model=model, heads=heads, dataset=dataset, limit=limit,
+                               max_new_tokens=max_new_tokens, top_k=top_k, batch_size=batch_size,
+                               shard_size=shard_size, seed=seed, device=device, dtype=dtype, progress=progress)
+    cal = load_calibration(run_calibration(config))
+    top = ", ".join(f"head {k + 1} {a:.3f}" for k, a in enumerate(cal.accuracy.sum(1)))
+    typer.echo(f"wrote {out}: {cal.meta['num_prompts']} prompts, {cal.num_positions} positions, "
+               f"{cal.meta['tokens_per_s']:.1f} tok/s; top-{cal.top_k} accuracy: {top}")
+
 
 
 # --- search, evaluate, sweep (treeopt.search) ---

@@ -1,0 +1,197 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from calibrate.format import ACCURACY, CONTINUATIONS, META, MISSING, RANKS, load_calibration
+from calibrate.ranks import head_ranks, head_targets
+from calibrate.run import SHARDS, TIMING, CalibrationConfig, calibrate
+from treeopt.cli import app
+from treeopt.errors import TreeoptError
+from treeopt.heads import random_heads
+from treeopt.models import load_model
+
+WORDS = [" ".join(f"w{(7 * i + 3 * j) % 90 + 3}" for j in range(2 + i % 5)) for i in range(7)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls on a shared, busy CPU: a second OpenMP thread only waits (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "p.jsonl"
+    path.write_text("".join(json.dumps({"instruction": w}) + "\n" for w in WORDS))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def heads_dir(tmp_path_factory, tiny):
+    return random_heads(tiny.model, num_heads=3, seed=1, scale=0.3).save(tmp_path_factory.mktemp("heads"))
+
+
+def config(out, prompts_file, heads_dir, **kw):
+    kw = {"limit": 5, "max_new_tokens": 10, "top_k": 40, "batch_size": 2, "shard_size": 2, **kw}
+    return CalibrationConfig(out=out, heads=str(heads_dir), dataset=str(prompts_file), progress=False, **kw)
+
+
+def run(cfg, tiny, **kw):
+    from treeopt.heads import resolve_heads
+
+    return calibrate(cfg, loaded=tiny, heads=resolve_heads(cfg.heads, tiny.model), **kw)
+
+
+def files(directory):
+    """The run's outputs as bytes, with calibration.json's timing fields dropped."""
+    meta = json.loads((directory / META).read_text())
+    return {f: (directory / f).read_bytes() for f in (RANKS, ACCURACY, CONTINUATIONS)} | {
+        META: {k: v for k, v in meta.items() if k not in TIMING}}
+
+
+def slow_ranks(model, heads, prompt_ids, tokens, top_k):
+    """Reference: teacher-forced forward of prompt + continuation, every head's full argsort."""
+    P, T, K = len(prompt_ids), len(tokens), heads.num_heads
+    hidden = model.model(torch.tensor([prompt_ids + tokens])).last_hidden_state[0, P - 1:P - 1 + T]  # [T, H]
+    order = heads(hidden, model.lm_head).argsort(-1, descending=True)  # [K, T, V]
+    out = np.full((T, K), MISSING)
+    for t in range(T):
+        for k in range(1, K + 1):
+            if t + k < T:
+                out[t, k - 1] = min((order[k - 1, t] == tokens[t + k]).nonzero().item(), top_k)
+    return out
+
+
+def test_head_targets():
+    assert head_targets(torch.tensor([5, 6, 7]), 2).tolist() == [[6, 7, MISSING], [7, MISSING, MISSING]]
+    assert head_targets(torch.tensor([5]), 3).tolist() == [[MISSING]] * 3
+
+
+@pytest.mark.parametrize("own", [False, True])
+def test_head_ranks_chunks_and_own_lm_head(tiny_llama, own):
+    heads = random_heads(tiny_llama, num_heads=2, own_lm_head=own, seed=3, scale=0.3)
+    hidden = torch.randn(9, 32)
+    targets = torch.randint(0, 97, (2, 9))
+    targets[1, -2:] = MISSING
+    whole = head_ranks(heads, tiny_llama.lm_head, hidden, targets, top_k=97)
+    chunked = head_ranks(heads, tiny_llama.lm_head, hidden, targets, top_k=30, chunk_elements=200)  # 2 rows a chunk
+    logits = heads(hidden, tiny_llama.lm_head)  # [K, N, V]
+    expect = (logits > logits.gather(2, targets.clamp(min=0)[..., None])).sum(-1).T  # [N, K]
+    expect[-2:, 1] = MISSING
+    assert whole.dtype == torch.int16 and whole.tolist() == expect.tolist()
+    assert chunked.tolist() == torch.where(expect >= 30, 30, expect).tolist()
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_ranks_equal_slow_reference(tmp_path, tiny, prompts_file, heads_dir, batch_size):
+    from treeopt.heads import MedusaHeads
+
+    out = run(config(tmp_path / "c", prompts_file, heads_dir, batch_size=batch_size, top_k=40), tiny)
+    cal = load_calibration(out)
+    conts = cal.continuations()
+    heads = MedusaHeads.load(heads_dir, tiny.model)
+    assert list(conts["prompt_id"]) == list(range(5)) and cal.num_heads == 3
+    assert ((cal.ranks >= 0) & (cal.ranks < 40)).any() and (cal.ranks == 40).any()  # hits and misses
+    for row in conts.itertuples():
+        tokens, prompt_ids = row.tokens.tolist(), row.prompt_ids.tolist()
+        if batch_size == 1:  # unbatched: exactly what a plain greedy generate gives
+            ref = tiny.model.generate(torch.tensor([prompt_ids]), max_new_tokens=10, do_sample=False,
+                                      eos_token_id=2, pad_token_id=0)[0, len(prompt_ids):].tolist()
+            assert tokens == ref[:len(tokens)] and row.stopped == (tokens[-1] == 2)
+        mine = cal.ranks[cal.prompt_ids == row.prompt_id]
+        assert cal.positions[cal.prompt_ids == row.prompt_id].tolist() == list(range(len(tokens)))
+        np.testing.assert_array_equal(mine, slow_ranks(tiny.model, heads, prompt_ids, tokens, 40))
+    meta = cal.meta
+    assert meta["batch_size"] == batch_size and meta["num_tokens"] == cal.num_positions
+    assert meta["seed"] == 0 and meta["max_new_tokens"] == 10 and meta["top_k"] == 40 and "torch" in meta["versions"]
+    acc = pd.read_csv(out / ACCURACY)
+    assert len(acc) == 3 * 40 and acc.groupby("head")["cumulative"].max().le(1).all()
+
+
+def test_interrupted_run_resumes_to_identical_files(tmp_path, tiny, prompts_file, heads_dir):
+    whole = run(config(tmp_path / "a", prompts_file, heads_dir), tiny)
+
+    def stop_after_first(i):
+        if i == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(config(tmp_path / "b", prompts_file, heads_dir), tiny, on_shard=stop_after_first)
+    assert not (tmp_path / "b" / RANKS).exists() and len(list((tmp_path / "b" / SHARDS).glob("*.json"))) == 2
+    redone = []
+    resumed = run(config(tmp_path / "b", prompts_file, heads_dir), tiny, on_shard=redone.append)
+    assert redone == [1, 2]  # shard 0 was kept, not recomputed
+    assert files(resumed) == files(whole)  # and a second run gives the same files as the first
+    again = []
+    run(config(tmp_path / "b", prompts_file, heads_dir), tiny, on_shard=again.append)
+    assert again == [] and files(resumed) == files(whole)
+
+
+def test_other_settings_into_same_dir_is_an_error(tmp_path, tiny, prompts_file, heads_dir):
+    run(config(tmp_path / "a", prompts_file, heads_dir, limit=2), tiny)
+    before = files(tmp_path / "a")
+    with pytest.raises(TreeoptError, match="other settings.*top_k 40 vs 5.*new --out DIR"):
+        run(config(tmp_path / "a", prompts_file, heads_dir, limit=2, top_k=5), tiny)
+    assert files(tmp_path / "a") == before
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / RANKS).write_text("mine")
+    with pytest.raises(TreeoptError, match="unknown origin"):
+        run(config(tmp_path / "x", prompts_file, heads_dir), tiny)
+    assert (tmp_path / "x" / RANKS).read_text() == "mine"
+
+
+def cli(*args):
+    result = CliRunner().invoke(app, ["calibrate", "--no-progress", *map(str, args)])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def one_line_error(stderr, match):
+    """The last line is the error; nothing before it but progress bars (model loading), no traceback."""
+    last = stderr.rstrip("\n").split("\n")[-1]
+    return last.startswith("error: ") and match in last and "Traceback" not in stderr
+
+
+def test_cli_end_to_end(tmp_path, tiny_model_dir, prompts_file, heads_dir):
+    code, stdout, stderr = cli("--model", tiny_model_dir, "--heads", heads_dir, "--dataset", prompts_file,
+                               "--limit", 3, "--max-new-tokens", 6, "--top-k", 5, "--batch-size", 2, "--out", tmp_path / "c")
+    assert code == 0, stderr
+    assert "3 prompts" in stdout and "top-5 accuracy" in stdout
+    cal = load_calibration(tmp_path / "c")
+    assert cal.meta["model"] == str(tiny_model_dir) and cal.meta["dataset"] == str(prompts_file)
+    assert cal.ranks.shape == (cal.meta["num_tokens"], 3) and cal.ranks.max() <= 5
+
+
+@pytest.mark.parametrize("content, heads, match", [
+    ("", "good", "is empty"),
+    ('[{"text": "w4"}]', "good", "no non-empty `instruction`"),
+    ('[{"instruction": "w4"}]', "other", "heads have hidden size 16"),
+    ('[{"instruction": "w4"}]', "none", "not found"),
+])
+def test_cli_bad_inputs_one_line(tmp_path, tiny_model_dir, heads_dir, content, heads, match):
+    from tests.conftest import make_tiny_llama
+
+    (tmp_path / "p.json").write_text(content)
+    if heads == "other":
+        heads_dir = random_heads(make_tiny_llama(vocab_size=50, hidden_size=16), 2).save(tmp_path / "h")
+    elif heads == "none":
+        heads_dir = tmp_path / "missing"
+    code, _, stderr = cli("--model", tiny_model_dir, "--heads", heads_dir, "--dataset", tmp_path / "p.json",
+                          "--out", tmp_path / "c")
+    assert code == 2 and one_line_error(stderr, match)
+
+
+def test_bad_numbers(tmp_path, tiny_model_dir, prompts_file):
+    code, _, stderr = cli("--model", tiny_model_dir, "--dataset", prompts_file, "--top-k", 0, "--out", tmp_path)
+    assert code == 2 and one_line_error(stderr, "--top-k is 0")

@@ -238,7 +238,8 @@ def plot_accuracy_heatmap(accuracy: np.ndarray, out: str | Path, show: int | Non
     accuracy = np.asarray(accuracy, dtype=float)  # [K, top_k]
     if accuracy.ndim != 2 or accuracy.size == 0:
         raise TreeoptError(f"accuracy must be a [heads, ranks] table, got shape {accuracy.shape}")
-    if show is not None:
+    if show is not None and show < accuracy.shape[1]:
+        title += f", ranks 0-{show - 1} of {accuracy.shape[1]}"
         accuracy = accuracy[:, :show]
     K, R = accuracy.shape
     fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * R + 2.5), 0.55 * K + 1.6))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,7 @@ class Run:
     bench_meta: dict = field(default_factory=dict)
     latency: pd.DataFrame | None = None
     demo: dict = field(default_factory=dict)
+    comparison: pd.DataFrame | None = None  # searched tree vs baselines, filled by write_report
     missing: list[str] = field(default_factory=list)  # relative paths
     notes: list[str] = field(default_factory=list)  # unreadable files, with why
 
@@ -158,13 +160,17 @@ def html_table(df: pd.DataFrame) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+CALIBRATION_FIELDS = ("model", "heads", "dataset", "num_stopped", "max_new_tokens", "batch_size", "seed", "device",
+                      "dtype", "wall_time_s", "tokens_per_s")
+TREE_FIELDS = ("predicted_tokens_per_step", "replayed_tokens_per_step", "acceptance_model", "max_depth", "top_k",
+               "best_chain_length", "forward_ms", "predicted_tokens_per_s")
+
+
 def calibration_summary(cal) -> pd.DataFrame:
-    """Key facts of a calibration: sizes from the data, the rest from calibration.json's scalars."""
+    """Key facts of a calibration: sizes from the data, the rest from calibration.json."""
     rows = [("heads (K)", cal.num_heads), ("top-k", cal.top_k), ("prompts", len(np.unique(cal.prompt_ids))),
             ("positions (tokens)", cal.num_positions)]
-    for k, v in cal.meta.items():
-        if isinstance(v, (str, int, float, bool)) and k not in ("top_k",):
-            rows.append((k, v))
+    rows += [(k, cal.meta[k]) for k in CALIBRATION_FIELDS if isinstance(cal.meta.get(k), (str, int, float))]
     return pd.DataFrame(rows, columns=["", "value"])
 
 
@@ -273,6 +279,9 @@ def budget_curves(run: Run, max_nodes: int = 256) -> pd.DataFrame | None:
 def _sections(run: Run, figures: dict[str, Path]):
     """(title, text, table, figure name) per section, in page order."""
     s = []
+    summary = summary_lines(run)
+    if summary:
+        s.append(("Summary", " ".join(summary), None, None))
     if run.demo:
         stages = run.demo.get("stages", {})
         table = pd.DataFrame([{"stage": k, "seconds": float(v)} for k, v in stages.items()]) if stages else None
@@ -282,10 +291,11 @@ def _sections(run: Run, figures: dict[str, Path]):
         s.append(("Head accuracy a_k^(i)", "P(head k's rank-i token is the one the base model emits), top 5 ranks "
                   "and their sum.", accuracy_top(run.calibration), "accuracy"))
     if run.tree is not None:
-        meta = ", ".join(f"{k} = {_fmt(v)}" for k, v in run.tree_meta.items() if isinstance(v, (int, float, str)))
+        meta = ", ".join(f"{k} = {_fmt(run.tree_meta[k])}" for k in TREE_FIELDS
+                         if isinstance(run.tree_meta.get(k), (int, float, str)))
         s.append(("Searched tree", f"{len(run.tree)} nodes, depth {run.tree.depth}, max rank {run.tree.max_rank - 1}. "
                   + meta, None, "tree"))
-    table = baselines(run)
+    table = run.comparison
     if table is not None:
         s.append(("Searched tree vs baselines", "Tokens per step on the run's calibration. predicted: 1 + the sum of "
                   "the tree's node values under the acceptance model; replayed: greedy decoding with the tree replayed "
@@ -307,6 +317,29 @@ def _sections(run: Run, figures: dict[str, Path]):
         s.append(("Sweep", "The optimal tree's predicted figures at a few sizes (all sizes: `sweep.csv`).",
                   run.sweep[run.sweep["nodes"].isin(sizes)], None))
     return s
+
+
+def summary_lines(run: Run) -> list[str]:
+    """The headline figures, as sentences: predicted (calibration) and measured (bench)."""
+    lines = []
+    table = run.comparison
+    if table is not None and len(table):
+        first = table.iloc[0]
+        others = [f"{r['tree']} ({r['nodes']} nodes) {r['replayed']:.2f}" for _, r in table.iloc[1:].iterrows()
+                  if r["tree"] in ("best_cartesian", "mc_sim_7b_63")]
+        lines.append(f"Searched tree ({first['nodes']} nodes): {first['replayed']:.2f} tokens per step replayed on the "
+                     "calibration" + (f", against {'; '.join(others)}." if others else "."))
+    if run.bench is not None and {"speedup", "match_rate"} <= set(run.bench.columns):
+        rows = run.bench[run.bench["method"] != "plain"]
+        if len(rows):
+            parts = [f"{r['method']} {r['tokens_per_step']:.2f} tokens/step, {r['speedup']:.2f}x"
+                     for _, r in rows.iterrows()]
+            prompts = int(run.bench["prompts"].iloc[0]) if "prompts" in run.bench.columns else "?"
+            lines.append(f"Measured on {prompts} prompts (speedup = tokens/s over plain greedy decoding): "
+                         + "; ".join(parts) + ". " + ("Every method's output equals plain greedy decoding's on every "
+                         "prompt." if (rows["match_rate"] == 1).all() else f"Outputs equal to plain greedy decoding's "
+                         f"on only {rows['match_rate'].min():.0%} of prompts for the worst method: see match_rate."))
+    return lines
 
 
 def _demo_text(demo: dict) -> str:
@@ -332,6 +365,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         raise TreeoptError(f"{run.directory} holds none of calibration/, tree.json, sweep.csv, bench/bench.csv, "
                            "latency.csv: pass a run directory (e.g. the --out of `treeopt demo`)")
     figures = make_figures(run)
+    run.comparison = baselines(run)
     sections = _sections(run, figures)
     title = f"treeopt report: {run.directory.name}"
     missing = _missing_text(run)
@@ -354,17 +388,22 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     for head, text, table, fig in sections:
         page.append(f"<h2>{html.escape(head)}</h2>")
         if text:
-            page.append(f"<p>{html.escape(text)}</p>")
+            page.append(f"<p>{_inline(text)}</p>")
         if table is not None:
             page.append(html_table(table))
         if fig in figures:
             data = base64.b64encode(figures[fig].read_bytes()).decode()
             page.append(f"<p><img alt='{fig}' src='data:image/png;base64,{data}'></p>")
     if missing:
-        page.append("<h2>Not in this run</h2><ul>" + "".join(f"<li>{html.escape(m)}</li>" for m in missing) + "</ul>")
+        page.append("<h2>Not in this run</h2><ul>" + "".join(f"<li>{_inline(m)}</li>" for m in missing) + "</ul>")
     page.append("</body></html>")
     html_path = write_text(run.directory / "report.html", "\n".join(page))
     return md_path, html_path
+
+
+def _inline(text: str) -> str:
+    """Markdown-ish text as HTML: escaped, `code` spans kept."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
 
 
 _STYLE = """<style>

@@ -47,6 +47,7 @@ def test_full_run_report(full_run):
                     "## Benchmark (measured)", "## Predicted vs measured", "## Sweep", "## Run"):
         assert section in text
     assert "Not in this run" not in text
+    assert "Searched tree (32 nodes):" in text and "Measured on 8 prompts" in text and "tree 2.10 tokens/step, 1.50x" in text
     assert "| searched (tree.json) | 32 |" in text and "best_cartesian" in text and "mc_sim_7b_63" in text
     for fig in ("tree", "accuracy", "budget", "speed", "predicted_vs_measured"):
         assert f"](figures/{fig}.png)" in text

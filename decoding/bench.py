@@ -1,0 +1,273 @@
+"""`treeopt bench`: plain HF greedy vs tree decoding on the same prompts, in the Medusa paper's terms.
+
+Per prompt, every method runs in turn (interleaved, so machine load drifts hit all alike), after a
+warm-up, under the same stop rules (max new tokens, the model's EOS ids). Prefill is timed apart;
+decoding time is everything after the first new token is known.
+
+Columns (one row per method; plain first): method, nodes, depth, tokens_per_step (new tokens ÷ steps;
+1 for plain), step_ms (decoding time ÷ forwards after prefill), overhead (step_ms ÷ plain step_ms),
+tokens_per_s (new tokens ÷ decoding time), speedup (tokens_per_s ÷ plain's), prefill_ms (mean per
+prompt), match_rate (fraction of prompts whose output equals plain greedy's token for token),
+predicted_tokens_per_step (with --calibration: `treeopt.search.expected_tokens_per_step`),
+replay_tokens_per_step (with --calibration: exact replay on its continuations), forward_ms (the
+model's work per step at this tree size, measured in this run as `treeopt profile` does),
+loop_efficiency (tokens_per_s ÷ (tokens_per_step ÷ forward_ms) = forward_ms ÷ step_ms), prompts,
+new_tokens, steps.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from decoding.decoder import DecodeResult, TreeDecoder, greedy_reference
+from decoding.profile import time_step_forward
+from treeopt.errors import TreeoptError
+from treeopt.fileio import write_text
+from treeopt.tree import Tree
+
+PLAIN = "plain"
+CSV = "bench.csv"
+JSON = "bench.json"
+PARTIAL = ".bench.partial.json"
+COLUMNS = ["method", "nodes", "depth", "tokens_per_step", "step_ms", "overhead", "speedup", "tokens_per_s",
+           "prefill_ms", "match_rate", "predicted_tokens_per_step", "replay_tokens_per_step", "forward_ms",
+           "loop_efficiency", "prompts", "new_tokens", "steps"]
+
+
+def parse_cartesian(spec: str) -> tuple[str, Tree]:
+    """'2x3' -> ('cartesian-2x3', Tree.cartesian([2, 3]))."""
+    if not re.fullmatch(r"\d+(x\d+)*", spec.strip()):
+        raise TreeoptError(f"--cartesian {spec!r}: write top-k per depth joined by x, e.g. 2x3 or 3x2x2")
+    ks = [int(k) for k in spec.strip().split("x")]
+    return f"cartesian-{spec.strip()}", Tree.cartesian(ks)
+
+
+def tree_methods(trees=(), cartesian=()) -> dict[str, Tree]:
+    """Method name -> Tree, from tree specs (files: their stem) and Cartesian specs ('2x3,3x2x2')."""
+    from treeopt.treefile import read_tree
+
+    methods: dict[str, Tree] = {}
+    for spec in trees:
+        name = Path(str(spec).partition(":")[0]).stem if Path(str(spec).partition(":")[0]).suffix else str(spec)
+        if name in methods or name == PLAIN:
+            name = f"{name}-{len(methods)}"
+        methods[name] = read_tree(spec)
+    for group in cartesian:
+        for part in str(group).split(","):
+            if part.strip():
+                name, tree = parse_cartesian(part)
+                methods[name] = tree
+    return methods
+
+
+@dataclass
+class Record:
+    """One method on one prompt."""
+
+    method: str
+    prompt: int
+    tokens: list[int]
+    steps: int
+    prefill_s: float
+    decode_s: float
+
+    @classmethod
+    def of(cls, method: str, prompt: int, r: DecodeResult) -> "Record":
+        return cls(method, prompt, r.tokens, r.steps, r.prefill_s, r.decode_s)
+
+
+@dataclass
+class BenchResult:
+    table: pd.DataFrame
+    settings: dict
+    records: list[Record] = field(default_factory=list)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="bench", disable=not enabled, leave=False)
+
+
+def bench_decoding(model, heads, trees: dict[str, Tree], prompts: list[list[int]], max_new_tokens: int = 128,
+                   stop_ids=(), calibration=None, warmup_tokens: int = 16, repeats: int = 5,
+                   progress: bool = False, done: list[Record] | None = None, on_record=None) -> BenchResult:
+    """Run plain greedy and every tree on every prompt; return the table (see the module docstring).
+    `done` holds records of an earlier, interrupted run (skipped); `on_record(record)` is called after
+    each new one (to save progress)."""
+    if not prompts:
+        raise TreeoptError("no prompts to benchmark: check --prompts and --limit")
+    for name, tree in trees.items():
+        if tree.num_nodes and heads is None:
+            raise TreeoptError("bench needs Medusa heads for its trees: pass --heads DIR or --heads random")
+    decoders = {name: TreeDecoder(model, heads, tree, stop_ids=stop_ids) for name, tree in trees.items()}
+    methods = [PLAIN, *decoders]
+
+    def run(method: str, prompt, limit: int) -> DecodeResult:
+        if method == PLAIN:
+            return greedy_reference(model, prompt, limit, stop_ids)
+        return decoders[method].generate(prompt, limit)
+
+    for method in methods:  # warm-up: allocate caches, settle kernels
+        run(method, prompts[0], min(warmup_tokens, max_new_tokens))
+
+    records = {(r.method, r.prompt): r for r in (done or []) if r.method in methods and r.prompt < len(prompts)}
+    bar = _progress(len(prompts) * len(methods), progress)
+    bar.update(len(records))
+    for p, prompt in enumerate(prompts):
+        for method in methods:
+            if (method, p) in records:
+                continue
+            rec = Record.of(method, p, run(method, prompt, max_new_tokens))
+            records[(method, p)] = rec
+            if on_record is not None:
+                on_record(rec)
+            bar.update(1)
+    bar.close()
+
+    # the model's work per step at each tree size, at a typical context length of this run
+    plain = [records[(PLAIN, p)] for p in range(len(prompts))]
+    context = int(statistics.median(len(prompts[p]) + len(r.tokens) // 2 for p, r in enumerate(plain)))
+    forward_ms = {PLAIN: sum(time_step_forward(TreeDecoder(model, None, Tree(())), context, repeats))}
+    for name, dec in decoders.items():
+        forward_ms[name] = sum(time_step_forward(dec, context, repeats))
+
+    rows = []
+    for method in methods:
+        recs = [records[(method, p)] for p in range(len(prompts))]
+        tree = trees.get(method, Tree(()))
+        new = sum(len(r.tokens) for r in recs)
+        steps = sum(r.steps for r in recs)
+        decode_s = sum(r.decode_s for r in recs)
+        step_ms = decode_s / max(steps, 1) * 1e3
+        match = sum(r.tokens == plain[r.prompt].tokens for r in recs) / len(recs)
+        row = {"method": method, "nodes": tree.num_nodes, "depth": tree.depth,
+               "tokens_per_step": 1.0 if method == PLAIN else new / max(steps, 1),
+               "step_ms": step_ms, "tokens_per_s": new / decode_s if decode_s > 0 else float("nan"),
+               "prefill_ms": sum(r.prefill_s for r in recs) / len(recs) * 1e3, "match_rate": match,
+               "predicted_tokens_per_step": float("nan"), "replay_tokens_per_step": float("nan"),
+               "forward_ms": forward_ms[method], "loop_efficiency": forward_ms[method] / step_ms if steps else float("nan"),
+               "prompts": len(recs), "new_tokens": new, "steps": steps}
+        if calibration is not None:
+            row.update(_predicted(tree, calibration))
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table["overhead"] = table["step_ms"] / table["step_ms"].iloc[0]
+    table["speedup"] = table["tokens_per_s"] / table["tokens_per_s"].iloc[0]
+    settings = {"max_new_tokens": max_new_tokens, "context_for_forward_ms": context, "warmup_tokens": warmup_tokens}
+    return BenchResult(table[COLUMNS], settings, [records[k] for k in sorted(records, key=lambda k: (k[1], methods.index(k[0])))])
+
+
+def _predicted(tree: Tree, calibration) -> dict:
+    """Calibration-based predictions of tokens/step, for the ranks the calibration covers."""
+    from treeopt.replay import replay
+    from treeopt.search import expected_tokens_per_step, truncate
+
+    fit = truncate(tree, calibration.num_heads, calibration.top_k)
+    if fit.num_nodes != tree.num_nodes:  # the calibration cannot see some nodes: no honest prediction
+        return {}
+    return {"predicted_tokens_per_step": expected_tokens_per_step(tree, calibration),
+            "replay_tokens_per_step": replay(tree, calibration).tokens_per_step}
+
+
+def _versions() -> dict:
+    import torch
+    import transformers
+
+    import treeopt
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "treeopt": getattr(treeopt, "__version__", "")}
+
+
+def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), cartesian=(),
+              prompts: str | None = None, limit: int | None = 20, max_new_tokens: int = 128,
+              device: str = "auto", dtype: str = "float32", calibration: str | None = None,
+              out: str | Path | None = None, repeats: int = 5, progress: bool = True) -> BenchResult:
+    """The CLI's twin: load everything, benchmark, write bench.csv and bench.json into `out`.
+    An interrupted run with the same settings resumes from `out`/.bench.partial.json."""
+    from treeopt.heads import resolve_heads
+    from treeopt.models import chat_prompt, load_model, stop_token_ids
+    from treeopt.prompts import default_prompts, load_instructions
+
+    if max_new_tokens < 1:
+        raise TreeoptError("--max-new-tokens must be at least 1")
+    methods = tree_methods(trees, cartesian)
+    if not methods:
+        raise TreeoptError("nothing to compare with plain decoding: pass --trees FILE and/or --cartesian 2x3")
+    cal = None
+    if calibration is not None:
+        from calibrate.format import load_calibration
+
+        cal = load_calibration(calibration)
+    source = prompts or default_prompts()
+    instructions = load_instructions(source, limit)
+    loaded = load_model(model, device=device, dtype=dtype)
+    medusa = resolve_heads(heads, loaded.model)
+    for tree in methods.values():
+        tree.check(num_heads=medusa.num_heads)
+    ids = [chat_prompt(loaded.tokenizer, s) for s in instructions]
+    stops = stop_token_ids(loaded.model, loaded.tokenizer)
+    weight = loaded.model.get_output_embeddings().weight
+    settings = {"model": model, "model_source": loaded.source, "heads": heads or "default",
+                "device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch."),
+                "prompts_source": str(source), "limit": limit, "max_new_tokens": max_new_tokens,
+                "calibration": str(calibration) if calibration else "", "stop_ids": sorted(stops),
+                "trees": {k: v.choices for k, v in methods.items()}}
+
+    done, save = [], None
+    if out is not None:
+        out = Path(out)
+        partial = out / PARTIAL
+        if partial.is_file():
+            try:
+                saved = json.loads(partial.read_text())
+                if saved.get("settings") == settings:
+                    done = [Record(**r) for r in saved["records"]]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                done = []
+
+        def save(rec: Record):
+            done.append(rec)
+            write_text(partial, json.dumps({"settings": settings, "records": [asdict(r) for r in done]}))
+
+    result = bench_decoding(loaded.model, medusa, methods, ids, max_new_tokens, stops, cal, repeats=repeats,
+                            progress=progress, done=list(done), on_record=save)
+    result.settings = {**settings, **result.settings, "versions": _versions()}
+    if out is not None:
+        write_bench(result, out)
+        (out / PARTIAL).unlink(missing_ok=True)
+    return result
+
+
+def write_bench(result: BenchResult, out: str | Path) -> tuple[Path, Path]:
+    out = Path(out)
+    table = result.table
+    csv = write_text(out / CSV, table.to_csv(index=False, float_format="%.6g"))
+    per_prompt = [{"method": r.method, "prompt": r.prompt, "new_tokens": len(r.tokens), "steps": r.steps,
+                   "prefill_ms": r.prefill_s * 1e3, "decode_ms": r.decode_s * 1e3} for r in result.records]
+    rows = json.loads(table.to_json(orient="records"))
+    doc = {**result.settings, "rows": rows, "per_prompt": per_prompt}
+    js = write_text(out / JSON, json.dumps(doc, indent=1) + "\n")
+    return csv, js
+
+
+def render(result: BenchResult) -> str:
+    from treeopt.search import render_table
+
+    cols = ["method", "nodes", "tokens_per_step", "step_ms", "overhead", "speedup", "tokens_per_s", "prefill_ms",
+            "match_rate", "predicted_tokens_per_step", "forward_ms", "loop_efficiency"]
+    t = result.table[cols].copy()
+    if t["predicted_tokens_per_step"].isna().all():
+        t = t.drop(columns="predicted_tokens_per_step")
+    s = result.settings
+    head = (f"{s.get('model', '')} on {s.get('device', '')} {s.get('dtype', '')}: {result.table['prompts'].iloc[0]} "
+            f"prompts, up to {s.get('max_new_tokens')} new tokens, heads {s.get('heads', '')}")
+    return head + "\n" + render_table(t)

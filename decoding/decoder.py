@@ -1,0 +1,324 @@
+"""Medusa tree decoding (batch size 1) over a KV cache the decoder owns, via the public transformers API.
+
+One step, with N = tree nodes + 1 and the committed prefix of `cur` tokens in the cache:
+
+1. tokens [N] = the root (the base model's token at the last accepted position) + each tree node's
+   head top-k token; positions = cur + node depth.
+2. One forward of the N tokens: they are written to cache slots cur..cur+N-1 and a 4D additive mask
+   [1, 1, N, cur+N] lets node i see the prefix, its ancestors and itself only.
+3. Acceptance picks the longest valid root-to-leaf prefix (greedy: each node's token equals its
+   parent's argmax; typical: Medusa's posterior threshold). The step emits the root + accepted nodes.
+4. `TreeCache.commit` moves the accepted nodes' K/V to slots cur, cur+1, ...; the next root and the
+   heads' next candidates come from the last accepted node's logits and hidden state.
+
+Step accounting (shared with `treeopt.replay`): prefill is not a step; every step is one tree
+forward and emits the root + the accepted nodes; output stops after EOS (kept) or max_new_tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from decoding.buffers import TreeBuffers, tree_buffers
+from decoding.cache import TreeCache
+from treeopt.errors import TreeoptError
+from treeopt.tree import Tree
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """greedy: lossless w.r.t. greedy decoding. typical: Medusa's typical acceptance; the root token is
+    sampled from the typical-truncated distribution at `temperature`, with `seed`."""
+
+    mode: str = "greedy"  # "greedy" or "typical"
+    temperature: float = 0.7
+    posterior_threshold: float = 0.09  # epsilon
+    posterior_alpha: float = 0.3  # delta, the entropy-scaled threshold
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mode not in ("greedy", "typical"):
+            raise TreeoptError(f"unknown acceptance {self.mode!r}: use greedy or typical")
+        if self.mode == "typical" and not self.temperature > 0:
+            raise TreeoptError("typical acceptance needs --temperature > 0 (use greedy for temperature 0)")
+
+
+GREEDY = Acceptance()
+
+
+@dataclass
+class DecodeResult:
+    tokens: list[int]  # the new tokens (EOS included when it stopped there)
+    steps: int  # tree forwards after prefill
+    accepted: list[int] = field(default_factory=list)  # tree nodes accepted per step (root not counted)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    stopped: bool = False  # ended at a stop token
+
+    @property
+    def tokens_per_step(self) -> float:
+        return len(self.tokens) / max(self.steps, 1)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool -> 0 where allowed, the dtype's most negative number elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, torch.finfo(dtype).min)
+
+
+def model_stop_ids(model) -> set[int]:
+    """The EOS ids `model.generate` stops at by default (its generation config, else its config)."""
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    if ids is None:
+        ids = getattr(model.config, "eos_token_id", None)
+    if ids is None:
+        return set()
+    return set(ids) if isinstance(ids, (list, tuple)) else {int(ids)}
+
+
+def _max_window(config) -> int | None:
+    """The sliding-attention window when some layer uses one (Mistral, some Qwen2), else None."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if window and (types is None or any("sliding" in t for t in types)):
+        if types is None and not getattr(config, "use_sliding_window", True):
+            return None
+        return int(window)
+    return None
+
+
+class TreeDecoder:
+    """Decode with `heads` and `tree` on `model` (a transformers causal LM). Holds no state on the model.
+
+    >>> dec = TreeDecoder(model, heads, Tree.cartesian([2, 2]), stop_ids={eos})
+    >>> dec.generate(prompt_ids, max_new_tokens=64).tokens
+    """
+
+    def __init__(self, model, heads, tree: Tree, acceptance: Acceptance = GREEDY, stop_ids=None,
+                 top_k: int | None = None):
+        """stop_ids: tokens that end the output (kept); None = the model's EOS ids, () = never stop."""
+        self.model = model
+        self.base = model.get_decoder()
+        self.lm_head = model.get_output_embeddings()
+        weight = self.lm_head.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        if heads is None and tree.num_nodes:
+            raise TreeoptError("a tree needs Medusa heads: pass --heads DIR or --heads random")
+        if heads is not None:
+            heads.check_compatible(model)
+            tree.check(num_heads=heads.num_heads)
+            p = next(heads.parameters())
+            if (p.device, p.dtype) != (self.device, self.dtype):
+                heads = copy.deepcopy(heads).to(device=self.device, dtype=self.dtype)
+        self.heads = heads
+        self.tree = tree
+        self.buf: TreeBuffers = tree_buffers(tree, top_k, self.device)
+        self.tree_bias = additive_mask(self.buf.mask, self.dtype)  # [N, N]
+        self.acceptance = acceptance
+        stop_ids = model_stop_ids(model) if stop_ids is None else stop_ids
+        self.stop_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)
+        self.window = _max_window(model.config)
+        self.num_layers = model.config.get_text_config().num_hidden_layers
+        self.cache: TreeCache | None = None
+        self.bias: torch.Tensor | None = None  # [N, max_len] the mask rows of a step
+        self.generator = torch.Generator(device=self.device)
+
+    # ---- the pieces of a step ---------------------------------------------------------------------
+
+    def forward(self, ids: torch.Tensor, bias: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """ids [q], bias [q, kv], positions [q] -> last hidden states [q, H]; writes K/V at cache.length."""
+        out = self.base(input_ids=ids[None], attention_mask=bias[None, None], position_ids=positions[None],
+                        past_key_values=self.cache, use_cache=True)
+        return out.last_hidden_state[0]
+
+    def candidates(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [H] at the last accepted node -> the heads' top-k tokens [D, top_k], D = tree depth."""
+        D = self.tree.depth
+        if D == 0:
+            return torch.empty(0, self.buf.top_k, dtype=torch.long, device=self.device)
+        if self.heads.config.own_lm_head:
+            logits = self.heads(hidden)[:D]  # [D, V]
+        else:
+            logits = self.lm_head(self.heads.features(hidden)[:D])  # [D, V]
+        return torch.topk(logits, self.buf.top_k, dim=-1).indices
+
+    def _typical(self, logits: torch.Tensor):
+        """logits [N, V] -> (probs [N, V] fp32, threshold [N]) of Medusa's typical acceptance."""
+        a = self.acceptance
+        probs = torch.softmax(logits.float() / a.temperature, dim=-1)
+        entropy = -(probs * torch.log(probs + 1e-5)).sum(-1)
+        threshold = torch.clamp(torch.exp(-entropy) * a.posterior_alpha, max=a.posterior_threshold)
+        return probs, threshold
+
+    def next_root(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [V] at the last accepted node -> the next root token (0-dim)."""
+        if self.acceptance.mode == "greedy":
+            return logits.argmax(-1)
+        probs, threshold = self._typical(logits[None])
+        probs = probs[0].masked_fill(probs[0] < threshold[0], 0.0)
+        return torch.multinomial(probs, 1, generator=self.generator)[0]
+
+    def accept(self, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """tokens [N], logits [N, V] -> accepted node indices [m+1], starting at the root."""
+        buf = self.buf
+        if buf.num_nodes == 1:
+            return buf.paths[0, :1]
+        if self.acceptance.mode == "greedy":
+            pred = logits.argmax(-1)  # [N]
+            ok = tokens == pred[buf.parent]  # [N] node's token is its parent's argmax
+            logp = None
+        else:
+            probs, threshold = self._typical(logits)
+            p = probs[buf.parent, tokens]  # [N] node's token under its parent's distribution
+            ok = p > threshold[buf.parent]
+            logp = torch.log(p)
+        match = ok[buf.paths[:, 1:]] & buf.path_valid[:, 1:]  # [L, D]
+        length = match.int().cumprod(1).sum(1)  # [L]
+        if logp is None:
+            best = length.argmax()  # the first longest path
+        else:  # the most likely among the longest paths
+            m = length.max()
+            keep = torch.arange(buf.paths.shape[1], device=self.device) <= m  # [D+1]
+            score = (logp[buf.paths] * (keep & buf.path_valid)).sum(1)
+            best = score.masked_fill(length != m, float("-inf")).argmax()
+        return buf.paths[best, : int(length[best]) + 1]
+
+    # ---- a whole generation -----------------------------------------------------------------------
+
+    def _prepare(self, max_len: int) -> None:
+        if self.window is not None and max_len > self.window:
+            raise TreeoptError(f"prompt + --max-new-tokens + tree need {max_len} positions but the model's "
+                               f"sliding window is {self.window}: lower --max-new-tokens")
+        if self.cache is None or self.cache.max_len < max_len:
+            self.cache = TreeCache(self.num_layers, max_len)
+            self.bias = torch.empty(self.buf.num_nodes, max_len, dtype=self.dtype, device=self.device)
+        self.cache.reset()
+        self.bias.fill_(torch.finfo(self.dtype).min)
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids, max_new_tokens: int = 128) -> DecodeResult:
+        prompt = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=self.device)  # [P]
+        P, N = prompt.shape[0], self.buf.num_nodes
+        if P == 0:
+            raise TreeoptError("empty prompt: give at least one token")
+        if max_new_tokens < 1:
+            return DecodeResult(tokens=[], steps=0)
+        self._prepare(P + max_new_tokens + N)
+        if self.acceptance.mode == "typical":
+            self.generator.manual_seed(self.acceptance.seed)
+        cache, bias, buf = self.cache, self.bias, self.buf
+
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        causal = additive_mask(torch.ones(P, P, dtype=torch.bool, device=self.device).tril(), self.dtype)
+        hidden = self.forward(prompt, causal, torch.arange(P, device=self.device))[-1]  # [H]
+        cache.commit(torch.arange(P, device=self.device))
+        bias[:, :P] = 0
+        root = self.next_root(self.lm_head(hidden))
+        topk = self.candidates(hidden)  # [D, top_k]
+        synchronize(self.device)
+        t1 = time.perf_counter()
+
+        out: list[int] = []
+        accepted: list[int] = []
+        steps, stopped = 0, False
+        while True:
+            steps += 1
+            cur = cache.length
+            tokens = torch.cat([root.view(1), topk.flatten()[buf.candidate_index]])  # [N]
+            bias[:, cur : cur + N] = self.tree_bias
+            hidden = self.forward(tokens, bias[:, : cur + N], buf.depth + cur)  # [N, H]
+            logits = self.lm_head(hidden)  # [N, V]
+            nodes = self.accept(tokens, logits)  # [m+1]
+            cache.commit(nodes)
+            bias[:, cur : cur + nodes.shape[0]] = 0
+            last = nodes[-1]
+            emitted = tokens[nodes]
+            new = emitted.tolist()
+            accepted.append(len(new) - 1)
+            if self.stop_ids.numel() and bool(torch.isin(emitted, self.stop_ids).any()):
+                stop_set = set(self.stop_ids.tolist())
+                new = new[: next(i for i, t in enumerate(new) if t in stop_set) + 1]
+                stopped = True
+            out.extend(new)
+            if stopped or len(out) >= max_new_tokens:
+                break
+            root = self.next_root(logits[last])
+            topk = self.candidates(hidden[last])
+        synchronize(self.device)
+        t2 = time.perf_counter()
+        return DecodeResult(tokens=out[:max_new_tokens], steps=steps, accepted=accepted,
+                            prefill_s=t1 - t0, decode_s=t2 - t1, stopped=stopped)
+
+
+def decode(model, heads, tree: Tree, prompt_ids, max_new_tokens: int = 128, acceptance: Acceptance = GREEDY,
+           stop_ids=None) -> DecodeResult:
+    """One-call twin of `TreeDecoder(...).generate(...)`."""
+    return TreeDecoder(model, heads, tree, acceptance, stop_ids).generate(prompt_ids, max_new_tokens)
+
+
+class _FirstTokenClock:
+    """A generate() streamer that notes when the first new token arrives (the end of prefill)."""
+
+    def __init__(self):
+        self.calls, self.first = 0, None
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls == 2:
+            self.first = time.perf_counter()
+
+    def end(self):
+        pass
+
+
+def greedy_reference(model, prompt_ids, max_new_tokens: int, stop_ids=None) -> DecodeResult:
+    """Plain `model.generate(do_sample=False)` under the same stop rules, timed like the decoder:
+    prefill_s until the first new token, decode_s for the rest (steps = its forwards after prefill).
+    stop_ids: None = the model's EOS ids (generate always stops at those)."""
+    device = model.get_output_embeddings().weight.device
+    ids = torch.as_tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    stops = sorted(model_stop_ids(model) if stop_ids is None else stop_ids)
+    if not stops:
+        raise ValueError("model.generate always stops at an EOS id: pass stop_ids")
+    clock = _FirstTokenClock()
+    synchronize(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        seq = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=stops[0],
+                             streamer=clock)
+    synchronize(device)
+    t2 = time.perf_counter()
+    new = seq[0, ids.shape[1]:].tolist()
+    t1 = clock.first or t2
+    stopped = bool(new) and new[-1] in set(stops)
+    return DecodeResult(tokens=new, steps=max(len(new) - 1, 0), accepted=[], prefill_s=t1 - t0,
+                        decode_s=t2 - t1, stopped=stopped)
+
+
+def run_decode(instruction: str, tree: str | None = None, model: str = "smollm2-135m", heads: str | None = None,
+               max_new_tokens: int = 128, acceptance: Acceptance = GREEDY, device: str = "auto",
+               dtype: str = "float32") -> tuple[str, DecodeResult]:
+    """The CLI's twin: decode one instruction (as a chat turn) with a tree spec (file, published name
+    or list string; None = plain decoding) and return the reply text and the result."""
+    from treeopt.heads import resolve_heads
+    from treeopt.models import chat_prompt, load_model, stop_token_ids
+    from treeopt.treefile import read_tree
+
+    shape = read_tree(tree) if tree else Tree(())
+    loaded = load_model(model, device=device, dtype=dtype)
+    medusa = resolve_heads(heads, loaded.model) if shape.num_nodes else None
+    stops = stop_token_ids(loaded.model, loaded.tokenizer)
+    ids = chat_prompt(loaded.tokenizer, instruction)
+    result = TreeDecoder(loaded.model, medusa, shape, acceptance, stops).generate(ids, max_new_tokens)
+    return loaded.tokenizer.decode(result.tokens, skip_special_tokens=True), result

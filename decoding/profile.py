@@ -1,0 +1,124 @@
+"""`treeopt profile`: the model's work in one decoding step vs tree size, on this device.
+
+forward_ms(n) = base_ms + heads_ms, where base_ms is one forward of the root + n tree nodes over a
+KV cache holding `context` tokens (the base model with its lm_head on all n+1 positions, exactly the
+decoder's call) and heads_ms is the Medusa heads' top-k at one node (0 for n = 0: plain decoding).
+Everything else a decoding step does (candidates, acceptance, KV compaction, Python) is the loop,
+which `treeopt bench` measures against this figure (loop_efficiency).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from decoding.decoder import TreeDecoder, additive_mask, synchronize
+from treeopt.errors import TreeoptError
+from treeopt.fileio import atomic_write
+from treeopt.tree import Tree
+
+DEFAULT_SIZES = (0, 1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+COLUMNS = ["nodes", "forward_ms", "base_ms", "heads_ms", "context", "device", "dtype", "model"]
+
+
+def profile_tree(n: int, num_heads: int) -> Tree:
+    """A balanced n-node tree of depth <= num_heads: the first n nodes of the smallest k^depth
+    Cartesian tree that holds them (its mask and head count are what a searched tree has)."""
+    if n == 0:
+        return Tree(())
+    k = 1
+    while sum(k ** d for d in range(1, num_heads + 1)) < n:
+        k += 1
+    return Tree.cartesian([k] * num_heads)[:n]
+
+
+@torch.inference_mode()
+def time_step_forward(decoder: TreeDecoder, context: int, repeats: int = 5, warmup: int = 2,
+                      seed: int = 0) -> tuple[float, float]:
+    """Median (base_ms, heads_ms) of the decoder's tree forward over a `context`-token prefix."""
+    N, dev = decoder.buf.num_nodes, decoder.device
+    vocab = decoder.lm_head.weight.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(0, vocab, (context,), generator=g).to(dev)
+    tokens = torch.randint(0, vocab, (N,), generator=g).to(dev)
+    decoder._prepare(context + N)
+    causal = additive_mask(torch.ones(context, context, dtype=torch.bool, device=dev).tril(), decoder.dtype)
+    decoder.forward(prefix, causal, torch.arange(context, device=dev))
+    decoder.cache.commit(torch.arange(context, device=dev))
+    bias = decoder.bias
+    bias[:, :context] = 0
+    bias[:, context : context + N] = decoder.tree_bias
+    positions = decoder.buf.depth + context
+    base, heads = [], []
+    for i in range(warmup + repeats):
+        synchronize(dev)
+        t0 = time.perf_counter()
+        hidden = decoder.forward(tokens, bias[:, : context + N], positions)  # writes slots context.., uncommitted
+        decoder.lm_head(hidden).argmax(-1)
+        synchronize(dev)
+        t1 = time.perf_counter()
+        if decoder.tree.num_nodes:
+            decoder.candidates(hidden[0])
+        synchronize(dev)
+        t2 = time.perf_counter()
+        if i >= warmup:
+            base.append((t1 - t0) * 1e3)
+            heads.append((t2 - t1) * 1e3 if decoder.tree.num_nodes else 0.0)
+    return statistics.median(base), statistics.median(heads)
+
+
+def profile_latency(model, heads, sizes=DEFAULT_SIZES, context: int = 256, repeats: int = 5,
+                    model_name: str = "", progress: bool = False) -> pd.DataFrame:
+    """One row per tree size: nodes, forward_ms (median), base_ms, heads_ms, context, device, dtype, model."""
+    sizes = sorted(set(int(s) for s in sizes))
+    if not sizes or sizes[0] < 0:
+        raise TreeoptError(f"--sizes {sizes}: give tree sizes >= 0, e.g. 0,1,2,4,8")
+    if context < 1:
+        raise TreeoptError("--context must be at least 1 token")
+    weight = model.get_output_embeddings().weight
+    rows = []
+    bar = _progress(sizes, progress, "profile")
+    for n in bar:
+        tree = profile_tree(n, heads.num_heads)
+        decoder = TreeDecoder(model, heads if n else None, tree)
+        base_ms, heads_ms = time_step_forward(decoder, context, repeats)
+        rows.append({"nodes": n, "forward_ms": base_ms + heads_ms, "base_ms": base_ms, "heads_ms": heads_ms,
+                     "context": context, "device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch."),
+                     "model": model_name})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _progress(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, leave=False)
+
+
+def parse_sizes(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return DEFAULT_SIZES
+    try:
+        return tuple(int(s) for s in text.replace(" ", "").split(",") if s)
+    except ValueError:
+        raise TreeoptError(f"--sizes {text!r}: give comma-separated integers, e.g. 0,1,2,4,8,16") from None
+
+
+def run_profile(model: str = "smollm2-135m", heads: str | None = None, sizes: str | None = None,
+                context: int = 256, repeats: int = 5, device: str = "auto", dtype: str = "float32",
+                out: str | Path = "latency.csv", progress: bool = True) -> pd.DataFrame:
+    """The CLI's twin: load the model and heads, profile, write the CSV atomically."""
+    from treeopt.heads import resolve_heads
+    from treeopt.models import load_model
+
+    loaded = load_model(model, device=device, dtype=dtype)
+    medusa = resolve_heads(heads, loaded.model)
+    df = profile_latency(loaded.model, medusa, parse_sizes(sizes), context, repeats, model_name=model,
+                         progress=progress)
+    atomic_write(out, lambda p: df.to_csv(p, index=False, float_format="%.4f"))
+    return df

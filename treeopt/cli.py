@@ -67,6 +67,40 @@ def info(
 # --- train-heads (treeopt.train) ---
 
 
+@command("train-heads")
+def train_heads_cmd(
+    work: Path = typer.Option(..., "--work", help="Directory for data shards, checkpoints and the report; re-run the same command to resume."),
+    heads_out: Optional[Path] = typer.Option(None, "--heads-out", help="Where to save the trained heads (Medusa layout)."),
+    prompts: str = typer.Option("magpie", "--prompts", help="`magpie` (user turns sampled from the model itself), a .json/.jsonl file with an `instruction` or `prompt` field, or a Hugging Face dataset id."),
+    num_prompts: int = typer.Option(2000, "--num-prompts", help="Sequences to generate (magpie: an upper bound, duplicates are dropped)."),
+    max_new_tokens: int = typer.Option(192, "--max-new-tokens", help="Greedy continuation length per prompt."),
+    batch_size: int = typer.Option(48, "--batch-size", help="Sequences per generation batch (= one shard)."),
+    magpie_max_tokens: int = typer.Option(64, "--magpie-max-tokens", help="Longest sampled instruction (longer ones are dropped)."),
+    num_heads: int = typer.Option(4, "--num-heads"),
+    num_layers: int = typer.Option(1, "--num-layers", help="ResBlocks per head."),
+    epochs: float = typer.Option(2.0, "--epochs"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    batch_tokens: int = typer.Option(2048, "--batch-tokens", help="Hidden rows per optimizer step."),
+    distill: float = typer.Option(0.5, "--distill", help="Weight of the KL to the base model's distribution (0: hard targets only)."),
+    seed: int = typer.Option(0, "--seed"),
+    stage: str = typer.Option("all", "--stage", help="all, data (generate shards only) or train (train on the shards there are)."),
+    max_gen_minutes: Optional[float] = typer.Option(None, "--max-gen-minutes", help="Stop generating after this long (re-run to continue)."),
+    max_train_minutes: Optional[float] = typer.Option(None, "--max-train-minutes", help="Stop training after this long, checkpointed (re-run to continue)."),
+    model: str = ModelOpt,
+    device: str = DeviceOpt,
+):
+    """Train Medusa-1 heads (backbone frozen) on the model's own greedy continuations, and save them."""
+    from treeopt.train import TrainConfig, train_heads
+
+    cfg = TrainConfig(work=str(work), heads_out=str(heads_out) if heads_out else None, model=model, prompts=prompts,
+                      num_prompts=num_prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                      magpie_max_tokens=magpie_max_tokens, num_heads=num_heads, num_layers=num_layers, epochs=epochs,
+                      lr=lr, batch_tokens=batch_tokens, distill=distill, seed=seed, device=device,
+                      max_gen_s=None if max_gen_minutes is None else max_gen_minutes * 60,
+                      max_train_s=None if max_train_minutes is None else max_train_minutes * 60)
+    train_heads(cfg, stage=stage, log=lambda s: typer.echo(s, err=True))
+
+
 # --- calibrate (calibrate/) ---
 @command()
 def calibrate(
@@ -158,6 +192,79 @@ def sweep(
 # --- decode, bench, profile (decoding/) ---
 
 
+@command()
+def decode(
+    instruction: str = typer.Argument(..., help="The user turn to answer."),
+    tree: Optional[str] = typer.Option(None, "--tree", "-t", help="Tree: a .json/.py/.txt tree file, a published name or '[[0], [0, 0]]'; none: plain decoding."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    acceptance: str = typer.Option("greedy", "--acceptance", help="greedy (lossless) or typical (Medusa's typical acceptance)."),
+    temperature: float = typer.Option(0.7, "--temperature", help="typical: sampling temperature."),
+    posterior_threshold: float = typer.Option(0.09, "--posterior-threshold", help="typical: epsilon, the hard threshold."),
+    posterior_alpha: float = typer.Option(0.3, "--posterior-alpha", help="typical: delta, the entropy-scaled threshold."),
+    seed: int = typer.Option(0, "--seed", help="typical: the sampling seed."),
+    model: str = ModelOpt,
+    heads: Optional[str] = HeadsOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+):
+    """Answer one instruction with Medusa tree decoding; print the reply and tokens/step."""
+    from decoding.decoder import Acceptance, run_decode
+
+    rule = Acceptance(acceptance, temperature, posterior_threshold, posterior_alpha, seed)
+    text, r = run_decode(instruction, tree, model, heads, max_new_tokens, rule, device, dtype)
+    typer.echo(text)
+    typer.echo(f"{len(r.tokens)} tokens in {r.steps} steps: {r.tokens_per_step:.2f} tokens/step, "
+               f"{len(r.tokens) / max(r.decode_s, 1e-9):.1f} tokens/s decoding, prefill {r.prefill_s * 1e3:.0f} ms", err=True)
+
+
+@command()
+def bench(
+    trees: Optional[List[str]] = typer.Option(None, "--trees", "--tree", "-t", help="Tree to benchmark (repeat the option for more): a tree file, a published name or '[[0], [0, 0]]'."),
+    cartesian: Optional[List[str]] = typer.Option(None, "--cartesian", help="Cartesian trees, top-k per depth: 2x3,3x2x2."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="alpaca_eval or a .json/.jsonl file with `instruction`; default: the local AlpacaEval copy."),
+    limit: Optional[int] = typer.Option(20, "--limit", help="Prompts to use (the first N)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration directory: adds predicted tokens/step."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory for bench.csv and bench.json (re-run to resume)."),
+    repeats: int = typer.Option(5, "--repeats", help="Timed forwards per tree size for forward_ms."),
+    model: str = ModelOpt,
+    heads: Optional[str] = HeadsOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+):
+    """Plain greedy vs tree decoding on the same prompts: tokens/step, overhead, speedup, lossless match."""
+    from decoding.bench import render, run_bench
+
+    result = run_bench(model=model, heads=heads, trees=trees or (), cartesian=cartesian or (), prompts=prompts,
+                       limit=limit, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
+                       calibration=str(calibration) if calibration else None, out=out, repeats=repeats,
+                       progress=sys.stderr.isatty())
+    typer.echo(render(result))
+    if out is not None:
+        typer.echo(f"wrote {out / 'bench.csv'} and {out / 'bench.json'}", err=True)
+
+
+@command()
+def profile(
+    out: Path = typer.Option(Path("latency.csv"), "--out", "-o", help="CSV to write (what `search --nodes auto --latency` reads)."),
+    sizes: Optional[str] = typer.Option(None, "--sizes", help="Tree sizes, comma-separated; default 0,1,2,4,8,16,24,32,48,64,96,128,192,256."),
+    context: int = typer.Option(256, "--context", help="Tokens already in the KV cache."),
+    repeats: int = typer.Option(5, "--repeats", help="Timed forwards per size (the median is kept)."),
+    model: str = ModelOpt,
+    heads: Optional[str] = HeadsOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+):
+    """Time one decoding step's forward vs tree size on this device, into a CSV."""
+    from decoding.profile import run_profile
+    from treeopt.search import render_table
+
+    df = run_profile(model=model, heads=heads, sizes=sizes, context=context, repeats=repeats, device=device,
+                     dtype=dtype, out=out, progress=sys.stderr.isatty())
+    typer.echo(render_table(df[["nodes", "forward_ms", "base_ms", "heads_ms"]]))
+    typer.echo(f"wrote {out}", err=True)
+
+
 # --- plot, report, demo (reports/) ---
 
 
@@ -192,9 +299,9 @@ def demo(
     bench_prompts: int = typer.Option(8, "--bench-prompts", help="Held-out prompts to benchmark on (the next ones)."),
     offset: int = typer.Option(0, "--offset", help="First prompt of the slice."),
     max_new_tokens: int = typer.Option(96, "--max-new-tokens", help="New tokens per prompt (calibration and bench)."),
-    nodes: int = typer.Option(64, "--nodes", help="Size of the searched tree."),
+    nodes: str = typer.Option("64", "--nodes", help="Size of the searched tree, or `auto`: the size of best predicted tokens/s on this machine (uses the profile)."),
     top_k: int = typer.Option(10, "--top-k", help="Ranks per head recorded by the calibration."),
-    cartesian: str = typer.Option("best,2x3", "--cartesian", help="Cartesian baselines: `best` (best of --nodes nodes) and/or e.g. 2x3."),
+    cartesian: str = typer.Option("best,2x3", "--cartesian", help="Cartesian baselines: `best` (the best one as large as the searched tree) and/or e.g. 2x3."),
     published: str = typer.Option("mc_sim_7b_63", "--published", help="Medusa's published trees to bench too (comma-separated; '' for none)."),
     profile_sizes: str = typer.Option("0,1,4,16,32,64,128", "--profile-sizes", help="Tree sizes to time (latency.csv); '' to skip."),
     prompts: Optional[str] = typer.Option(None, "--prompts", help="Prompt set (.json/.jsonl with `instruction`); default: AlpacaEval."),
@@ -208,8 +315,11 @@ def demo(
     from reports.demo import DemoConfig, run_demo
 
     split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
+    if nodes != "auto" and not nodes.isdigit():
+        raise TreeoptError(f"--nodes {nodes!r}: pass a number of nodes, e.g. 64, or auto")
     config = DemoConfig(model=model, heads=heads, prompts=prompts, offset=offset, fit_prompts=limit,
-                        bench_prompts=bench_prompts, max_new_tokens=max_new_tokens, top_k=top_k, nodes=nodes,
+                        bench_prompts=bench_prompts, max_new_tokens=max_new_tokens, top_k=top_k,
+                        nodes=nodes if nodes == "auto" else int(nodes),
                         cartesian=split(cartesian), published=split(published), profile_sizes=profile_sizes,
                         device=device, dtype=dtype)
     run_demo(out, config, log=typer.echo)

@@ -1,0 +1,150 @@
+"""`treeopt bench`, `treeopt profile` and `treeopt decode` on the tiny model: files, columns, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from decoding.bench import COLUMNS, parse_cartesian, tree_methods
+from decoding.profile import profile_tree
+from treeopt.cli import app
+from treeopt.errors import TreeoptError
+from treeopt.tree import Tree
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "p.jsonl"
+    path.write_text("\n".join(json.dumps({"instruction": f"w{i} w{i + 3} w{2 * i + 5}"}) for i in range(3)) + "\n")
+    return path
+
+
+def test_bench_cli_writes_csv_and_json(tiny_model_dir, prompts_file, tmp_path):
+    tree = tmp_path / "chain3.json"
+    tree.write_text(json.dumps({"medusa_choices": [[0], [0, 0], [0, 0, 0]]}))
+    out = tmp_path / "bench"
+    args = ["bench", "--model", str(tiny_model_dir), "--heads", "random", "--trees", str(tree),
+            "--cartesian", "8x3,2x2", "--prompts", str(prompts_file), "--limit", "2", "--max-new-tokens", "12",
+            "--device", "cpu", "--repeats", "1", "-o", str(out)]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    df = pd.read_csv(out / "bench.csv")
+    assert list(df.columns) == COLUMNS
+    assert df["method"].tolist() == ["plain", "chain3", "cartesian-8x3", "cartesian-2x2"]
+    assert df["nodes"].tolist() == [0, 3, 8 + 24, 2 + 4]
+    assert (df["match_rate"] == 1.0).all()  # fp32 greedy tree decoding is lossless
+    assert df.loc[0, "overhead"] == 1.0 and df.loc[0, "speedup"] == 1.0 and df.loc[0, "tokens_per_step"] == 1.0
+    assert (df["tokens_per_step"] >= 1.0).all() and (df["prompts"] == 2).all()
+    assert (df["new_tokens"] == df.loc[0, "new_tokens"]).all()
+    assert (df["loop_efficiency"] > 0).all() and df["predicted_tokens_per_step"].isna().all()
+    doc = json.loads((out / "bench.json").read_text())
+    assert doc["dtype"] == "float32" and doc["device"] == "cpu" and "torch" in doc["versions"]
+    assert [row["method"] for row in doc["rows"]] == df["method"].tolist()
+    assert len(doc["per_prompt"]) == 2 * 4
+    assert not (out / ".bench.partial.json").exists()
+    assert "cartesian-8x3" in r.output and "loop_efficiency" in r.output
+
+
+def test_bench_resumes_from_partial_records(tiny_model_dir, prompts_file, tmp_path, monkeypatch):
+    import decoding.bench as bench
+
+    out = tmp_path / "bench"
+    kw = dict(model=str(tiny_model_dir), heads="random", cartesian=["2x2"], prompts=str(prompts_file), limit=2,
+              max_new_tokens=8, device="cpu", out=out, repeats=1, progress=False)
+    calls = []
+    real = bench.bench_decoding
+
+    def interrupted(*a, on_record=None, **k):
+        def record(rec):
+            on_record(rec)
+            calls.append(rec)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+        return real(*a, on_record=record, **k)
+
+    monkeypatch.setattr(bench, "bench_decoding", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_bench(**kw)
+    saved = json.loads((out / ".bench.partial.json").read_text())
+    assert len(saved["records"]) == 2  # prompt 0: plain and 2x2
+    monkeypatch.setattr(bench, "bench_decoding", real)
+    ran = []
+    monkeypatch.setattr(bench, "greedy_reference", lambda *a, **k: ran.append(1) or real_greedy(*a, **k))
+    result = bench.run_bench(**kw)
+    assert result.table["prompts"].tolist() == [2, 2]
+    assert len(ran) == 1 + 1  # the warm-up + the plain run left (prompt 1); prompt 0 is not re-run
+
+
+def real_greedy(*a, **k):
+    from decoding.decoder import greedy_reference
+
+    return greedy_reference(*a, **k)
+
+
+def test_bench_needs_a_tree_and_good_specs(tiny_model_dir, prompts_file):
+    r = runner.invoke(app, ["bench", "--model", str(tiny_model_dir), "--heads", "random",
+                            "--prompts", str(prompts_file), "--device", "cpu"])
+    assert r.exit_code == 2 and "error: nothing to compare" in r.output
+    r = runner.invoke(app, ["bench", "--model", str(tiny_model_dir), "--heads", "random", "--cartesian", "2by3",
+                            "--prompts", str(prompts_file), "--device", "cpu"])
+    assert r.exit_code == 2 and "--cartesian '2by3'" in r.output
+    r = runner.invoke(app, ["bench", "--model", str(tiny_model_dir), "--heads", "random", "--cartesian", "2x2x2x2x2",
+                            "--prompts", str(prompts_file), "--device", "cpu"])
+    assert r.exit_code == 2 and "deep" in r.output and "Traceback" not in r.output
+
+
+def test_tree_methods_names():
+    methods = tree_methods(["mc_sim_7b_63"], ["2x3,3x2x2"])
+    assert list(methods) == ["mc_sim_7b_63", "cartesian-2x3", "cartesian-3x2x2"]
+    assert methods["cartesian-2x3"] == Tree.cartesian([2, 3])
+    assert parse_cartesian("4") == ("cartesian-4", Tree.cartesian([4]))
+    with pytest.raises(TreeoptError):
+        parse_cartesian("2x")
+
+
+def test_profile_cli_writes_a_latency_csv_search_reads(tiny_model_dir, tmp_path):
+    from treeopt.search import read_latency
+
+    out = tmp_path / "latency.csv"
+    r = runner.invoke(app, ["profile", "--model", str(tiny_model_dir), "--heads", "random", "--sizes", "0,1,4,16",
+                            "--context", "16", "--repeats", "2", "--device", "cpu", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    df = pd.read_csv(out)
+    assert df["nodes"].tolist() == [0, 1, 4, 16]
+    assert {"forward_ms", "device", "dtype", "model"} <= set(df.columns)
+    assert (df["forward_ms"] > 0).all() and df.loc[0, "heads_ms"] == 0 and (df["heads_ms"][1:] > 0).all()
+    assert read_latency(out).nodes.tolist() == [0, 1, 4, 16]
+    r = runner.invoke(app, ["profile", "--model", str(tiny_model_dir), "--heads", "random", "--sizes", "a,b",
+                            "--device", "cpu", "-o", str(out)])
+    assert r.exit_code == 2 and "--sizes" in r.output
+
+
+def test_profile_tree_sizes_and_depth():
+    for n in (0, 1, 5, 17, 64, 256):
+        t = profile_tree(n, 4)
+        assert t.num_nodes == n and t.depth <= 4
+
+
+def test_decode_cli(tiny_model_dir):
+    r = runner.invoke(app, ["decode", "w1 w2 w3", "--model", str(tiny_model_dir), "--heads", "random",
+                            "--tree", "[[0], [1], [0, 0]]", "--max-new-tokens", "6", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "tokens/step" in r.output
+    r = runner.invoke(app, ["decode", "w1", "--model", str(tiny_model_dir), "--heads", "random",
+                            "--acceptance", "nucleus", "--device", "cpu"])
+    assert r.exit_code == 2 and "greedy or typical" in r.output

@@ -1,0 +1,207 @@
+"""Tree decoder: buffers, tree attention vs path-alone forwards, lossless greedy, typical acceptance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from decoding.buffers import tree_buffers
+from decoding.decoder import Acceptance, TreeDecoder, additive_mask, decode, greedy_reference
+from treeopt.errors import TreeoptError
+from treeopt.heads import random_heads
+from treeopt.tree import Tree
+
+EOS = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads; on a shared, loaded machine extra threads only spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def heads(tiny_llama):
+    return random_heads(tiny_llama, num_heads=4, seed=1)
+
+
+def prompt(seed: int, length: int = 7) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 97, (length,), generator=g).tolist()
+
+
+# ---- buffers ------------------------------------------------------------------------------------
+
+
+def test_buffers_of_a_small_tree_by_hand():
+    b = tree_buffers(Tree(((0,), (1,), (0, 0), (0, 1))))
+    assert b.top_k == 2 and b.num_nodes == 5
+    assert b.parent.tolist() == [0, 0, 0, 1, 1]
+    assert b.depth.tolist() == [0, 1, 1, 2, 2]
+    assert b.candidate_index.tolist() == [0, 1, 2, 3]  # head1 rank0, head1 rank1, head2 rank0, head2 rank1
+    assert b.mask.int().tolist() == [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 0, 1, 0, 0],
+        [1, 1, 0, 1, 0],
+        [1, 1, 0, 0, 1],
+    ]
+    assert b.paths.tolist() == [[0, 2, 0], [0, 1, 3], [0, 1, 4]]  # leaves 2, 3, 4
+    assert b.path_valid.int().tolist() == [[1, 1, 0], [1, 1, 1], [1, 1, 1]]
+
+
+def test_buffers_candidate_index_uses_top_k_stride():
+    b = tree_buffers(Tree(((0,), (0, 2))), top_k=3)
+    assert b.candidate_index.tolist() == [0, 3 + 2]
+    with pytest.raises(TreeoptError, match="top-k"):
+        tree_buffers(Tree(((0,), (0, 2))), top_k=2)
+
+
+def test_buffers_of_the_empty_tree():
+    b = tree_buffers(Tree(()))
+    assert b.num_nodes == 1 and b.paths.tolist() == [[0]] and b.mask.tolist() == [[True]]
+
+
+# ---- tree attention: every node's logits equal its path run alone ---------------------------------
+
+
+@st.composite
+def trees(draw, max_depth: int = 4, max_rank: int = 3, max_nodes: int = 14):
+    paths: list[tuple[int, ...]] = []
+    for parent, rank in draw(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, max_rank - 1)),
+                                      max_size=max_nodes)):
+        base = () if parent % (len(paths) + 1) == 0 else paths[parent % (len(paths) + 1) - 1]
+        path = base + (rank,)
+        if len(path) <= max_depth and path not in paths:
+            paths.append(path)
+    return Tree(tuple(paths))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tree=trees(), context=st.integers(1, 12), seed=st.integers(0, 1000))
+def test_tree_forward_equals_each_path_alone(tiny_llama, heads, tree, context, seed):
+    dec = TreeDecoder(tiny_llama, heads, tree)
+    N = dec.buf.num_nodes
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(0, 97, (context,), generator=g)
+    tokens = torch.randint(0, 97, (N,), generator=g)  # [N] any token per node
+    with torch.inference_mode():
+        dec._prepare(context + N)
+        causal = additive_mask(torch.ones(context, context, dtype=torch.bool).tril(), torch.float32)
+        dec.forward(prefix, causal, torch.arange(context))
+        dec.cache.commit(torch.arange(context))
+        dec.bias[:, :context] = 0
+        dec.bias[:, context : context + N] = dec.tree_bias
+        logits = dec.lm_head(dec.forward(tokens, dec.bias[:, : context + N], dec.buf.depth + context))  # [N, V]
+        for i in range(N):
+            chain, j = [i], i
+            while j != 0:
+                j = int(dec.buf.parent[j])
+                chain.append(j)
+            alone = torch.cat([prefix, tokens[chain[::-1]]])[None]
+            want = tiny_llama(alone).logits[0, -1]
+            torch.testing.assert_close(logits[i], want, atol=1e-4, rtol=1e-4)
+
+
+# ---- lossless greedy decoding -------------------------------------------------------------------
+
+
+TREES = {
+    "plain": Tree(()),
+    "chain": Tree.chain(4),
+    "cartesian": Tree.cartesian([2, 3]),
+    "wide": Tree.cartesian([16, 4, 2]),  # random heads still hit often on a 97-token vocabulary
+    "sparse": Tree(((0,), (5,), (5, 1), (5, 1, 0), (2,), (2, 3))),
+}
+
+
+@pytest.mark.parametrize("name", list(TREES))
+def test_greedy_is_lossless_vs_generate(tiny_llama, heads, name):
+    dec = TreeDecoder(tiny_llama, heads, TREES[name], stop_ids={EOS})
+    accepted = 0
+    for s in range(3):
+        p = prompt(s, 5 + s)
+        want = greedy_reference(tiny_llama, p, 32, {EOS}).tokens
+        got = dec.generate(p, 32)
+        assert got.tokens == want, f"prompt {s}"
+        assert got.steps == len(got.accepted) and sum(got.accepted) + got.steps >= len(got.tokens)
+        accepted += sum(got.accepted)
+    if name == "wide":
+        assert accepted > 10  # the acceptance and KV-compaction paths were really exercised
+
+
+def test_stop_token_and_max_new_tokens_match_generate(tiny_llama, heads):
+    p = prompt(3)
+    free = greedy_reference(tiny_llama, p, 30, {EOS}).tokens
+    stop = free[12]  # pretend this token is EOS: both must stop right after it
+    want = greedy_reference(tiny_llama, p, 30, {stop}).tokens
+    got = decode(tiny_llama, heads, TREES["wide"], p, 30, stop_ids={stop})
+    assert got.tokens == want and got.tokens[-1] == stop and got.stopped
+    short = decode(tiny_llama, heads, TREES["wide"], p, 5, stop_ids={EOS})
+    assert short.tokens == free[:5]
+
+
+def test_tree_deeper_than_heads_is_a_one_line_error(tiny_llama, heads):
+    with pytest.raises(TreeoptError, match="deep"):
+        TreeDecoder(tiny_llama, heads, Tree.chain(5))
+
+
+# ---- typical acceptance -------------------------------------------------------------------------
+
+
+def test_typical_is_seeded(tiny_llama, heads):
+    tree = TREES["wide"]
+    runs = [TreeDecoder(tiny_llama, heads, tree, Acceptance("typical", temperature=1.0, seed=s), {EOS})
+            .generate(prompt(1), 40).tokens for s in (7, 7, 8)]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_typical_at_tiny_temperature_is_greedy(tiny_llama, heads):
+    # the tiny model's top-2 logits can be 6e-4 apart: the temperature must be far below that
+    p = prompt(2)
+    got = decode(tiny_llama, heads, TREES["wide"], p, 40, Acceptance("typical", temperature=1e-5), {EOS})
+    assert got.tokens == greedy_reference(tiny_llama, p, 40, {EOS}).tokens
+
+
+def test_typical_needs_positive_temperature():
+    with pytest.raises(TreeoptError, match="temperature"):
+        Acceptance("typical", temperature=0)
+
+
+# ---- half precision -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs(dtype):
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama().to(dtype)
+    heads = random_heads(model, num_heads=4, seed=1)  # fp32: the decoder casts a copy
+    dec = TreeDecoder(model, heads, TREES["wide"], stop_ids={EOS})
+    got = dec.generate(prompt(0), 24)
+    assert dec.cache.kv.dtype == dtype and dec.tree_bias.dtype == dtype
+    assert 1 <= len(got.tokens) <= 24 and all(0 <= t < 97 for t in got.tokens)
+    want = greedy_reference(model, prompt(0), 24, {EOS}).tokens
+    assert got.tokens[:3] == want[:3]  # a flip can come later; the first tokens agree
+
+
+# ---- the bundled model ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_lossless_on_bundled_model(smollm2):
+    from treeopt.models import chat_prompt, stop_token_ids
+
+    model, tok = smollm2.model, smollm2.tokenizer
+    heads = random_heads(model, num_heads=4)
+    stops = stop_token_ids(model, tok)
+    p = chat_prompt(tok, "Name three primary colors.")
+    want = greedy_reference(model, p, 32, stops).tokens
+    got = decode(model, heads, Tree.cartesian([4, 2, 2]), p, 32, stop_ids=stops)
+    assert got.tokens == want

@@ -82,6 +82,8 @@ def train_heads_cmd(
     lr: float = typer.Option(1e-3, "--lr"),
     batch_tokens: int = typer.Option(2048, "--batch-tokens", help="Hidden rows per optimizer step."),
     distill: float = typer.Option(0.5, "--distill", help="Weight of the KL to the base model's distribution (0: hard targets only)."),
+    full_vocab: bool = typer.Option(False, "--full-vocab", help="Softmax over the whole vocabulary (default: over the tokens the data holds, several times faster)."),
+    eval_prompts: int = typer.Option(40, "--eval-prompts", help="AlpacaEval prompts for the report's held-out metric (evaluation only; 0 skips)."),
     seed: int = typer.Option(0, "--seed"),
     stage: str = typer.Option("all", "--stage", help="all, data (generate shards only) or train (train on the shards there are)."),
     max_gen_minutes: Optional[float] = typer.Option(None, "--max-gen-minutes", help="Stop generating after this long (re-run to continue)."),
@@ -95,7 +97,8 @@ def train_heads_cmd(
     cfg = TrainConfig(work=str(work), heads_out=str(heads_out) if heads_out else None, model=model, prompts=prompts,
                       num_prompts=num_prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                       magpie_max_tokens=magpie_max_tokens, num_heads=num_heads, num_layers=num_layers, epochs=epochs,
-                      lr=lr, batch_tokens=batch_tokens, distill=distill, seed=seed, device=device,
+                      lr=lr, batch_tokens=batch_tokens, distill=distill, full_vocab=full_vocab, seed=seed,
+                      device=device, eval_prompts=eval_prompts,
                       max_gen_s=None if max_gen_minutes is None else max_gen_minutes * 60,
                       max_train_s=None if max_train_minutes is None else max_train_minutes * 60)
     train_heads(cfg, stage=stage, log=lambda s: typer.echo(s, err=True))

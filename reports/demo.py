@@ -40,8 +40,8 @@ class DemoConfig:
     bench_prompts: int = 8  # and bench on the next ones
     max_new_tokens: int = 96  # per prompt, in calibration and bench
     top_k: int = 10  # ranks the calibration records per head
-    nodes: int = 64  # searched tree size
-    cartesian: tuple[str, ...] = ("best", "2x3")  # Cartesian baselines: "best" = the best one of `nodes` nodes
+    nodes: int | str = 64  # searched tree size, or "auto": the size of best predicted tokens/s (needs the profile)
+    cartesian: tuple[str, ...] = ("best", "2x3")  # Cartesian baselines: "best" = the best one as large as the searched tree
     published: tuple[str, ...] = ("mc_sim_7b_63",)  # Medusa's trees to bench too
     profile_sizes: str = "0,1,4,16,32,64,128"  # latency profile sizes ("" to skip the profile)
     device: str = "auto"
@@ -165,20 +165,22 @@ def _search(cfg: DemoConfig, out: Path, log):
     from treeopt.search import search_report, sweep_report
 
     latency = out / "latency.csv" if (out / "latency.csv").is_file() else None
-    max_nodes = max(cfg.nodes, 128)
-    _, _, text = search_report(out / "calibration", cfg.nodes, latency=latency, out=out / "tree.json")
+    if cfg.nodes == "auto" and latency is None:
+        raise TreeoptError("--nodes auto needs the latency profile: drop --profile-sizes '' or pass --nodes N")
+    result, _, text = search_report(out / "calibration", cfg.nodes, latency=latency, out=out / "tree.json")
+    max_nodes = max(len(result.tree), 128)
     log(text)
     sweep_report(out / "calibration", max_nodes=max_nodes, latency=latency, out=out / "sweep.csv")
 
 
-def cartesian_specs(cfg: DemoConfig, calibration) -> list[str]:
-    """The Cartesian baselines as bench specs ('3x2x2'): 'best' becomes the best tree of `nodes` nodes."""
+def cartesian_specs(cfg: DemoConfig, calibration, nodes: int) -> list[str]:
+    """The Cartesian baselines as bench specs ('3x2x2'): 'best' becomes the best one of at most `nodes` nodes."""
     from treeopt.search import best_cartesian
 
     specs = []
     for spec in cfg.cartesian:
         if spec == "best":
-            ks = best_cartesian(calibration, cfg.nodes)
+            ks = best_cartesian(calibration, nodes)
             spec = "x".join(map(str, ks)) if ks else ""
         if spec and spec not in specs:
             specs.append(spec)
@@ -204,10 +206,13 @@ def bench_trees(cfg: DemoConfig, out: Path, calibration) -> list[str]:
 def _bench(cfg: DemoConfig, out: Path, bench_file: Path, log):
     from calibrate.format import load_calibration
     from decoding.bench import render, run_bench
+    from treeopt.treefile import read_tree
 
     cal = load_calibration(out / "calibration")
-    result = run_bench(model=cfg.model, heads=cfg.heads, trees=bench_trees(cfg, out, cal),
-                       cartesian=[",".join(cartesian_specs(cfg, cal))], prompts=str(bench_file), limit=None,
+    trees = bench_trees(cfg, out, cal)
+    searched = read_tree(trees[0])
+    result = run_bench(model=cfg.model, heads=cfg.heads, trees=trees,
+                       cartesian=[",".join(cartesian_specs(cfg, cal, len(searched)))], prompts=str(bench_file), limit=None,
                        max_new_tokens=cfg.max_new_tokens, device=cfg.device, dtype=cfg.dtype,
                        calibration=str(out / "calibration"), out=out / "bench", progress=False)
     log(render(result))

@@ -215,13 +215,16 @@ def make_figures(run: Run, formats: tuple[str, ...] = (".png", ".svg")) -> dict[
             run.notes.append(f"figure `{name}` skipped: {e}")
 
     if run.tree is not None:
-        values = None
+        values, title = None, "searched tree"
         if run.calibration is not None:
             from treeopt.search import node_values, truncate
 
+            model = run.tree_meta.get("acceptance_model", "empirical")
             if len(truncate(run.tree, run.calibration.num_heads, run.calibration.top_k)) == len(run.tree):
-                values = node_values(run.tree, run.calibration)
-        draw("tree", lambda out, **kw: plots.plot_tree(run.tree, out, values=values, title="searched tree"))
+                values = node_values(run.tree, run.calibration, model)
+                title = f"searched tree, predicted {1 + values.sum():.2f} tokens/step ({model} model)"
+        draw("tree", lambda out: plots.plot_tree(run.tree, out, values=values, title=title,
+                                                 value_label="P(a decoding step accepts the node)" if values is not None else ""))
     if run.calibration is not None:
         draw("accuracy", lambda out: plots.plot_accuracy_heatmap(run.calibration.accuracy, out, show=20))
     curves = budget_curves(run)

@@ -29,7 +29,7 @@ from treeopt.models import DEFAULT_MODEL
 
 SHARDS = "shards"
 MANIFEST = "manifest.json"
-TIMING = ("wall_time_s", "tokens_per_s")  # the only fields of calibration.json that differ between reruns
+TIMING = ("wall_time_s", "ranks_time_s", "tokens_per_s")  # the only fields of calibration.json that differ between reruns
 
 
 @dataclass(frozen=True)
@@ -102,11 +102,13 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
     for ids in todo:
         t_shard = time.perf_counter()
         prompts = [chat_prompt(tokenizer, instructions[i]) for i in ids]
-        rank_rows, cont_rows = [], []
+        rank_rows, cont_rows, ranks_time = [], [], 0.0
         for b, batch in enumerate(_continuations(model, prompts, config.max_new_tokens, stop, B, pad)):
             hidden = torch.cat([c.hidden for c in batch]).to(lm_head.weight)  # [N, H]
             targets = torch.cat([head_targets(torch.tensor(c.tokens), heads.num_heads) for c in batch], 1)  # [K, N]
+            t_ranks = time.perf_counter()
             ranks = head_ranks(heads, lm_head, hidden, targets.to(hidden.device), config.top_k).cpu()  # [N, K]
+            ranks_time += time.perf_counter() - t_ranks
             offset = 0
             for j, c in enumerate(batch):
                 pid, T = ids[b * B + j], len(c.tokens)
@@ -119,7 +121,7 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
             bar.set_postfix_str(f"{done_tokens / (time.perf_counter() - t0):.1f} tok/s")
         _write_shard(shards, ids.start, pd.concat(rank_rows, ignore_index=True), pd.DataFrame(cont_rows),
                      {"prompts": [ids.start, ids.stop], "tokens": int(sum(len(r) for r in rank_rows)),
-                      "wall_time_s": time.perf_counter() - t_shard})
+                      "wall_time_s": time.perf_counter() - t_shard, "ranks_time_s": ranks_time})
         if on_shard is not None:
             on_shard(ids.start // shard_size)
     bar.close()
@@ -132,7 +134,8 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
         "num_prompts": n, "num_tokens": len(ranks), "num_stopped": int(conts["stopped"].sum()),
         "top_k": config.top_k, "max_new_tokens": config.max_new_tokens, "batch_size": B, "seed": config.seed,
         "dtype": settings["dtype"], "device": str(lm_head.weight.device.type),
-        "wall_time_s": round(wall, 3), "tokens_per_s": round(len(ranks) / max(wall, 1e-9), 2),
+        "wall_time_s": round(wall, 3), "ranks_time_s": round(sum(i["ranks_time_s"] for i in infos), 3),
+        "tokens_per_s": round(len(ranks) / max(wall, 1e-9), 2),
         "versions": versions(), "settings": settings,
     }
     return fmt.write_calibration(out, ranks, conts, meta)

@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from calibrate.format import ACCURACY, CONTINUATIONS, META, MISSING, RANKS, load_calibration
-from calibrate.ranks import head_ranks, head_targets
+from calibrate.ranks import count_above, head_ranks, head_targets
 from calibrate.run import SHARDS, TIMING, CalibrationConfig, calibrate
 from treeopt.cli import app
 from treeopt.errors import TreeoptError
@@ -79,6 +79,16 @@ def test_head_targets():
     assert head_targets(torch.tensor([5]), 3).tolist() == [[MISSING]] * 3
 
 
+def test_count_above_with_bias_and_blocks():
+    g = torch.Generator().manual_seed(0)
+    weight, bias, x = torch.randn(23, 5, generator=g), torch.randn(23, generator=g), torch.randn(6, 5, generator=g)
+    target = torch.tensor([0, 22, 7, 7, 15, 3])
+    logits = x @ weight.T + bias
+    expect = (logits > logits[torch.arange(6), target][:, None]).sum(1)
+    for block in (1, 4, 23, 100):
+        assert count_above(weight, bias, x, target, block).tolist() == expect.tolist()
+
+
 @pytest.mark.parametrize("own", [False, True])
 def test_head_ranks_chunks_and_own_lm_head(tiny_llama, own):
     heads = random_heads(tiny_llama, num_heads=2, own_lm_head=own, seed=3, scale=0.3)
@@ -86,12 +96,12 @@ def test_head_ranks_chunks_and_own_lm_head(tiny_llama, own):
     targets = torch.randint(0, 97, (2, 9))
     targets[1, -2:] = MISSING
     whole = head_ranks(heads, tiny_llama.lm_head, hidden, targets, top_k=97)
-    chunked = head_ranks(heads, tiny_llama.lm_head, hidden, targets, top_k=30, chunk_elements=200)  # 2 rows a chunk
+    tiled = head_ranks(heads, tiny_llama.lm_head, hidden, targets, top_k=30, rows=2, block=10)  # 97 = 9 x 10 + 7
     logits = heads(hidden, tiny_llama.lm_head)  # [K, N, V]
     expect = (logits > logits.gather(2, targets.clamp(min=0)[..., None])).sum(-1).T  # [N, K]
     expect[-2:, 1] = MISSING
     assert whole.dtype == torch.int16 and whole.tolist() == expect.tolist()
-    assert chunked.tolist() == torch.where(expect >= 30, 30, expect).tolist()
+    assert tiled.tolist() == torch.where(expect >= 30, 30, expect).tolist()
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])

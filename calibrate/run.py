@@ -102,25 +102,20 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
     for ids in todo:
         t_shard = time.perf_counter()
         prompts = [chat_prompt(tokenizer, instructions[i]) for i in ids]
-        rank_rows, cont_rows, ranks_time = [], [], 0.0
-        for b, batch in enumerate(_continuations(model, prompts, config.max_new_tokens, stop, B, pad)):
-            hidden = torch.cat([c.hidden for c in batch]).to(lm_head.weight)  # [N, H]
-            targets = torch.cat([head_targets(torch.tensor(c.tokens), heads.num_heads) for c in batch], 1)  # [K, N]
+        ranks, conts, ranks_time = [], [], 0.0
+        for batch_ids, batch in zip(_batched(ids, B), _continuations(model, prompts, config.max_new_tokens, stop, B, pad)):
             t_ranks = time.perf_counter()
-            ranks = head_ranks(heads, lm_head, hidden, targets.to(hidden.device), config.top_k).cpu()  # [N, K]
+            r = batch_ranks(heads, lm_head, [c.hidden for c in batch], [c.tokens for c in batch], config.top_k)
             ranks_time += time.perf_counter() - t_ranks
-            offset = 0
-            for j, c in enumerate(batch):
-                pid, T = ids[b * B + j], len(c.tokens)
-                rank_rows.append(_rank_frame(pid, ranks[offset:offset + T]))
-                cont_rows.append({"prompt_id": pid, "instruction": instructions[pid], "prompt_ids": c.prompt_ids,
-                                  "tokens": c.tokens, "stopped": c.stopped})
-                offset += T
-            done_tokens += offset
+            ranks += [_rank_frame(pid, ri) for pid, ri in zip(batch_ids, r)]
+            conts += [{"prompt_id": pid, "instruction": instructions[pid], "prompt_ids": c.prompt_ids,
+                       "tokens": c.tokens, "stopped": c.stopped} for pid, c in zip(batch_ids, batch)]
+            done_tokens += sum(len(c.tokens) for c in batch)
             bar.update(len(batch))
             bar.set_postfix_str(f"{done_tokens / (time.perf_counter() - t0):.1f} tok/s")
-        _write_shard(shards, ids.start, pd.concat(rank_rows, ignore_index=True), pd.DataFrame(cont_rows),
-                     {"prompts": [ids.start, ids.stop], "tokens": int(sum(len(r) for r in rank_rows)),
+        ranks = pd.concat(ranks, ignore_index=True)
+        _write_shard(shards, ids.start, ranks, pd.DataFrame(conts).astype({"prompt_id": "int32"}),
+                     {"prompts": [ids.start, ids.stop], "tokens": len(ranks),
                       "wall_time_s": time.perf_counter() - t_shard, "ranks_time_s": ranks_time})
         if on_shard is not None:
             on_shard(ids.start // shard_size)
@@ -141,6 +136,14 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
     return fmt.write_calibration(out, ranks, conts, meta)
 
 
+def batch_ranks(heads, lm_head, hidden: list[torch.Tensor], tokens: list[list[int]], top_k: int) -> list[torch.Tensor]:
+    """Ranks [T_i, K] of continuations i (hidden [T_i, H], tokens y_0..y_{T_i-1}), in one head_ranks call."""
+    weight = lm_head.weight
+    targets = torch.cat([head_targets(torch.tensor(t), heads.num_heads) for t in tokens], 1)  # [K, N]
+    ranks = head_ranks(heads, lm_head, torch.cat(hidden).to(weight), targets.to(weight.device), top_k)  # [N, K]
+    return list(ranks.cpu().split([len(t) for t in tokens]))
+
+
 def _continuations(model, prompts, max_new_tokens, stop, batch_size, pad):
     """greedy_continuations, grouped back into its generation batches."""
     from treeopt.generate import greedy_continuations
@@ -148,6 +151,10 @@ def _continuations(model, prompts, max_new_tokens, stop, batch_size, pad):
     it = greedy_continuations(model, prompts, max_new_tokens, stop, batch_size, pad, with_hidden=True)
     while batch := list(islice(it, batch_size)):
         yield batch
+
+
+def _batched(ids: range, size: int):
+    return (ids[i:i + size] for i in range(0, len(ids), size))
 
 
 def _rank_frame(prompt_id: int, ranks: torch.Tensor) -> pd.DataFrame:

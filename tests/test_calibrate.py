@@ -205,3 +205,9 @@ def test_cli_bad_inputs_one_line(tmp_path, tiny_model_dir, heads_dir, content, h
 def test_bad_numbers(tmp_path, tiny_model_dir, prompts_file):
     code, _, stderr = cli("--model", tiny_model_dir, "--dataset", prompts_file, "--top-k", 0, "--out", tmp_path)
     assert code == 2 and one_line_error(stderr, "--top-k is 0")
+
+
+def test_alpaca_eval_offline_names_dataset_path(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, stderr = cli("--model", tiny_model_dir, "--dataset", "alpaca_eval", "--out", tmp_path)
+    assert code == 2 and one_line_error(stderr, "--dataset PATH")

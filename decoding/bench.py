@@ -10,9 +10,10 @@ tokens_per_s (new tokens ÷ decoding time), speedup (tokens_per_s ÷ plain's), p
 prompt), match_rate (fraction of prompts whose output equals plain greedy's token for token),
 predicted_tokens_per_step (with --calibration: `treeopt.search.expected_tokens_per_step`),
 replay_tokens_per_step (with --calibration: exact replay on its continuations), forward_ms (the
-model's work per step at this tree size, measured in this run as `treeopt profile` does),
-loop_efficiency (tokens_per_s ÷ (tokens_per_step ÷ forward_ms) = forward_ms ÷ step_ms), prompts,
-new_tokens, steps.
+model's work per step — tree forward + heads — timed inside the decoding steps; for plain, as
+profiled), loop_efficiency (tokens_per_s ÷ (tokens_per_step ÷ forward_ms) = forward_ms ÷ step_ms:
+the share of a step spent in the model), profiled_forward_ms (median of separate forwards at this
+tree size and the run's median context, as `treeopt profile` times them), prompts, new_tokens, steps.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ JSON = "bench.json"
 PARTIAL = ".bench.partial.json"
 COLUMNS = ["method", "nodes", "depth", "tokens_per_step", "step_ms", "overhead", "speedup", "tokens_per_s",
            "prefill_ms", "match_rate", "predicted_tokens_per_step", "replay_tokens_per_step", "forward_ms",
-           "loop_efficiency", "prompts", "new_tokens", "steps"]
+           "loop_efficiency", "profiled_forward_ms", "prompts", "new_tokens", "steps"]
 
 
 def parse_cartesian(spec: str) -> tuple[str, Tree]:
@@ -77,10 +78,11 @@ class Record:
     steps: int
     prefill_s: float
     decode_s: float
+    model_s: float = 0.0
 
     @classmethod
     def of(cls, method: str, prompt: int, r: DecodeResult) -> "Record":
-        return cls(method, prompt, r.tokens, r.steps, r.prefill_s, r.decode_s)
+        return cls(method, prompt, r.tokens, r.steps, r.prefill_s, r.decode_s, r.model_s)
 
 
 @dataclass
@@ -107,7 +109,8 @@ def bench_decoding(model, heads, trees: dict[str, Tree], prompts: list[list[int]
     for name, tree in trees.items():
         if tree.num_nodes and heads is None:
             raise TreeoptError("bench needs Medusa heads for its trees: pass --heads DIR or --heads random")
-    decoders = {name: TreeDecoder(model, heads, tree, stop_ids=stop_ids) for name, tree in trees.items()}
+    decoders = {name: TreeDecoder(model, heads, tree, stop_ids=stop_ids, time_model=True)
+                for name, tree in trees.items()}
     methods = [PLAIN, *decoders]
 
     def run(method: str, prompt, limit: int) -> DecodeResult:
@@ -135,9 +138,9 @@ def bench_decoding(model, heads, trees: dict[str, Tree], prompts: list[list[int]
     # the model's work per step at each tree size, at a typical context length of this run
     plain = [records[(PLAIN, p)] for p in range(len(prompts))]
     context = int(statistics.median(len(prompts[p]) + len(r.tokens) // 2 for p, r in enumerate(plain)))
-    forward_ms = {PLAIN: sum(time_step_forward(TreeDecoder(model, None, Tree(())), context, repeats))}
+    profiled = {PLAIN: sum(time_step_forward(TreeDecoder(model, None, Tree(())), context, repeats))}
     for name, dec in decoders.items():
-        forward_ms[name] = sum(time_step_forward(dec, context, repeats))
+        profiled[name] = sum(time_step_forward(dec, context, repeats))
 
     rows = []
     for method in methods:
@@ -148,12 +151,15 @@ def bench_decoding(model, heads, trees: dict[str, Tree], prompts: list[list[int]
         decode_s = sum(r.decode_s for r in recs)
         step_ms = decode_s / max(steps, 1) * 1e3
         match = sum(r.tokens == plain[r.prompt].tokens for r in recs) / len(recs)
+        # the model's work per step: timed inside the decoder's steps; plain (HF generate): as profiled
+        forward = sum(r.model_s for r in recs) / max(steps, 1) * 1e3 if method != PLAIN else profiled[PLAIN]
         row = {"method": method, "nodes": tree.num_nodes, "depth": tree.depth,
                "tokens_per_step": 1.0 if method == PLAIN else new / max(steps, 1),
                "step_ms": step_ms, "tokens_per_s": new / decode_s if decode_s > 0 else float("nan"),
                "prefill_ms": sum(r.prefill_s for r in recs) / len(recs) * 1e3, "match_rate": match,
                "predicted_tokens_per_step": float("nan"), "replay_tokens_per_step": float("nan"),
-               "forward_ms": forward_ms[method], "loop_efficiency": forward_ms[method] / step_ms if steps else float("nan"),
+               "forward_ms": forward, "loop_efficiency": forward / step_ms if steps else float("nan"),
+               "profiled_forward_ms": profiled[method],
                "prompts": len(recs), "new_tokens": new, "steps": steps}
         if calibration is not None:
             row.update(_predicted(tree, calibration))
@@ -263,7 +269,7 @@ def render(result: BenchResult) -> str:
     from treeopt.search import render_table
 
     cols = ["method", "nodes", "tokens_per_step", "step_ms", "overhead", "speedup", "tokens_per_s", "prefill_ms",
-            "match_rate", "predicted_tokens_per_step", "forward_ms", "loop_efficiency"]
+            "match_rate", "predicted_tokens_per_step", "forward_ms", "loop_efficiency", "profiled_forward_ms"]
     t = result.table[cols].copy()
     if t["predicted_tokens_per_step"].isna().all():
         t = t.drop(columns="predicted_tokens_per_step")

@@ -57,6 +57,7 @@ class DecodeResult:
     accepted: list[int] = field(default_factory=list)  # tree nodes accepted per step (root not counted)
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    model_s: float = 0.0  # of decode_s, the model's own work (tree forward + heads); with time_model=True
     stopped: bool = False  # ended at a stop token
 
     @property
@@ -104,8 +105,9 @@ class TreeDecoder:
     """
 
     def __init__(self, model, heads, tree: Tree, acceptance: Acceptance = GREEDY, stop_ids=None,
-                 top_k: int | None = None):
-        """stop_ids: tokens that end the output (kept); None = the model's EOS ids, () = never stop."""
+                 top_k: int | None = None, time_model: bool = False):
+        """stop_ids: tokens that end the output (kept); None = the model's EOS ids, () = never stop.
+        time_model: also time the model's work inside each step (adds a synchronize on CUDA)."""
         self.model = model
         self.base = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
@@ -131,6 +133,7 @@ class TreeDecoder:
         self.cache: TreeCache | None = None
         self.bias: torch.Tensor | None = None  # [N, max_len] the mask rows of a step
         self.generator = torch.Generator(device=self.device)
+        self.time_model = time_model
 
     # ---- the pieces of a step ---------------------------------------------------------------------
 
@@ -230,14 +233,17 @@ class TreeDecoder:
 
         out: list[int] = []
         accepted: list[int] = []
-        steps, stopped = 0, False
+        steps, stopped, model_s = 0, False, 0.0
+        clock = self._clock if self.time_model else (lambda: 0.0)
         while True:
             steps += 1
             cur = cache.length
             tokens = torch.cat([root.view(1), topk.flatten()[buf.candidate_index]])  # [N]
             bias[:, cur : cur + N] = self.tree_bias
+            ta = clock()
             hidden = self.forward(tokens, bias[:, : cur + N], buf.depth + cur)  # [N, H]
             logits = self.lm_head(hidden)  # [N, V]
+            model_s += clock() - ta
             nodes = self.accept(tokens, logits)  # [m+1]
             cache.commit(nodes)
             bias[:, cur : cur + nodes.shape[0]] = 0
@@ -253,11 +259,17 @@ class TreeDecoder:
             if stopped or len(out) >= max_new_tokens:
                 break
             root = self.next_root(logits[last])
+            ta = clock()
             topk = self.candidates(hidden[last])
+            model_s += clock() - ta
         synchronize(self.device)
         t2 = time.perf_counter()
         return DecodeResult(tokens=out[:max_new_tokens], steps=steps, accepted=accepted,
-                            prefill_s=t1 - t0, decode_s=t2 - t1, stopped=stopped)
+                            prefill_s=t1 - t0, decode_s=t2 - t1, model_s=model_s, stopped=stopped)
+
+    def _clock(self) -> float:
+        synchronize(self.device)
+        return time.perf_counter()
 
 
 def decode(model, heads, tree: Tree, prompt_ids, max_new_tokens: int = 128, acceptance: Acceptance = GREEDY,

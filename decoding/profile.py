@@ -58,7 +58,7 @@ def time_step_forward(decoder: TreeDecoder, context: int, repeats: int = 5, warm
         synchronize(dev)
         t0 = time.perf_counter()
         hidden = decoder.forward(tokens, bias[:, : context + N], positions)  # writes slots context.., uncommitted
-        decoder.lm_head(hidden).argmax(-1)
+        decoder.lm_head(hidden)
         synchronize(dev)
         t1 = time.perf_counter()
         if decoder.tree.num_nodes:

@@ -171,6 +171,16 @@ def bench_decoding(model, heads, trees: dict[str, Tree], prompts: list[list[int]
     return BenchResult(table[COLUMNS], settings, [records[k] for k in sorted(records, key=lambda k: (k[1], methods.index(k[0])))])
 
 
+def set_threads(threads: int | None) -> None:
+    """torch's CPU threads (None: leave them): 1 is best on a machine shared with other jobs."""
+    if threads is not None:
+        import torch
+
+        if threads < 1:
+            raise TreeoptError("--threads must be at least 1")
+        torch.set_num_threads(threads)
+
+
 def _predicted(tree: Tree, calibration) -> dict:
     """Calibration-based predictions of tokens/step, for the ranks the calibration covers."""
     from treeopt.replay import replay
@@ -181,6 +191,12 @@ def _predicted(tree: Tree, calibration) -> dict:
         return {}
     return {"predicted_tokens_per_step": expected_tokens_per_step(tree, calibration),
             "replay_tokens_per_step": replay(tree, calibration).tokens_per_step}
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _versions() -> dict:
@@ -196,7 +212,8 @@ def _versions() -> dict:
 def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), cartesian=(),
               prompts: str | None = None, limit: int | None = 20, max_new_tokens: int = 128,
               device: str = "auto", dtype: str = "float32", calibration: str | None = None,
-              out: str | Path | None = None, repeats: int = 5, progress: bool = True) -> BenchResult:
+              out: str | Path | None = None, repeats: int = 5, progress: bool = True,
+              threads: int | None = None) -> BenchResult:
     """The CLI's twin: load everything, benchmark, write bench.csv and bench.json into `out`.
     An interrupted run with the same settings resumes from `out`/.bench.partial.json."""
     from treeopt.heads import resolve_heads
@@ -205,6 +222,7 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
 
     if max_new_tokens < 1:
         raise TreeoptError("--max-new-tokens must be at least 1")
+    set_threads(threads)
     methods = tree_methods(trees, cartesian)
     if not methods:
         raise TreeoptError("nothing to compare with plain decoding: pass --trees FILE and/or --cartesian 2x3")
@@ -226,6 +244,7 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
                 "device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch."),
                 "prompts_source": str(source), "limit": limit, "max_new_tokens": max_new_tokens,
                 "calibration": str(calibration) if calibration else "", "stop_ids": sorted(stops),
+                "threads": torch_threads(),
                 "trees": {k: v.choices for k, v in methods.items()}}
 
     done, save = [], None

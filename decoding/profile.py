@@ -111,8 +111,11 @@ def parse_sizes(text: str | None) -> tuple[int, ...]:
 
 def run_profile(model: str = "smollm2-135m", heads: str | None = None, sizes: str | None = None,
                 context: int = 256, repeats: int = 5, device: str = "auto", dtype: str = "float32",
-                out: str | Path = "latency.csv", progress: bool = True) -> pd.DataFrame:
+                out: str | Path = "latency.csv", progress: bool = True, threads: int | None = None) -> pd.DataFrame:
     """The CLI's twin: load the model and heads, profile, write the CSV atomically."""
+    from decoding.bench import set_threads
+
+    set_threads(threads)
     from treeopt.heads import resolve_heads
     from treeopt.models import load_model
 

@@ -230,6 +230,7 @@ def bench(
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration directory: adds predicted tokens/step."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory for bench.csv and bench.json (re-run to resume)."),
     repeats: int = typer.Option(5, "--repeats", help="Timed forwards per tree size for forward_ms."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads; 1 is best on a machine shared with other jobs."),
     model: str = ModelOpt,
     heads: Optional[str] = HeadsOpt,
     device: str = DeviceOpt,
@@ -241,7 +242,7 @@ def bench(
     result = run_bench(model=model, heads=heads, trees=trees or (), cartesian=cartesian or (), prompts=prompts,
                        limit=limit, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
                        calibration=str(calibration) if calibration else None, out=out, repeats=repeats,
-                       progress=sys.stderr.isatty())
+                       progress=sys.stderr.isatty(), threads=threads)
     typer.echo(render(result))
     if out is not None:
         typer.echo(f"wrote {out / 'bench.csv'} and {out / 'bench.json'}", err=True)
@@ -253,6 +254,7 @@ def profile(
     sizes: Optional[str] = typer.Option(None, "--sizes", help="Tree sizes, comma-separated; default 0,1,2,4,8,16,24,32,48,64,96,128,192,256."),
     context: int = typer.Option(256, "--context", help="Tokens already in the KV cache."),
     repeats: int = typer.Option(5, "--repeats", help="Timed forwards per size (the median is kept)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads; 1 is best on a machine shared with other jobs."),
     model: str = ModelOpt,
     heads: Optional[str] = HeadsOpt,
     device: str = DeviceOpt,
@@ -263,7 +265,7 @@ def profile(
     from treeopt.search import render_table
 
     df = run_profile(model=model, heads=heads, sizes=sizes, context=context, repeats=repeats, device=device,
-                     dtype=dtype, out=out, progress=sys.stderr.isatty())
+                     dtype=dtype, out=out, progress=sys.stderr.isatty(), threads=threads)
     typer.echo(render_table(df[["nodes", "forward_ms", "base_ms", "heads_ms"]]))
     typer.echo(f"wrote {out}", err=True)
 

@@ -46,6 +46,7 @@ class DemoConfig:
     profile_sizes: str = "0,1,4,16,32,64,128"  # latency profile sizes ("" to skip the profile)
     device: str = "auto"
     dtype: str = "float32"
+    threads: int | None = None  # torch CPU threads (None: torch's default); 1 is best on a shared machine
 
 
 @dataclass
@@ -57,7 +58,10 @@ class DemoResult:
 
 
 def _settings(cfg: DemoConfig) -> dict:
-    return json.loads(json.dumps(asdict(cfg)))
+    """What the outputs depend on (not `threads`, which only changes the timings)."""
+    settings = json.loads(json.dumps(asdict(cfg)))
+    settings.pop("threads")
+    return settings
 
 
 def _check_settings(out: Path, cfg: DemoConfig) -> dict:
@@ -93,7 +97,10 @@ def split_prompts(cfg: DemoConfig) -> tuple[list[str], list[str]]:
 def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None,
              log: Callable[[str], None] = print) -> DemoResult:
     """Run (or resume) every stage of the demo into `out`; returns where the report is."""
+    from decoding.bench import set_threads
+
     cfg = config or DemoConfig()
+    set_threads(cfg.threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     old = _check_settings(out, cfg)
@@ -158,7 +165,7 @@ def _profile(cfg: DemoConfig, out: Path):
     from decoding.profile import run_profile
 
     run_profile(model=cfg.model, heads=cfg.heads, sizes=cfg.profile_sizes, context=cfg.max_new_tokens + 64,
-                device=cfg.device, dtype=cfg.dtype, out=out / "latency.csv", progress=False)
+                device=cfg.device, dtype=cfg.dtype, out=out / "latency.csv", progress=False, threads=cfg.threads)
 
 
 def _search(cfg: DemoConfig, out: Path, log):
@@ -214,5 +221,6 @@ def _bench(cfg: DemoConfig, out: Path, bench_file: Path, log):
     result = run_bench(model=cfg.model, heads=cfg.heads, trees=trees,
                        cartesian=[",".join(cartesian_specs(cfg, cal, len(searched)))], prompts=str(bench_file), limit=None,
                        max_new_tokens=cfg.max_new_tokens, device=cfg.device, dtype=cfg.dtype,
-                       calibration=str(out / "calibration"), out=out / "bench", progress=False)
+                       calibration=str(out / "calibration"), out=out / "bench", progress=False,
+                       threads=cfg.threads)
     log(render(result))

@@ -314,6 +314,7 @@ def demo(
     heads: Optional[str] = HeadsOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads; 1 is best on a machine shared with other jobs."),
 ):
     """The main job, small: calibrate on a slice of AlpacaEval, search the tree, bench it against
     Cartesian trees and plain decoding on held-out prompts, write the report."""
@@ -326,7 +327,7 @@ def demo(
                         bench_prompts=bench_prompts, max_new_tokens=max_new_tokens, top_k=top_k,
                         nodes=nodes if nodes == "auto" else int(nodes),
                         cartesian=split(cartesian), published=split(published), profile_sizes=profile_sizes,
-                        device=device, dtype=dtype)
+                        device=device, dtype=dtype, threads=threads)
     run_demo(out, config, log=typer.echo)
 
 

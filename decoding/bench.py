@@ -99,7 +99,7 @@ def _progress(total: int, enabled: bool):
 
 
 def bench_decoding(model, heads, trees: dict[str, Tree], prompts: list[list[int]], max_new_tokens: int = 128,
-                   stop_ids=(), calibration=None, warmup_tokens: int = 16, repeats: int = 5,
+                   stop_ids=None, calibration=None, warmup_tokens: int = 16, repeats: int = 5,
                    progress: bool = False, done: list[Record] | None = None, on_record=None) -> BenchResult:
     """Run plain greedy and every tree on every prompt; return the table (see the module docstring).
     `done` holds records of an earlier, interrupted run (skipped); `on_record(record)` is called after

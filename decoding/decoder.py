@@ -127,7 +127,7 @@ class TreeDecoder:
         self.tree_bias = additive_mask(self.buf.mask, self.dtype)  # [N, N]
         self.acceptance = acceptance
         stop_ids = model_stop_ids(model) if stop_ids is None else stop_ids
-        self.stop_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)
+        self.stop_set = {int(t) for t in stop_ids}
         self.window = _max_window(model.config)
         self.num_layers = model.config.get_text_config().num_hidden_layers
         self.cache: TreeCache | None = None
@@ -248,13 +248,11 @@ class TreeDecoder:
             cache.commit(nodes)
             bias[:, cur : cur + nodes.shape[0]] = 0
             last = nodes[-1]
-            emitted = tokens[nodes]
-            new = emitted.tolist()
+            new = tokens[nodes].tolist()
             accepted.append(len(new) - 1)
-            if self.stop_ids.numel() and bool(torch.isin(emitted, self.stop_ids).any()):
-                stop_set = set(self.stop_ids.tolist())
-                new = new[: next(i for i, t in enumerate(new) if t in stop_set) + 1]
-                stopped = True
+            hit = next((i for i, t in enumerate(new) if t in self.stop_set), None)
+            if hit is not None:
+                new, stopped = new[: hit + 1], True
             out.extend(new)
             if stopped or len(out) >= max_new_tokens:
                 break

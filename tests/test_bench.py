@@ -148,3 +148,25 @@ def test_decode_cli(tiny_model_dir):
     r = runner.invoke(app, ["decode", "w1", "--model", str(tiny_model_dir), "--heads", "random",
                             "--acceptance", "nucleus", "--device", "cpu"])
     assert r.exit_code == 2 and "greedy or typical" in r.output
+
+
+def test_bench_predicts_tokens_per_step_from_a_calibration(tiny_llama):
+    import numpy as np
+
+    from calibrate.format import Calibration
+    from decoding.bench import bench_decoding
+    from treeopt.heads import random_heads
+    from treeopt.replay import replay
+    from treeopt.search import expected_tokens_per_step
+
+    rng = np.random.default_rng(0)
+    ranks = rng.integers(0, 4, size=(40, 3)).astype(np.int16)
+    cal = Calibration(ranks, np.repeat(np.arange(4), 10).astype(np.int32), np.tile(np.arange(10), 4).astype(np.int32), 4)
+    trees = {"c": Tree.cartesian([2, 2]), "too-wide": Tree.cartesian([6])}  # rank 5 is beyond the calibration's top-4
+    heads = random_heads(tiny_llama, num_heads=3)
+    r = bench_decoding(tiny_llama, heads, trees, [[5, 6, 7]], 6, {2}, calibration=cal, warmup_tokens=2, repeats=1)
+    t = r.table.set_index("method")
+    assert t.loc["c", "predicted_tokens_per_step"] == pytest.approx(expected_tokens_per_step(trees["c"], cal))
+    assert t.loc["c", "replay_tokens_per_step"] == pytest.approx(replay(trees["c"], cal).tokens_per_step)
+    assert t.loc["plain", "predicted_tokens_per_step"] == pytest.approx(1.0)
+    assert np.isnan(t.loc["too-wide", "predicted_tokens_per_step"])

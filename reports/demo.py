@@ -42,7 +42,7 @@ class DemoConfig:
     top_k: int = 10  # ranks the calibration records per head
     nodes: int | str = 64  # searched tree size, or "auto": the size of best predicted tokens/s (needs the profile)
     cartesian: tuple[str, ...] = ("best", "2x3")  # Cartesian baselines: "best" = the best one as large as the searched tree
-    published: tuple[str, ...] = ("mc_sim_7b_63",)  # Medusa's trees to bench too
+    published: tuple[str, ...] = ()  # Medusa's trees to bench too, e.g. ("mc_sim_7b_63",)
     profile_sizes: str = "0,1,4,16,32,64,128"  # latency profile sizes ("" to skip the profile)
     device: str = "auto"
     dtype: str = "float32"

@@ -307,7 +307,7 @@ def demo(
     nodes: str = typer.Option("64", "--nodes", help="Size of the searched tree, or `auto`: the size of best predicted tokens/s on this machine (uses the profile)."),
     top_k: int = typer.Option(10, "--top-k", help="Ranks per head recorded by the calibration."),
     cartesian: str = typer.Option("best,2x3", "--cartesian", help="Cartesian baselines: `best` (the best one as large as the searched tree) and/or e.g. 2x3."),
-    published: str = typer.Option("mc_sim_7b_63", "--published", help="Medusa's published trees to bench too (comma-separated; '' for none)."),
+    published: str = typer.Option("", "--published", help="Medusa's published trees to bench too, comma-separated (e.g. mc_sim_7b_63)."),
     profile_sizes: str = typer.Option("0,1,4,16,32,64,128", "--profile-sizes", help="Tree sizes to time (latency.csv); '' to skip."),
     prompts: Optional[str] = typer.Option(None, "--prompts", help="Prompt set (.json/.jsonl with `instruction`); default: AlpacaEval."),
     model: str = ModelOpt,

@@ -40,10 +40,10 @@ class DemoConfig:
     bench_prompts: int = 8  # and bench on the next ones
     max_new_tokens: int = 96  # per prompt, in calibration and bench
     top_k: int = 10  # ranks the calibration records per head
-    nodes: int | str = 64  # searched tree size, or "auto": the size of best predicted tokens/s (needs the profile)
+    nodes: int | str = 16  # searched tree size (64 on a GPU), or "auto": best predicted tokens/s (needs the profile)
     cartesian: tuple[str, ...] = ("best", "2x3")  # Cartesian baselines: "best" = the best one as large as the searched tree
     published: tuple[str, ...] = ()  # Medusa's trees to bench too, e.g. ("mc_sim_7b_63",)
-    profile_sizes: str = "0,1,4,16,32,64,128"  # latency profile sizes ("" to skip the profile)
+    profile_sizes: str = "0,1,2,4,8,16,32,64"  # latency profile sizes ("" to skip the profile)
     device: str = "auto"
     dtype: str = "float32"
     threads: int | None = None  # torch CPU threads (None: torch's default); 1 is best on a shared machine

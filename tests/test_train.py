@@ -81,8 +81,9 @@ def test_shards_resume_after_interruption(tiny, tmp_path, prompts_file, monkeypa
     import treeopt.train as train
 
     prompts = "magpie" if source == "magpie" else prompts_file
-    whole = generate_data(cfg_for(tmp_path / "a", prompts, magpie_max_tokens=40), tiny, log=lambda s: None)
-    assert len(whole) == 3
+    kw = dict(num_prompts=16, batch_size=8, magpie_max_tokens=24) if source == "magpie" else {}
+    whole = generate_data(cfg_for(tmp_path / "a", prompts, **kw), tiny, log=lambda s: None)
+    assert len(whole) == (2 if source == "magpie" else 3)
     real, calls = train._write_shard, []
 
     def flaky(*a):
@@ -93,10 +94,10 @@ def test_shards_resume_after_interruption(tiny, tmp_path, prompts_file, monkeypa
 
     monkeypatch.setattr(train, "_write_shard", flaky)
     with pytest.raises(KeyboardInterrupt):
-        generate_data(cfg_for(tmp_path / "b", prompts, magpie_max_tokens=40), tiny, log=lambda s: None)
+        generate_data(cfg_for(tmp_path / "b", prompts, **kw), tiny, log=lambda s: None)
     assert len(_shards(tmp_path / "b")) == 1 and not list((tmp_path / "b" / "data").glob(".shard*"))
     monkeypatch.setattr(train, "_write_shard", real)
-    again = generate_data(cfg_for(tmp_path / "b", prompts, magpie_max_tokens=40), tiny, log=lambda s: None)
+    again = generate_data(cfg_for(tmp_path / "b", prompts, **kw), tiny, log=lambda s: None)
     for x, y in zip(whole, again):
         hx, tx, ox, px = read_shard(x)
         hy, ty, oy, py = read_shard(y)
@@ -108,7 +109,7 @@ def test_shards_resume_after_interruption(tiny, tmp_path, prompts_file, monkeypa
     assert torch.equal(tiny.model.lm_head(h.float()).argmax(-1), t)
     # other data settings in the same work directory are refused
     with pytest.raises(TreeoptError, match="other data settings"):
-        generate_data(cfg_for(tmp_path / "b", prompts, max_new_tokens=5), tiny)
+        generate_data(cfg_for(tmp_path / "b", prompts, **{**kw, "max_new_tokens": 5}), tiny)
 
 
 def _train(tiny, work, prompts, **kw):
@@ -118,7 +119,7 @@ def _train(tiny, work, prompts, **kw):
 
 
 def test_training_lowers_the_loss_and_is_deterministic(tiny, tmp_path, prompts_file):
-    heads, info = _train(tiny, tmp_path / "a", prompts_file, epochs=30)
+    heads, info = _train(tiny, tmp_path / "a", prompts_file, epochs=30, lr=0.05)
     paths = _shards(tmp_path / "a")
     corpus = load_corpus(paths, "all")
     K = heads.num_heads
@@ -130,14 +131,14 @@ def test_training_lowers_the_loss_and_is_deterministic(tiny, tmp_path, prompts_f
         return head_loss(h(corpus.hidden.float(), tiny.model.lm_head), corpus.tokens[t], valid, loss_weights(K))[0]
 
     with torch.no_grad():
-        assert loss(heads) < 0.8 * loss(start)
+        assert loss(heads) < 0.9 * loss(start)
     assert info["steps"] == info["total_steps"] > 10
     acc = head_accuracy(heads, tiny.model.lm_head, corpus)
     assert len(acc["top1"]) == K and all(0 <= a <= b <= 1 for a, b in zip(acc["top1"], acc["top5"]))
-    again, _ = _train(tiny, tmp_path / "b", prompts_file, epochs=30)
+    again, _ = _train(tiny, tmp_path / "b", prompts_file, epochs=30, lr=0.05)
     for p, q in zip(heads.parameters(), again.parameters()):
         assert torch.equal(p, q)
-    other, _ = _train(tiny, tmp_path / "c", prompts_file, epochs=30, seed=1)
+    other, _ = _train(tiny, tmp_path / "c", prompts_file, epochs=30, lr=0.05, seed=1)
     assert any(not torch.equal(p, q) for p, q in zip(heads.parameters(), other.parameters()))
 
 

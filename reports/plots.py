@@ -333,8 +333,8 @@ def plot_speed(out: str | Path, bench: pd.DataFrame | None = None, latency: pd.D
             ax.grid(alpha=0.3)
             continue
         rows = bench if has(bench) else pd.DataFrame(columns=["method", "nodes", "speedup"])
-        plain = rows[[family(m) == "plain" for m in rows["method"]]]
-        dots = rows[[family(m) != "plain" for m in rows["method"]]]
+        is_plain = rows["method"].map(family) == "plain"  # a Series mask: also right on an empty table
+        plain, dots = rows[is_plain], rows[~is_plain]
         tps = lambda r: f", {r['tokens_per_s']:.0f} tok/s" if pd.notna(r.get("tokens_per_s")) else ""  # noqa: E731
         ax.axhline(1.0, color=FAMILY_COLORS["plain"], ls="--", lw=1,
                    label="plain decoding" + (tps(plain.iloc[0]) if len(plain) else ""))
@@ -365,7 +365,7 @@ def plot_predicted_vs_measured(bench: pd.DataFrame, out: str | Path,
                                title: str = "predicted vs measured tokens per step") -> Path:
     """One point per benched tree: the calibration's prediction against the decoder's measurement."""
     df = bench.dropna(subset=["predicted_tokens_per_step", "tokens_per_step"])
-    df = df[[family(m) != "plain" for m in df["method"]]]
+    df = df[df["method"].map(family) != "plain"]
     if df.empty:
         raise TreeoptError("the bench has no predicted tokens/step: bench trees searched from a calibration")
     fig, ax = plt.subplots(figsize=(5.2, 5.0))

@@ -116,6 +116,9 @@ def test_heatmap_and_charts_render(tmp_path, calibration):
     assert_picture(plots.plot_budget_curves(curves, tmp_path / "b.png", measured=bench))
     assert_picture(plots.plot_speed(tmp_path / "s.png", bench=bench, latency=latency))
     assert_picture(plots.plot_speed(tmp_path / "s1.png", latency=latency))
+    predicted = pd.DataFrame({"nodes": [0, 8, 64], "speedup": [1.0, 1.2, 0.8]})  # a sweep with latency, no bench
+    assert_picture(plots.plot_speed(tmp_path / "s2.png", latency=latency, predicted=predicted))
+    assert_picture(plots.plot_speed(tmp_path / "s3.png", predicted=predicted))
     assert_picture(plots.plot_predicted_vs_measured(bench, tmp_path / "p.png"))
     with pytest.raises(TreeoptError, match="treeopt bench"):
         plots.plot_speed(tmp_path / "none.png")

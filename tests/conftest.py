@@ -19,6 +19,16 @@ def make_tiny_llama(vocab_size: int = 97, hidden_size: int = 32, layers: int = 2
     return LlamaForCausalLM(config).eval().requires_grad_(False)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads; on a shared, busy CPU a second OpenMP thread only spins
+    (10x slower). Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama():
     return make_tiny_llama()

@@ -17,13 +17,7 @@ from treeopt.models import load_model
 WORDS = [" ".join(f"w{(7 * i + 3 * j) % 90 + 3}" for j in range(2 + i % 5)) for i in range(7)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared, busy CPU: a second OpenMP thread only waits (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -369,15 +369,16 @@ def plot_predicted_vs_measured(bench: pd.DataFrame, out: str | Path,
     if df.empty:
         raise TreeoptError("the bench has no predicted tokens/step: bench trees searched from a calibration")
     fig, ax = plt.subplots(figsize=(5.2, 5.0))
-    lo = 1.0
-    hi = float(max(df["predicted_tokens_per_step"].max(), df["tokens_per_step"].max())) * 1.1
+    both = pd.concat([df["predicted_tokens_per_step"], df["tokens_per_step"]]).astype(float)
+    pad = 0.1 * max(float(both.max() - both.min()), 0.2)
+    lo, hi = max(1.0, float(both.min()) - pad), float(both.max()) + pad
     ax.plot([lo, hi], [lo, hi], "--", color="#999999", lw=1, label="measured = predicted")
     for _, r in df.iterrows():
         ax.plot(r["predicted_tokens_per_step"], r["tokens_per_step"], "o", ms=8, color=FAMILY_COLORS[family(r["method"])])
         ax.annotate(str(r["method"]), (r["predicted_tokens_per_step"], r["tokens_per_step"]),
                     textcoords="offset points", xytext=(6, -10), fontsize=7)
-    ax.set_xlim(lo * 0.95, hi)
-    ax.set_ylim(lo * 0.95, hi)
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
     ax.set_aspect("equal")
     ax.set_xlabel("predicted tokens/step (calibration)")
     ax.set_ylabel("measured tokens/step (decoder)")

@@ -347,7 +347,14 @@ def summary_lines(run: Run) -> list[str]:
 
 def _demo_text(demo: dict) -> str:
     settings = demo.get("settings", {})
-    parts = [f"{k} = {', '.join(map(str, v)) if isinstance(v, list) else _fmt(v)}" for k, v in settings.items()]
+    def show(v):
+        if v is None:
+            return "default"
+        if isinstance(v, list):
+            return ", ".join(map(str, v)) or "none"
+        return _fmt(v)
+
+    parts = [f"{k} = {show(v)}" for k, v in settings.items()]
     extra = [f"{k} = {_fmt(demo[k])}" for k in ("threads", "total_stage_s", "last_wall_s") if k in demo]
     return "`treeopt demo` settings: " + "; ".join(parts + extra) + ". Stage times are wall seconds of the run " \
         "that made each stage's outputs."

@@ -153,7 +153,7 @@ def plot_tree(tree: Tree, out: str | Path, values: Sequence[float] | None = None
         cbar.ax.tick_params(labelsize=8)
     head = title or "tree"
     red = "the most likely path" if values is not None else "the top-1 path"
-    ax.set_title(f"{head}: {tree.num_nodes} nodes, depth {tree.depth}. Label = the node's rank in its head's "
+    ax.set_title(f"{head}: {tree.num_nodes} nodes, depth {tree.depth}\nlabel = the node's rank in its head's "
                  f"top-k; red = {red}", fontsize=10, loc="left")
     return save(fig, out)
 
@@ -344,10 +344,12 @@ def plot_speed(out: str | Path, bench: pd.DataFrame | None = None, latency: pd.D
             ax.plot(p["nodes"], p["speedup"], "-", color=FAMILY_COLORS["searched"], lw=1.2, alpha=0.6,
                     label="searched tree, predicted (calibration x latency)")
             xs, ys = xs + list(p["nodes"]), ys + list(p["speedup"])
-        for _, r in dots.iterrows():
+        seen: dict = {}  # labels of points at the same tree size go one under the other
+        for _, r in dots.sort_values("speedup", ascending=False).iterrows():
+            i = seen[r["nodes"]] = seen.get(r["nodes"], -1) + 1
             ax.plot(r["nodes"], r["speedup"], "o", color=FAMILY_COLORS[family(r["method"])], ms=8)
             ax.annotate(f"{r['method']}{tps(r)}", (r["nodes"], r["speedup"]), textcoords="offset points",
-                        xytext=(6, 4), fontsize=7)
+                        xytext=(7, 6 - 11 * i), fontsize=7, va="bottom" if i == 0 else "top")
         ax.set_xlabel("tree nodes")
         ax.set_ylabel("speedup over plain decoding (tokens/s ratio)")
         ax.set_ylim(0, max([1.5] + [1.2 * y for y in ys if pd.notna(y)]))

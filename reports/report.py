@@ -162,6 +162,9 @@ def html_table(df: pd.DataFrame) -> str:
 
 CALIBRATION_FIELDS = ("model", "heads", "dataset", "num_stopped", "max_new_tokens", "batch_size", "seed", "device",
                       "dtype", "wall_time_s", "tokens_per_s")
+BENCH_FIELDS = ("model", "heads", "device", "dtype", "threads", "max_new_tokens", "prompts_source")
+BENCH_COLUMNS = ("method", "nodes", "tokens_per_step", "predicted_tokens_per_step", "step_ms", "overhead", "speedup",
+                 "tokens_per_s", "match_rate", "prompts", "new_tokens")
 TREE_FIELDS = ("predicted_tokens_per_step", "replayed_tokens_per_step", "acceptance_model", "max_depth", "top_k",
                "best_chain_length", "forward_ms", "predicted_tokens_per_s")
 
@@ -307,8 +310,11 @@ def _sections(run: Run, figures: dict[str, Path]):
     elif "budget" in figures:
         s.append(("Tokens per step vs node budget", "", None, "budget"))
     if run.bench is not None:
-        settings = ", ".join(f"{k} = {v}" for k, v in run.bench_meta.items() if isinstance(v, (int, float, str)))
-        s.append(("Benchmark (measured)", settings, run.bench, "speed"))
+        settings = ", ".join(f"{k} = {run.bench_meta[k]}" for k in BENCH_FIELDS
+                             if isinstance(run.bench_meta.get(k), (int, float, str)))
+        cols = [c for c in BENCH_COLUMNS if c in run.bench.columns]
+        s.append(("Benchmark (measured)", settings + (". " if settings else "") + "All columns: `bench/bench.csv`.",
+                  run.bench[cols], "speed"))
         if "predicted_vs_measured" in figures:
             s.append(("Predicted vs measured", "", None, "predicted_vs_measured"))
     elif run.latency is not None:

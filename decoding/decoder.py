@@ -26,6 +26,7 @@ import torch
 from decoding.buffers import TreeBuffers, tree_buffers
 from decoding.cache import TreeCache
 from treeopt.errors import TreeoptError
+from treeopt.models import stop_token_ids
 from treeopt.tree import Tree
 
 
@@ -76,16 +77,6 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         ~allowed, torch.finfo(dtype).min)
 
 
-def model_stop_ids(model) -> set[int]:
-    """The EOS ids `model.generate` stops at by default (its generation config, else its config)."""
-    ids = getattr(model.generation_config, "eos_token_id", None)
-    if ids is None:
-        ids = getattr(model.config, "eos_token_id", None)
-    if ids is None:
-        return set()
-    return set(ids) if isinstance(ids, (list, tuple)) else {int(ids)}
-
-
 def _max_window(config) -> int | None:
     """The sliding-attention window when some layer uses one (Mistral, some Qwen2), else None."""
     window = getattr(config, "sliding_window", None)
@@ -126,7 +117,7 @@ class TreeDecoder:
         self.buf: TreeBuffers = tree_buffers(tree, top_k, self.device)
         self.tree_bias = additive_mask(self.buf.mask, self.dtype)  # [N, N]
         self.acceptance = acceptance
-        stop_ids = model_stop_ids(model) if stop_ids is None else stop_ids
+        stop_ids = stop_token_ids(model) if stop_ids is None else stop_ids
         self.stop_set = {int(t) for t in stop_ids}
         self.window = _max_window(model.config)
         self.num_layers = model.config.get_text_config().num_hidden_layers
@@ -297,7 +288,7 @@ def greedy_reference(model, prompt_ids, max_new_tokens: int, stop_ids=None) -> D
     stop_ids: None = the model's EOS ids (generate always stops at those)."""
     device = model.get_output_embeddings().weight.device
     ids = torch.as_tensor([list(prompt_ids)], dtype=torch.long, device=device)
-    stops = sorted(model_stop_ids(model) if stop_ids is None else stop_ids)
+    stops = sorted(stop_token_ids(model) if stop_ids is None else stop_ids)
     if not stops:
         raise ValueError("model.generate always stops at an EOS id: pass stop_ids")
     clock = _FirstTokenClock()
@@ -322,7 +313,7 @@ def run_decode(instruction: str, tree: str | None = None, model: str = "smollm2-
     """The CLI's twin: decode one instruction (as a chat turn) with a tree spec (file, published name
     or list string; None = plain decoding) and return the reply text and the result."""
     from treeopt.heads import resolve_heads
-    from treeopt.models import chat_prompt, load_model, stop_token_ids
+    from treeopt.models import chat_prompt, load_model
     from treeopt.treefile import read_tree
 
     shape = read_tree(tree) if tree else Tree(())

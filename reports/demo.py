@@ -34,7 +34,7 @@ DEMO = "demo.json"
 class DemoConfig:
     model: str = "smollm2-135m"
     heads: str | None = None  # None: the heads shipped for the bundled model
-    prompts: str | None = None  # None: treeopt.prompts.DEFAULT_PROMPTS (AlpacaEval)
+    prompts: str | None = None  # None: treeopt.prompts.default_prompts() (AlpacaEval)
     offset: int = 0  # first prompt of the slice
     fit_prompts: int = 24  # calibrate on these
     bench_prompts: int = 8  # and bench on the next ones
@@ -82,11 +82,11 @@ def _check_settings(out: Path, cfg: DemoConfig) -> dict:
 
 def split_prompts(cfg: DemoConfig) -> tuple[list[str], list[str]]:
     """(fit, held-out) instructions: consecutive, disjoint slices of the prompt set."""
-    from treeopt.prompts import DEFAULT_PROMPTS, load_instructions
+    from treeopt.prompts import default_prompts, load_instructions
 
     if cfg.fit_prompts < 1 or cfg.bench_prompts < 1:
         raise TreeoptError("--limit and --bench-prompts must both be at least 1")
-    source = cfg.prompts or DEFAULT_PROMPTS
+    source = cfg.prompts or default_prompts()
     instructions = load_instructions(source, cfg.fit_prompts + cfg.bench_prompts, cfg.offset)
     if len(instructions) < cfg.fit_prompts + cfg.bench_prompts:
         raise TreeoptError(f"{source} has only {len(instructions)} prompts from offset {cfg.offset}: "

@@ -173,11 +173,15 @@ def chat_prompt(tokenizer, instruction: str) -> list[int]:
     return tokenizer(instruction)["input_ids"]
 
 
-def stop_token_ids(model, tokenizer) -> set[int]:
-    """Tokens that end a reply: the tokenizer's EOS and the generation config's EOS ids."""
+def stop_token_ids(model, tokenizer=None) -> set[int]:
+    """Tokens that end a reply: the EOS ids `model.generate` stops at (its generation config, else its
+    config), plus the tokenizer's EOS when a tokenizer is given."""
     ids = set()
-    for v in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+    model_eos = getattr(model.generation_config, "eos_token_id", None)
+    if model_eos is None:
+        model_eos = getattr(model.config, "eos_token_id", None)
+    for v in (model_eos, getattr(tokenizer, "eos_token_id", None)):
         if v is None:
             continue
-        ids.update(v if isinstance(v, (list, tuple)) else [v])
+        ids.update(int(i) for i in (v if isinstance(v, (list, tuple)) else [v]))
     return ids

@@ -87,5 +87,3 @@ def _read_hub(name: str) -> list:
     split = "eval" if "eval" in ds else next(iter(ds))
     return list(ds[split])
 
-
-DEFAULT_PROMPTS = default_prompts()

@@ -48,6 +48,7 @@ def command(*args, **kwargs):
 ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="smollm2-135m (bundled), a local directory, or a Hugging Face id.")
 HeadsOpt = typer.Option(None, "--heads", help="Medusa heads directory; default: the heads shipped for the bundled model; `random` for untrained ones.")
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto.")
+ThreadsOpt = typer.Option(None, "--threads", help="torch CPU threads; 1 is best on a machine shared with other jobs.")
 DtypeOpt = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16.")
 
 
@@ -230,7 +231,7 @@ def bench(
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration directory: adds predicted tokens/step."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory for bench.csv and bench.json (re-run to resume)."),
     repeats: int = typer.Option(5, "--repeats", help="Timed forwards per tree size for forward_ms."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads; 1 is best on a machine shared with other jobs."),
+    threads: Optional[int] = ThreadsOpt,
     model: str = ModelOpt,
     heads: Optional[str] = HeadsOpt,
     device: str = DeviceOpt,
@@ -254,7 +255,7 @@ def profile(
     sizes: Optional[str] = typer.Option(None, "--sizes", help="Tree sizes, comma-separated; default 0,1,2,4,8,16,24,32,48,64,96,128,192,256."),
     context: int = typer.Option(256, "--context", help="Tokens already in the KV cache."),
     repeats: int = typer.Option(5, "--repeats", help="Timed forwards per size (the median is kept)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads; 1 is best on a machine shared with other jobs."),
+    threads: Optional[int] = ThreadsOpt,
     model: str = ModelOpt,
     heads: Optional[str] = HeadsOpt,
     device: str = DeviceOpt,
@@ -314,7 +315,7 @@ def demo(
     heads: Optional[str] = HeadsOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads; 1 is best on a machine shared with other jobs."),
+    threads: Optional[int] = ThreadsOpt,
 ):
     """The main job, small: calibrate on a slice of AlpacaEval, search the tree, bench it against
     Cartesian trees and plain decoding on held-out prompts, write the report."""

@@ -1,11 +1,11 @@
 """Throughput of `treeopt calibrate` against plain batched greedy `model.generate`, same prompts, same batch size.
 
     nice -n 10 .venv/bin/python benchmarks/bench_calibrate.py [--prompts 16] [--max-new-tokens 128]
-        [--batch-size 8] [--heads random] [--repeat 2] [--threads N] [--device auto]
+        [--batch-size 8] [--heads DIR|random] [--repeat 2] [--threads N] [--device auto]
 
-plain: `model.generate` on the left-padded batches (treeopt.generate.greedy_continuations without
-hidden states). calibrate: the whole `calibrate.run.calibrate` pass (generation with hidden states,
-every head's ranks, shard and final files) into a fresh directory. The two alternate --repeat
+plain: `model.generate` on the left-padded batches (treeopt.generate.generate_continuations without
+hidden states). calibrate: the whole `calibrate.run.calibrate` pass (its own batched greedy loop
+with hidden states, every head's ranks, shard and final files) into a fresh directory. The two alternate --repeat
 times after a warm-up, so load on a shared machine falls on both; tokens/s counts the continuation
 tokens (up to EOS) over the summed wall time. Target: calibrate >= 0.9 x plain.
 """
@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--heads", default="random")
+    p.add_argument("--heads", default=None, help="heads directory or `random` (default: the shipped ones)")
     p.add_argument("--dataset", default=None)
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -41,7 +41,7 @@ def main() -> None:
 
     from calibrate.format import load_calibration
     from calibrate.run import CalibrationConfig, calibrate
-    from treeopt.generate import greedy_continuations
+    from treeopt.generate import generate_continuations
     from treeopt.heads import resolve_heads
     from treeopt.models import chat_prompt, load_model, stop_token_ids
     from treeopt.prompts import default_prompts, load_instructions
@@ -56,7 +56,7 @@ def main() -> None:
     stop, B = stop_token_ids(model, tok), args.batch_size
 
     def plain():
-        return [c.tokens for c in greedy_continuations(model, prompts, args.max_new_tokens, stop, B, tok.pad_token_id)]
+        return [c.tokens for c in generate_continuations(model, prompts, args.max_new_tokens, stop, B, tok.pad_token_id)]
 
     def calibration(out):
         cfg = CalibrationConfig(out=out, model=args.model, heads=args.heads, dataset=dataset, limit=args.prompts,
@@ -71,7 +71,7 @@ def main() -> None:
             torch.cuda.synchronize()
 
     with tempfile.TemporaryDirectory() as tmp:
-        greedy_continuations(model, prompts[:B], 4, stop, B, tok.pad_token_id).__next__()  # warm-up
+        generate_continuations(model, prompts[:B], 4, stop, B, tok.pad_token_id).__next__()  # warm-up
         seconds = {"plain generate": 0.0, "calibrate": 0.0}
         tokens, ranks_seconds = {}, []
         for r in range(args.repeat):

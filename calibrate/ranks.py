@@ -3,6 +3,11 @@
 Head k at the hidden state before y_t predicts y_{t+k}. Its rank is the number of vocabulary entries
 whose logit beats the true token's: no sort and no [K, N, V] tensor, only [rows, block] tiles of
 logits, counted while they are still in cache (on a CPU this beats one big GEMM, then a compare).
+
+Ranks are clipped at top_k, so a miss needs no full count: a screen first scores each row against
+the few tokens the text itself holds (the likeliest to outscore a missed target); a row that already
+has top_k of them above its target is a miss, exactly, and only the other rows pay for the whole
+vocabulary.
 """
 
 from __future__ import annotations
@@ -37,6 +42,17 @@ def count_above(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor
     return count
 
 
+def count_among(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, target: torch.Tensor,
+                tokens: torch.Tensor) -> torch.Tensor:
+    """count_above restricted to the vocabulary entries `tokens` [C]: [N] int32."""
+    true = (x * weight[target]).sum(1)  # [N]
+    logits = F.linear(x, weight[tokens], None if bias is None else bias[tokens])  # [N, C]
+    if bias is not None:
+        true = true + bias[target]
+    beats = (logits > true[:, None]) & (tokens[None] != target[:, None])  # [N, C]
+    return beats.sum(1, dtype=torch.int32)
+
+
 @torch.inference_mode()
 def head_ranks(heads, lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, top_k: int,
                rows: int | None = None, block: int | None = None) -> torch.Tensor:
@@ -48,6 +64,7 @@ def head_ranks(heads, lm_head: torch.nn.Module, hidden: torch.Tensor, targets: t
     rows, block = rows or (256 if cpu else 4096), block or (2048 if cpu else 1 << 30)
     K, N = targets.shape
     features = heads.features(hidden)  # [K, N, H]
+    screen = torch.unique(targets[targets != MISSING])  # [C] the tokens of the text
     ranks = torch.full((K, N), MISSING, dtype=torch.int32, device=hidden.device)
     if heads.config.own_lm_head:  # each head its own projection
         groups = [(heads.heads[k][-1], features[k], targets[k], ranks[k]) for k in range(K)]
@@ -57,5 +74,10 @@ def head_ranks(heads, lm_head: torch.nn.Module, hidden: torch.Tensor, targets: t
         valid = (target != MISSING).nonzero().squeeze(1)  # [M]
         for start in range(0, valid.shape[0], rows):
             i = valid[start:start + rows]
-            out[i] = count_above(project.weight, getattr(project, "bias", None), x[i], target[i], block).clamp_(max=top_k)
+            weight, bias = project.weight, getattr(project, "bias", None)
+            miss = count_among(weight, bias, x[i], target[i], screen) >= top_k  # [r] exact misses
+            out[i[miss]] = top_k
+            i = i[~miss]
+            if i.numel():
+                out[i] = count_above(weight, bias, x[i], target[i], block).clamp_(max=top_k)
     return ranks.T.to(torch.int16)

@@ -72,3 +72,54 @@ class TreeCache(Cache):
         src = slots + self.length
         self.kv[:, :, :, self.length : self.length + m] = self.kv.index_select(3, src)
         self.length += m
+
+
+class _SlotLayer(_Layer):
+    def update(self, key_states, value_states, *args, **kwargs):
+        o = self.owner
+        if o.kv is None:
+            o._allocate(key_states)
+        kv = o.kv[self.index]  # [2, B, kvH, max_len, D]
+        rows = o.rows[:, None]  # [n, 1]
+        kv[0][rows, :, o.slots] = key_states.transpose(1, 2)  # [n, q, kvH, D] into each row's own slots
+        kv[1][rows, :, o.slots] = value_states.transpose(1, 2)
+        if o.all_rows:
+            self.keys, self.values = kv[0, :, :, : o.extent], kv[1, :, :, : o.extent]  # [B, kvH, extent, D], views
+        else:
+            self.keys, self.values = kv[0][o.rows, :, : o.extent], kv[1][o.rows, :, : o.extent]  # [n, kvH, extent, D]
+        self.is_initialized = True
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.extent, 0
+
+    def get_seq_length(self) -> int:
+        return 0
+
+
+class SlotCache(Cache):
+    """B independent rows ("slots") of `max_len` positions each, for batched generation in which every
+    row is at its own length and a finished row takes a new prompt. Before each forward the caller
+    calls `place(rows, slots)`: the rows in the batch and where each row's q new tokens go; every forward attends over all max_len positions of its rows, so the caller's 4D mask
+    [n, 1, q, max_len] says which of them each query sees."""
+
+    def __init__(self, num_layers: int, batch: int, max_len: int):
+        self.batch, self.max_len, self.num_layers = batch, max_len, num_layers
+        self.kv: torch.Tensor | None = None  # [layers, 2, B, kvH, max_len, D]
+        self.rows: torch.Tensor | None = None
+        self.slots: torch.Tensor | None = None
+        self.all_rows = False
+        self.extent = max_len
+        super().__init__(layers=[_SlotLayer(self, i) for i in range(num_layers)])
+
+    def _allocate(self, key_states: torch.Tensor) -> None:
+        _, kvH, _, D = key_states.shape
+        self.kv = torch.zeros(self.num_layers, 2, self.batch, kvH, self.max_len, D, dtype=key_states.dtype,
+                              device=key_states.device)
+
+    def place(self, rows: torch.Tensor | None, slots: torch.Tensor, extent: int) -> None:
+        """The next forward's rows [n] (None: all B, in order), their write positions [n, q], and the
+        positions it attends over: 0..extent-1."""
+        self.all_rows, self.extent = rows is None, extent
+        self.rows = torch.arange(self.batch, device=slots.device) if rows is None else rows
+        self.slots = slots

@@ -96,6 +96,9 @@ def test_head_ranks_chunks_and_own_lm_head(tiny_llama, own):
     expect[-2:, 1] = MISSING
     assert whole.dtype == torch.int16 and whole.tolist() == expect.tolist()
     assert tiled.tolist() == torch.where(expect >= 30, 30, expect).tolist()
+    for top_k in (1, 3, 8):  # small top_k: the screen decides most misses, the full count the rest
+        clipped = head_ranks(heads, tiny_llama.lm_head, hidden, targets, top_k=top_k, rows=4, block=16)
+        assert clipped.tolist() == torch.where(expect >= top_k, top_k, expect).tolist()
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from treeopt.errors import TreeoptError
-from treeopt.generate import greedy_continuations
+from treeopt.generate import generate_continuations, greedy_continuations
 from treeopt.prompts import load_instructions, local_alpaca_eval
 
 
@@ -52,3 +52,25 @@ def test_greedy_continuations_match_single_generate(tiny_llama):
         assert c.hidden.shape == (len(c.tokens), 32)
         # the hidden row before y_t is what the lm_head reads to predict y_t
         assert tiny_llama.lm_head(c.hidden).argmax(-1).tolist() == c.tokens
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 11])
+def test_refilled_rows_match_model_generate(tiny_llama, batch_size):
+    """Rows that stop early take the next prompt: same tokens and hidden states as plain generate."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 97, (int(n),), generator=g).tolist() for n in torch.randint(1, 12, (11,), generator=g)]
+    stops = {2, 5, 7}
+    fast = list(greedy_continuations(tiny_llama, prompts, 9, stops, batch_size, with_hidden=True))
+    ref = list(generate_continuations(tiny_llama, prompts, 9, stops, batch_size, with_hidden=True))
+    assert [c.prompt_ids for c in fast] == prompts
+    assert [c.tokens for c in fast] == [c.tokens for c in ref]
+    assert [c.stopped for c in fast] == [c.stopped for c in ref]
+    assert any(c.stopped for c in fast) and not all(c.stopped for c in fast)  # rows of both kinds
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a.hidden, b.hidden, atol=1e-4, rtol=1e-4)
+
+
+def test_no_new_tokens_and_empty_prompt(tiny_llama):
+    assert [c.tokens for c in greedy_continuations(tiny_llama, [[1, 2], [3]], 0, {2})] == [[], []]
+    with pytest.raises(TreeoptError, match="empty prompt"):
+        list(greedy_continuations(tiny_llama, [[1], []], 4, {2}))

@@ -1,10 +1,11 @@
 """`treeopt calibrate`: run the base model greedily over a prompt set and record every head's ranks.
 
-One pass per batch: `model.generate` makes the greedy continuation and hands back the hidden states it
-computed on the way (the same states a teacher-forced forward of prompt + continuation gives, up to
-float rounding), and the heads rank the true tokens on them (calibrate/ranks.py). Prompts go in shards
-of `shard_size` under DIR/shards/, each written atomically with a manifest of the run's settings, so an
-interrupted run resumes where it stopped; the final files are written by calibrate/format.py.
+One pass per batch: treeopt.generate's batched greedy loop makes the continuations (a row that stops
+takes the next prompt at once) and hands back the hidden states it computed on the way (the same
+states a teacher-forced forward of prompt + continuation gives, up to float rounding), and the heads
+rank the true tokens on them (calibrate/ranks.py). Prompts go in shards of `shard_size` under
+DIR/shards/, each written atomically with a manifest of the run's settings, so an interrupted run
+resumes where it stopped; the final files are written by calibrate/format.py.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def batch_ranks(heads, lm_head, hidden: list[torch.Tensor], tokens: list[list[in
 
 
 def _continuations(model, prompts, max_new_tokens, stop, batch_size, pad):
-    """greedy_continuations, grouped back into its generation batches."""
+    """greedy_continuations, in prompt order, in groups of `batch_size`."""
     from treeopt.generate import greedy_continuations
 
     it = greedy_continuations(model, prompts, max_new_tokens, stop, batch_size, pad, with_hidden=True)

@@ -80,9 +80,15 @@ class _SlotLayer(_Layer):
         if o.kv is None:
             o._allocate(key_states)
         kv = o.kv[self.index]  # [2, B, kvH, max_len, D]
-        rows = o.rows[:, None]  # [n, 1]
-        kv[0][rows, :, o.slots] = key_states.transpose(1, 2)  # [n, q, kvH, D] into each row's own slots
-        kv[1][rows, :, o.slots] = value_states.transpose(1, 2)
+        if o.all_rows:  # one scatter per tensor; the index [B, kvH, q, D] is made once per forward
+            if o.index is None:
+                o.index = o.slots[:, None, :, None].expand(key_states.shape)
+            kv[0].scatter_(2, o.index, key_states)
+            kv[1].scatter_(2, o.index, value_states)
+        else:
+            rows = o.rows[:, None]  # [n, 1]
+            kv[0][rows, :, o.slots] = key_states.transpose(1, 2)  # [n, q, kvH, D] into each row's own slots
+            kv[1][rows, :, o.slots] = value_states.transpose(1, 2)
         if o.all_rows:
             self.keys, self.values = kv[0, :, :, : o.extent], kv[1, :, :, : o.extent]  # [B, kvH, extent, D], views
         else:
@@ -110,6 +116,7 @@ class SlotCache(Cache):
         self.slots: torch.Tensor | None = None
         self.all_rows = False
         self.extent = max_len
+        self.index: torch.Tensor | None = None
         super().__init__(layers=[_SlotLayer(self, i) for i in range(num_layers)])
 
     def _allocate(self, key_states: torch.Tensor) -> None:
@@ -121,5 +128,6 @@ class SlotCache(Cache):
         """The next forward's rows [n] (None: all B, in order), their write positions [n, q], and the
         positions it attends over: 0..extent-1."""
         self.all_rows, self.extent = rows is None, extent
+        self.index = None  # the all-rows scatter index, made by the first layer
         self.rows = torch.arange(self.batch, device=slots.device) if rows is None else rows
         self.slots = slots

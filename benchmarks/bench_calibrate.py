@@ -5,9 +5,9 @@
 
 plain: `model.generate` on the left-padded batches (treeopt.generate.generate_continuations without
 hidden states). calibrate: the whole `calibrate.run.calibrate` pass (its own batched greedy loop
-with hidden states, every head's ranks, shard and final files) into a fresh directory. The two alternate --repeat
-times after a warm-up, so load on a shared machine falls on both; tokens/s counts the continuation
-tokens (up to EOS) over the summed wall time. Target: calibrate >= 0.9 x plain.
+with hidden states, every head's ranks, shard and final files) into a fresh directory. The two
+alternate --repeat times after a warm-up, so load on a shared machine falls on both; tokens/s counts
+the continuation tokens (up to EOS) over the summed wall time. Target: calibrate >= 0.9 x plain.
 """
 
 from __future__ import annotations

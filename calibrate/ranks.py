@@ -25,13 +25,17 @@ def head_targets(tokens: torch.Tensor, num_heads: int) -> torch.Tensor:
     return torch.where(idx < T, tokens[idx.clamp(max=max(T - 1, 0))], MISSING)
 
 
+def _target_logits(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """logits[i, target[i]] of logits = x @ weight.T + bias, without the others: [N]."""
+    true = (x * weight[target]).sum(1)
+    return true if bias is None else true + bias[target]
+
+
 def count_above(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, target: torch.Tensor,
                 block: int) -> torch.Tensor:
     """For logits = x @ weight.T + bias ([N, V], never made whole): how many entries of row i beat
     logits[i, target[i]]. weight [V, H], x [N, H], target [N] -> [N] int32."""
-    true = (x * weight[target]).sum(1)  # [N]
-    if bias is not None:
-        true = true + bias[target]
+    true = _target_logits(weight, bias, x, target)  # [N]
     rows = torch.arange(x.shape[0], device=x.device)
     count = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
     for start in range(0, weight.shape[0], block):
@@ -45,10 +49,8 @@ def count_above(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor
 def count_among(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, target: torch.Tensor,
                 tokens: torch.Tensor) -> torch.Tensor:
     """count_above restricted to the vocabulary entries `tokens` [C]: [N] int32."""
-    true = (x * weight[target]).sum(1)  # [N]
+    true = _target_logits(weight, bias, x, target)  # [N]
     logits = F.linear(x, weight[tokens], None if bias is None else bias[tokens])  # [N, C]
-    if bias is not None:
-        true = true + bias[target]
     beats = (logits > true[:, None]) & (tokens[None] != target[:, None])  # [N, C]
     return beats.sum(1, dtype=torch.int32)
 

@@ -80,18 +80,16 @@ class _SlotLayer(_Layer):
         if o.kv is None:
             o._allocate(key_states)
         kv = o.kv[self.index]  # [2, B, kvH, max_len, D]
-        if o.all_rows:  # one scatter per tensor; the index [B, kvH, q, D] is made once per forward
+        if o.rows is None:  # every row: one scatter per tensor, the index [B, kvH, q, D] made once per forward
             if o.index is None:
                 o.index = o.slots[:, None, :, None].expand(key_states.shape)
             kv[0].scatter_(2, o.index, key_states)
             kv[1].scatter_(2, o.index, value_states)
+            self.keys, self.values = kv[0, :, :, : o.extent], kv[1, :, :, : o.extent]  # [B, kvH, extent, D], views
         else:
             rows = o.rows[:, None]  # [n, 1]
             kv[0][rows, :, o.slots] = key_states.transpose(1, 2)  # [n, q, kvH, D] into each row's own slots
             kv[1][rows, :, o.slots] = value_states.transpose(1, 2)
-        if o.all_rows:
-            self.keys, self.values = kv[0, :, :, : o.extent], kv[1, :, :, : o.extent]  # [B, kvH, extent, D], views
-        else:
             self.keys, self.values = kv[0][o.rows, :, : o.extent], kv[1][o.rows, :, : o.extent]  # [n, kvH, extent, D]
         self.is_initialized = True
         return self.keys, self.values
@@ -106,17 +104,17 @@ class _SlotLayer(_Layer):
 class SlotCache(Cache):
     """B independent rows ("slots") of `max_len` positions each, for batched generation in which every
     row is at its own length and a finished row takes a new prompt. Before each forward the caller
-    calls `place(rows, slots)`: the rows in the batch and where each row's q new tokens go; every forward attends over all max_len positions of its rows, so the caller's 4D mask
-    [n, 1, q, max_len] says which of them each query sees."""
+    calls `place(rows, slots, extent)`: the rows in the batch, where each row's q new tokens go, and
+    how many leading positions the forward attends over (more than any of its rows has written), so
+    the caller's 4D mask [n, 1, q, extent] says which of them each query sees."""
 
     def __init__(self, num_layers: int, batch: int, max_len: int):
         self.batch, self.max_len, self.num_layers = batch, max_len, num_layers
         self.kv: torch.Tensor | None = None  # [layers, 2, B, kvH, max_len, D]
-        self.rows: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None  # None: every row, in order
         self.slots: torch.Tensor | None = None
-        self.all_rows = False
         self.extent = max_len
-        self.index: torch.Tensor | None = None
+        self.index: torch.Tensor | None = None  # the every-row scatter index, made by the first layer
         super().__init__(layers=[_SlotLayer(self, i) for i in range(num_layers)])
 
     def _allocate(self, key_states: torch.Tensor) -> None:
@@ -127,7 +125,4 @@ class SlotCache(Cache):
     def place(self, rows: torch.Tensor | None, slots: torch.Tensor, extent: int) -> None:
         """The next forward's rows [n] (None: all B, in order), their write positions [n, q], and the
         positions it attends over: 0..extent-1."""
-        self.all_rows, self.extent = rows is None, extent
-        self.index = None  # the all-rows scatter index, made by the first layer
-        self.rows = torch.arange(self.batch, device=slots.device) if rows is None else rows
-        self.slots = slots
+        self.rows, self.slots, self.extent, self.index = rows, slots, extent, None

@@ -50,6 +50,7 @@ def greedy_continuations(model, prompts: Sequence[Sequence[int]], max_new_tokens
     cache = SlotCache(model.config.get_text_config().num_hidden_layers, B, L)
     stops = {int(t) for t in stop_ids}
     slot = torch.arange(L, device=device)  # [L]
+    every = torch.arange(B, device=device)  # [B]
     ends = [0] * B  # each row's next write position (= its tokens so far, prompt included)
     last = torch.zeros(B, dtype=torch.long, device=device)  # [B] each row's newest token (the next input)
     owner = [-1] * B  # the prompt each row holds, -1: none
@@ -118,7 +119,7 @@ def greedy_continuations(model, prompts: Sequence[Sequence[int]], max_new_tokens
         h = forward(rows, (last if rows is None else last[rows])[:, None], p, (slot[:E] <= p)[:, None])  # [n, 1, H]
         for r in live:
             ends[r] += 1
-        free = record(torch.arange(B, device=device) if rows is None else rows, h[:, 0])
+        free = record(every if rows is None else rows, h[:, 0])
 
 
 @torch.inference_mode()

@@ -80,13 +80,27 @@ def _check_settings(out: Path, cfg: DemoConfig) -> dict:
     return old
 
 
-def split_prompts(cfg: DemoConfig) -> tuple[list[str], list[str]]:
+def _default_source(log: Callable[[str], None]) -> str:
+    """AlpacaEval (the copy beside the checkout, else the hub's); offline with no copy, the general
+    instructions bundled for this case, so the demo runs on any machine."""
+    from treeopt.models import _hub_reachable
+    from treeopt.prompts import ALPACA_EVAL, OFFLINE_PROMPTS, default_prompts
+
+    source = default_prompts()
+    if source == ALPACA_EVAL and not _hub_reachable():
+        log(f"AlpacaEval: no local copy and the hub is unreachable; using the bundled {OFFLINE_PROMPTS} "
+            "(--prompts FILE for others)")
+        return str(OFFLINE_PROMPTS)
+    return source
+
+
+def split_prompts(cfg: DemoConfig, log: Callable[[str], None] = print) -> tuple[list[str], list[str]]:
     """(fit, held-out) instructions: consecutive, disjoint slices of the prompt set."""
     from treeopt.prompts import default_prompts, load_instructions
 
     if cfg.fit_prompts < 1 or cfg.bench_prompts < 1:
         raise TreeoptError("--limit and --bench-prompts must both be at least 1")
-    source = cfg.prompts or default_prompts()
+    source = cfg.prompts or _default_source(log)
     instructions = load_instructions(source, cfg.fit_prompts + cfg.bench_prompts, cfg.offset)
     if len(instructions) < cfg.fit_prompts + cfg.bench_prompts:
         raise TreeoptError(f"{source} has only {len(instructions)} prompts from offset {cfg.offset}: "
@@ -123,7 +137,7 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None,
     fit_file, bench_file = out / "prompts" / "fit.json", out / "prompts" / "bench.json"
 
     def prompts():
-        fit, held = split_prompts(cfg)
+        fit, held = split_prompts(cfg, log)
         write_text(fit_file, json.dumps([{"instruction": s} for s in fit], indent=1) + "\n")
         write_text(bench_file, json.dumps([{"instruction": s} for s in held], indent=1) + "\n")
 

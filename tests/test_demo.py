@@ -63,3 +63,18 @@ def test_demo_needs_enough_prompts(tmp_path, tiny_demo):
     cfg, _, _ = tiny_demo
     with pytest.raises(TreeoptError, match="has only"):
         run_demo(tmp_path / "r", replace(cfg, fit_prompts=100), log=lambda s: None)
+
+
+def test_demo_prompts_offline_without_a_local_copy(monkeypatch):
+    """No ../shared copy and no hub: the demo takes the bundled instructions instead of failing."""
+    import treeopt.prompts
+    from reports.demo import DemoConfig, split_prompts
+
+    monkeypatch.setattr(treeopt.prompts, "local_alpaca_eval", lambda: None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    said = []
+    fit, held = split_prompts(DemoConfig(), log=said.append)
+    assert len(fit) == 24 and len(held) == 8 and not set(fit) & set(held)
+    assert "offline.json" in said[0]
+    with pytest.raises(TreeoptError, match="--dataset PATH"):  # calibrate itself still says so
+        treeopt.prompts.load_instructions(treeopt.prompts.default_prompts())

@@ -9,6 +9,7 @@ from treeopt.errors import TreeoptError
 
 ALPACA_EVAL = "alpaca_eval"  # tatsu-lab/alpaca_eval on the Hugging Face hub
 FIELDS = ("instruction", "prompt")
+OFFLINE_PROMPTS = Path(__file__).parent / "data" / "prompts" / "offline.json"  # general instructions for the demo offline
 
 
 def local_alpaca_eval() -> Path | None:

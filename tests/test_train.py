@@ -154,7 +154,12 @@ def test_training_resumes_to_the_same_heads(tiny, tmp_path, prompts_file):
         _train(tiny, tmp_path / "b", prompts_file, lr=1e-2)
 
 
-def test_pipeline_saves_loadable_heads(tiny, tiny_model_dir, tmp_path, prompts_file):
+def test_pipeline_saves_loadable_heads(tiny, tiny_model_dir, tmp_path, prompts_file, monkeypatch):
+    import treeopt.prompts
+
+    evalset = tmp_path / "eval.json"  # the report's AlpacaEval metric, without needing ../shared or the hub
+    evalset.write_text(json.dumps([{"instruction": f"Describe the number {i}."} for i in range(4)]))
+    monkeypatch.setattr(treeopt.prompts, "default_prompts", lambda: str(evalset))
     out = tmp_path / "heads"
     cfg = cfg_for(tmp_path / "w", prompts_file, model=str(tiny_model_dir), heads_out=str(out), eval_prompts=2,
                   eval_tokens=6, num_layers=2)

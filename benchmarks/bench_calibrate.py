@@ -3,7 +3,7 @@
     nice -n 10 .venv/bin/python benchmarks/bench_calibrate.py [--prompts 16] [--max-new-tokens 128]
         [--batch-size 8] [--heads DIR|random] [--repeat 2] [--threads N] [--device auto]
 
-plain: `model.generate` on the left-padded batches (treeopt.generate.generate_continuations without
+plain: `model.generate` on the left-padded batches (decoding.generate.generate_continuations without
 hidden states). calibrate: the whole `calibrate.run.calibrate` pass (its own batched greedy loop
 with hidden states, every head's ranks, shard and final files) into a fresh directory. The two
 alternate --repeat times after a warm-up, so load on a shared machine falls on both; tokens/s counts
@@ -26,8 +26,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--heads", default=None, help="heads directory or `random` (default: the shipped ones)")
-    p.add_argument("--dataset", default=None)
-    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--prompts", default=None, help="prompt source (default: the local AlpacaEval copy)")
+    p.add_argument("--limit", type=int, default=16, help="prompts to run")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--top-k", type=int, default=10)
@@ -39,29 +39,29 @@ def main() -> None:
 
     import torch
 
-    from calibrate.format import load_calibration
+    from treeopt.core.record import load_calibration
     from calibrate.run import CalibrationConfig, calibrate
-    from treeopt.generate import generate_continuations
-    from treeopt.heads import resolve_heads
-    from treeopt.models import chat_prompt, load_model, stop_token_ids
-    from treeopt.prompts import default_prompts, load_instructions
+    from decoding.generate import generate_continuations
+    from decoding.heads import resolve_heads
+    from decoding.models import chat_prompt, load_model, stop_token_ids
+    from treeopt.core.prompts import default_prompts, load_instructions
 
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     model, tok = loaded.model, loaded.tokenizer
     heads = resolve_heads(args.heads, model)
-    dataset = args.dataset or default_prompts()
-    prompts = [chat_prompt(tok, s) for s in load_instructions(dataset, limit=args.prompts)]
+    dataset = args.prompts or default_prompts()
+    prompts = [chat_prompt(tok, s) for s in load_instructions(dataset, limit=args.limit)]
     stop, B = stop_token_ids(model, tok), args.batch_size
 
     def plain():
         return [c.tokens for c in generate_continuations(model, prompts, args.max_new_tokens, stop, B, tok.pad_token_id)]
 
     def calibration(out):
-        cfg = CalibrationConfig(out=out, model=args.model, heads=args.heads, dataset=dataset, limit=args.prompts,
+        cfg = CalibrationConfig(out=out, model=args.model, heads=args.heads, prompts=dataset, limit=args.limit,
                                 max_new_tokens=args.max_new_tokens, top_k=args.top_k, batch_size=B,
-                                shard_size=args.prompts, progress=False)
+                                shard_size=args.limit, progress=False)
         cal = load_calibration(calibrate(cfg, loaded=loaded, heads=heads))
         ranks_seconds.append(cal.meta["ranks_time_s"])
         return [t.tolist() for t in cal.continuations()["tokens"]]

@@ -4,7 +4,7 @@
 
 Writes a calibration directory of --positions logged positions (ranks drawn so that heads are
 correlated and deeper heads are worse, -1 past each continuation's end) with
-calibrate.format.write_calibration, plus a synthetic latency file, then times `treeopt search
+treeopt.core.record.write_calibration, plus a synthetic latency file, then times `treeopt search
 --nodes 64`, `treeopt search --nodes auto --latency`, `treeopt sweep` (N = 0..256) and `treeopt
 evaluate` as separate processes (median of --repeat runs) and prints wall and CPU seconds next to
 the targets (search --nodes 64 < 3 s, the 0..256 sweep < 5 s, on 2 cores).
@@ -28,7 +28,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from calibrate.format import rank_columns, write_calibration  # noqa: E402
+from treeopt.core.record import rank_columns, write_calibration  # noqa: E402
 
 
 def synthetic_calibration(directory: Path, positions: int, heads: int, top_k: int, seed: int = 0) -> Path:

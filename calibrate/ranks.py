@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from calibrate.format import MISSING
+from treeopt.core.record import MISSING
 
 
 def head_targets(tokens: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """`treeopt calibrate`: run the base model greedily over a prompt set and record every head's ranks.
 
-One pass per batch: treeopt.generate's batched greedy loop makes the continuations (a row that stops
+One pass per batch: decoding.generate's batched greedy loop makes the continuations (a row that stops
 takes the next prompt at once) and hands back the hidden states it computed on the way (the same
 states a teacher-forced forward of prompt + continuation gives, up to float rounding), and the heads
 rank the true tokens on them (calibrate/ranks.py). Prompts go in shards of `shard_size` under
@@ -21,15 +21,15 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from calibrate import format as fmt
+from treeopt.core import record as fmt
 from calibrate.ranks import head_ranks, head_targets
-from treeopt.errors import TreeoptError
-from treeopt.fileio import atomic_write, write_text
-from treeopt.info import versions
-from treeopt.models import DEFAULT_MODEL
+from treeopt.core.errors import TreeoptError
+from treeopt.core.fileio import atomic_write
+from treeopt.core.stage import Stage, differences
+from treeopt.core.env import versions
+from decoding.models import DEFAULT_MODEL
 
 SHARDS = "shards"
-MANIFEST = "manifest.json"
 TIMING = ("wall_time_s", "ranks_time_s", "tokens_per_s")  # the only fields of calibration.json that differ between reruns
 
 
@@ -38,7 +38,7 @@ class CalibrationConfig:
     out: str | Path = "calibration"
     model: str = DEFAULT_MODEL
     heads: str | None = None  # a directory, `random`, or None for the heads shipped for the bundled model
-    dataset: str | None = None  # `alpaca_eval`, a .json/.jsonl path; None: the local AlpacaEval copy, else the hub's
+    prompts: str | None = None  # `alpaca_eval`, a .json/.jsonl path; None: the local AlpacaEval copy, else the hub's
     limit: int | None = None
     max_new_tokens: int = 256
     top_k: int = 10
@@ -62,15 +62,15 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
               on_shard: Callable[[int], None] | None = None) -> Path:
     """Run a calibration into `config.out` and return that directory (see calibrate/format.py).
 
-    `loaded` (treeopt.models.LoadedModel) and `heads` (MedusaHeads) skip loading them; `on_shard(i)` is
+    `loaded` (decoding.models.LoadedModel) and `heads` (MedusaHeads) skip loading them; `on_shard(i)` is
     called after shard i is written (progress hooks, tests)."""
-    from treeopt.heads import resolve_heads
-    from treeopt.models import chat_prompt, load_model, stop_token_ids
-    from treeopt.prompts import default_prompts, load_instructions
+    from decoding.heads import resolve_heads
+    from decoding.models import chat_prompt, load_model, stop_token_ids
+    from treeopt.core.prompts import default_prompts, load_instructions
 
     config.check()
-    dataset = config.dataset or default_prompts()
-    instructions = load_instructions(dataset, limit=config.limit)
+    source = config.prompts or default_prompts()
+    instructions = load_instructions(source, limit=config.limit)
     loaded = loaded or load_model(config.model, device=config.device, dtype=config.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     heads = heads if heads is not None else resolve_heads(config.heads, model)
@@ -89,15 +89,14 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
         "shard_size": shard_size, "seed": config.seed,
     }
     out = Path(config.out)
-    shards = out / SHARDS
-    _claim(out, settings)
+    stage = _claim(out, settings)
 
     torch.manual_seed(config.seed)
     stop = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop)
     n = len(instructions)
     parts = [range(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]  # prompt ids of each shard
-    todo = [ids for ids in parts if not (shards / _name(ids.start, "json")).is_file()]
+    todo = [ids for ids in parts if not stage.done(_name(ids.start))]
     bar = _progress(config.progress, n, n - sum(len(ids) for ids in todo))
     done_tokens, t0 = 0, time.perf_counter()
     for ids in todo:
@@ -115,18 +114,18 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
             bar.update(len(batch))
             bar.set_postfix_str(f"{done_tokens / (time.perf_counter() - t0):.1f} tok/s")
         ranks = pd.concat(ranks, ignore_index=True)
-        _write_shard(shards, ids.start, ranks, pd.DataFrame(conts).astype({"prompt_id": "int32"}),
+        _write_shard(stage, ids.start, ranks, pd.DataFrame(conts).astype({"prompt_id": "int32"}),
                      {"prompts": [ids.start, ids.stop], "tokens": len(ranks),
                       "wall_time_s": time.perf_counter() - t_shard, "ranks_time_s": ranks_time})
         if on_shard is not None:
             on_shard(ids.start // shard_size)
     bar.close()
 
-    ranks, conts, infos = _read_shards(shards, [ids.start for ids in parts])
+    ranks, conts, infos = _read_shards(stage, [ids.start for ids in parts])
     wall = sum(i["wall_time_s"] for i in infos)
     meta = {
         "model": loaded.name, "model_source": loaded.source, "heads": config.heads or "default",
-        "num_heads": heads.num_heads, "dataset": str(dataset), "limit": config.limit,
+        "num_heads": heads.num_heads, "prompts": str(source), "limit": config.limit,
         "num_prompts": n, "num_tokens": len(ranks), "num_stopped": int(conts["stopped"].sum()),
         "top_k": config.top_k, "max_new_tokens": config.max_new_tokens, "batch_size": B, "seed": config.seed,
         "dtype": settings["dtype"], "device": str(lm_head.weight.device.type),
@@ -147,7 +146,7 @@ def batch_ranks(heads, lm_head, hidden: list[torch.Tensor], tokens: list[list[in
 
 def _continuations(model, prompts, max_new_tokens, stop, batch_size, pad):
     """greedy_continuations, in prompt order, in groups of `batch_size`."""
-    from treeopt.generate import greedy_continuations
+    from decoding.generate import greedy_continuations
 
     it = greedy_continuations(model, prompts, max_new_tokens, stop, batch_size, pad, with_hidden=True)
     while batch := list(islice(it, batch_size)):
@@ -169,55 +168,46 @@ def _rank_frame(prompt_id: int, ranks: torch.Tensor) -> pd.DataFrame:
 
 # ---- the shards directory -------------------------------------------------------------------
 
-def _name(start: int, kind: str) -> str:
-    return f"{start:06d}.{kind}"
+def _name(start: int) -> str:
+    return f"{start:06d}"
 
 
-def _claim(out: Path, settings: dict) -> None:
-    """Make `out` this run's, or find it already is: never mix two runs' settings, never overwrite a
+def _claim(out: Path, settings: dict) -> Stage:
+    """Make `out` this run's, or find it already is: never mix two runs' shards, never overwrite a
     calibration made with other settings."""
-    manifest = out / SHARDS / MANIFEST
-    if manifest.is_file():
+    stage = Stage(out / SHARDS, settings, what="calibration", elsewhere="pass a new --out DIR")
+    if stage.recorded() is None and (out / fmt.META).is_file():  # finished, shards since deleted
         try:
-            theirs = json.loads(manifest.read_text())
+            theirs = json.loads((out / fmt.META).read_text()).get("settings") or {}
         except json.JSONDecodeError:
-            raise TreeoptError(f"{manifest} is damaged: pass a new --out DIR") from None
-        _same(out, theirs, settings)
-        return
-    if (out / fmt.META).is_file():
-        try:
-            theirs = json.loads((out / fmt.META).read_text()).get("settings")
-        except json.JSONDecodeError:
-            theirs = None
-        _same(out, theirs or {}, settings)
-    elif any((out / f).exists() for f in (fmt.RANKS, fmt.ACCURACY, fmt.CONTINUATIONS)):
+            theirs = {}
+        if theirs != stage.settings:
+            raise TreeoptError(f"{out} holds a calibration made with other settings "
+                               f"({differences(theirs, stage.settings)}): pass a new --out DIR")
+    elif stage.recorded() is None and any((out / f).exists() for f in (fmt.RANKS, fmt.ACCURACY, fmt.CONTINUATIONS)):
         raise TreeoptError(f"{out} already holds calibration files of unknown origin: pass a new --out DIR")
-    write_text(manifest, json.dumps(settings, indent=2) + "\n")
+    return stage.open()
 
 
-def _same(out: Path, theirs: dict, ours: dict) -> None:
-    diff = [k for k in ours if theirs.get(k) != ours[k]]
-    if diff:
-        shown = ", ".join(f"{k} {theirs.get(k)!r} vs {ours[k]!r}" for k in diff[:3])
-        raise TreeoptError(f"{out} holds a calibration run with other settings ({shown}): "
-                           "pass a new --out DIR, or the same settings to resume it")
+def _write_shard(stage: Stage, start: int, ranks: pd.DataFrame, conts: pd.DataFrame, info: dict) -> None:
+    name = _name(start)
+    atomic_write(stage.directory / f"{name}.ranks.parquet", lambda p: ranks.to_parquet(p, index=False))
+    atomic_write(stage.directory / f"{name}.continuations.parquet", lambda p: conts.to_parquet(p, index=False))
+    stage.finish(name, info)  # last: marks the shard done
 
 
-def _write_shard(shards: Path, start: int, ranks: pd.DataFrame, conts: pd.DataFrame, info: dict) -> None:
-    atomic_write(shards / _name(start, "ranks.parquet"), lambda p: ranks.to_parquet(p, index=False))
-    atomic_write(shards / _name(start, "continuations.parquet"), lambda p: conts.to_parquet(p, index=False))
-    write_text(shards / _name(start, "json"), json.dumps(info) + "\n")  # last: marks the shard done
-
-
-def _read_shards(shards: Path, starts) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
+def _read_shards(stage: Stage, starts) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
+    d = stage.directory
     try:
-        ranks = pd.concat([pd.read_parquet(shards / _name(s, "ranks.parquet")) for s in starts], ignore_index=True)
-        conts = pd.concat([pd.read_parquet(shards / _name(s, "continuations.parquet")) for s in starts],
+        ranks = pd.concat([pd.read_parquet(d / f"{_name(s)}.ranks.parquet") for s in starts], ignore_index=True)
+        conts = pd.concat([pd.read_parquet(d / f"{_name(s)}.continuations.parquet") for s in starts],
                           ignore_index=True)
-        parts = [json.loads((shards / _name(s, "json")).read_text()) for s in starts]
+        parts = [stage.info(_name(s)) for s in starts]
+        if any(p is None for p in parts):
+            raise ValueError("a shard's marker is missing")
     except Exception as e:  # pyarrow/json raise many types for a damaged shard
-        raise TreeoptError(f"a shard under {shards} is damaged ({type(e).__name__}): delete that shard's "
-                           "three files and run again to redo it") from None
+        raise TreeoptError(f"a shard under {d} is damaged ({type(e).__name__}): delete that shard's "
+                           "files and run again to redo it") from None
     return ranks, conts, parts
 
 

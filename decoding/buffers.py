@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from treeopt.tree import Tree
+from treeopt.core.tree import Tree
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ One step, with N = tree nodes + 1 and the committed prefix of `cur` tokens in th
 4. `TreeCache.commit` moves the accepted nodes' K/V to slots cur, cur+1, ...; the next root and the
    heads' next candidates come from the last accepted node's logits and hidden state.
 
-Step accounting (shared with `treeopt.replay`): prefill is not a step; every step is one tree
+Step accounting (shared with `treeopt.core.replay`): prefill is not a step; every step is one tree
 forward and emits the root + the accepted nodes; output stops after EOS (kept) or max_new_tokens.
 """
 
@@ -25,9 +25,9 @@ import torch
 
 from decoding.buffers import TreeBuffers, tree_buffers
 from decoding.cache import TreeCache
-from treeopt.errors import TreeoptError
-from treeopt.models import stop_token_ids
-from treeopt.tree import Tree
+from treeopt.core.errors import TreeoptError
+from decoding.models import stop_token_ids
+from treeopt.core.tree import Tree
 
 
 @dataclass(frozen=True)
@@ -312,9 +312,9 @@ def run_decode(instruction: str, tree: str | None = None, model: str = "smollm2-
                dtype: str = "float32") -> tuple[str, DecodeResult]:
     """The CLI's twin: decode one instruction (as a chat turn) with a tree spec (file, published name
     or list string; None = plain decoding) and return the reply text and the result."""
-    from treeopt.heads import resolve_heads
-    from treeopt.models import chat_prompt, load_model
-    from treeopt.treefile import read_tree
+    from decoding.heads import resolve_heads
+    from decoding.models import chat_prompt, load_model
+    from treeopt.core.treefile import read_tree
 
     shape = read_tree(tree) if tree else Tree(())
     loaded = load_model(model, device=device, dtype=dtype)

@@ -17,9 +17,9 @@ import pandas as pd
 import torch
 
 from decoding.decoder import TreeDecoder, additive_mask, synchronize
-from treeopt.errors import TreeoptError
-from treeopt.fileio import atomic_write
-from treeopt.tree import Tree
+from treeopt.core.errors import TreeoptError
+from treeopt.core.fileio import atomic_write
+from treeopt.core.tree import Tree
 
 DEFAULT_SIZES = (0, 1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 COLUMNS = ["nodes", "forward_ms", "base_ms", "heads_ms", "context", "device", "dtype", "model"]
@@ -113,11 +113,11 @@ def run_profile(model: str = "smollm2-135m", heads: str | None = None, sizes: st
                 context: int = 256, repeats: int = 5, device: str = "auto", dtype: str = "float32",
                 out: str | Path = "latency.csv", progress: bool = True, threads: int | None = None) -> pd.DataFrame:
     """The CLI's twin: load the model and heads, profile, write the CSV atomically."""
-    from decoding.bench import set_threads
+    from decoding.models import set_threads
 
     set_threads(threads)
-    from treeopt.heads import resolve_heads
-    from treeopt.models import load_model
+    from decoding.heads import resolve_heads
+    from decoding.models import load_model
 
     loaded = load_model(model, device=device, dtype=dtype)
     medusa = resolve_heads(heads, loaded.model)

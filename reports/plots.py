@@ -21,9 +21,9 @@ import pandas as pd  # noqa: E402
 from matplotlib.colors import PowerNorm  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from treeopt.errors import TreeoptError  # noqa: E402
-from treeopt.fileio import atomic_write  # noqa: E402
-from treeopt.tree import Tree  # noqa: E402
+from treeopt.core.errors import TreeoptError  # noqa: E402
+from treeopt.core.fileio import atomic_write  # noqa: E402
+from treeopt.core.tree import Tree  # noqa: E402
 
 ROOT = -1  # the implicit root: the base model's own next token
 CMAP = "viridis"
@@ -397,14 +397,14 @@ def draw_tree(spec: str | Path, out: str | Path, calibration: str | Path | None 
               model: str = "empirical") -> Path:
     """`treeopt plot`: the diagram of a tree spec (file, published name or list string), coloured by
     each node's acceptance probability under `calibration` (a calibration directory) when given."""
-    from treeopt.treefile import read_tree_meta
+    from treeopt.core.treefile import read_tree_meta
 
     tree, meta = read_tree_meta(spec)
     name = Path(str(spec)).stem if Path(str(spec)).is_file() else str(spec) if len(str(spec)) < 40 else "tree"
     values, title = None, name
     if calibration is not None:
-        from calibrate.format import load_calibration
-        from treeopt.search import node_values
+        from treeopt.core.record import load_calibration
+        from search.acceptance import node_values
 
         cal = load_calibration(calibration)
         values = node_values(tree, cal, model)

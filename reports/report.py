@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from treeopt.errors import TreeoptError
-from treeopt.fileio import write_text
+from treeopt.core.errors import TreeoptError
+from treeopt.core.fileio import write_text
 
 CALIBRATION = "calibration"
 TREE = "tree.json"
@@ -52,8 +52,8 @@ class Run:
     """What a run directory holds; None where a file is absent or unreadable (see `notes`)."""
 
     directory: Path
-    calibration: object | None = None  # calibrate.format.Calibration
-    tree: object | None = None  # treeopt.tree.Tree
+    calibration: object | None = None  # treeopt.core.record.Calibration
+    tree: object | None = None  # treeopt.core.tree.Tree
     tree_meta: dict = field(default_factory=dict)
     sweep: pd.DataFrame | None = None
     bench: pd.DataFrame | None = None
@@ -98,7 +98,7 @@ def _read_json(run: Run, rel: str, required: bool = False) -> dict:
 
 def load_run(directory: str | Path) -> Run:
     """Read every file of a run directory that is present; never fails on a missing or bad file."""
-    from calibrate.format import load_calibration
+    from treeopt.core.record import load_calibration
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -128,7 +128,7 @@ def load_run(directory: str | Path) -> Run:
 
 def _read_tree(path: Path):
     """(Tree, the file's other fields)."""
-    from treeopt.treefile import read_tree_meta
+    from treeopt.core.treefile import read_tree_meta
 
     return read_tree_meta(path)
 
@@ -160,7 +160,7 @@ def html_table(df: pd.DataFrame) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-CALIBRATION_FIELDS = ("model", "heads", "dataset", "num_stopped", "max_new_tokens", "batch_size", "seed", "device",
+CALIBRATION_FIELDS = ("model", "heads", "prompts", "num_stopped", "max_new_tokens", "batch_size", "seed", "device",
                       "dtype", "wall_time_s", "tokens_per_s")
 BENCH_FIELDS = ("model", "heads", "device", "dtype", "threads", "max_new_tokens", "prompts_source")
 BENCH_COLUMNS = ("method", "nodes", "tokens_per_step", "predicted_tokens_per_step", "step_ms", "overhead", "speedup",
@@ -188,10 +188,11 @@ def accuracy_top(cal, ranks: int = 5) -> pd.DataFrame:
 
 def baselines(run: Run) -> pd.DataFrame | None:
     """The searched tree against the best Cartesian tree of its size, the top-1 chain and Medusa's
-    trees, predicted and replayed on the run's calibration (`treeopt.search.compare`)."""
+    trees, predicted and replayed on the run's calibration (`search.evaluate.compare`)."""
     if run.calibration is None or run.tree is None:
         return None
-    from treeopt.search import baseline_trees, compare
+    from search.baselines import baseline_trees
+    from search.evaluate import compare
 
     model = run.tree_meta.get("acceptance_model", "empirical")
     trees = {"searched (tree.json)": run.tree, **baseline_trees(run.calibration, len(run.tree), model)}
@@ -220,7 +221,8 @@ def make_figures(run: Run, formats: tuple[str, ...] = (".png", ".svg")) -> dict[
     if run.tree is not None:
         values, title = None, "searched tree"
         if run.calibration is not None:
-            from treeopt.search import node_values, truncate
+            from search.acceptance import node_values
+            from treeopt.core.tree import truncate
 
             model = run.tree_meta.get("acceptance_model", "empirical")
             if len(truncate(run.tree, run.calibration.num_heads, run.calibration.top_k)) == len(run.tree):
@@ -252,9 +254,11 @@ def budget_curves(run: Run, max_nodes: int = 256) -> pd.DataFrame | None:
         frames.append(run.sweep[["nodes", "tokens_per_step"]].assign(method="searched (sweep.csv)"))
     cal = run.calibration
     if cal is not None:
-        from treeopt.published import BASELINES, PUBLISHED
-        from treeopt.search import best_cartesian, expected_tokens_per_step, search
-        from treeopt.tree import Tree
+        from treeopt.core.published import BASELINES, PUBLISHED
+        from search.acceptance import expected_tokens_per_step
+        from search.baselines import best_cartesian
+        from search.grow import search
+        from treeopt.core.tree import Tree
 
         model = run.tree_meta.get("acceptance_model", "empirical")
         if not frames:

@@ -55,7 +55,7 @@ def tiny_model_dir(tmp_path_factory, tiny_llama):
 @pytest.fixture(scope="session")
 def smollm2():
     """The bundled SmolLM2-135M-Instruct (fp32, CPU). Slow: use in end-to-end tests only."""
-    from treeopt.models import load_model
+    from decoding.models import load_model
 
     return load_model("smollm2-135m", device="cpu", dtype="float32")
 
@@ -78,12 +78,12 @@ def random_ranks(lengths, num_heads: int, top_k: int, seed: int = 0, miss: float
 
 @pytest.fixture
 def make_calibration(tmp_path):
-    """make(ranks_by_prompt, top_k) writes a calibration directory with calibrate.format's
+    """make(ranks_by_prompt, top_k) writes a calibration directory with treeopt.core.record's
     write_calibration (continuations are placeholders) and returns it loaded."""
     import numpy as np
     import pandas as pd
 
-    from calibrate.format import load_calibration, rank_columns, write_calibration
+    from treeopt.core.record import load_calibration, rank_columns, write_calibration
 
     def make(ranks_by_prompt, top_k: int, name: str = "calibration"):
         K = ranks_by_prompt[0].shape[1]

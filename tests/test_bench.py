@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from decoding.bench import COLUMNS, parse_cartesian, tree_methods
+from reports.bench import COLUMNS, parse_cartesian, tree_methods
 from decoding.profile import profile_tree
 from treeopt.cli import app
-from treeopt.errors import TreeoptError
-from treeopt.tree import Tree
+from treeopt.core.errors import TreeoptError
+from treeopt.core.tree import Tree
 
 runner = CliRunner()
 
@@ -49,12 +49,12 @@ def test_bench_cli_writes_csv_and_json(tiny_model_dir, prompts_file, tmp_path):
     assert doc["dtype"] == "float32" and doc["device"] == "cpu" and "torch" in doc["versions"]
     assert [row["method"] for row in doc["rows"]] == df["method"].tolist()
     assert len(doc["per_prompt"]) == 2 * 4
-    assert not (out / ".bench.partial.json").exists()
+    assert not (out / ".bench-records").exists()
     assert "cartesian-8x3" in r.output and "loop_efficiency" in r.output
 
 
 def test_bench_resumes_from_partial_records(tiny_model_dir, prompts_file, tmp_path, monkeypatch):
-    import decoding.bench as bench
+    import reports.bench as bench
 
     out = tmp_path / "bench"
     kw = dict(model=str(tiny_model_dir), heads="random", cartesian=["2x2"], prompts=str(prompts_file), limit=2,
@@ -73,8 +73,8 @@ def test_bench_resumes_from_partial_records(tiny_model_dir, prompts_file, tmp_pa
     monkeypatch.setattr(bench, "bench_decoding", interrupted)
     with pytest.raises(KeyboardInterrupt):
         bench.run_bench(**kw)
-    saved = json.loads((out / ".bench.partial.json").read_text())
-    assert len(saved["records"]) == 2  # prompt 0: plain and 2x2
+    saved = list((out / ".bench-records").glob("*.done.json"))
+    assert len(saved) == 2  # prompt 0: plain and 2x2
     monkeypatch.setattr(bench, "bench_decoding", real)
     ran = []
     monkeypatch.setattr(bench, "greedy_reference", lambda *a, **k: ran.append(1) or real_greedy(*a, **k))
@@ -111,7 +111,7 @@ def test_tree_methods_names():
 
 
 def test_profile_cli_writes_a_latency_csv_search_reads(tiny_model_dir, tmp_path):
-    from treeopt.search import read_latency
+    from search.budget import read_latency
 
     out = tmp_path / "latency.csv"
     r = runner.invoke(app, ["profile", "--model", str(tiny_model_dir), "--heads", "random", "--sizes", "0,1,4,16",
@@ -146,11 +146,11 @@ def test_decode_cli(tiny_model_dir):
 def test_bench_predicts_tokens_per_step_from_a_calibration(tiny_llama):
     import numpy as np
 
-    from calibrate.format import Calibration
-    from decoding.bench import bench_decoding
-    from treeopt.heads import random_heads
-    from treeopt.replay import replay
-    from treeopt.search import expected_tokens_per_step
+    from treeopt.core.record import Calibration
+    from reports.bench import bench_decoding
+    from decoding.heads import random_heads
+    from treeopt.core.replay import replay
+    from search.acceptance import expected_tokens_per_step
 
     rng = np.random.default_rng(0)
     ranks = rng.integers(0, 4, size=(40, 3)).astype(np.int16)

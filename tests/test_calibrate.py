@@ -6,13 +6,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from calibrate.format import ACCURACY, CONTINUATIONS, META, MISSING, RANKS, load_calibration
+from treeopt.core.record import ACCURACY, CONTINUATIONS, META, MISSING, RANKS, load_calibration
 from calibrate.ranks import count_above, head_ranks, head_targets
 from calibrate.run import SHARDS, TIMING, CalibrationConfig, calibrate
 from treeopt.cli import app
-from treeopt.errors import TreeoptError
-from treeopt.heads import random_heads
-from treeopt.models import load_model
+from treeopt.core.errors import TreeoptError
+from decoding.heads import random_heads
+from decoding.models import load_model
 
 WORDS = [" ".join(f"w{(7 * i + 3 * j) % 90 + 3}" for j in range(2 + i % 5)) for i in range(7)]
 
@@ -39,11 +39,11 @@ def heads_dir(tmp_path_factory, tiny):
 
 def config(out, prompts_file, heads_dir, **kw):
     kw = {"limit": 5, "max_new_tokens": 10, "top_k": 40, "batch_size": 2, "shard_size": 2, **kw}
-    return CalibrationConfig(out=out, heads=str(heads_dir), dataset=str(prompts_file), progress=False, **kw)
+    return CalibrationConfig(out=out, heads=str(heads_dir), prompts=str(prompts_file), progress=False, **kw)
 
 
 def run(cfg, tiny, **kw):
-    from treeopt.heads import resolve_heads
+    from decoding.heads import resolve_heads
 
     return calibrate(cfg, loaded=tiny, heads=resolve_heads(cfg.heads, tiny.model), **kw)
 
@@ -103,7 +103,7 @@ def test_head_ranks_chunks_and_own_lm_head(tiny_llama, own):
 
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_ranks_equal_slow_reference(tmp_path, tiny, prompts_file, heads_dir, batch_size):
-    from treeopt.heads import MedusaHeads
+    from decoding.heads import MedusaHeads
 
     out = run(config(tmp_path / "c", prompts_file, heads_dir, batch_size=batch_size, top_k=40), tiny)
     cal = load_calibration(out)
@@ -149,7 +149,7 @@ def test_interrupted_run_resumes_to_identical_files(tmp_path, tiny, prompts_file
 def test_other_settings_into_same_dir_is_an_error(tmp_path, tiny, prompts_file, heads_dir):
     run(config(tmp_path / "a", prompts_file, heads_dir, limit=2), tiny)
     before = files(tmp_path / "a")
-    with pytest.raises(TreeoptError, match="other settings.*top_k 40 vs 5.*new --out DIR"):
+    with pytest.raises(TreeoptError, match="other settings.*top_k 40 -> 5.*new --out DIR"):
         run(config(tmp_path / "a", prompts_file, heads_dir, limit=2, top_k=5), tiny)
     assert files(tmp_path / "a") == before
     (tmp_path / "x").mkdir()
@@ -171,12 +171,12 @@ def one_line_error(stderr, match):
 
 
 def test_cli_end_to_end(tmp_path, tiny_model_dir, prompts_file, heads_dir):
-    code, stdout, stderr = cli("--model", tiny_model_dir, "--heads", heads_dir, "--dataset", prompts_file,
+    code, stdout, stderr = cli("--model", tiny_model_dir, "--heads", heads_dir, "--prompts", prompts_file,
                                "--limit", 3, "--max-new-tokens", 6, "--top-k", 5, "--batch-size", 2, "--out", tmp_path / "c")
     assert code == 0, stderr
     assert "3 prompts" in stdout and "top-5 accuracy" in stdout
     cal = load_calibration(tmp_path / "c")
-    assert cal.meta["model"] == str(tiny_model_dir) and cal.meta["dataset"] == str(prompts_file)
+    assert cal.meta["model"] == str(tiny_model_dir) and cal.meta["prompts"] == str(prompts_file)
     assert cal.ranks.shape == (cal.meta["num_tokens"], 3) and cal.ranks.max() <= 5
 
 
@@ -194,17 +194,17 @@ def test_cli_bad_inputs_one_line(tmp_path, tiny_model_dir, heads_dir, content, h
         heads_dir = random_heads(make_tiny_llama(vocab_size=50, hidden_size=16), 2).save(tmp_path / "h")
     elif heads == "none":
         heads_dir = tmp_path / "missing"
-    code, _, stderr = cli("--model", tiny_model_dir, "--heads", heads_dir, "--dataset", tmp_path / "p.json",
+    code, _, stderr = cli("--model", tiny_model_dir, "--heads", heads_dir, "--prompts", tmp_path / "p.json",
                           "--out", tmp_path / "c")
     assert code == 2 and one_line_error(stderr, match)
 
 
 def test_bad_numbers(tmp_path, tiny_model_dir, prompts_file):
-    code, _, stderr = cli("--model", tiny_model_dir, "--dataset", prompts_file, "--top-k", 0, "--out", tmp_path)
+    code, _, stderr = cli("--model", tiny_model_dir, "--prompts", prompts_file, "--top-k", 0, "--out", tmp_path)
     assert code == 2 and one_line_error(stderr, "--top-k is 0")
 
 
 def test_alpaca_eval_offline_names_dataset_path(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code, _, stderr = cli("--model", tiny_model_dir, "--dataset", "alpaca_eval", "--out", tmp_path)
-    assert code == 2 and one_line_error(stderr, "--dataset PATH")
+    code, _, stderr = cli("--model", tiny_model_dir, "--prompts", "alpaca_eval", "--out", tmp_path)
+    assert code == 2 and one_line_error(stderr, "--prompts PATH")

@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 
 from decoding.buffers import tree_buffers
 from decoding.decoder import Acceptance, TreeDecoder, additive_mask, decode, greedy_reference
-from treeopt.errors import TreeoptError
-from treeopt.heads import random_heads
-from treeopt.tree import Tree
+from treeopt.core.errors import TreeoptError
+from decoding.heads import random_heads
+from treeopt.core.tree import Tree
 
 EOS = 2
 
@@ -190,7 +190,7 @@ def test_half_precision_runs(dtype):
 
 @pytest.mark.slow
 def test_lossless_on_bundled_model(smollm2):
-    from treeopt.models import chat_prompt, stop_token_ids
+    from decoding.models import chat_prompt, stop_token_ids
 
     model, tok = smollm2.model, smollm2.tokenizer
     heads = random_heads(model, num_heads=4)

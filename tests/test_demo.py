@@ -8,8 +8,8 @@ from dataclasses import replace
 import pandas as pd
 import pytest
 
-from reports.demo import DemoConfig, run_demo
-from treeopt.errors import TreeoptError
+from treeopt.demo import DemoConfig, run_demo
+from treeopt.core.errors import TreeoptError
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,21 @@ def test_demo_resumes_and_guards_settings(tiny_demo):
         run_demo(result.out, replace(cfg, nodes=4), log=lambda s: None)
 
 
+def test_demo_redoes_stale_stages(tiny_demo, tmp_path):
+    """Without demo.json, other settings redo exactly the stages they change, never reuse them."""
+    import shutil
+
+    cfg, result, _ = tiny_demo
+    out = tmp_path / "copy"
+    shutil.copytree(result.out, out)
+    (out / "demo.json").unlink()
+    logs = []
+    again = run_demo(out, replace(cfg, nodes=4), log=logs.append)
+    assert again.stages["calibrate"] == 0.0 and again.stages["search"] > 0 and again.stages["bench"] > 0
+    assert any("[search] redoing" in line and "nodes 8 -> 4" in line for line in logs)
+    assert json.loads((out / "tree.json").read_text())["nodes"] == 4
+
+
 def test_demo_needs_enough_prompts(tmp_path, tiny_demo):
     cfg, _, _ = tiny_demo
     with pytest.raises(TreeoptError, match="has only"):
@@ -67,14 +82,14 @@ def test_demo_needs_enough_prompts(tmp_path, tiny_demo):
 
 def test_demo_prompts_offline_without_a_local_copy(monkeypatch):
     """No ../shared copy and no hub: the demo takes the bundled instructions instead of failing."""
-    import treeopt.prompts
-    from reports.demo import DemoConfig, split_prompts
+    import treeopt.core.prompts
+    from treeopt.demo import DemoConfig, split_prompts
 
-    monkeypatch.setattr(treeopt.prompts, "local_alpaca_eval", lambda: None)
+    monkeypatch.setattr(treeopt.core.prompts, "local_alpaca_eval", lambda: None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     said = []
     fit, held = split_prompts(DemoConfig(), log=said.append)
     assert len(fit) == 24 and len(held) == 8 and not set(fit) & set(held)
     assert "offline.json" in said[0]
-    with pytest.raises(TreeoptError, match="--dataset PATH"):  # calibrate itself still says so
-        treeopt.prompts.load_instructions(treeopt.prompts.default_prompts())
+    with pytest.raises(TreeoptError, match="--prompts PATH"):  # calibrate itself still says so
+        treeopt.core.prompts.load_instructions(treeopt.core.prompts.default_prompts())

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from treeopt.errors import TreeoptError
-from treeopt.heads import PT_FILE, ST_FILE, HeadsConfig, MedusaHeads, random_heads, resolve_heads
+from treeopt.core.errors import TreeoptError
+from decoding.heads import PT_FILE, ST_FILE, HeadsConfig, MedusaHeads, random_heads, resolve_heads
 
 
 def test_random_heads_shapes(tiny_llama):

@@ -3,8 +3,8 @@ import torch
 from typer.testing import CliRunner
 
 from treeopt.cli import app
-from treeopt.errors import TreeoptError
-from treeopt.models import chat_prompt, load_model, model_path, resolve_device, resolve_dtype
+from treeopt.core.errors import TreeoptError
+from decoding.models import chat_prompt, load_model, model_path, resolve_device, resolve_dtype
 
 
 def test_load_local_directory(tiny_model_dir):

@@ -9,13 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from calibrate.format import write_calibration
+from treeopt.core.record import write_calibration
 from reports import plots
-from treeopt.errors import TreeoptError
-from treeopt.published import mc_sim_7b_63
-from treeopt.search import node_values, search
-from treeopt.tree import Tree
-from treeopt.treefile import write_tree
+from treeopt.core.errors import TreeoptError
+from treeopt.core.published import mc_sim_7b_63
+from search.acceptance import node_values
+from search.grow import search
+from treeopt.core.tree import Tree
+from treeopt.core.treefile import write_tree
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -40,7 +41,7 @@ def synthetic_calibration(directory: Path, prompts: int = 30, length: int = 60, 
 
 @pytest.fixture(scope="module")
 def calibration(tmp_path_factory):
-    from calibrate.format import load_calibration
+    from treeopt.core.record import load_calibration
 
     return load_calibration(synthetic_calibration(tmp_path_factory.mktemp("cal")))
 

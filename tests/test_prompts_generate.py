@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from treeopt.errors import TreeoptError
-from treeopt.generate import generate_continuations, greedy_continuations
-from treeopt.prompts import load_instructions, local_alpaca_eval
+from treeopt.core.errors import TreeoptError
+from decoding.generate import generate_continuations, greedy_continuations
+from treeopt.core.prompts import load_instructions, local_alpaca_eval
 
 
 def test_local_alpaca_eval_copy():
@@ -37,7 +37,7 @@ def test_missing_file_and_offline_hub(tmp_path, monkeypatch):
     with pytest.raises(TreeoptError, match="not found"):
         load_instructions(str(tmp_path / "nope.jsonl"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(TreeoptError, match="--dataset PATH"):
+    with pytest.raises(TreeoptError, match="--prompts PATH"):
         load_instructions("alpaca_eval")
 
 

@@ -9,13 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from calibrate.format import Calibration
+from treeopt.core.record import Calibration
 from treeopt.cli import app
-from treeopt.errors import TreeoptError
-from treeopt.replay import replay
-from treeopt.search import evaluate, search, split_prompts
-from treeopt.tree import Tree
-from treeopt.treefile import write_tree
+from treeopt.core.errors import TreeoptError
+from treeopt.core.replay import replay
+from search.evaluate import evaluate, split_prompts
+from search.grow import search
+from treeopt.core.tree import Tree
+from treeopt.core.treefile import write_tree
 
 
 def reference_steps(tree: Tree, ranks: np.ndarray, top_k: int) -> int:

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from calibrate.format import Calibration
-from treeopt.heads import random_heads
-from treeopt.replay import replay
-from treeopt.tree import Tree
+from treeopt.core.record import Calibration
+from decoding.heads import random_heads
+from treeopt.core.replay import replay
+from treeopt.core.tree import Tree
 
 decoder = pytest.importorskip("decoding.decoder")
 

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from reports.report import load_run, markdown_table, write_report
 from test_plots import synthetic_calibration
 from treeopt.cli import app
-from treeopt.errors import TreeoptError
-from treeopt.search import search_report, sweep_report
+from treeopt.core.errors import TreeoptError
+from search.api import search_report, sweep_report
 
 
 def bench_table() -> pd.DataFrame:

@@ -13,16 +13,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from calibrate.format import Calibration
+from treeopt.core.record import Calibration
 from treeopt.cli import app
-from treeopt.errors import TreeoptError
-from treeopt.replay import accepted_depths
-from treeopt.search import (
-    Latency, baseline_trees, best_cartesian, best_chain_length, choose_nodes, expected_tokens_per_step,
-    node_values, read_latency, search, search_auto, sweep,
-)
-from treeopt.tree import Tree
-from treeopt.treefile import read_tree_meta
+from treeopt.core.errors import TreeoptError
+from treeopt.core.replay import accepted_depths
+from search.acceptance import expected_tokens_per_step, node_values
+from search.baselines import baseline_trees, best_cartesian
+from search.budget import Latency, best_chain_length, choose_nodes, read_latency, search_auto
+from search.grow import search
+from search.sweep import sweep
+from treeopt.core.tree import Tree
+from treeopt.core.treefile import read_tree_meta
 
 
 def in_memory(ranks_by_prompt, top_k) -> Calibration:
@@ -86,7 +87,7 @@ def test_models_on_a_hand_made_case(make_calibration):
     # the empirical prediction is the mean accepted length over all positions
     tree = search(cal, 3).tree
     assert expected_tokens_per_step(tree, cal) == pytest.approx(1 + accepted_depths(tree, cal.ranks, cal.top_k).mean())
-    with pytest.raises(TreeoptError, match="--model empirical"):
+    with pytest.raises(TreeoptError, match="--acceptance-model empirical"):
         search(cal, 3, "joint")
     with pytest.raises(TreeoptError, match="between 1 and"):
         search(cal, 3, top_k=5)
@@ -163,7 +164,7 @@ def test_search_and_sweep_commands(make_calibration, tmp_path):
     assert tree == search(cal, 12).tree and meta["nodes"] == 12
     assert meta["predicted_tokens_per_step"] == pytest.approx(expected_tokens_per_step(tree, cal))
     assert meta["acceptance_model"] == "empirical" and meta["best_chain_length"] == 3
-    r = runner.invoke(app, ["search", "-c", str(cal.directory), "--nodes", "5", "--model", "independent",
+    r = runner.invoke(app, ["search", "-c", str(cal.directory), "--nodes", "5", "--acceptance-model", "independent",
                             "-o", str(tmp_path / "t.txt"), "--format", "python"])
     assert r.exit_code == 0 and (tmp_path / "t.txt").read_text().count("medusa_choices = ") == 1
     r = runner.invoke(app, ["sweep", "-c", str(cal.directory), "--max-nodes", "10", "-o", str(tmp_path / "s.csv")])

@@ -3,15 +3,16 @@ import json
 import pytest
 import torch
 
-from treeopt.errors import TreeoptError
-from treeopt.heads import HeadsConfig, MedusaHeads
-from treeopt.train import (Corpus, TrainConfig, generate_data, head_accuracy, head_loss, load_corpus, loss_weights,
-                           magpie_instructions, magpie_prefix, read_shard, train_heads, train_heads_on)
+from treeopt.core.errors import TreeoptError
+from decoding.heads import HeadsConfig, MedusaHeads
+from training.config import TrainConfig
+from training.data import Corpus, generate_data, load_corpus, magpie_instructions, magpie_prefix, read_shard
+from training.train import head_accuracy, head_loss, loss_weights, train_heads, train_heads_on
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from treeopt.models import load_model
+    from decoding.models import load_model
 
     return load_model(str(tiny_model_dir), device="cpu")
 
@@ -78,13 +79,13 @@ def _shards(work):
 
 @pytest.mark.parametrize("source", ["file", "magpie"])
 def test_shards_resume_after_interruption(tiny, tmp_path, prompts_file, monkeypatch, source):
-    import treeopt.train as train
+    import training.data as data
 
     prompts = "magpie" if source == "magpie" else prompts_file
     kw = dict(num_prompts=16, batch_size=8, magpie_max_tokens=24) if source == "magpie" else {}
     whole = generate_data(cfg_for(tmp_path / "a", prompts, **kw), tiny, log=lambda s: None)
     assert len(whole) == (2 if source == "magpie" else 3)
-    real, calls = train._write_shard, []
+    real, calls = data.write_shard, []
 
     def flaky(*a):
         calls.append(1)
@@ -92,11 +93,11 @@ def test_shards_resume_after_interruption(tiny, tmp_path, prompts_file, monkeypa
             raise KeyboardInterrupt
         real(*a)
 
-    monkeypatch.setattr(train, "_write_shard", flaky)
+    monkeypatch.setattr(data, "write_shard", flaky)
     with pytest.raises(KeyboardInterrupt):
         generate_data(cfg_for(tmp_path / "b", prompts, **kw), tiny, log=lambda s: None)
     assert len(_shards(tmp_path / "b")) == 1 and not list((tmp_path / "b" / "data").glob(".shard*"))
-    monkeypatch.setattr(train, "_write_shard", real)
+    monkeypatch.setattr(data, "write_shard", real)
     again = generate_data(cfg_for(tmp_path / "b", prompts, **kw), tiny, log=lambda s: None)
     for x, y in zip(whole, again):
         hx, tx, ox, px = read_shard(x)
@@ -108,7 +109,7 @@ def test_shards_resume_after_interruption(tiny, tmp_path, prompts_file, monkeypa
     h, t, _, _ = read_shard(whole[0])
     assert torch.equal(tiny.model.lm_head(h.float()).argmax(-1), t)
     # other data settings in the same work directory are refused
-    with pytest.raises(TreeoptError, match="other data settings"):
+    with pytest.raises(TreeoptError, match="data set made with other settings.*new --work directory"):
         generate_data(cfg_for(tmp_path / "b", prompts, **{**kw, "max_new_tokens": 5}), tiny)
 
 
@@ -155,11 +156,11 @@ def test_training_resumes_to_the_same_heads(tiny, tmp_path, prompts_file):
 
 
 def test_pipeline_saves_loadable_heads(tiny, tiny_model_dir, tmp_path, prompts_file, monkeypatch):
-    import treeopt.prompts
+    import treeopt.core.prompts
 
     evalset = tmp_path / "eval.json"  # the report's AlpacaEval metric, without needing ../shared or the hub
     evalset.write_text(json.dumps([{"instruction": f"Describe the number {i}."} for i in range(4)]))
-    monkeypatch.setattr(treeopt.prompts, "default_prompts", lambda: str(evalset))
+    monkeypatch.setattr(treeopt.core.prompts, "default_prompts", lambda: str(evalset))
     out = tmp_path / "heads"
     cfg = cfg_for(tmp_path / "w", prompts_file, model=str(tiny_model_dir), heads_out=str(out), eval_prompts=2,
                   eval_tokens=6, num_layers=2)

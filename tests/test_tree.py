@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from treeopt.errors import TreeoptError
-from treeopt.published import BASELINES, PUBLISHED
-from treeopt.tree import Tree
-from treeopt.treefile import FORMATS, format_tree, parse_trtllm, read_tree, read_tree_meta, write_tree
+from treeopt.core.errors import TreeoptError
+from treeopt.core.published import BASELINES, PUBLISHED
+from treeopt.core.tree import Tree
+from treeopt.core.treefile import FORMATS, format_tree, parse_trtllm, read_tree, read_tree_meta, write_tree
 
 
 @st.composite

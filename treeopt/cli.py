@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from treeopt.errors import TreeoptError
+from treeopt.core.errors import TreeoptError
 
 app = typer.Typer(
     help="treeopt: calibrate Medusa heads, search the best speculative-decoding tree, decode and benchmark it.",
@@ -44,12 +44,16 @@ def command(*args, **kwargs):
     return register
 
 
-# Options shared by the commands that load a model.
+# Options shared by several commands: one name (and short flag) per idea everywhere.
 ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="smollm2-135m (bundled), a local directory, or a Hugging Face id.")
 HeadsOpt = typer.Option(None, "--heads", help="Medusa heads directory; default: the heads shipped for the bundled model; `random` for untrained ones.")
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto.")
 ThreadsOpt = typer.Option(None, "--threads", help="torch CPU threads; 1 is best on a machine shared with other jobs.")
 DtypeOpt = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16.")
+PromptsOpt = typer.Option(None, "--prompts", "-p", help="Prompt source: alpaca_eval (hub, via `datasets`), a .json/.jsonl file with an `instruction` or `prompt` field, or a Hugging Face dataset id; default: ../shared/data/alpaca_eval.json if present, else alpaca_eval.")
+CalibrationOpt = typer.Option(..., "--calibration", "-c", help="Calibration directory (from `treeopt calibrate`).")
+AcceptanceModelOpt = typer.Option("empirical", "--acceptance-model", help="How node acceptance is estimated from the calibration: empirical (joint rank counts) or independent (Medusa paper's product of accuracies).")
+LatencyOpt = typer.Option(None, "--latency", help="Latency CSV (nodes,forward_ms) from `treeopt profile`: adds tokens/s.")
 
 
 @command()
@@ -65,14 +69,14 @@ def info(
     typer.echo(describe(model=model, heads=heads, device=device, dtype=dtype))
 
 
-# --- train-heads (treeopt.train) ---
+# --- train-heads (training.train) ---
 
 
 @command("train-heads")
 def train_heads_cmd(
     work: Path = typer.Option(..., "--work", help="Directory for data shards, checkpoints and the report; re-run the same command to resume."),
     heads_out: Optional[Path] = typer.Option(None, "--heads-out", help="Where to save the trained heads (Medusa layout)."),
-    prompts: str = typer.Option("magpie", "--prompts", help="`magpie` (user turns sampled from the model itself), a .json/.jsonl file with an `instruction` or `prompt` field, or a Hugging Face dataset id."),
+    prompts: str = typer.Option("magpie", "--prompts", "-p", help="`magpie` (user turns sampled from the model itself), a .json/.jsonl file with an `instruction` or `prompt` field, or a Hugging Face dataset id."),
     num_prompts: int = typer.Option(2000, "--num-prompts", help="Sequences to generate (magpie: an upper bound, duplicates are dropped)."),
     max_new_tokens: int = typer.Option(192, "--max-new-tokens", help="Greedy continuation length per prompt."),
     batch_size: int = typer.Option(48, "--batch-size", help="Sequences per generation batch (= one shard)."),
@@ -93,7 +97,7 @@ def train_heads_cmd(
     device: str = DeviceOpt,
 ):
     """Train Medusa-1 heads (backbone frozen) on the model's own greedy continuations, and save them."""
-    from treeopt.train import TrainConfig, train_heads
+    from training.train import TrainConfig, train_heads
 
     cfg = TrainConfig(work=str(work), heads_out=str(heads_out) if heads_out else None, model=model, prompts=prompts,
                       num_prompts=num_prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -110,7 +114,7 @@ def train_heads_cmd(
 def calibrate(
     model: str = ModelOpt,
     heads: Optional[str] = HeadsOpt,
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="alpaca_eval (hub, via `datasets`) or a local .json/.jsonl with an `instruction` field; default: ../shared/data/alpaca_eval.json if present, else alpaca_eval."),
+    prompts: Optional[str] = PromptsOpt,
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N prompts."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Greedy continuation length cap (stops earlier at EOS)."),
     top_k: int = typer.Option(10, "--top-k", help="Ranks >= top-k are recorded as a miss."),
@@ -123,10 +127,10 @@ def calibrate(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with tokens/s."),
 ):
     """Record where every head ranks the base model's greedy tokens (ranks.parquet, accuracy.csv, ...)."""
-    from calibrate.format import load_calibration
+    from treeopt.core.record import load_calibration
     from calibrate.run import CalibrationConfig, calibrate as run_calibration
 
-    config = CalibrationConfig(out=out, model=model, heads=heads, dataset=dataset, limit=limit,
+    config = CalibrationConfig(out=out, model=model, heads=heads, prompts=prompts, limit=limit,
                                max_new_tokens=max_new_tokens, top_k=top_k, batch_size=batch_size,
                                shard_size=shard_size, seed=seed, device=device, dtype=dtype, progress=progress)
     cal = load_calibration(run_calibration(config))
@@ -136,17 +140,14 @@ def calibrate(
 
 
 
-# --- search, evaluate, sweep (treeopt.search) ---
-CalibrationOpt = typer.Option(..., "--calibration", "-c", help="Calibration directory (from `treeopt calibrate`).")
-AcceptanceOpt = typer.Option("empirical", "--model", help="Acceptance model: empirical (joint rank counts) or independent (Medusa paper).")
-LatencyOpt = typer.Option(None, "--latency", help="Latency CSV (nodes,forward_ms) from `treeopt profile`: adds tokens/s.")
+# --- search, evaluate, sweep (search/) ---
 
 
 @command()
 def search(
     calibration: Path = CalibrationOpt,
     nodes: str = typer.Option("64", "--nodes", "-n", help="Tree size (root excluded), or `auto` (needs --latency)."),
-    model: str = AcceptanceOpt,
+    acceptance_model: str = AcceptanceModelOpt,
     latency: Optional[Path] = LatencyOpt,
     max_depth: Optional[int] = typer.Option(None, "--max-depth", help="Deepest path (default: number of heads)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Highest rank + 1 per head (default: the calibration's top-k)."),
@@ -155,31 +156,31 @@ def search(
     fmt: Optional[str] = typer.Option(None, "--format", help="json, python (medusa_choices = [...]) or trtllm (--medusa_choices string); default from the suffix."),
 ):
     """Search the tree that maximizes expected tokens/step; compare it with the baselines."""
-    from treeopt.search import search_report
+    from search.api import search_report
 
-    typer.echo(search_report(calibration, nodes, model, max_depth, top_k, latency, max_nodes, out, fmt)[2])
+    typer.echo(search_report(calibration, nodes, acceptance_model, max_depth, top_k, latency, max_nodes, out, fmt)[2])
 
 
 @command()
 def evaluate(
     trees: List[str] = typer.Argument(..., help="Tree files (.json, .py, .py:NAME, .txt), published names (mc_sim_7b_63) or '[[0], [0, 0]]'."),
     calibration: Path = CalibrationOpt,
-    model: str = AcceptanceOpt,
+    acceptance_model: str = AcceptanceModelOpt,
     split: Optional[float] = typer.Option(None, "--split", help="Fit on this fraction of prompts, replay on the rest (e.g. 0.8)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the prompt split."),
     latency: Optional[Path] = LatencyOpt,
 ):
     """Replay trees on a calibration (exact greedy Medusa decoding) next to the baselines."""
-    from treeopt.search import evaluate_report
+    from search.api import evaluate_report
 
-    typer.echo(evaluate_report(trees, calibration, model, split, seed, latency)[1])
+    typer.echo(evaluate_report(trees, calibration, acceptance_model, split, seed, latency)[1])
 
 
 @command()
 def sweep(
     calibration: Path = CalibrationOpt,
     max_nodes: int = typer.Option(256, "--max-nodes", help="Largest tree size."),
-    model: str = AcceptanceOpt,
+    acceptance_model: str = AcceptanceModelOpt,
     latency: Optional[Path] = LatencyOpt,
     max_depth: Optional[int] = typer.Option(None, "--max-depth", help="Deepest path (default: number of heads)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Highest rank + 1 per head."),
@@ -187,9 +188,9 @@ def sweep(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="CSV to write."),
 ):
     """Predicted tokens/step (and tokens/s with --latency) of the best tree of every size 0..N."""
-    from treeopt.search import sweep_report
+    from search.api import sweep_report
 
-    typer.echo(sweep_report(calibration, max_nodes, model, latency, max_depth, top_k, replayed, out)[1])
+    typer.echo(sweep_report(calibration, max_nodes, acceptance_model, latency, max_depth, top_k, replayed, out)[1])
 
 
 
@@ -225,10 +226,10 @@ def decode(
 def bench(
     trees: Optional[List[str]] = typer.Option(None, "--trees", "--tree", "-t", help="Tree to benchmark (repeat the option for more): a tree file, a published name or '[[0], [0, 0]]'."),
     cartesian: Optional[List[str]] = typer.Option(None, "--cartesian", help="Cartesian trees, top-k per depth: 2x3,3x2x2."),
-    prompts: Optional[str] = typer.Option(None, "--prompts", help="alpaca_eval or a .json/.jsonl file with `instruction`; default: the local AlpacaEval copy."),
+    prompts: Optional[str] = PromptsOpt,
     limit: Optional[int] = typer.Option(20, "--limit", help="Prompts to use (the first N)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration directory: adds predicted tokens/step."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", "-c", help="Calibration directory: adds predicted tokens/step."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory for bench.csv and bench.json (re-run to resume)."),
     repeats: int = typer.Option(5, "--repeats", help="Timed forwards per tree size for forward_ms."),
     threads: Optional[int] = ThreadsOpt,
@@ -238,7 +239,7 @@ def bench(
     dtype: str = DtypeOpt,
 ):
     """Plain greedy vs tree decoding on the same prompts: tokens/step, overhead, speedup, lossless match."""
-    from decoding.bench import render, run_bench
+    from reports.bench import render, run_bench
 
     result = run_bench(model=model, heads=heads, trees=trees or (), cartesian=cartesian or (), prompts=prompts,
                        limit=limit, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
@@ -263,7 +264,7 @@ def profile(
 ):
     """Time one decoding step's forward vs tree size on this device, into a CSV."""
     from decoding.profile import run_profile
-    from treeopt.search import render_table
+    from treeopt.core.tables import render_table
 
     df = run_profile(model=model, heads=heads, sizes=sizes, context=context, repeats=repeats, device=device,
                      dtype=dtype, out=out, progress=sys.stderr.isatty(), threads=threads)
@@ -279,7 +280,7 @@ def plot(
     tree: str = typer.Argument(..., help="Tree: a .json/.py/.txt tree file, a published name (mc_sim_7b_63) or '[[0], [0, 0]]'."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", "-c", help="Calibration directory: colour nodes by acceptance probability."),
     out: Path = typer.Option(Path("tree.png"), "--out", "-o", help="Picture to write: .png or .svg."),
-    acceptance_model: str = typer.Option("empirical", "--acceptance-model", help="empirical or independent (with --calibration)."),
+    acceptance_model: str = AcceptanceModelOpt,
 ):
     """Draw a tree: one level per head, nodes labelled by rank, coloured by acceptance probability."""
     from reports.plots import draw_tree
@@ -310,7 +311,7 @@ def demo(
     cartesian: str = typer.Option("best,2x3", "--cartesian", help="Cartesian baselines: `best` (the best one as large as the searched tree) and/or e.g. 2x3."),
     published: str = typer.Option("", "--published", help="Medusa's published trees to bench too, comma-separated (e.g. mc_sim_7b_63)."),
     profile_sizes: str = typer.Option("0,1,2,4,8,16,32,64", "--profile-sizes", help="Tree sizes to time (latency.csv); '' to skip."),
-    prompts: Optional[str] = typer.Option(None, "--prompts", help="Prompt set (.json/.jsonl with `instruction`); default: AlpacaEval."),
+    prompts: Optional[str] = PromptsOpt,
     model: str = ModelOpt,
     heads: Optional[str] = HeadsOpt,
     device: str = DeviceOpt,
@@ -319,7 +320,7 @@ def demo(
 ):
     """The main job, small: calibrate on a slice of AlpacaEval, search the tree, bench it against
     Cartesian trees and plain decoding on held-out prompts, write the report."""
-    from reports.demo import DemoConfig, run_demo
+    from treeopt.demo import DemoConfig, run_demo
 
     split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
     if nodes != "auto" and not nodes.isdigit():

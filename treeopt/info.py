@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import platform
-from importlib import metadata
-
-from treeopt.errors import TreeoptError
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("treeopt", "torch", "transformers", "numpy", "pandas", "networkx", "matplotlib", "typer", "datasets"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
+from treeopt.core.env import versions
+from treeopt.core.errors import TreeoptError
 
 
 def describe(model: str = "smollm2-135m", heads: str | None = None, device: str = "auto", dtype: str = "float32") -> str:
     import torch
 
-    from treeopt.heads import resolve_heads
-    from treeopt.models import load_model
+    from decoding.heads import resolve_heads
+    from decoding.models import load_model
 
     lm = load_model(model, device=device, dtype=dtype)
     cfg = lm.model.config

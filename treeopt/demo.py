@@ -24,17 +24,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from treeopt.errors import TreeoptError
-from treeopt.fileio import write_text
+from treeopt.core.errors import TreeoptError
+from treeopt.core.fileio import write_text
+from treeopt.core.stage import Stage, sha256_file
 
 DEMO = "demo.json"
+STAGES = "stages"  # one manifest per stage: the settings and input hashes that made its outputs
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     model: str = "smollm2-135m"
     heads: str | None = None  # None: the heads shipped for the bundled model
-    prompts: str | None = None  # None: treeopt.prompts.default_prompts() (AlpacaEval)
+    prompts: str | None = None  # None: treeopt.core.prompts.default_prompts() (AlpacaEval)
     offset: int = 0  # first prompt of the slice
     fit_prompts: int = 24  # calibrate on these
     bench_prompts: int = 8  # and bench on the next ones
@@ -83,11 +85,11 @@ def _check_settings(out: Path, cfg: DemoConfig) -> dict:
 def _default_source(log: Callable[[str], None]) -> str:
     """AlpacaEval (the copy beside the checkout, else the hub's); offline with no copy, the general
     instructions bundled for this case, so the demo runs on any machine."""
-    from treeopt.models import _hub_reachable
-    from treeopt.prompts import ALPACA_EVAL, OFFLINE_PROMPTS, default_prompts
+    from treeopt.core.env import hub_reachable
+    from treeopt.core.prompts import ALPACA_EVAL, OFFLINE_PROMPTS, default_prompts
 
     source = default_prompts()
-    if source == ALPACA_EVAL and not _hub_reachable():
+    if source == ALPACA_EVAL and not hub_reachable():
         log(f"AlpacaEval: no local copy and the hub is unreachable; using the bundled {OFFLINE_PROMPTS} "
             "(--prompts FILE for others)")
         return str(OFFLINE_PROMPTS)
@@ -96,7 +98,7 @@ def _default_source(log: Callable[[str], None]) -> str:
 
 def split_prompts(cfg: DemoConfig, log: Callable[[str], None] = print) -> tuple[list[str], list[str]]:
     """(fit, held-out) instructions: consecutive, disjoint slices of the prompt set."""
-    from treeopt.prompts import default_prompts, load_instructions
+    from treeopt.core.prompts import load_instructions
 
     if cfg.fit_prompts < 1 or cfg.bench_prompts < 1:
         raise TreeoptError("--limit and --bench-prompts must both be at least 1")
@@ -111,7 +113,7 @@ def split_prompts(cfg: DemoConfig, log: Callable[[str], None] = print) -> tuple[
 def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None,
              log: Callable[[str], None] = print) -> DemoResult:
     """Run (or resume) every stage of the demo into `out`; returns where the report is."""
-    from decoding.bench import set_threads
+    from decoding.models import set_threads
 
     cfg = config or DemoConfig()
     set_threads(cfg.threads)
@@ -122,35 +124,53 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None,
     result = DemoResult(out, out / "report.html")
     t_start = time.perf_counter()
 
-    def stage(name: str, done: bool, fn):
-        if done:
+    def stage(name: str, settings: dict, inputs: list[Path], outputs: list[Path], fn):
+        """Run `fn` unless its outputs exist and its manifest says they were made by these settings
+        from these very inputs (sha256); otherwise say why and redo it."""
+        st = Stage(out / STAGES, {**settings, "inputs": {str(f.relative_to(out)): sha256_file(f) for f in inputs}},
+                   what=f"demo {name} stage", manifest_name=f"{name}.json")
+        why = st.mismatch() or ("" if all(f.is_file() for f in outputs) else "outputs missing")
+        if st.recorded() is not None and not why:
             log(f"[{name}] done already: skipped")
             result.stages[name] = 0.0
             return
-        log(f"[{name}] ...")
+        log(f"[{name}] ..." if st.recorded() is None else f"[{name}] redoing: {why}")
+        st.clear()
         t0 = time.perf_counter()
         fn()
+        st.open()
         stages[name] = result.stages[name] = round(time.perf_counter() - t0, 2)
         log(f"[{name}] {stages[name]:.1f} s")
         _save(out, cfg, stages, old)
 
     fit_file, bench_file = out / "prompts" / "fit.json", out / "prompts" / "bench.json"
+    cal_file, latency, tree_file = out / "calibration" / "calibration.json", out / "latency.csv", out / "tree.json"
 
     def prompts():
         fit, held = split_prompts(cfg, log)
         write_text(fit_file, json.dumps([{"instruction": s} for s in fit], indent=1) + "\n")
         write_text(bench_file, json.dumps([{"instruction": s} for s in held], indent=1) + "\n")
 
-    stage("prompts", fit_file.is_file() and bench_file.is_file(), prompts)
-    stage("calibrate", (out / "calibration" / "calibration.json").is_file(), lambda: _calibrate(cfg, out, fit_file))
+    c = _settings(cfg)
+    model = {k: c[k] for k in ("model", "heads", "device", "dtype")}
+    stage("prompts", {k: c[k] for k in ("prompts", "offset", "fit_prompts", "bench_prompts")}, [],
+          [fit_file, bench_file], prompts)
+    stage("calibrate", {**model, "max_new_tokens": c["max_new_tokens"], "top_k": c["top_k"]}, [fit_file], [cal_file],
+          lambda: _calibrate(cfg, out, fit_file))
     if cfg.profile_sizes:
-        stage("profile", (out / "latency.csv").is_file(), lambda: _profile(cfg, out))
-    stage("search", (out / "tree.json").is_file() and (out / "sweep.csv").is_file(), lambda: _search(cfg, out, log))
-    stage("bench", (out / "bench" / "bench.csv").is_file(), lambda: _bench(cfg, out, bench_file, log))
+        stage("profile", {**model, "sizes": c["profile_sizes"], "context": cfg.max_new_tokens + 64}, [], [latency],
+              lambda: _profile(cfg, out))
+    stage("search", {"nodes": c["nodes"]}, [cal_file] + ([latency] if cfg.profile_sizes else []),
+          [tree_file, out / "sweep.csv"], lambda: _search(cfg, out, log))
+    stage("bench", {**model, "max_new_tokens": c["max_new_tokens"], "cartesian": c["cartesian"],
+                    "published": c["published"]}, [bench_file, cal_file, tree_file], [out / "bench" / "bench.csv"],
+          lambda: _bench(cfg, out, bench_file, log))
 
     from reports.report import write_report
 
-    stage("report", False, lambda: write_report(out))
+    t0 = time.perf_counter()
+    write_report(out)  # always: it only reads the stages' outputs
+    stages["report"] = result.stages["report"] = round(time.perf_counter() - t0, 2)
     result.wall_s = round(time.perf_counter() - t_start, 2)
     _save(out, cfg, stages, old, wall_s=result.wall_s)
     log(f"report: {out / 'report.html'} (and {out / 'report.md'})")
@@ -170,7 +190,7 @@ def _save(out: Path, cfg: DemoConfig, stages: dict, old: dict, wall_s: float | N
 def _calibrate(cfg: DemoConfig, out: Path, fit_file: Path):
     from calibrate.run import CalibrationConfig, calibrate
 
-    calibrate(CalibrationConfig(out=out / "calibration", model=cfg.model, heads=cfg.heads, dataset=str(fit_file),
+    calibrate(CalibrationConfig(out=out / "calibration", model=cfg.model, heads=cfg.heads, prompts=str(fit_file),
                                 max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, device=cfg.device,
                                 dtype=cfg.dtype, progress=False))
 
@@ -183,7 +203,7 @@ def _profile(cfg: DemoConfig, out: Path):
 
 
 def _search(cfg: DemoConfig, out: Path, log):
-    from treeopt.search import search_report, sweep_report
+    from search.api import search_report, sweep_report
 
     latency = out / "latency.csv" if (out / "latency.csv").is_file() else None
     if cfg.nodes == "auto" and latency is None:
@@ -196,7 +216,7 @@ def _search(cfg: DemoConfig, out: Path, log):
 
 def cartesian_specs(cfg: DemoConfig, calibration, nodes: int) -> list[str]:
     """The Cartesian baselines as bench specs ('3x2x2'): 'best' becomes the best one of at most `nodes` nodes."""
-    from treeopt.search import best_cartesian
+    from search.baselines import best_cartesian
 
     specs = []
     for spec in cfg.cartesian:
@@ -211,8 +231,8 @@ def cartesian_specs(cfg: DemoConfig, calibration, nodes: int) -> list[str]:
 def bench_trees(cfg: DemoConfig, out: Path, calibration) -> list[str]:
     """Tree files for the bench, named as its table will show them: OUT/trees/searched-N.json and
     Medusa's published trees cut to the calibration's heads (a 3-head run cannot draft 4 deep)."""
-    from treeopt.search import truncate
-    from treeopt.treefile import read_tree, read_tree_meta, write_tree
+    from treeopt.core.tree import truncate
+    from treeopt.core.treefile import read_tree, read_tree_meta, write_tree
 
     tree, meta = read_tree_meta(out / "tree.json")
     files = [write_tree(tree, out / "trees" / f"searched-{len(tree)}.json", **meta)]
@@ -225,9 +245,9 @@ def bench_trees(cfg: DemoConfig, out: Path, calibration) -> list[str]:
 
 
 def _bench(cfg: DemoConfig, out: Path, bench_file: Path, log):
-    from calibrate.format import load_calibration
-    from decoding.bench import render, run_bench
-    from treeopt.treefile import read_tree
+    from treeopt.core.record import load_calibration
+    from reports.bench import render, run_bench
+    from treeopt.core.treefile import read_tree
 
     cal = load_calibration(out / "calibration")
     trees = bench_trees(cfg, out, cal)

@@ -9,7 +9,7 @@ TensorRT-LLM's `--medusa_choices` string. All three round-trip (paths and their 
   paths itself and accepts leaf-only lists: the reader adds missing ancestors.
 
 A tree spec (`read_tree`) is a file path, ``file.py:name`` for one list of a Python file, the name
-of a published Medusa tree (``mc_sim_7b_63``, see `treeopt.published`), or a literal list string.
+of a published Medusa tree (``mc_sim_7b_63``, see `treeopt.core.published`), or a literal list string.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import ast
 import json
 from pathlib import Path
 
-from treeopt.errors import TreeoptError
-from treeopt.fileio import write_text
-from treeopt.published import PUBLISHED
-from treeopt.tree import Tree
+from treeopt.core.errors import TreeoptError
+from treeopt.core.fileio import write_text
+from treeopt.core.published import PUBLISHED
+from treeopt.core.tree import Tree
 
 FORMATS = ("json", "python", "trtllm")
 SUFFIX_FORMAT = {".json": "json", ".py": "python", ".txt": "trtllm"}

@@ -8,7 +8,7 @@ Columns (one row per method; plain first): method, nodes, depth, tokens_per_step
 1 for plain), step_ms (decoding time ÷ forwards after prefill), overhead (step_ms ÷ plain step_ms),
 tokens_per_s (new tokens ÷ decoding time), speedup (tokens_per_s ÷ plain's), prefill_ms (mean per
 prompt), match_rate (fraction of prompts whose output equals plain greedy's token for token),
-predicted_tokens_per_step (with --calibration: `treeopt.search.expected_tokens_per_step`),
+predicted_tokens_per_step (with --calibration: `search.acceptance.expected_tokens_per_step`),
 replay_tokens_per_step (with --calibration: exact replay on its continuations), forward_ms (the
 model's work per step — tree forward + heads — timed inside the decoding steps; for plain, as
 profiled), loop_efficiency (tokens_per_s ÷ (tokens_per_step ÷ forward_ms) = forward_ms ÷ step_ms:
@@ -19,7 +19,7 @@ tree size and the run's median context, as `treeopt profile` times them), prompt
 from __future__ import annotations
 
 import json
-import platform
+import shutil
 import re
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -27,16 +27,19 @@ from pathlib import Path
 
 import pandas as pd
 
+from decoding.models import set_threads
 from decoding.decoder import DecodeResult, TreeDecoder, greedy_reference
 from decoding.profile import time_step_forward
-from treeopt.errors import TreeoptError
-from treeopt.fileio import write_text
-from treeopt.tree import Tree
+from treeopt.core.env import versions
+from treeopt.core.errors import TreeoptError
+from treeopt.core.fileio import write_text
+from treeopt.core.stage import Stage
+from treeopt.core.tree import Tree
 
 PLAIN = "plain"
 CSV = "bench.csv"
 JSON = "bench.json"
-PARTIAL = ".bench.partial.json"
+RECORDS = ".bench-records"  # the resumable stage of an unfinished run
 COLUMNS = ["method", "nodes", "depth", "tokens_per_step", "step_ms", "overhead", "speedup", "tokens_per_s",
            "prefill_ms", "match_rate", "predicted_tokens_per_step", "replay_tokens_per_step", "forward_ms",
            "loop_efficiency", "profiled_forward_ms", "prompts", "new_tokens", "steps"]
@@ -52,7 +55,7 @@ def parse_cartesian(spec: str) -> tuple[str, Tree]:
 
 def tree_methods(trees=(), cartesian=()) -> dict[str, Tree]:
     """Method name -> Tree, from tree specs (files: their stem) and Cartesian specs ('2x3,3x2x2')."""
-    from treeopt.treefile import read_tree
+    from treeopt.core.treefile import read_tree
 
     methods: dict[str, Tree] = {}
     for spec in trees:
@@ -171,20 +174,11 @@ def bench_decoding(model, heads, trees: dict[str, Tree], prompts: list[list[int]
     return BenchResult(table[COLUMNS], settings, [records[k] for k in sorted(records, key=lambda k: (k[1], methods.index(k[0])))])
 
 
-def set_threads(threads: int | None) -> None:
-    """torch's CPU threads (None: leave them): 1 is best on a machine shared with other jobs."""
-    if threads is not None:
-        import torch
-
-        if threads < 1:
-            raise TreeoptError("--threads must be at least 1")
-        torch.set_num_threads(threads)
-
-
 def _predicted(tree: Tree, calibration) -> dict:
     """Calibration-based predictions of tokens/step, for the ranks the calibration covers."""
-    from treeopt.replay import replay
-    from treeopt.search import expected_tokens_per_step, truncate
+    from treeopt.core.replay import replay
+    from search.acceptance import expected_tokens_per_step
+    from treeopt.core.tree import truncate
 
     fit = truncate(tree, calibration.num_heads, calibration.top_k)
     if fit.num_nodes != tree.num_nodes:  # the calibration cannot see some nodes: no honest prediction
@@ -199,26 +193,16 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def _versions() -> dict:
-    import torch
-    import transformers
-
-    import treeopt
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "treeopt": getattr(treeopt, "__version__", "")}
-
-
 def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), cartesian=(),
               prompts: str | None = None, limit: int | None = 20, max_new_tokens: int = 128,
               device: str = "auto", dtype: str = "float32", calibration: str | None = None,
               out: str | Path | None = None, repeats: int = 5, progress: bool = True,
               threads: int | None = None) -> BenchResult:
     """The CLI's twin: load everything, benchmark, write bench.csv and bench.json into `out`.
-    An interrupted run with the same settings resumes from `out`/.bench.partial.json."""
-    from treeopt.heads import resolve_heads
-    from treeopt.models import chat_prompt, load_model, stop_token_ids
-    from treeopt.prompts import default_prompts, load_instructions
+    An interrupted run with the same settings resumes from `out`/.bench-records/."""
+    from decoding.heads import resolve_heads
+    from decoding.models import chat_prompt, load_model, stop_token_ids
+    from treeopt.core.prompts import default_prompts, load_instructions
 
     if max_new_tokens < 1:
         raise TreeoptError("--max-new-tokens must be at least 1")
@@ -228,7 +212,7 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
         raise TreeoptError("nothing to compare with plain decoding: pass --trees FILE and/or --cartesian 2x3")
     cal = None
     if calibration is not None:
-        from calibrate.format import load_calibration
+        from treeopt.core.record import load_calibration
 
         cal = load_calibration(calibration)
     source = prompts or default_prompts()
@@ -247,28 +231,20 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
                 "threads": torch_threads(),
                 "trees": {k: v.choices for k, v in methods.items()}}
 
-    done, save = [], None
-    if out is not None:
-        out = Path(out)
-        partial = out / PARTIAL
-        if partial.is_file():
-            try:
-                saved = json.loads(partial.read_text())
-                if saved.get("settings") == settings:
-                    done = [Record(**r) for r in saved["records"]]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                done = []
+    done, save, stage = [], None, None
+    if out is not None:  # each (method, prompt) record is a part of a resumable stage
+        stage = Stage(Path(out) / RECORDS, settings, what="bench").open(restart=True)
+        done = [Record(**stage.info(part)) for part in stage.parts()]
 
         def save(rec: Record):
-            done.append(rec)
-            write_text(partial, json.dumps({"settings": settings, "records": [asdict(r) for r in done]}))
+            stage.finish(f"{rec.method.replace('/', '_')}.{rec.prompt:05d}", asdict(rec))
 
     result = bench_decoding(loaded.model, medusa, methods, ids, max_new_tokens, stops, cal, repeats=repeats,
-                            progress=progress, done=list(done), on_record=save)
-    result.settings = {**settings, **result.settings, "versions": _versions()}
-    if out is not None:
+                            progress=progress, done=done, on_record=save)
+    result.settings = {**settings, **result.settings, "versions": versions()}
+    if stage is not None:
         write_bench(result, out)
-        (out / PARTIAL).unlink(missing_ok=True)
+        shutil.rmtree(stage.directory)  # the records are in bench.json now
     return result
 
 
@@ -285,7 +261,7 @@ def write_bench(result: BenchResult, out: str | Path) -> tuple[Path, Path]:
 
 
 def render(result: BenchResult) -> str:
-    from treeopt.search import render_table
+    from treeopt.core.tables import render_table
 
     cols = ["method", "nodes", "tokens_per_step", "step_ms", "overhead", "speedup", "tokens_per_s", "prefill_ms",
             "match_rate", "predicted_tokens_per_step", "forward_ms", "loop_efficiency", "profiled_forward_ms"]

@@ -10,14 +10,13 @@ end of the continuation) never matches, so acceptance never runs past the end.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 import pandas as pd
 
-from calibrate.format import Calibration
-from treeopt.errors import TreeoptError
-from treeopt.tree import Tree
+from treeopt.core.record import Calibration
+from treeopt.core.errors import TreeoptError
+from treeopt.core.tree import Tree
 
 
 def walk(tree: Tree, ranks: np.ndarray, top_k: int):

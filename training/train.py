@@ -16,253 +16,24 @@ Two resumable stages under one work directory:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from treeopt.errors import TreeoptError
-from treeopt.fileio import atomic_write, write_text
-
-MAGPIE = "magpie"
-SHARD = "shard-{:05d}.safetensors"
-HELD_OUT_EVERY = 33  # ~3% of the sequences, picked by a hash of (shard, index)
-
-
-@dataclass
-class TrainConfig:
-    work: str  # holds data/ shards, checkpoints and the log
-    heads_out: str | None = None  # where the final heads are saved (Medusa layout)
-    model: str = "smollm2-135m"
-    prompts: str = MAGPIE  # `magpie`, a .json/.jsonl file, or a Hugging Face dataset id
-    num_prompts: int = 2000  # sequences to generate (an upper bound with magpie: duplicates are dropped)
-    max_new_tokens: int = 192
-    batch_size: int = 48  # sequences per generation batch (one shard)
-    magpie_temperature: float = 1.0
-    magpie_top_p: float = 0.95
-    magpie_max_tokens: int = 64
-    num_heads: int = 4
-    num_layers: int = 1
-    epochs: float = 2.0
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_tokens: int = 2048  # hidden rows per optimizer step
-    full_vocab: bool = False  # softmax over the whole vocabulary; False: over the tokens the training data holds
-    distill: float = 0.5  # weight a of the KL to the base model's distribution (0: hard targets only)
-    decay: float = 0.8  # head k's loss weight is decay**k
-    seed: int = 0
-    device: str = "cpu"
-    checkpoint_every_s: float = 180.0
-    max_train_s: float | None = None  # stop training (and checkpoint) after this long; resume later
-    max_gen_s: float | None = None  # stop generating after this long; the shards so far are the data
-    eval_prompts: int = 40  # AlpacaEval prompts x eval_tokens for the report's metric (0: skip); never trained on
-    eval_tokens: int = 128
-    max_steps: int | None = None  # stop training after this many steps in this run (checkpointed); resume later
+from training.config import TrainConfig
+from training.data import Corpus, generate_data, load_corpus, refuse_calibration_set, write_shard
+from treeopt.core.errors import TreeoptError
+from treeopt.core.fileio import atomic_write, write_text
+from treeopt.core.stage import differences
 
 
 def loss_weights(num_heads: int, decay: float = 0.8) -> torch.Tensor:
     """[K]: head k (1-based) weighs decay**k, as in the Medusa paper."""
     return torch.tensor([decay ** k for k in range(1, num_heads + 1)])
-
-
-# ---------------------------------------------------------------------------------------------
-# prompts
-
-
-def refuse_calibration_set(source: str) -> None:
-    if "alpaca_eval" in str(source).lower().replace("-", "_"):
-        raise TreeoptError(f"--prompts {source}: AlpacaEval is the calibration/benchmark set, never train heads on "
-                           "it; use --prompts magpie or another instruction file")
-
-
-def magpie_prefix(tokenizer) -> list[int]:
-    """Token ids of the chat template up to where a user's message begins (system turn included)."""
-    mark = "\u2063MAGPIE\u2063"
-    if not getattr(tokenizer, "chat_template", None):
-        raise TreeoptError("--prompts magpie needs a tokenizer with a chat template: pass --prompts FILE")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": mark}], tokenize=False)
-    if mark not in text:
-        raise TreeoptError("the chat template drops the user's message: pass --prompts FILE instead of magpie")
-    prefix = text[: text.index(mark)]
-    return tokenizer(prefix, add_special_tokens=False)["input_ids"]
-
-
-@torch.inference_mode()
-def magpie_instructions(model, tokenizer, n: int, seed: int, stop_ids: set[int], temperature: float = 1.0,
-                        top_p: float = 0.95, max_tokens: int = 96, min_words: int = 3) -> list[str]:
-    """Sample n user turns from the model given only the template's user prefix ("Magpie"); keep the
-    ones that end at a stop token and have at least `min_words` words. Deterministic given the seed."""
-    prefix = torch.tensor([magpie_prefix(tokenizer)] * n, device=model.device)  # [n, P]
-    torch.manual_seed(seed)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sorted(stop_ids)[0]
-    out = model.generate(input_ids=prefix, attention_mask=torch.ones_like(prefix), do_sample=True,
-                         temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_tokens,
-                         eos_token_id=sorted(stop_ids), pad_token_id=pad)
-    found = []
-    for row in out[:, prefix.shape[1]:].tolist():
-        end = next((i for i, t in enumerate(row) if t in stop_ids), None)
-        if end is None:  # cut off: not a whole instruction
-            continue
-        text = tokenizer.decode(row[:end], skip_special_tokens=True).strip()
-        if len(text.split()) >= min_words:
-            found.append(text)
-    return found
-
-
-def _key(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
-# ---------------------------------------------------------------------------------------------
-# stage 1: data shards
-
-
-def _data_fingerprint(cfg: TrainConfig) -> dict:
-    keys = ("model", "prompts", "max_new_tokens", "batch_size", "magpie_temperature", "magpie_top_p",
-            "magpie_max_tokens", "seed")
-    return {k: getattr(cfg, k) for k in keys}
-
-
-def _check_fingerprint(path: Path, want: dict, what: str) -> None:
-    if path.is_file():
-        got = json.loads(path.read_text())
-        diff = [k for k in want if got.get(k) != want[k]]
-        if diff:
-            raise TreeoptError(f"{path.parent} was made with other {what} settings ({', '.join(diff)}): "
-                               f"use a new --work directory or the same settings")
-    else:
-        write_text(path, json.dumps(want, indent=2) + "\n")
-
-
-def read_shard(path: Path):
-    """(hidden fp16 [N, H], tokens int64 [N], offsets int64 [n+1], prompts list[str])."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        prompts = json.loads(f.metadata()["prompts"])
-        return f.get_tensor("hidden"), f.get_tensor("tokens").long(), f.get_tensor("offsets"), prompts
-
-
-def _write_shard(path: Path, conts, prompts: list[str]) -> None:
-    from safetensors.torch import save_file
-
-    hidden = torch.cat([c.hidden for c in conts]).to(torch.float16)  # [N, H]
-    tokens = torch.tensor([t for c in conts for t in c.tokens], dtype=torch.int32)  # [N]
-    offsets = torch.tensor([0] + [len(c.tokens) for c in conts]).cumsum(0)  # [n+1]
-    meta = {"prompts": json.dumps(prompts), "stopped": json.dumps([c.stopped for c in conts])}
-    atomic_write(path, lambda p: save_file({"hidden": hidden, "tokens": tokens, "offsets": offsets}, p, meta))
-
-
-def generate_data(cfg: TrainConfig, loaded=None, log=print) -> list[Path]:
-    """Stage 1: write the shards that are missing under work/data/; return all of them, in order."""
-    from treeopt.generate import greedy_continuations
-    from treeopt.models import chat_prompt, load_model, stop_token_ids
-
-    refuse_calibration_set(cfg.prompts)
-    data = Path(cfg.work) / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    _check_fingerprint(data / "data.json", _data_fingerprint(cfg), "data")
-    num_shards = math.ceil(cfg.num_prompts / cfg.batch_size)
-    paths = [data / SHARD.format(i) for i in range(num_shards)]
-    if all(p.is_file() for p in paths):
-        return paths
-    source = None
-    if cfg.prompts != MAGPIE:
-        from treeopt.prompts import load_instructions
-
-        source = load_instructions(cfg.prompts, limit=cfg.num_prompts)
-    lm = loaded or load_model(cfg.model, device=cfg.device)
-    model, tok = lm.model, lm.tokenizer
-    stops = stop_token_ids(model, tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else sorted(stops)[0]
-    seen: set[str] = set()
-    start, made, tokens = time.time(), 0, 0
-    for i, path in enumerate(paths):
-        if path.is_file():
-            seen.update(_key(p) for p in read_shard(path)[3])
-            continue
-        if cfg.max_gen_s is not None and time.time() - start > cfg.max_gen_s:
-            log(f"generation stopped after {cfg.max_gen_s:.0f} s at shard {i}/{num_shards}; re-run to continue")
-            return [p for p in paths if p.is_file()]
-        if source is not None:
-            prompts = source[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            if not prompts:
-                break
-        else:
-            prompts = []
-            for attempt in range(8):  # a batch may hold no new instruction: sample again
-                for text in magpie_instructions(model, tok, cfg.batch_size, seed=cfg.seed * 1_000_003 + i + attempt * 7919,
-                                                stop_ids=stops, temperature=cfg.magpie_temperature,
-                                                top_p=cfg.magpie_top_p, max_tokens=cfg.magpie_max_tokens):
-                    if _key(text) not in seen:
-                        seen.add(_key(text))
-                        prompts.append(text)
-                if prompts:
-                    break
-            else:
-                raise TreeoptError("the model samples no new instructions of 3+ words ending in a stop token: "
-                                   "raise --magpie-max-tokens or pass --prompts FILE")
-        ids = [chat_prompt(tok, p) for p in prompts]
-        conts = list(greedy_continuations(model, ids, cfg.max_new_tokens, stops, batch_size=len(ids), pad_id=pad,
-                                          with_hidden=True))
-        _write_shard(path, conts, prompts)
-        made += 1
-        tokens += sum(len(c.tokens) for c in conts)
-        el = time.time() - start
-        log(f"shard {i + 1}/{num_shards}: {len(prompts)} sequences, {tokens} tokens in {el:.0f} s "
-            f"({tokens / el:.1f} tok/s this run)")
-    return [p for p in paths if p.is_file()]
-
-
-# ---------------------------------------------------------------------------------------------
-# stage 2: training on the cached hidden states
-
-
-@dataclass
-class Corpus:
-    """Shards concatenated: row r is hidden state `hidden[r]` of sequence `seq[r]`; `tokens[r]` is y_t."""
-    hidden: torch.Tensor  # [N, H] fp16
-    tokens: torch.Tensor  # [N] int64
-    seq: torch.Tensor  # [N] int64, a global sequence number
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def targets(self, rows: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(target rows [K, B], valid [K, B]) for head k at row r: row r + k of the same sequence."""
-        k = torch.arange(1, num_heads + 1)[:, None]  # [K, 1]
-        t = rows[None] + k  # [K, B]
-        inside = t < len(self)
-        t = torch.where(inside, t, rows[None])
-        return t, inside & (self.seq[t] == self.seq[rows][None])
-
-
-def held_out(shard: int, index: int) -> bool:
-    digest = hashlib.blake2b(f"{shard}:{index}".encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little") % HELD_OUT_EVERY == 0
-
-
-def load_corpus(paths: list[Path], split: str = "train") -> Corpus:
-    """The shards' sequences of one split: `train`, `heldout` (~3%, by hash) or `all`."""
-    hs, ts, ss, n = [], [], [], 0
-    for i, path in enumerate(paths):
-        hidden, tokens, offsets, _ = read_shard(path)
-        for j in range(len(offsets) - 1):
-            if split != "all" and held_out(i, j) != (split == "heldout"):
-                continue
-            a, b = offsets[j].item(), offsets[j + 1].item()
-            hs.append(hidden[a:b])
-            ts.append(tokens[a:b])
-            ss.append(torch.full((b - a,), n, dtype=torch.long))
-            n += 1
-    if not hs:
-        raise TreeoptError(f"no {split} sequences in {len(paths)} shard(s): generate more data (--num-prompts)")
-    return Corpus(torch.cat(hs), torch.cat(ts), torch.cat(ss))
 
 
 def head_loss(logits: torch.Tensor, target_tokens: torch.Tensor, valid: torch.Tensor, weights: torch.Tensor,
@@ -320,7 +91,7 @@ def _lr(step: int, total: int, lr: float, warmup: int = 50) -> float:
 def train_heads_on(cfg: TrainConfig, paths: list[Path], lm_head: torch.nn.Module, base_name: str = "",
                    log=print, progress: bool = True):
     """Stage 2: train heads on the shards `paths` (resuming from work/checkpoint.pt); return them."""
-    from treeopt.heads import HeadsConfig, MedusaHeads
+    from decoding.heads import HeadsConfig, MedusaHeads
 
     work = Path(cfg.work)
     ckpt_path = work / "checkpoint.pt"
@@ -336,8 +107,7 @@ def train_heads_on(cfg: TrainConfig, paths: list[Path], lm_head: torch.nn.Module
     if ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if ckpt["fingerprint"] != fp:
-            diff = [k for k in fp if ckpt["fingerprint"].get(k) != fp[k]]
-            raise TreeoptError(f"{ckpt_path} was trained with other settings ({', '.join(diff)}): use the same "
+            raise TreeoptError(f"{ckpt_path} was trained with other settings ({differences(ckpt['fingerprint'], fp)}): use the same "
                                "settings to resume, or remove it to start over")
         heads.heads.load_state_dict(ckpt["heads"])
         opt.load_state_dict(ckpt["opt"])
@@ -424,9 +194,9 @@ def train_heads_on(cfg: TrainConfig, paths: list[Path], lm_head: torch.nn.Module
 def eval_data(work: str | Path, loaded, source: str | None = None, num_prompts: int = 40, max_new_tokens: int = 128,
               log=print) -> Path:
     """Greedy continuations (+ hidden states) of the first `num_prompts` AlpacaEval prompts, cached once."""
-    from treeopt.generate import greedy_continuations
-    from treeopt.models import chat_prompt, stop_token_ids
-    from treeopt.prompts import default_prompts, load_instructions
+    from decoding.generate import greedy_continuations
+    from decoding.models import chat_prompt, stop_token_ids
+    from treeopt.core.prompts import default_prompts, load_instructions
 
     path = Path(work) / "eval" / f"alpaca_eval-{num_prompts}x{max_new_tokens}.safetensors"
     if path.is_file():
@@ -437,7 +207,7 @@ def eval_data(work: str | Path, loaded, source: str | None = None, num_prompts: 
     t0 = time.time()
     conts = list(greedy_continuations(model, [chat_prompt(tok, p) for p in prompts], max_new_tokens, stops,
                                       batch_size=len(prompts), pad_id=tok.pad_token_id, with_hidden=True))
-    _write_shard(path, conts, prompts)
+    write_shard(path, conts, prompts)
     log(f"AlpacaEval eval set: {len(prompts)} prompts, {sum(len(c.tokens) for c in conts)} tokens "
         f"in {time.time() - t0:.0f} s")
     return path
@@ -473,7 +243,7 @@ def format_accuracy(metrics: dict) -> str:
 def train_heads(cfg: TrainConfig, stage: str = "all", log=print, progress: bool = True) -> dict:
     """`treeopt train-heads`: stage `data` (generate shards), `train` (train on the shards there are),
     or `all`; then evaluate and save the heads to cfg.heads_out. Re-running resumes."""
-    from treeopt.models import load_model
+    from decoding.models import load_model
 
     if stage not in ("all", "data", "train"):
         raise TreeoptError(f"unknown --stage {stage!r}: use all, data or train")
@@ -509,9 +279,9 @@ def _base_name(loaded) -> str:
     return "HuggingFaceTB/SmolLM2-135M-Instruct" if loaded.name == "smollm2-135m" else name
 
 
-def heads_from_checkpoint(work: str | Path, model, base_name: str = "") -> "MedusaHeads":
+def heads_from_checkpoint(work: str | Path, model, base_name: str = "") :
     """The heads in work/checkpoint.pt (e.g. of a run still training), as a MedusaHeads for `model`."""
-    from treeopt.heads import HeadsConfig, MedusaHeads
+    from decoding.heads import HeadsConfig, MedusaHeads
 
     path = Path(work) / "checkpoint.pt"
     if not path.is_file():

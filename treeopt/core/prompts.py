@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from treeopt.errors import TreeoptError
+from treeopt.core.env import DATA_DIR
+from treeopt.core.errors import TreeoptError
 
 ALPACA_EVAL = "alpaca_eval"  # tatsu-lab/alpaca_eval on the Hugging Face hub
 FIELDS = ("instruction", "prompt")
-OFFLINE_PROMPTS = Path(__file__).parent / "data" / "prompts" / "offline.json"  # general instructions for the demo offline
+OFFLINE_PROMPTS = DATA_DIR / "prompts" / "offline.json"  # general instructions for the demo offline
 
 
 def local_alpaca_eval() -> Path | None:
@@ -22,7 +23,7 @@ def local_alpaca_eval() -> Path | None:
 
 
 def default_prompts() -> str:
-    """What commands read when no --prompts/--dataset is given: the local AlpacaEval copy, else the hub's."""
+    """What commands read when no --prompts is given: the local AlpacaEval copy, else the hub's."""
     path = local_alpaca_eval()
     return str(path) if path else ALPACA_EVAL
 
@@ -72,18 +73,18 @@ def _read_file(path: Path) -> list:
 
 
 def _read_hub(name: str) -> list:
-    from treeopt.models import _hub_reachable
+    from treeopt.core.env import hub_reachable
 
     repo, config = ("tatsu-lab/alpaca_eval", "alpaca_eval") if name == ALPACA_EVAL else (name, None)
-    if not _hub_reachable():
-        raise TreeoptError(f"cannot reach the Hugging Face hub to load {repo!r}: pass --dataset PATH "
+    if not hub_reachable():
+        raise TreeoptError(f"cannot reach the Hugging Face hub to load {repo!r}: pass --prompts PATH "
                            "to a local .json/.jsonl file with an `instruction` field")
     try:
         import datasets
 
         ds = datasets.load_dataset(repo, config)
     except Exception as e:  # datasets raises many types (connection, missing config, scripts)
-        raise TreeoptError(f"cannot load dataset {repo!r} ({type(e).__name__}): pass --dataset PATH to a local "
+        raise TreeoptError(f"cannot load dataset {repo!r} ({type(e).__name__}): pass --prompts PATH to a local "
                            ".json/.jsonl file") from None
     split = "eval" if "eval" in ds else next(iter(ds))
     return list(ds[split])

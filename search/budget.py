@@ -1,0 +1,91 @@
+"""Sizing a tree for a machine: latency profiles (forward time vs tree size) and the size, or chain
+length, of best predicted tokens/s."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from search.acceptance import node_values
+from search.grow import SearchResult, search
+from treeopt.core.errors import TreeoptError
+from treeopt.core.record import Calibration
+from treeopt.core.tree import Tree
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Forward time of one decoding step vs tree size, from `treeopt profile` (nodes 0 = plain decoding)."""
+
+    nodes: np.ndarray  # [M] sorted, distinct
+    forward_ms: np.ndarray  # [M]
+    source: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def forward(self, nodes) -> np.ndarray:
+        """Forward ms at the given tree sizes, interpolated linearly; NaN outside the profiled range."""
+        n = np.asarray(nodes, dtype=np.float64)
+        ms = np.interp(n, self.nodes, self.forward_ms)
+        return np.where((n >= self.nodes[0]) & (n <= self.nodes[-1]), ms, np.nan)
+
+    def tokens_per_second(self, tokens_per_step, nodes) -> np.ndarray:
+        return np.asarray(tokens_per_step, dtype=np.float64) / self.forward(nodes) * 1000.0
+
+
+def read_latency(path: str | Path) -> Latency:
+    """Read a latency CSV: columns `nodes` (tree size, root excluded) and `forward_ms`, plus optional
+    descriptive columns (device, dtype, model). Repeated sizes are combined by their median."""
+    path = Path(path)
+    if not path.is_file():
+        raise TreeoptError(f"latency file {path} not found: write one with `treeopt profile -o {path}`")
+    try:
+        df = pd.read_csv(path)
+    except Exception as e:  # pandas raises many types for damaged files
+        raise TreeoptError(f"latency file {path} is not a readable CSV ({type(e).__name__}): "
+                           "re-run `treeopt profile`") from None
+    if not {"nodes", "forward_ms"} <= set(df.columns):
+        raise TreeoptError(f"latency file {path} lacks the columns nodes,forward_ms: re-run `treeopt profile`")
+    nodes = pd.to_numeric(df["nodes"], errors="coerce")
+    ms = pd.to_numeric(df["forward_ms"], errors="coerce")
+    if df.empty or nodes.isna().any() or ms.isna().any() or (nodes < 0).any() or (nodes % 1 != 0).any() or (ms <= 0).any():
+        raise TreeoptError(f"latency file {path} needs integer nodes >= 0 and positive forward_ms on every row: "
+                           "re-run `treeopt profile`")
+    table = pd.DataFrame({"nodes": nodes.astype(np.int64), "ms": ms}).groupby("nodes")["ms"].median()
+    meta = {c: str(df[c].iloc[0]) for c in df.columns if c not in ("nodes", "forward_ms")}
+    return Latency(table.index.to_numpy(), table.to_numpy(np.float64), str(path), meta)
+
+
+def choose_nodes(result: SearchResult, latency: Latency) -> int:
+    """The prefix size m >= 1 of a greedy search that maximizes predicted tokens/s."""
+    tps = latency.tokens_per_second(result.curve, np.arange(len(result.curve)))  # [n+1]
+    if len(tps) < 2 or not np.isfinite(tps[1:]).any():
+        raise TreeoptError(f"latency file {latency.source} covers no tree size from 1 to {len(tps) - 1}: "
+                           "profile the sizes you search (`treeopt profile`)")
+    return int(np.nanargmax(tps[1:])) + 1
+
+
+def search_auto(calibration: Calibration, latency: Latency, model: str = "empirical", max_nodes: int = 256,
+                max_depth: int | None = None, top_k: int | None = None) -> SearchResult:
+    """`--nodes auto`: the greedy tree whose size maximizes predicted tokens/s (sizes the latency
+    file covers, up to `max_nodes`)."""
+    full = search(calibration, min(max_nodes, int(latency.nodes[-1])), model, max_depth, top_k)
+    n = choose_nodes(full, latency)
+    return SearchResult(full.tree[:n], full.values[:n], model, n, {**full.meta, "nodes": "auto"})
+
+
+def best_chain_length(calibration: Calibration, model: str = "empirical", latency: Latency | None = None,
+                      max_length: int | None = None) -> int:
+    """Chain length to give servers that draft a top-1 chain (vLLM `num_speculative_tokens`, TGI
+    `--speculate`). With a latency file: the length that maximizes predicted tokens/s. Without one:
+    the longest chain (up to `max_length` and the number of heads) whose last node still has a
+    nonzero acceptance probability, i.e. the most tokens/step a chain can reach."""
+    K = min(calibration.num_heads, max_length if max_length is not None else calibration.num_heads)
+    values = node_values(Tree.chain(K), calibration, model)  # [K]
+    if latency is not None:
+        tps = latency.tokens_per_second(1.0 + np.concatenate([[0.0], np.cumsum(values)]), np.arange(K + 1))
+        if np.isfinite(tps[1:]).any():
+            return int(np.nanargmax(tps[1:])) + 1
+    return int(np.flatnonzero(values > 0)[-1]) + 1 if (values > 0).any() else 0

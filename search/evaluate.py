@@ -1,0 +1,65 @@
+"""Comparing trees on a calibration: exact replay with intervals, fit/held-out prompt splits."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+
+from search.acceptance import expected_tokens_per_step
+from search.baselines import baseline_trees, describe
+from search.budget import Latency
+from search.grow import search
+from treeopt.core.errors import TreeoptError
+from treeopt.core.record import Calibration
+from treeopt.core.replay import positions, replay
+from treeopt.core.tree import Tree
+
+
+def compare(trees: Mapping[str, Tree], calibration: Calibration, model: str = "empirical",
+            fit: Calibration | None = None, latency: Latency | None = None) -> pd.DataFrame:
+    """One row per tree: nodes, depth, tokens/step predicted by `model` on `fit` (default: the same
+    calibration), tokens/step replayed on `calibration` with a 95 % bootstrap interval over prompts,
+    and predicted tokens/s from the replayed figure given a latency file."""
+    fit = fit if fit is not None else calibration
+    rows, eval_rows = [], positions(calibration)
+    for name, tree in trees.items():
+        r = replay(tree, eval_rows)
+        lo, hi = r.interval()
+        row = {"tree": name, "nodes": tree.num_nodes, "depth": tree.depth,
+               "predicted": expected_tokens_per_step(tree, fit, model), "replayed": r.tokens_per_step,
+               "ci_low": lo, "ci_high": hi}
+        if latency is not None:
+            row["forward_ms"] = float(latency.forward(tree.num_nodes))
+            row["tokens_per_s"] = float(latency.tokens_per_second(r.tokens_per_step, tree.num_nodes))
+        rows.append({**row, "note": describe(tree, calibration)})
+    return pd.DataFrame(rows)
+
+
+def split_prompts(calibration: Calibration, split: float, seed: int = 0) -> tuple[Calibration, Calibration]:
+    """(fit, held-out): a random `split` fraction of the prompts and the rest."""
+    prompts = np.unique(calibration.prompt_ids)
+    n_fit = int(round(split * len(prompts)))
+    if not 0 < split < 1 or not 0 < n_fit < len(prompts):
+        raise TreeoptError(f"--split {split} leaves no prompt on one side ({len(prompts)} prompts): "
+                           "use a fraction like 0.8 and a calibration with more prompts")
+    perm = np.random.default_rng(seed).permutation(prompts)
+    return calibration.subset(perm[:n_fit]), calibration.subset(perm[n_fit:])
+
+
+def evaluate(trees: Mapping[str, Tree], calibration: Calibration, model: str = "empirical",
+             split: float | None = None, seed: int = 0, latency: Latency | None = None,
+             baselines: bool = True) -> pd.DataFrame:
+    """Compare `trees` with the baselines at the first tree's size (see `compare`). With `split`,
+    fit on that fraction of the prompts (predictions, the best Cartesian tree and a tree searched
+    there at each given tree's size) and replay on the held-out rest."""
+    fit, held = split_prompts(calibration, split, seed) if split is not None else (calibration, calibration)
+    trees = dict(trees)
+    if split is not None:
+        for n in dict.fromkeys(t.num_nodes for t in list(trees.values())):
+            trees[f"searched on fit split ({n})"] = search(fit, n, model).tree
+    if baselines and trees:
+        n = next(iter(trees.values())).num_nodes
+        trees.update({k: v for k, v in baseline_trees(fit, n, model).items() if k not in trees})
+    return compare(trees, held, model, fit=fit, latency=latency)

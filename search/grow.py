@@ -1,0 +1,57 @@
+"""The greedy grower: one search to N nodes whose every prefix is the best tree of its size
+(see `search.acceptance` for why greedy is optimal), and the limits a calibration puts on it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from search.acceptance import acceptance_model
+from treeopt.core.errors import TreeoptError
+from treeopt.core.record import Calibration
+from treeopt.core.tree import Tree
+
+
+def limits(calibration: Calibration, max_depth: int | None, top_k: int | None) -> tuple[int, int]:
+    K, k = calibration.num_heads, calibration.top_k
+    if max_depth is not None and max_depth < 1:
+        raise TreeoptError(f"--max-depth {max_depth} must be at least 1")
+    if top_k is not None and not 1 <= top_k <= k:
+        raise TreeoptError(f"--top-k {top_k} must be between 1 and the calibration's top-k {k}: "
+                           f"re-run calibrate with a larger --top-k to search wider trees")
+    return min(max_depth or K, K), top_k or k
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """A greedily grown tree: every prefix tree[:m] is the optimal m-node tree under `model`."""
+
+    tree: Tree
+    values: np.ndarray  # [n] node values, in tree order (non-increasing)
+    model: str
+    requested: int  # nodes asked for (the tree is smaller only when no other node has value > 0)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_step(self) -> float:
+        return 1.0 + float(self.values.sum())
+
+    @property
+    def curve(self) -> np.ndarray:
+        """[n+1] predicted tokens/step of tree[:m] for m = 0..n."""
+        return 1.0 + np.concatenate([[0.0], np.cumsum(self.values)])
+
+    def __getitem__(self, item: slice) -> "SearchResult":
+        return SearchResult(self.tree[item], self.values[item], self.model, len(self.tree[item]), self.meta)
+
+
+def search(calibration: Calibration, nodes: int, model: str = "empirical", max_depth: int | None = None,
+           top_k: int | None = None) -> SearchResult:
+    """The optimal `nodes`-node tree under `model`, grown greedily (see the module docstring)."""
+    if nodes < 0:
+        raise TreeoptError(f"--nodes {nodes} must be 0 or more (or `auto` with --latency)")
+    depth, k = limits(calibration, max_depth, top_k)
+    paths, values = acceptance_model(calibration, model).greedy(nodes, depth, k)
+    return SearchResult(Tree(tuple(paths)), values, model, nodes,
+                        {"max_depth": depth, "top_k": k, "positions": calibration.num_positions})

@@ -1,0 +1,94 @@
+"""The project's import graph: every import points down the pipeline's layers, and nothing cycles.
+
+    treeopt.core  ->  decoding  ->  calibrate | search | training  ->  reports  ->  treeopt (cli, demo, info)
+
+Read with `ast` (nothing is imported), function-level imports included."""
+
+import ast
+from pathlib import Path
+
+import networkx as nx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("treeopt", "decoding", "calibrate", "search", "training", "reports")
+LAYERS = {"treeopt.core": 0, "decoding": 1, "calibrate": 2, "search": 2, "training": 2, "reports": 3, "treeopt": 4}
+NO_TORCH = ("treeopt.core", "search")  # pure numpy/pandas: importable without the model stack
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer_of(module: str) -> str:
+    """The layer key of a module: the longest LAYERS key it lies under."""
+    return max((k for k in LAYERS if module == k or module.startswith(k + ".")), key=len)
+
+
+def imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)  # `from pkg import module`
+    return found
+
+
+def project_files(root: Path = ROOT) -> dict[str, Path]:
+    return {module_name(p): p for pkg in PACKAGES for p in (root / pkg).rglob("*.py")}
+
+
+def project_graph(root: Path = ROOT) -> nx.DiGraph:
+    """module -> the project modules it imports."""
+    files = project_files(root)
+    graph = nx.DiGraph()
+    graph.add_nodes_from(files)
+    for mod, path in files.items():
+        for target in imports(path):
+            if target in files and target != mod:
+                graph.add_edge(mod, target)
+    return graph
+
+
+def violations(graph: nx.DiGraph) -> list[str]:
+    """Upward or sideways imports between layers, and import cycles."""
+    bad = [f"{a} -> {b} (layer {LAYERS[layer_of(a)]} imports layer {LAYERS[layer_of(b)]})"
+           for a, b in graph.edges if layer_of(a) != layer_of(b) and LAYERS[layer_of(a)] <= LAYERS[layer_of(b)]]
+    bad += ["cycle: " + " -> ".join(c) for c in nx.simple_cycles(graph)]
+    return bad
+
+
+def test_imports_point_down_and_never_cycle():
+    assert violations(project_graph()) == []
+
+
+@pytest.mark.parametrize("edge, why", [
+    (("treeopt.core.tree", "search.grow"), "layer 0 imports layer 2"),
+    (("search.grow", "calibrate.run"), "layer 2 imports layer 2"),
+    (("decoding.decoder", "treeopt.cli"), "layer 1 imports layer 4"),
+])
+def test_the_check_catches_upward_and_sideways_imports(edge, why):
+    graph = project_graph()
+    graph.add_edge(*edge)
+    assert any(why in v for v in violations(graph))
+
+
+def test_the_check_catches_cycles():
+    graph = project_graph()
+    graph.add_edge("treeopt.core.tree", "treeopt.core.replay")  # replay imports tree: now a cycle
+    assert any(v.startswith("cycle:") for v in violations(graph))
+
+
+def test_the_core_and_search_do_not_need_torch():
+    for mod, path in project_files().items():
+        if layer_of(mod) in NO_TORCH:
+            heavy = {t.split(".")[0] for t in imports(path)} & {"torch", "transformers"}
+            assert not heavy, f"{mod} imports {heavy}"
+
+
+def test_every_module_is_in_a_layer():
+    for mod in project_graph():
+        assert layer_of(mod) in LAYERS

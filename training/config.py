@@ -1,0 +1,40 @@
+"""The settings of a heads-training run, and where its files go."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAGPIE = "magpie"
+SHARD = "shard-{:05d}.safetensors"
+HELD_OUT_EVERY = 33  # ~3% of the sequences, picked by a hash of (shard, index)
+
+
+@dataclass
+class TrainConfig:
+    work: str  # holds data/ shards, checkpoints and the log
+    heads_out: str | None = None  # where the final heads are saved (Medusa layout)
+    model: str = "smollm2-135m"
+    prompts: str = MAGPIE  # `magpie`, a .json/.jsonl file, or a Hugging Face dataset id
+    num_prompts: int = 2000  # sequences to generate (an upper bound with magpie: duplicates are dropped)
+    max_new_tokens: int = 192
+    batch_size: int = 48  # sequences per generation batch (one shard)
+    magpie_temperature: float = 1.0
+    magpie_top_p: float = 0.95
+    magpie_max_tokens: int = 64
+    num_heads: int = 4
+    num_layers: int = 1
+    epochs: float = 2.0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_tokens: int = 2048  # hidden rows per optimizer step
+    full_vocab: bool = False  # softmax over the whole vocabulary; False: over the tokens the training data holds
+    distill: float = 0.5  # weight a of the KL to the base model's distribution (0: hard targets only)
+    decay: float = 0.8  # head k's loss weight is decay**k
+    seed: int = 0
+    device: str = "cpu"
+    checkpoint_every_s: float = 180.0
+    max_train_s: float | None = None  # stop training (and checkpoint) after this long; resume later
+    max_gen_s: float | None = None  # stop generating after this long; the shards so far are the data
+    eval_prompts: int = 40  # AlpacaEval prompts x eval_tokens for the report's metric (0: skip); never trained on
+    eval_tokens: int = 128
+    max_steps: int | None = None  # stop training after this many steps in this run (checkpointed); resume later

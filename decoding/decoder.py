@@ -161,20 +161,20 @@ class TreeDecoder:
         probs = probs[0].masked_fill(probs[0] < threshold[0], 0.0)
         return torch.multinomial(probs, 1, generator=self.generator)[0]
 
-    def accept(self, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """tokens [N], logits [N, V] -> accepted node indices [m+1], starting at the root."""
-        buf = self.buf
-        if buf.num_nodes == 1:
-            return buf.paths[0, :1]
+    def flags(self, tokens: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """tokens [N], logits [N, V] -> (ok [N]: each node's token passes the rule under its parent's
+        distribution (the root's entry means nothing), logp [N]: its log-probability there, typical only)."""
+        parent = self.buf.parent
         if self.acceptance.mode == "greedy":
-            pred = logits.argmax(-1)  # [N]
-            ok = tokens == pred[buf.parent]  # [N] node's token is its parent's argmax
-            logp = None
-        else:
-            probs, threshold = self._typical(logits)
-            p = probs[buf.parent, tokens]  # [N] node's token under its parent's distribution
-            ok = p > threshold[buf.parent]
-            logp = torch.log(p)
+            return tokens == logits.argmax(-1)[parent], None  # node's token is its parent's argmax
+        probs, threshold = self._typical(logits)
+        p = probs[parent, tokens]  # [N] node's token under its parent's distribution
+        return p > threshold[parent], torch.log(p)
+
+    def choose(self, ok: torch.Tensor, logp: torch.Tensor | None) -> torch.Tensor:
+        """The accepted node indices [m+1], root first: the longest path of passing nodes (greedy: the
+        first; typical: the most likely among the longest)."""
+        buf = self.buf
         match = ok[buf.paths[:, 1:]] & buf.path_valid[:, 1:]  # [L, D]
         length = match.int().cumprod(1).sum(1)  # [L]
         if logp is None:
@@ -185,6 +185,12 @@ class TreeDecoder:
             score = (logp[buf.paths] * (keep & buf.path_valid)).sum(1)
             best = score.masked_fill(length != m, float("-inf")).argmax()
         return buf.paths[best, : int(length[best]) + 1]
+
+    def accept(self, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """tokens [N], logits [N, V] -> accepted node indices [m+1], starting at the root."""
+        if self.buf.num_nodes == 1:
+            return self.buf.paths[0, :1]
+        return self.choose(*self.flags(tokens, logits))
 
     # ---- a whole generation -----------------------------------------------------------------------
 
@@ -198,27 +204,39 @@ class TreeDecoder:
         self.cache.reset()
         self.bias.fill_(torch.finfo(self.dtype).min)
 
+    def prefill(self, prompt: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reset the cache (and the sampling seed), commit prompt [P]; return the first root (0-dim)
+        and the heads' candidates [D, top_k] for the first step."""
+        P = prompt.shape[0]
+        self._prepare(P + max_new_tokens + self.buf.num_nodes)
+        if self.acceptance.mode == "typical":
+            self.generator.manual_seed(self.acceptance.seed)
+        causal = additive_mask(torch.ones(P, P, dtype=torch.bool, device=self.device).tril(), self.dtype)
+        hidden = self.forward(prompt, causal, torch.arange(P, device=self.device))[-1]  # [H]
+        self.cache.commit(torch.arange(P, device=self.device))
+        self.bias[:, :P] = 0
+        return self.next_root(self.lm_head(hidden)), self.candidates(hidden)
+
+    def tree_forward(self, root: torch.Tensor, topk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One step's forward after the committed prefix: root (0-dim) and candidates [D, top_k] ->
+        the tree's tokens [N], hidden states [N, H] and logits [N, V] (K/V left uncommitted)."""
+        buf, cur, N = self.buf, self.cache.length, self.buf.num_nodes
+        tokens = torch.cat([root.view(1), topk.flatten()[buf.candidate_index]])  # [N]
+        self.bias[:, cur : cur + N] = self.tree_bias
+        hidden = self.forward(tokens, self.bias[:, : cur + N], buf.depth + cur)  # [N, H]
+        return tokens, hidden, self.lm_head(hidden)
+
     @torch.inference_mode()
     def generate(self, prompt_ids, max_new_tokens: int = 128) -> DecodeResult:
         prompt = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=self.device)  # [P]
-        P, N = prompt.shape[0], self.buf.num_nodes
-        if P == 0:
+        if prompt.shape[0] == 0:
             raise TreeoptError("empty prompt: give at least one token")
         if max_new_tokens < 1:
             return DecodeResult(tokens=[], steps=0)
-        self._prepare(P + max_new_tokens + N)
-        if self.acceptance.mode == "typical":
-            self.generator.manual_seed(self.acceptance.seed)
-        cache, bias, buf = self.cache, self.bias, self.buf
-
         synchronize(self.device)
         t0 = time.perf_counter()
-        causal = additive_mask(torch.ones(P, P, dtype=torch.bool, device=self.device).tril(), self.dtype)
-        hidden = self.forward(prompt, causal, torch.arange(P, device=self.device))[-1]  # [H]
-        cache.commit(torch.arange(P, device=self.device))
-        bias[:, :P] = 0
-        root = self.next_root(self.lm_head(hidden))
-        topk = self.candidates(hidden)  # [D, top_k]
+        root, topk = self.prefill(prompt, max_new_tokens)
+        cache, bias = self.cache, self.bias
         synchronize(self.device)
         t1 = time.perf_counter()
 
@@ -229,11 +247,8 @@ class TreeDecoder:
         while True:
             steps += 1
             cur = cache.length
-            tokens = torch.cat([root.view(1), topk.flatten()[buf.candidate_index]])  # [N]
-            bias[:, cur : cur + N] = self.tree_bias
             ta = clock()
-            hidden = self.forward(tokens, bias[:, : cur + N], buf.depth + cur)  # [N, H]
-            logits = self.lm_head(hidden)  # [N, V]
+            tokens, hidden, logits = self.tree_forward(root, topk)  # [N], [N, H], [N, V]
             model_s += clock() - ta
             nodes = self.accept(tokens, logits)  # [m+1]
             cache.commit(nodes)

@@ -125,7 +125,7 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
     wall = sum(i["wall_time_s"] for i in infos)
     meta = {
         "model": loaded.name, "model_source": loaded.source, "heads": config.heads or "default",
-        "num_heads": heads.num_heads, "prompts": str(source), "limit": config.limit,
+        "acceptance": "greedy", "num_heads": heads.num_heads, "prompts": str(source), "limit": config.limit,
         "num_prompts": n, "num_tokens": len(ranks), "num_stopped": int(conts["stopped"].sum()),
         "top_k": config.top_k, "max_new_tokens": config.max_new_tokens, "batch_size": B, "seed": config.seed,
         "dtype": settings["dtype"], "device": str(lm_head.weight.device.type),

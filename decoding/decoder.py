@@ -77,6 +77,22 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         ~allowed, torch.finfo(dtype).min)
 
 
+def choose_path(buf: TreeBuffers, ok: torch.Tensor, logp: torch.Tensor | None) -> torch.Tensor:
+    """ok [N] (each node's token passes the rule), logp [N] (typical) or None (greedy) -> the accepted
+    node indices [m+1], root first: the longest path of passing nodes (greedy: the first one;
+    typical: the most likely among the longest)."""
+    match = ok[buf.paths[:, 1:]] & buf.path_valid[:, 1:]  # [L, D]
+    length = match.int().cumprod(1).sum(1)  # [L]
+    if logp is None:
+        best = length.argmax()  # the first longest path
+    else:
+        m = length.max()
+        keep = torch.arange(buf.paths.shape[1], device=length.device) <= m  # [D+1]
+        score = (logp[buf.paths] * (keep & buf.path_valid)).sum(1)  # [L]
+        best = score.masked_fill(length != m, float("-inf")).argmax()
+    return buf.paths[best, : int(length[best]) + 1]
+
+
 def _max_window(config) -> int | None:
     """The sliding-attention window when some layer uses one (Mistral, some Qwen2), else None."""
     window = getattr(config, "sliding_window", None)
@@ -134,9 +150,10 @@ class TreeDecoder:
                         past_key_values=self.cache, use_cache=True)
         return out.last_hidden_state[0]
 
-    def candidates(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [H] at the last accepted node -> the heads' top-k tokens [D, top_k], D = tree depth."""
-        D = self.tree.depth
+    def candidates(self, hidden: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        """hidden [H] at the last accepted node -> the first D heads' top-k tokens [D, top_k], D = `depth`
+        (default: the tree's)."""
+        D = self.tree.depth if depth is None else depth
         if D == 0:
             return torch.empty(0, self.buf.top_k, dtype=torch.long, device=self.device)
         if self.heads.config.own_lm_head:
@@ -158,39 +175,26 @@ class TreeDecoder:
         if self.acceptance.mode == "greedy":
             return logits.argmax(-1)
         probs, threshold = self._typical(logits[None])
-        probs = probs[0].masked_fill(probs[0] < threshold[0], 0.0)
+        probs = probs[0].masked_fill(probs[0] < threshold[0].clamp(max=probs[0].max()), 0.0)  # the likeliest stays
         return torch.multinomial(probs, 1, generator=self.generator)[0]
 
-    def flags(self, tokens: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """tokens [N], logits [N, V] -> (ok [N]: each node's token passes the rule under its parent's
-        distribution (the root's entry means nothing), logp [N]: its log-probability there, typical only)."""
-        parent = self.buf.parent
+    def flags(self, tokens: torch.Tensor, logits: torch.Tensor, parent: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """tokens [M] whose parents are the rows `parent` [M] of logits [N, V] (default: this tree's
+        nodes, M = N; the root's entry means nothing) -> (ok [M]: the token passes the rule under its
+        parent's distribution, logp [M]: its log-probability there, typical only)."""
+        parent = self.buf.parent if parent is None else parent
         if self.acceptance.mode == "greedy":
             return tokens == logits.argmax(-1)[parent], None  # node's token is its parent's argmax
         probs, threshold = self._typical(logits)
         p = probs[parent, tokens]  # [N] node's token under its parent's distribution
         return p > threshold[parent], torch.log(p)
 
-    def choose(self, ok: torch.Tensor, logp: torch.Tensor | None) -> torch.Tensor:
-        """The accepted node indices [m+1], root first: the longest path of passing nodes (greedy: the
-        first; typical: the most likely among the longest)."""
-        buf = self.buf
-        match = ok[buf.paths[:, 1:]] & buf.path_valid[:, 1:]  # [L, D]
-        length = match.int().cumprod(1).sum(1)  # [L]
-        if logp is None:
-            best = length.argmax()  # the first longest path
-        else:  # the most likely among the longest paths
-            m = length.max()
-            keep = torch.arange(buf.paths.shape[1], device=self.device) <= m  # [D+1]
-            score = (logp[buf.paths] * (keep & buf.path_valid)).sum(1)
-            best = score.masked_fill(length != m, float("-inf")).argmax()
-        return buf.paths[best, : int(length[best]) + 1]
-
     def accept(self, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """tokens [N], logits [N, V] -> accepted node indices [m+1], starting at the root."""
         if self.buf.num_nodes == 1:
             return self.buf.paths[0, :1]
-        return self.choose(*self.flags(tokens, logits))
+        return choose_path(self.buf, *self.flags(tokens, logits))
 
     # ---- a whole generation -----------------------------------------------------------------------
 
@@ -206,7 +210,7 @@ class TreeDecoder:
 
     def prefill(self, prompt: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Reset the cache (and the sampling seed), commit prompt [P]; return the first root (0-dim)
-        and the heads' candidates [D, top_k] for the first step."""
+        and the hidden state [H] the heads read for the first step."""
         P = prompt.shape[0]
         self._prepare(P + max_new_tokens + self.buf.num_nodes)
         if self.acceptance.mode == "typical":
@@ -215,7 +219,7 @@ class TreeDecoder:
         hidden = self.forward(prompt, causal, torch.arange(P, device=self.device))[-1]  # [H]
         self.cache.commit(torch.arange(P, device=self.device))
         self.bias[:, :P] = 0
-        return self.next_root(self.lm_head(hidden)), self.candidates(hidden)
+        return self.next_root(self.lm_head(hidden)), hidden
 
     def tree_forward(self, root: torch.Tensor, topk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One step's forward after the committed prefix: root (0-dim) and candidates [D, top_k] ->
@@ -235,7 +239,8 @@ class TreeDecoder:
             return DecodeResult(tokens=[], steps=0)
         synchronize(self.device)
         t0 = time.perf_counter()
-        root, topk = self.prefill(prompt, max_new_tokens)
+        root, hidden = self.prefill(prompt, max_new_tokens)
+        topk = self.candidates(hidden)  # [D, top_k]
         cache, bias = self.cache, self.bias
         synchronize(self.device)
         t1 = time.perf_counter()

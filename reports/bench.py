@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from decoding.models import set_threads
-from decoding.decoder import DecodeResult, TreeDecoder, greedy_reference
+from decoding.decoder import GREEDY, Acceptance, DecodeResult, TreeDecoder, greedy_reference
 from decoding.profile import time_step_forward
 from treeopt.core.env import versions
 from treeopt.core.errors import TreeoptError
@@ -103,16 +103,18 @@ def _progress(total: int, enabled: bool):
 
 def bench_decoding(model, heads, trees: dict[str, Tree], prompts: list[list[int]], max_new_tokens: int = 128,
                    stop_ids=None, calibration=None, warmup_tokens: int = 16, repeats: int = 5,
-                   progress: bool = False, done: list[Record] | None = None, on_record=None) -> BenchResult:
+                   progress: bool = False, done: list[Record] | None = None, on_record=None,
+                   acceptance: Acceptance = GREEDY) -> BenchResult:
     """Run plain greedy and every tree on every prompt; return the table (see the module docstring).
     `done` holds records of an earlier, interrupted run (skipped); `on_record(record)` is called after
-    each new one (to save progress)."""
+    each new one (to save progress). Trees decode under `acceptance`: with typical acceptance (seeded,
+    so reruns give the same tokens) match_rate is NaN, as outputs are samples, not plain greedy's."""
     if not prompts:
         raise TreeoptError("no prompts to benchmark: check --prompts and --limit")
     for name, tree in trees.items():
         if tree.num_nodes and heads is None:
             raise TreeoptError("bench needs Medusa heads for its trees: pass --heads DIR or --heads random")
-    decoders = {name: TreeDecoder(model, heads, tree, stop_ids=stop_ids, time_model=True)
+    decoders = {name: TreeDecoder(model, heads, tree, acceptance, stop_ids=stop_ids, time_model=True)
                 for name, tree in trees.items()}
     methods = [PLAIN, *decoders]
 
@@ -153,7 +155,7 @@ def bench_decoding(model, heads, trees: dict[str, Tree], prompts: list[list[int]
         steps = sum(r.steps for r in recs)
         decode_s = sum(r.decode_s for r in recs)
         step_ms = decode_s / max(steps, 1) * 1e3
-        match = sum(r.tokens == plain[r.prompt].tokens for r in recs) / len(recs)
+        match = sum(r.tokens == plain[r.prompt].tokens for r in recs) / len(recs) if acceptance.mode == "greedy" else float("nan")
         # the model's work per step: timed inside the decoder's steps; plain (HF generate): as profiled
         forward = sum(r.model_s for r in recs) / max(steps, 1) * 1e3 if method != PLAIN else profiled[PLAIN]
         row = {"method": method, "nodes": tree.num_nodes, "depth": tree.depth,
@@ -175,11 +177,20 @@ def bench_decoding(model, heads, trees: dict[str, Tree], prompts: list[list[int]
 
 
 def _predicted(tree: Tree, calibration) -> dict:
-    """Calibration-based predictions of tokens/step, for the ranks the calibration covers."""
+    """Calibration-based predictions of tokens/step, for the ranks the calibration covers (a typical
+    record: search.typical's prediction and replay, for trees inside its probe)."""
+    from treeopt.core.record import TypicalRecord
     from treeopt.core.replay import replay
     from search.acceptance import expected_tokens_per_step
     from treeopt.core.tree import truncate
 
+    if isinstance(calibration, TypicalRecord):
+        from search import typical
+
+        if (typical.node_index(calibration, tree) < 0).any():  # the probe cannot see some nodes
+            return {}
+        return {"predicted_tokens_per_step": typical.expected_tokens_per_step(calibration, tree),
+                "replay_tokens_per_step": typical.replay(calibration, tree).tokens_per_step}
     fit = truncate(tree, calibration.num_heads, calibration.top_k)
     if fit.num_nodes != tree.num_nodes:  # the calibration cannot see some nodes: no honest prediction
         return {}
@@ -197,9 +208,10 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
               prompts: str | None = None, limit: int | None = 20, max_new_tokens: int = 128,
               device: str = "auto", dtype: str = "float32", calibration: str | None = None,
               out: str | Path | None = None, repeats: int = 5, progress: bool = True,
-              threads: int | None = None) -> BenchResult:
+              threads: int | None = None, acceptance: Acceptance = GREEDY) -> BenchResult:
     """The CLI's twin: load everything, benchmark, write bench.csv and bench.json into `out`.
-    An interrupted run with the same settings resumes from `out`/.bench-records/."""
+    An interrupted run with the same settings resumes from `out`/.bench-records/. A calibration must
+    record the same acceptance rule (typical: the same temperature and thresholds)."""
     from decoding.heads import resolve_heads
     from decoding.models import chat_prompt, load_model, stop_token_ids
     from treeopt.core.prompts import default_prompts, load_instructions
@@ -212,9 +224,15 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
         raise TreeoptError("nothing to compare with plain decoding: pass --trees FILE and/or --cartesian 2x3")
     cal = None
     if calibration is not None:
-        from treeopt.core.record import load_calibration
+        from treeopt.core.record import check_rule, load_record
 
-        cal = load_calibration(calibration)
+        meta = check_rule(calibration, acceptance.mode)
+        differ = [k for k in ("temperature", "posterior_threshold", "posterior_alpha")
+                  if acceptance.mode == "typical" and meta[k] != getattr(acceptance, k)]
+        if differ:
+            raise TreeoptError(f"{calibration} was made with {', '.join(f'{k} {meta[k]}' for k in differ)}: "
+                               "bench with the same values, or calibrate with these")
+        cal = load_record(calibration)
     source = prompts or default_prompts()
     instructions = load_instructions(source, limit)
     loaded = load_model(model, device=device, dtype=dtype)
@@ -228,7 +246,7 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
                 "device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch."),
                 "prompts_source": str(source), "limit": limit, "max_new_tokens": max_new_tokens,
                 "calibration": str(calibration) if calibration else "", "stop_ids": sorted(stops),
-                "threads": torch_threads(),
+                "threads": torch_threads(), "acceptance": asdict(acceptance),
                 "trees": {k: v.choices for k, v in methods.items()}}
 
     done, save, stage = [], None, None
@@ -240,7 +258,7 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
             stage.finish(f"{rec.method.replace('/', '_')}.{rec.prompt:05d}", asdict(rec))
 
     result = bench_decoding(loaded.model, medusa, methods, ids, max_new_tokens, stops, cal, repeats=repeats,
-                            progress=progress, done=done, on_record=save)
+                            progress=progress, done=done, on_record=save, acceptance=acceptance)
     result.settings = {**settings, **result.settings, "versions": versions()}
     if stage is not None:
         write_bench(result, out)
@@ -271,4 +289,8 @@ def render(result: BenchResult) -> str:
     s = result.settings
     head = (f"{s.get('model', '')} on {s.get('device', '')} {s.get('dtype', '')}: {result.table['prompts'].iloc[0]} "
             f"prompts, up to {s.get('max_new_tokens')} new tokens, heads {s.get('heads', '')}")
+    rule = s.get("acceptance") or {}
+    if rule.get("mode") == "typical":
+        head += (f"; trees under typical acceptance (temperature {rule['temperature']}, posterior_threshold "
+                 f"{rule['posterior_threshold']}, posterior_alpha {rule['posterior_alpha']}, seed {rule['seed']})")
     return head + "\n" + render_table(t)

@@ -16,9 +16,17 @@ from search.sweep import sweep
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write
 from treeopt.core.published import BASELINES, PUBLISHED
-from treeopt.core.record import Calibration, load_calibration
+from treeopt.core.record import Calibration, check_rule, load_calibration
 from treeopt.core.tables import render_table
 from treeopt.core.treefile import read_tree, write_tree
+
+
+def _typical(calibration: str | Path, acceptance: str) -> bool:
+    """Whether `--acceptance` asks for the typical rule (the record must say the same)."""
+    if acceptance not in ("greedy", "typical"):
+        raise TreeoptError(f"unknown --acceptance {acceptance!r}: use greedy or typical")
+    check_rule(calibration, acceptance)
+    return acceptance == "typical"
 
 
 def _header(calibration: Calibration) -> str:
@@ -29,10 +37,14 @@ def _header(calibration: Calibration) -> str:
 
 def search_report(calibration: str | Path, nodes: int | str = 64, model: str = "empirical",
                   max_depth: int | None = None, top_k: int | None = None, latency: str | Path | None = None,
-                  max_nodes: int = 256, out: str | Path | None = None, format: str | None = None
-                  ) -> tuple[SearchResult, pd.DataFrame, str]:
+                  max_nodes: int = 256, out: str | Path | None = None, format: str | None = None,
+                  acceptance: str = "greedy") -> tuple[SearchResult, pd.DataFrame, str]:
     """`treeopt search`: search, compare with the baselines, write the tree file; returns the result,
-    the comparison table and the text to print."""
+    the comparison table and the text to print. `acceptance` typical: search.typical's twin."""
+    if _typical(calibration, acceptance):
+        from search import typical
+
+        return typical.search_report(calibration, nodes, max_depth, top_k, latency, max_nodes, out, format)
     cal = load_calibration(calibration)
     lat = read_latency(latency) if latency is not None else None
     if str(nodes) == "auto":
@@ -54,7 +66,7 @@ def search_report(calibration: str | Path, nodes: int | str = 64, model: str = "
     trees.update(baseline_trees(cal, tree.num_nodes, model, max_depth, top_k))
     table = compare(trees, cal, model, latency=lat)
     meta = {"predicted_tokens_per_step": result.tokens_per_step, "replayed_tokens_per_step": float(table["replayed"][0]),
-            "acceptance_model": model, "calibration": str(cal.directory), "calibration_positions": cal.num_positions,
+            "acceptance": "greedy", "acceptance_model": model, "calibration": str(cal.directory), "calibration_positions": cal.num_positions,
             "num_heads": cal.num_heads, "calibration_top_k": cal.top_k, "max_depth": result.meta["max_depth"],
             "top_k": result.meta["top_k"], "nodes_requested": str(nodes) if str(nodes) == "auto" else result.requested,
             "best_chain_length": chain, "node_values": result.values.round(6).tolist()}
@@ -79,8 +91,13 @@ def search_report(calibration: str | Path, nodes: int | str = 64, model: str = "
 
 
 def evaluate_report(trees: list[str], calibration: str | Path, model: str = "empirical", split: float | None = None,
-                    seed: int = 0, latency: str | Path | None = None) -> tuple[pd.DataFrame, str]:
+                    seed: int = 0, latency: str | Path | None = None, acceptance: str = "greedy"
+                    ) -> tuple[pd.DataFrame, str]:
     """`treeopt evaluate`: replay tree files (and the baselines) on a calibration."""
+    if _typical(calibration, acceptance):
+        from search import typical
+
+        return typical.evaluate_report(trees, calibration, split, seed, latency)
     cal = load_calibration(calibration)
     lat = read_latency(latency) if latency is not None else None
     named = {spec: read_tree(spec) for spec in trees}
@@ -92,8 +109,13 @@ def evaluate_report(trees: list[str], calibration: str | Path, model: str = "emp
 
 def sweep_report(calibration: str | Path, max_nodes: int = 256, model: str = "empirical",
                  latency: str | Path | None = None, max_depth: int | None = None, top_k: int | None = None,
-                 replayed: bool = False, out: str | Path | None = None) -> tuple[pd.DataFrame, str]:
+                 replayed: bool = False, out: str | Path | None = None, acceptance: str = "greedy"
+                 ) -> tuple[pd.DataFrame, str]:
     """`treeopt sweep`: the optimal tree's tokens/step (and tokens/s) for every size 0..max_nodes."""
+    if _typical(calibration, acceptance):
+        from search import typical
+
+        return typical.sweep_report(calibration, max_nodes, latency, max_depth, top_k, replayed, out)
     cal = load_calibration(calibration)
     lat = read_latency(latency) if latency is not None else None
     df = sweep(cal, max_nodes, model, lat, max_depth, top_k, replayed)

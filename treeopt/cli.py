@@ -53,6 +53,10 @@ DtypeOpt = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16
 PromptsOpt = typer.Option(None, "--prompts", "-p", help="Prompt source: alpaca_eval (hub, via `datasets`), a .json/.jsonl file with an `instruction` or `prompt` field, or a Hugging Face dataset id; default: ../shared/data/alpaca_eval.json if present, else alpaca_eval.")
 CalibrationOpt = typer.Option(..., "--calibration", "-c", help="Calibration directory (from `treeopt calibrate`).")
 AcceptanceModelOpt = typer.Option("empirical", "--acceptance-model", help="How node acceptance is estimated from the calibration: empirical (joint rank counts) or independent (Medusa paper's product of accuracies).")
+AcceptanceOpt = typer.Option("greedy", "--acceptance", help="The acceptance rule: greedy (lossless) or typical (Medusa's typical acceptance, temperature > 0).")
+TemperatureOpt = typer.Option(0.7, "--temperature", help="typical: sampling temperature.")
+ThresholdOpt = typer.Option(0.09, "--posterior-threshold", help="typical: epsilon, the hard threshold.")
+AlphaOpt = typer.Option(0.3, "--posterior-alpha", help="typical: delta, the entropy-scaled threshold.")
 LatencyOpt = typer.Option(None, "--latency", help="Latency CSV (nodes,forward_ms) from `treeopt profile`: adds tokens/s.")
 
 
@@ -120,19 +124,34 @@ def calibrate(
     top_k: int = typer.Option(10, "--top-k", help="Ranks >= top-k are recorded as a miss."),
     batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generation batch (1: exactly unbatched greedy)."),
     shard_size: int = typer.Option(32, "--shard-size", help="Prompts per resumable shard (rounded up to whole batches)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="typical: the seed of the sampled roots."),
     out: Path = typer.Option(Path("calibration"), "--out", "-o", help="Output directory; rerun the same command to resume."),
+    acceptance: str = AcceptanceOpt,
+    temperature: float = TemperatureOpt,
+    posterior_threshold: float = ThresholdOpt,
+    posterior_alpha: float = AlphaOpt,
+    probe: Optional[str] = typer.Option(None, "--probe", help="typical: the probe's internal nodes (a tree spec; each gets all its top-k children); default top-4 x top-2 x top-1."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with tokens/s."),
 ):
-    """Record where every head ranks the base model's greedy tokens (ranks.parquet, accuracy.csv, ...)."""
+    """Record where every head ranks the base model's greedy tokens (ranks.parquet, accuracy.csv, ...);
+    with --acceptance typical, every probe node's typical test along a seeded probe decode (typical.parquet)."""
     from treeopt.core.record import load_calibration
     from calibrate.run import CalibrationConfig, calibrate as run_calibration
 
     config = CalibrationConfig(out=out, model=model, heads=heads, prompts=prompts, limit=limit,
                                max_new_tokens=max_new_tokens, top_k=top_k, batch_size=batch_size,
                                shard_size=shard_size, seed=seed, device=device, dtype=dtype, progress=progress)
+    if acceptance != "greedy":
+        from calibrate.typical import calibrate_typical
+        from decoding.decoder import Acceptance
+        from treeopt.core.treefile import read_tree
+
+        rule = Acceptance(acceptance, temperature, posterior_threshold, posterior_alpha, seed)
+        path = calibrate_typical(config, rule, read_tree(probe) if probe else None)
+        typer.echo(f"wrote {path}: typical acceptance record (typical.parquet, calibration.json)")
+        return
     cal = load_calibration(run_calibration(config))
     top = ", ".join(f"head {k + 1} {a:.3f}" for k, a in enumerate(cal.accuracy.sum(1)))
     typer.echo(f"wrote {out}: {cal.meta['num_prompts']} prompts, {cal.num_positions} positions, "
@@ -154,11 +173,13 @@ def search(
     max_nodes: int = typer.Option(256, "--max-nodes", help="Largest size --nodes auto considers."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Tree file to write (.json, .py, .txt)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="json, python (medusa_choices = [...]) or trtllm (--medusa_choices string); default from the suffix."),
+    acceptance: str = AcceptanceOpt,
 ):
     """Search the tree that maximizes expected tokens/step; compare it with the baselines."""
     from search.api import search_report
 
-    typer.echo(search_report(calibration, nodes, acceptance_model, max_depth, top_k, latency, max_nodes, out, fmt)[2])
+    typer.echo(search_report(calibration, nodes, acceptance_model, max_depth, top_k, latency, max_nodes, out, fmt,
+                             acceptance=acceptance)[2])
 
 
 @command()
@@ -169,11 +190,12 @@ def evaluate(
     split: Optional[float] = typer.Option(None, "--split", help="Fit on this fraction of prompts, replay on the rest (e.g. 0.8)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the prompt split."),
     latency: Optional[Path] = LatencyOpt,
+    acceptance: str = AcceptanceOpt,
 ):
     """Replay trees on a calibration (exact greedy Medusa decoding) next to the baselines."""
     from search.api import evaluate_report
 
-    typer.echo(evaluate_report(trees, calibration, acceptance_model, split, seed, latency)[1])
+    typer.echo(evaluate_report(trees, calibration, acceptance_model, split, seed, latency, acceptance=acceptance)[1])
 
 
 @command()
@@ -186,11 +208,13 @@ def sweep(
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Highest rank + 1 per head."),
     replayed: bool = typer.Option(False, "--replay", help="Also replay every size (slower)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="CSV to write."),
+    acceptance: str = AcceptanceOpt,
 ):
     """Predicted tokens/step (and tokens/s with --latency) of the best tree of every size 0..N."""
     from search.api import sweep_report
 
-    typer.echo(sweep_report(calibration, max_nodes, acceptance_model, latency, max_depth, top_k, replayed, out)[1])
+    typer.echo(sweep_report(calibration, max_nodes, acceptance_model, latency, max_depth, top_k, replayed, out,
+                            acceptance=acceptance)[1])
 
 
 
@@ -202,10 +226,10 @@ def decode(
     instruction: str = typer.Argument(..., help="The user turn to answer."),
     tree: Optional[str] = typer.Option(None, "--tree", "-t", help="Tree: a .json/.py/.txt tree file, a published name or '[[0], [0, 0]]'; none: plain decoding."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
-    acceptance: str = typer.Option("greedy", "--acceptance", help="greedy (lossless) or typical (Medusa's typical acceptance)."),
-    temperature: float = typer.Option(0.7, "--temperature", help="typical: sampling temperature."),
-    posterior_threshold: float = typer.Option(0.09, "--posterior-threshold", help="typical: epsilon, the hard threshold."),
-    posterior_alpha: float = typer.Option(0.3, "--posterior-alpha", help="typical: delta, the entropy-scaled threshold."),
+    acceptance: str = AcceptanceOpt,
+    temperature: float = TemperatureOpt,
+    posterior_threshold: float = ThresholdOpt,
+    posterior_alpha: float = AlphaOpt,
     seed: int = typer.Option(0, "--seed", help="typical: the sampling seed."),
     model: str = ModelOpt,
     heads: Optional[str] = HeadsOpt,
@@ -233,18 +257,25 @@ def bench(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory for bench.csv and bench.json (re-run to resume)."),
     repeats: int = typer.Option(5, "--repeats", help="Timed forwards per tree size for forward_ms."),
     threads: Optional[int] = ThreadsOpt,
+    acceptance: str = AcceptanceOpt,
+    temperature: float = TemperatureOpt,
+    posterior_threshold: float = ThresholdOpt,
+    posterior_alpha: float = AlphaOpt,
+    seed: int = typer.Option(0, "--seed", help="typical: the sampling seed (the same seed gives the same numbers)."),
     model: str = ModelOpt,
     heads: Optional[str] = HeadsOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ):
     """Plain greedy vs tree decoding on the same prompts: tokens/step, overhead, speedup, lossless match."""
+    from decoding.decoder import Acceptance
     from reports.bench import render, run_bench
 
+    rule = Acceptance(acceptance, temperature, posterior_threshold, posterior_alpha, seed)
     result = run_bench(model=model, heads=heads, trees=trees or (), cartesian=cartesian or (), prompts=prompts,
                        limit=limit, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
                        calibration=str(calibration) if calibration else None, out=out, repeats=repeats,
-                       progress=sys.stderr.isatty(), threads=threads)
+                       progress=sys.stderr.isatty(), threads=threads, acceptance=rule)
     typer.echo(render(result))
     if out is not None:
         typer.echo(f"wrote {out / 'bench.csv'} and {out / 'bench.json'}", err=True)

@@ -12,7 +12,22 @@ A calibration run writes into DIR:
 - ``accuracy.csv``: a_k^(i), long form: head, rank, hits, positions, accuracy, cumulative.
 - ``continuations.parquet``: prompt_id, instruction, prompt_ids, tokens (the continuation's ids), stopped
   (True when it ended at EOS rather than at max_new_tokens).
-- ``calibration.json``: model, heads, dataset, counts, top_k, max_new_tokens, seed, wall time, versions.
+- ``calibration.json``: model, heads, dataset, counts, top_k, max_new_tokens, seed, wall time, versions,
+  and ``acceptance``: the rule the record models, ``greedy`` here (records without the key are greedy).
+
+A *typical* calibration (``treeopt calibrate --acceptance typical``, written by calibrate/typical.py,
+which says what in it is exact and what is estimated) models Medusa's typical acceptance instead:
+
+- ``typical.parquet``: one row per (prompt, position) of the text y_0..y_{T-1} that decoding with the
+  probe tree made: prompt_id, position t, token y_t, step_start (True where that decode began a step,
+  with root y_t), and ``a{i}`` (i = 0..n-1) for probe node i (``probe[i]`` in calibration.json): True
+  when, in a step with root y_t, node i's token passes the typical test under its parent's
+  distribution, p > min(posterior_threshold, posterior_alpha * exp(-entropy)) at ``temperature``.
+  A step accepts a node when it and all its ancestors pass.
+- ``calibration.json``: as above, with ``acceptance: typical``, ``temperature``,
+  ``posterior_threshold`` (epsilon), ``posterior_alpha`` (delta), ``seed`` (of the sampled roots),
+  ``probe`` (the probe tree's rank paths, in column order) and ``probe_internal`` (its nodes that have
+  children, the only ones the walk forwards).
 """
 
 from __future__ import annotations
@@ -27,8 +42,10 @@ import pandas as pd
 
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write, write_text
+from treeopt.core.tree import Tree
 
 RANKS = "ranks.parquet"
+TYPICAL = "typical.parquet"
 ACCURACY = "accuracy.csv"
 CONTINUATIONS = "continuations.parquet"
 META = "calibration.json"
@@ -90,8 +107,36 @@ class Calibration:
         return pd.read_parquet(self.directory / CONTINUATIONS)
 
 
+def read_meta(directory: str | Path) -> dict:
+    """calibration.json of a calibration directory (greedy or typical)."""
+    path = Path(directory) / META
+    if not path.is_file():
+        raise TreeoptError(f"{directory} is not a calibration directory (no {META}): "
+                           "run `treeopt calibrate --out DIR` and pass that DIR")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise TreeoptError(f"{path} is damaged: re-run calibrate") from None
+
+
+def acceptance_of(meta: dict) -> str:
+    """The acceptance rule a record models: greedy or typical."""
+    return meta.get("acceptance", "greedy")
+
+
+def check_rule(directory: str | Path, rule: str) -> dict:
+    """The calibration.json of `directory`, or a one-line error when it records another rule than `rule`."""
+    meta = read_meta(directory)
+    if acceptance_of(meta) != rule:
+        raise TreeoptError(f"{directory} records {acceptance_of(meta)} acceptance, not {rule}: pass "
+                           f"--acceptance {acceptance_of(meta)}, or calibrate with --acceptance {rule}")
+    return meta
+
+
 def load_calibration(directory: str | Path) -> Calibration:
     directory = Path(directory)
+    if (directory / META).is_file():
+        check_rule(directory, "greedy")
     if not (directory / RANKS).is_file() or not (directory / META).is_file():
         raise TreeoptError(f"{directory} is not a calibration directory (no {RANKS} or {META}): "
                            "run `treeopt calibrate --out DIR` and pass that DIR")
@@ -118,3 +163,73 @@ def write_calibration(directory: str | Path, ranks: pd.DataFrame, continuations:
     atomic_write(directory / ACCURACY, lambda p: table.to_csv(p, index=False))
     write_text(directory / META, json.dumps(meta, indent=2) + "\n")
     return directory
+
+
+@dataclass(frozen=True)
+class TypicalRecord:
+    """A typical calibration, loaded (see the module docstring); rows in (prompt, position) order."""
+
+    flags: np.ndarray  # [N, n] bool: probe node i passes the typical test at the row's position
+    prompt_ids: np.ndarray  # [N]
+    positions: np.ndarray  # [N]
+    step_start: np.ndarray  # [N] bool
+    probe: Tree
+    meta: dict = field(default_factory=dict)
+    directory: Path | None = None
+
+    @property
+    def num_positions(self) -> int:
+        return self.flags.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.meta.get("num_heads", self.probe.depth))
+
+    @property
+    def top_k(self) -> int:
+        return self.probe.max_rank
+
+    @property
+    def rule(self) -> dict:
+        """temperature, posterior_threshold, posterior_alpha, seed: what the record was made under."""
+        return {k: self.meta[k] for k in ("temperature", "posterior_threshold", "posterior_alpha", "seed")}
+
+    def subset(self, prompts: np.ndarray) -> "TypicalRecord":
+        """The rows of the given prompt ids (for held-out splits)."""
+        keep = np.isin(self.prompt_ids, prompts)
+        return TypicalRecord(self.flags[keep], self.prompt_ids[keep], self.positions[keep], self.step_start[keep],
+                             self.probe, self.meta, self.directory)
+
+    @cached_property
+    def open(self) -> np.ndarray:
+        """[N, n] bool: node i and all its ancestors pass, i.e. a step may accept node i."""
+        out = self.flags.copy()
+        for i, parent in enumerate(self.probe.parents):  # parents come first
+            if parent >= 0:
+                out[:, i] &= out[:, parent]
+        return out
+
+
+def flag_columns(num_nodes: int) -> list[str]:
+    return [f"a{i}" for i in range(num_nodes)]
+
+
+def load_typical(directory: str | Path) -> TypicalRecord:
+    directory = Path(directory)
+    meta = check_rule(directory, "typical")
+    try:
+        df = pd.read_parquet(directory / TYPICAL)
+        probe = Tree(tuple(map(tuple, meta["probe"])))
+        flags = df[flag_columns(len(probe))].to_numpy(bool)
+    except Exception as e:  # pyarrow, KeyError, TreeoptError: a damaged or partial record
+        raise TreeoptError(f"{directory} has an unreadable typical record ({type(e).__name__}): "
+                           "re-run `treeopt calibrate --acceptance typical`") from None
+    order = np.lexsort((df["position"].to_numpy(), df["prompt_id"].to_numpy()))
+    return TypicalRecord(flags[order], df["prompt_id"].to_numpy(np.int32)[order],
+                         df["position"].to_numpy(np.int32)[order], df["step_start"].to_numpy(bool)[order],
+                         probe, meta, directory)
+
+
+def load_record(directory: str | Path) -> Calibration | TypicalRecord:
+    """A greedy or a typical calibration, as its calibration.json says."""
+    return load_typical(directory) if acceptance_of(read_meta(directory)) == "typical" else load_calibration(directory)

@@ -110,14 +110,20 @@ def positions(calibration: Calibration) -> Positions:
 def replay(tree: Tree, calibration: Calibration | Positions) -> ReplayResult:
     """Simulate greedy Medusa decoding with `tree` on every logged continuation (module docstring)."""
     rows = calibration if isinstance(calibration, Positions) else positions(calibration)
-    nxt = np.arange(len(rows.ranks)) + 1 + accepted_depths(tree, rows.ranks, rows.top_k)  # [N] row after one step
-    nxt = np.minimum(nxt, np.repeat(rows.ends, rows.ends - rows.starts))  # no-op when -1 marks the end
-    nxt = np.append(nxt, len(rows.ranks))  # [N+1] index N: past the last row (cur never exceeds it)
-    cur, ends = rows.starts.copy(), rows.ends
+    return walk_steps(rows.prompt_ids, rows.starts, rows.ends, accepted_depths(tree, rows.ranks, rows.top_k))
+
+
+def walk_steps(prompt_ids: np.ndarray, starts: np.ndarray, ends: np.ndarray, depth: np.ndarray) -> ReplayResult:
+    """Steps over logged texts: prompt p's rows are starts[p]..ends[p]-1 (one per position, in order);
+    a step at row t accepts depth[t] [N] tokens after its root and moves to t + 1 + depth[t]."""
+    nxt = np.arange(len(depth)) + 1 + depth  # [N] row after one step
+    nxt = np.minimum(nxt, np.repeat(ends, ends - starts))  # a step never runs past its text
+    nxt = np.append(nxt, len(depth))  # [N+1] index N: past the last row (cur never exceeds it)
+    cur = starts.copy()
     steps = np.zeros(len(cur), np.int64)
     active = cur < ends
     while active.any():
         steps += active
         cur = np.where(active, nxt[cur], cur)
         active = cur < ends
-    return ReplayResult(rows.prompt_ids, ends - rows.starts, steps)
+    return ReplayResult(prompt_ids, ends - starts, steps)

@@ -1,0 +1,144 @@
+"""Typical acceptance, predicted vs measured: trees searched for typical acceptance and for greedy, both
+decoded under typical acceptance on prompts the calibrations did not see.
+
+    nice -n 10 .venv/bin/python benchmarks/bench_typical.py [--work runs/bench-typical] [--fit 24]
+        [--held-out 16] [--max-new-tokens 64] [--nodes 16,64] [--temperature 0.7] [--seed 0] [--threads 1]
+        [--part all|greedy|typical]
+
+AlpacaEval prompts 0..fit-1 calibrate twice: greedy (`treeopt calibrate`) and typical at the given
+temperature with the default thresholds (`treeopt calibrate --acceptance typical`; its probe's internal
+nodes are the default top-4 x top-2 x top-1 plus the greedy-searched trees' own, so every tree compared
+lies inside the probe). At each size the greedy-searched and the typical-searched tree are benched with
+`treeopt bench --acceptance typical` on the next held-out prompts (measured tokens/step), beside the
+typical record's prediction (1 + mean accepted depth over logged positions) and replay (steps walked
+over the logged texts). A second decode of the first held-out prompt with every tree checks that the same
+seed gives the same tokens. Every stage resumes (run the same command again); --part greedy / typical
+run the two halves' heavy work in separate processes, then --part all prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", default="runs/bench-typical")
+    p.add_argument("--prompts", default=None, help="prompt source (default: the local AlpacaEval copy)")
+    p.add_argument("--fit", type=int, default=24, help="calibration prompts (the first ones)")
+    p.add_argument("--held-out", type=int, default=16, help="bench prompts (the next ones)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--nodes", default="16,64")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--part", default="all", choices=("all", "greedy", "typical"))
+    args = p.parse_args()
+
+    from calibrate.run import CalibrationConfig, calibrate
+    from calibrate.typical import DEFAULT_INTERNAL, calibrate_typical
+    from decoding.decoder import Acceptance, TreeDecoder
+    from decoding.heads import resolve_heads
+    from decoding.models import chat_prompt, load_model, set_threads, stop_token_ids
+    from reports.bench import run_bench
+    from search import typical
+    from search.grow import search
+    from treeopt.core.prompts import default_prompts, load_instructions
+    from treeopt.core.record import load_calibration, load_typical
+    from treeopt.core.tables import render_table
+    import pandas as pd
+
+    from treeopt.core.tree import Tree
+    from treeopt.core.treefile import write_tree
+
+    set_threads(args.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    source = args.prompts or default_prompts()
+    instructions = load_instructions(source, limit=args.fit + args.held_out)
+    files = {}
+    for name, part in (("fit", instructions[: args.fit]), ("held-out", instructions[args.fit:])):
+        files[name] = work / f"{name}.json"
+        files[name].write_text(json.dumps([{"instruction": s} for s in part]))
+    sizes = [int(n) for n in args.nodes.split(",")]
+    rule = Acceptance("typical", args.temperature, seed=args.seed)
+    loaded = load_model("smollm2-135m", device="cpu")
+    heads = resolve_heads(None, loaded.model)
+    config = CalibrationConfig(out=work / "greedy", prompts=str(files["fit"]), max_new_tokens=args.max_new_tokens, seed=args.seed,
+                               device="cpu", progress=False)
+
+    def log(s):
+        print(s, file=sys.stderr, flush=True)
+
+    log("greedy calibration")
+    greedy_cal = load_calibration(calibrate(config, loaded=loaded, heads=heads))
+    trees = {f"greedy-searched {n}": search(greedy_cal, n).tree for n in sizes}
+    internal = set(Tree.cartesian(list(DEFAULT_INTERNAL[: heads.num_heads - 1])).paths)
+    for tree in trees.values():
+        internal |= {q[:-1] for q in tree.paths if len(q) > 1}
+    probe_internal = Tree.from_choices(sorted(internal, key=lambda q: (len(q), q)))
+
+    def bench(kind: str):
+        """Measure the `kind`-searched trees under typical acceptance on the held-out prompts."""
+        names = [f"{kind}-searched {n}" for n in sizes]
+        paths = [work / f"{kind}-searched-{n}.json" for n in sizes]
+        for name, path in zip(names, paths):
+            write_tree(trees[name], path, acceptance=kind)
+        out = work / f"bench-{kind}"
+        done = json.loads((out / "bench.json").read_text()) if (out / "bench.json").is_file() else {}
+        if done.get("trees") != {path.stem: trees[name].choices for name, path in zip(names, paths)}:
+            log(f"bench {kind}-searched trees")
+            run_bench(trees=[str(x) for x in paths], prompts=str(files["held-out"]), limit=args.held_out,
+                      max_new_tokens=args.max_new_tokens, device="cpu", out=out, repeats=1, progress=False,
+                      threads=args.threads, acceptance=rule)
+            done = json.loads((out / "bench.json").read_text())
+        rows = {r["method"]: r for r in done["rows"]}
+        firsts = {r["method"]: r for r in done["per_prompt"] if r["prompt"] == 0}
+        return {name: {**rows[path.stem], "first": firsts[path.stem]} for name, path in zip(names, paths)}
+
+    measured = bench("greedy") if args.part in ("all", "greedy") else {}
+    if args.part == "greedy":
+        return
+    log("typical calibration")
+    record = load_typical(calibrate_typical(replace(config, out=work / "typical"), rule, probe_internal,
+                                            loaded=loaded, heads=heads))
+    trees.update({f"typical-searched {n}": typical.search(record, n).tree for n in sizes})
+    measured.update(bench("typical"))
+    if args.part == "typical":
+        return
+
+    model, stops = loaded.model, stop_token_ids(loaded.model, loaded.tokenizer)
+    first = chat_prompt(loaded.tokenizer, instructions[args.fit])
+    rows = []
+    for name, tree in trees.items():
+        m = measured[name]
+        predicted = typical.expected_tokens_per_step(record, tree)
+        replayed = typical.replay(record, tree).tokens_per_step
+        again = TreeDecoder(model, heads, tree, rule, stops).generate(first, args.max_new_tokens)
+        rows.append({"tree": name, "nodes": tree.num_nodes, "depth": tree.depth, "predicted": predicted,
+                     "replayed": replayed, "measured": m["tokens_per_step"],
+                     "predicted_err_%": 100 * (predicted / m["tokens_per_step"] - 1),
+                     "replayed_err_%": 100 * (replayed / m["tokens_per_step"] - 1),
+                     "steps": int(m["steps"]), "new_tokens": int(m["new_tokens"]),
+                     "rerun_same": (len(again.tokens), again.steps) == (m["first"]["new_tokens"], m["first"]["steps"])})
+    table = pd.DataFrame(rows)
+    print(f"smollm2-135m + shipped heads, typical acceptance T = {args.temperature} (posterior_threshold "
+          f"{rule.posterior_threshold}, posterior_alpha {rule.posterior_alpha}), seed {args.seed}; calibrated on "
+          f"prompts 0-{args.fit - 1}, measured on {args.fit}-{args.fit + args.held_out - 1}, "
+          f"{args.max_new_tokens} new tokens; probe {len(record.probe)} nodes ({len(probe_internal)} internal)")
+    print(render_table(table))
+    for n in sizes:
+        t, g = measured[f"typical-searched {n}"]["tokens_per_step"], measured[f"greedy-searched {n}"]["tokens_per_step"]
+        print(f"{n} nodes: typical-searched {t:.3f} vs greedy-searched {g:.3f} measured tokens/step: "
+              f"margin {t - g:+.3f} ({100 * (t / g - 1):+.1f} %)")
+
+
+if __name__ == "__main__":
+    main()

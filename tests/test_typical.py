@@ -1,0 +1,217 @@
+"""Typical acceptance: the probe walk against the decoder (the record's exact part), the estimator and
+search on hand-made records, and `calibrate|search|evaluate|sweep|bench --acceptance typical`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from calibrate.typical import probe_tree, probe_walk
+from decoding.decoder import Acceptance, TreeDecoder
+from decoding.heads import random_heads
+from search import typical
+from treeopt.cli import app
+from treeopt.core.record import TypicalRecord, flag_columns
+from treeopt.core.tree import Tree
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# The tiny random Llama's distributions are nearly flat: alpha 1.1 puts the threshold where some
+# candidates pass and some do not.
+RULE = Acceptance("typical", temperature=1.0, posterior_threshold=0.09, posterior_alpha=1.1, seed=3)
+INTERNAL = Tree.cartesian([3, 2])
+TOP_K = 4
+
+
+def record_of(tables: list[pd.DataFrame], probe: Tree) -> TypicalRecord:
+    df = pd.concat([t.assign(prompt_id=i) for i, t in enumerate(tables)], ignore_index=True)
+    return TypicalRecord(df[flag_columns(len(probe))].to_numpy(bool), df["prompt_id"].to_numpy(np.int32),
+                         df["position"].to_numpy(np.int32), df["step_start"].to_numpy(bool), probe,
+                         {"num_heads": 3, "temperature": 1.0, "posterior_threshold": 0.09, "posterior_alpha": 1.1,
+                          "seed": 3})
+
+
+@pytest.fixture(scope="module")
+def walked(tiny_llama):
+    heads = random_heads(tiny_llama, num_heads=3, seed=0)
+    probe = probe_tree(INTERNAL, TOP_K, 3)
+    prompts = [np.random.default_rng(i).integers(3, 97, size=4 + i).tolist() for i in range(4)]
+    dec = TreeDecoder(tiny_llama, heads, INTERNAL, RULE, stop_ids=(), top_k=TOP_K)
+    tables = [probe_walk(dec, probe, p, 40) for p in prompts]
+    return heads, probe, prompts, tables, record_of(tables, probe)
+
+
+def test_probe_tree_holds_every_child_of_the_internal_nodes():
+    probe = probe_tree(Tree(((0,), (1,), (0, 0))), top_k=2, num_heads=3)
+    assert probe.paths == ((0,), (1,), (0, 0), (0, 1), (1, 0), (1, 1), (0, 0, 0), (0, 0, 1))
+
+
+def test_walk_is_the_probe_decode(tiny_llama, walked):
+    """The walk's text and steps are TreeDecoder(probe)'s: same tokens, and at every step start the
+    depth the record gives the probe is the depth the decoder accepted."""
+    heads, probe, prompts, tables, record = walked
+    depth = typical.depths(record, probe)
+    accepted = 0
+    for i, prompt in enumerate(prompts):
+        ref = TreeDecoder(tiny_llama, heads, probe, RULE, stop_ids=()).generate(prompt, 40)
+        rows = record.prompt_ids == i
+        assert tables[i]["token"].tolist() == ref.tokens
+        assert depth[rows & record.step_start].tolist() == ref.accepted
+        assert typical.replay(record.subset(np.array([i])), probe).steps.tolist() == [ref.steps]
+        accepted += sum(ref.accepted)
+    assert 0 < accepted < sum(record.step_start) * probe.depth  # some steps accept, not all fully
+    assert 0 < record.flags.mean() < 1
+
+
+def closed_subtrees(probe: Tree, count: int, seed: int = 0):
+    """Random subtrees of `probe` (every parent kept), in parent-first order."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        keep = set()
+        for p in probe.paths:
+            if (len(p) == 1 or p[:-1] in keep) and rng.random() < 0.6:
+                keep.add(p)
+        yield Tree(tuple(p for p in probe.paths if p in keep))
+
+
+def test_any_subtree_accepts_what_the_decoder_accepts(tiny_llama, walked):
+    """The exact part: at a state both reach (the first step after the prompt, same seed), a subtree's
+    decoder accepts the depth the record gives it."""
+    heads, probe, prompts, _, record = walked
+    first = np.flatnonzero(record.positions == 0)  # [prompts] each prompt's first row
+    checked = set()
+    for tree in closed_subtrees(probe, 12):
+        got = typical.depths(record, tree)[first]
+        for i, prompt in enumerate(prompts):
+            dec = TreeDecoder(tiny_llama, heads, tree, RULE, stop_ids=())
+            assert dec.generate(prompt, 8).accepted[0] == got[i]
+            checked.add(int(got[i]))
+    assert len(checked) > 1  # the case is not trivial
+
+
+# ---- the estimator on hand-made records ----------------------------------------------------------
+
+
+def synthetic(seed: int = 0, positions: int = 400) -> TypicalRecord:
+    """Flags with a per-position easiness driving every node, and siblings that pass together."""
+    probe = probe_tree(Tree.cartesian([3, 2]), 3, 3)
+    rng = np.random.default_rng(seed)
+    easy = rng.random((positions, 1))
+    rank = np.array([p[-1] for p in probe.paths])
+    flags = rng.random((positions, len(probe))) < easy * 0.9 / (1 + rank)  # [N, n]
+    prompts = np.repeat(np.arange(8), positions // 8).astype(np.int32)
+    pos = np.concatenate([np.arange(positions // 8)] * 8).astype(np.int32)
+    return TypicalRecord(flags, prompts, pos, np.zeros(positions, bool), probe,
+                         {"num_heads": 3, "temperature": 0.7, "posterior_threshold": 0.09, "posterior_alpha": 0.3,
+                          "seed": 0})
+
+
+def brute_depths(record: TypicalRecord, tree: Tree) -> list[int]:
+    out = []
+    for row in record.flags:
+        passes = {p for p in tree.paths if p in record.probe and row[record.probe.index(p)]}
+        out.append(max((len(p) for p in tree.paths if all(p[:d] in passes for d in range(1, len(p) + 1))), default=0))
+    return out
+
+
+def test_depths_are_the_deepest_passing_chain():
+    record = synthetic()
+    for tree in [*closed_subtrees(record.probe, 5, seed=1), Tree(((0,), (0, 0), (0, 0, 0), (0, 0, 0, 0)))]:
+        assert typical.depths(record, tree).tolist() == brute_depths(record, tree)
+
+
+def test_search_values_sum_to_the_prediction_and_stay_in_bounds():
+    record = synthetic()
+    result = typical.search(record, 8, max_depth=2, top_k=2 + 1)
+    tree = result.tree
+    assert tree.num_nodes == 8 and tree.depth <= 2 and tree.max_rank <= 3
+    assert all(p in record.probe for p in tree.paths)
+    assert result.tokens_per_step == pytest.approx(typical.expected_tokens_per_step(record, tree))
+    assert typical.node_values(record, tree) == pytest.approx(result.values)
+    for m in (1, 5, 8):  # every prefix's curve point is its own prediction
+        assert result.curve[m] == pytest.approx(typical.expected_tokens_per_step(record, tree[:m]))
+
+
+def test_greedy_step_beats_every_other_single_addition():
+    record = synthetic(seed=2)
+    result = typical.search(record, 6)
+    for m in range(6):
+        base = typical.expected_tokens_per_step(record, result.tree[:m])
+        have = set(result.tree[:m].paths)
+        options = [p for p in record.probe.paths if p not in have and (len(p) == 1 or p[:-1] in have)]
+        best = max(typical.expected_tokens_per_step(record, Tree(result.tree[:m].paths + (p,))) for p in options)
+        assert result.curve[m + 1] == pytest.approx(best)
+        assert best >= base
+
+
+def test_replay_of_a_probe_decode_walks_its_steps():
+    record = synthetic()
+    assert typical.replay(record, Tree(())).tokens_per_step == 1.0
+    tree = Tree.chain(3)
+    r = typical.replay(record, tree)
+    assert 1.0 < r.tokens_per_step <= 4.0
+    assert r.tokens.sum() == record.num_positions
+
+
+# ---- the commands ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def typical_dir(tmp_path_factory, tiny_model_dir):
+    d = tmp_path_factory.mktemp("typ")
+    prompts = d / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"instruction": f"w{i} w{i + 3} w{2 * i + 5}"}) for i in range(4)) + "\n")
+    args = ["calibrate", "--model", str(tiny_model_dir), "--heads", "random", "-p", str(prompts),
+            "--max-new-tokens", "16", "--top-k", "4", "--acceptance", "typical", "--temperature", "1.0",
+            "--posterior-alpha", "1.1", "--seed", "3", "--probe", "[[0], [1], [0, 0]]", "--no-progress",
+            "--device", "cpu", "-o", str(d / "cal")]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    return d / "cal", prompts
+
+
+def test_calibrate_typical_writes_the_record(typical_dir):
+    cal, _ = typical_dir
+    meta = json.loads((cal / "calibration.json").read_text())
+    assert meta["acceptance"] == "typical" and meta["temperature"] == 1.0 and meta["posterior_alpha"] == 1.1
+    assert meta["seed"] == 3 and meta["probe_internal"] == [[0], [1], [0, 0]]
+    df = pd.read_parquet(cal / "typical.parquet")
+    assert {"prompt_id", "position", "token", "step_start"} <= set(df.columns)
+    assert len(meta["probe"]) == len([c for c in df.columns if c.startswith("a")])
+
+
+def test_search_evaluate_sweep_typical(typical_dir, tmp_path):
+    cal, _ = typical_dir
+    runner = CliRunner()
+    r = runner.invoke(app, ["search", "-c", str(cal), "--acceptance", "typical", "-n", "6", "-o", str(tmp_path / "t.json")])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "t.json").read_text())
+    assert meta["acceptance"] == "typical" and meta["temperature"] == 1.0 and meta["posterior_threshold"] == 0.09
+    r = runner.invoke(app, ["evaluate", str(tmp_path / "t.json"), "-c", str(cal), "--acceptance", "typical"])
+    assert r.exit_code == 0 and "best_cartesian" in r.output, r.output
+    r = runner.invoke(app, ["sweep", "-c", str(cal), "--acceptance", "typical", "--max-nodes", "8", "--replay"])
+    assert r.exit_code == 0 and "replayed_tokens_per_step" in r.output, r.output
+    r = runner.invoke(app, ["search", "-c", str(cal), "-n", "6"])  # greedy asked of a typical record
+    assert r.exit_code == 2 and "--acceptance typical" in r.output
+
+
+def test_bench_typical_is_seeded_and_predicted(typical_dir, tiny_model_dir, tmp_path):
+    cal, prompts = typical_dir
+    args = ["bench", "--model", str(tiny_model_dir), "--heads", "random", "-t", "[[0], [1], [0, 0]]",
+            "-p", str(prompts), "--limit", "2", "--max-new-tokens", "16", "--device", "cpu", "--repeats", "1",
+            "--acceptance", "typical", "--temperature", "1.0", "--posterior-alpha", "1.1", "--seed", "3",
+            "-c", str(cal)]
+    runs = []
+    for out in ("a", "b"):
+        r = CliRunner().invoke(app, [*args, "-o", str(tmp_path / out)])
+        assert r.exit_code == 0, r.output
+        runs.append(pd.read_csv(tmp_path / out / "bench.csv").set_index("method"))
+    tree = runs[0].loc["[[0], [1], [0, 0]]"]
+    assert np.isfinite(tree["predicted_tokens_per_step"]) and np.isnan(tree["match_rate"])
+    assert runs[0]["steps"].tolist() == runs[1]["steps"].tolist()  # same seed, same numbers
+    r = CliRunner().invoke(app, [*args[:-2], "-c", str(cal), "--temperature", "0.5", "-o", str(tmp_path / "c")])
+    assert r.exit_code == 2 and "temperature" in r.output

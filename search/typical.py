@@ -100,9 +100,9 @@ def search(record: TypicalRecord, nodes: int, max_depth: int | None = None, top_
         if cand.size == 0:
             break
         gain = (opened[:, cand] & (reached[:, None] < depth[cand])).sum(0)  # [c] positions it lengthens
-        best = cand[np.lexsort((priority[cand], -gain))[0]]
         if gain.max() == 0:  # no node left lengthens any accepted path
             break
+        best = cand[np.lexsort((priority[cand], -gain))[0]]
         chosen.append(int(best))
         values.append(gain.max() / record.num_positions)
         reached = np.where(opened[:, best], np.maximum(reached, depth[best]), reached)

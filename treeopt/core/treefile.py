@@ -2,7 +2,9 @@
 TensorRT-LLM's `--medusa_choices` string. All three round-trip (paths and their order).
 
 - ``json``: ``{"medusa_choices": [[0], [0, 0], ...], "nodes": N, "predicted_tokens_per_step": x,
-  "acceptance_model": ..., "calibration": ..., "best_chain_length": c, ...}``.
+  "acceptance": "greedy" or "typical" (the rule the tree was searched for; typical adds temperature,
+  posterior_threshold, posterior_alpha, seed), "acceptance_model": ..., "calibration": ...,
+  "best_chain_length": c, ...}``.
 - ``python``: ``medusa_choices = [[0], [0, 0], ...]`` (drops into medusa/model/medusa_choices.py),
   plus ``treeopt_meta = {...}``. Read with `ast.literal_eval`, never executed.
 - ``trtllm``: one line ``[[0], [0, 0], [1]]``, for ``--medusa_choices``. TensorRT-LLM sorts the
@@ -143,7 +145,8 @@ def format_tree(tree: Tree, format: str = "json", **meta) -> str:
         return "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in obj.items()) + "\n}\n"
     if format == "python":
         info = ", ".join(f"{k.replace('_', ' ')} {v:.3g}" if isinstance(v, float) else f"{k.replace('_', ' ')} {v}"
-                         for k, v in meta.items() if k in ("predicted_tokens_per_step", "acceptance_model", "calibration"))
+                         for k, v in meta.items() if k in ("predicted_tokens_per_step", "acceptance", "temperature", "acceptance_model",
+                                          "calibration"))
         return (f"# Medusa tree written by treeopt: {tree.num_nodes} nodes, depth {tree.depth}"
                 + (f"; {info}" if info else "") + ".\n"
                 "# Drop-in for the Medusa repo (medusa/model/medusa_choices.py); read back with ast, never run.\n"

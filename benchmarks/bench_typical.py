@@ -13,7 +13,8 @@ lies inside the probe). At each size the greedy-searched and the typical-searche
 typical record's prediction (1 + mean accepted depth over logged positions) and replay (steps walked
 over the logged texts). A second decode of the first held-out prompt with every tree checks that the same
 seed gives the same tokens. Every stage resumes (run the same command again); --part greedy / typical
-run the two halves' heavy work in separate processes, then --part all prints the table.
+run the two halves' heavy work in separate processes, then --part all prints the table (--partial:
+of the held-out prompts every tree has run so far, running nothing more).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--part", default="all", choices=("all", "greedy", "typical"))
+    p.add_argument("--partial", action="store_true", help="run nothing more: the table of the prompts every tree has run")
     args = p.parse_args()
 
     from calibrate.run import CalibrationConfig, calibrate
@@ -93,15 +95,12 @@ def main() -> None:
             write_tree(trees[name], path, acceptance=kind)
         out = work / f"bench-{kind}"
         done = json.loads((out / "bench.json").read_text()) if (out / "bench.json").is_file() else {}
-        if done.get("trees") != {path.stem: trees[name].choices for name, path in zip(names, paths)}:
+        if not args.partial and done.get("trees") != {p.stem: trees[name].choices for name, p in zip(names, paths)}:
             log(f"bench {kind}-searched trees")
             run_bench(trees=[str(x) for x in paths], prompts=str(files["held-out"]), limit=args.held_out,
                       max_new_tokens=args.max_new_tokens, device="cpu", out=out, repeats=1, progress=False,
                       threads=args.threads, acceptance=rule)
-            done = json.loads((out / "bench.json").read_text())
-        rows = {r["method"]: r for r in done["rows"]}
-        firsts = {r["method"]: r for r in done["per_prompt"] if r["prompt"] == 0}
-        return {name: {**rows[path.stem], "first": firsts[path.stem]} for name, path in zip(names, paths)}
+        return {name: per_prompt(out, path.stem) for name, path in zip(names, paths)}
 
     measured = bench("greedy") if args.part in ("all", "greedy") else {}
     if args.part == "greedy":
@@ -114,30 +113,41 @@ def main() -> None:
     if args.part == "typical":
         return
 
+    common = sorted(set.intersection(*(set(m) for m in measured.values())))  # prompts every tree has run
     model, stops = loaded.model, stop_token_ids(loaded.model, loaded.tokenizer)
-    first = chat_prompt(loaded.tokenizer, instructions[args.fit])
-    rows = []
+    first = chat_prompt(loaded.tokenizer, instructions[args.fit + common[0]])
+    rows, tps = [], {}
     for name, tree in trees.items():
-        m = measured[name]
+        new, steps = (sum(measured[name][i][j] for i in common) for j in (0, 1))
+        tps[name] = new / steps
         predicted = typical.expected_tokens_per_step(record, tree)
         replayed = typical.replay(record, tree).tokens_per_step
         again = TreeDecoder(model, heads, tree, rule, stops).generate(first, args.max_new_tokens)
         rows.append({"tree": name, "nodes": tree.num_nodes, "depth": tree.depth, "predicted": predicted,
-                     "replayed": replayed, "measured": m["tokens_per_step"],
-                     "predicted_err_%": 100 * (predicted / m["tokens_per_step"] - 1),
-                     "replayed_err_%": 100 * (replayed / m["tokens_per_step"] - 1),
-                     "steps": int(m["steps"]), "new_tokens": int(m["new_tokens"]),
-                     "rerun_same": (len(again.tokens), again.steps) == (m["first"]["new_tokens"], m["first"]["steps"])})
-    table = pd.DataFrame(rows)
+                     "replayed": replayed, "measured": tps[name],
+                     "predicted_err_%": 100 * (predicted / tps[name] - 1),
+                     "replayed_err_%": 100 * (replayed / tps[name] - 1), "steps": steps, "new_tokens": new,
+                     "rerun_same": (len(again.tokens), again.steps) == measured[name][common[0]]})
     print(f"smollm2-135m + shipped heads, typical acceptance T = {args.temperature} (posterior_threshold "
           f"{rule.posterior_threshold}, posterior_alpha {rule.posterior_alpha}), seed {args.seed}; calibrated on "
-          f"prompts 0-{args.fit - 1}, measured on {args.fit}-{args.fit + args.held_out - 1}, "
-          f"{args.max_new_tokens} new tokens; probe {len(record.probe)} nodes ({len(probe_internal)} internal)")
-    print(render_table(table))
+          f"prompts 0-{args.fit - 1} ({record.num_positions} positions), measured on {len(common)} held-out prompts "
+          f"from {args.fit}, {args.max_new_tokens} new tokens; probe {len(record.probe)} nodes "
+          f"({len(probe_internal)} internal)")
+    print(render_table(pd.DataFrame(rows)))
     for n in sizes:
-        t, g = measured[f"typical-searched {n}"]["tokens_per_step"], measured[f"greedy-searched {n}"]["tokens_per_step"]
+        t, g = tps[f"typical-searched {n}"], tps[f"greedy-searched {n}"]
         print(f"{n} nodes: typical-searched {t:.3f} vs greedy-searched {g:.3f} measured tokens/step: "
               f"margin {t - g:+.3f} ({100 * (t / g - 1):+.1f} %)")
+
+
+def per_prompt(out: Path, method: str) -> dict[int, tuple[int, int]]:
+    """(new tokens, steps) per prompt of `method` in a finished bench (bench.json) or an unfinished one
+    (its records so far)."""
+    if (out / "bench.json").is_file():
+        rows = json.loads((out / "bench.json").read_text())["per_prompt"]
+        return {r["prompt"]: (r["new_tokens"], r["steps"]) for r in rows if r["method"] == method}
+    records = [json.loads(f.read_text()) for f in (out / ".bench-records").glob(f"{method}.*.done.json")]
+    return {r["prompt"]: (len(r["tokens"]), r["steps"]) for r in records}
 
 
 if __name__ == "__main__":

@@ -191,7 +191,7 @@ def test_search_evaluate_sweep_typical(typical_dir, tmp_path):
     assert r.exit_code == 0, r.output
     meta = json.loads((tmp_path / "t.json").read_text())
     assert meta["acceptance"] == "typical" and meta["temperature"] == 1.0 and meta["posterior_threshold"] == 0.09
-    r = runner.invoke(app, ["evaluate", str(tmp_path / "t.json"), "-c", str(cal), "--acceptance", "typical"])
+    r = runner.invoke(app, ["evaluate", str(tmp_path / "t.json"), "-c", str(cal), "--acceptance", "typical", "--split", "0.5"])
     assert r.exit_code == 0 and "best_cartesian" in r.output, r.output
     r = runner.invoke(app, ["sweep", "-c", str(cal), "--acceptance", "typical", "--max-nodes", "8", "--replay"])
     assert r.exit_code == 0 and "replayed_tokens_per_step" in r.output, r.output

@@ -72,13 +72,13 @@ def probe_walk(dec: TreeDecoder, probe: Tree, prompt_ids, max_new_tokens: int) -
     topk = dec.candidates(hidden, probe.depth)  # [D, top_k]
     tokens, starts, flags, pending, start = [], [], [], [], True
     while True:
-        _, hidden, logits = dec.tree_forward(root, topk)  # [N', H], [N', V] over the internal tree
+        _, hidden, logits = dec.tree_forward(root, topk)  # [I+1, H], [I+1, V]: root + internal nodes
         nodes = topk.flatten()[candidate]  # [n] the probe nodes' tokens
         ok, logp = dec.flags(nodes, logits, parent)  # [n], [n]
         starts.append(start)
         if start:  # the probe decode starts a step here: its chosen path is the text's next tokens
-            zero = ok.new_ones(1), logp.new_zeros(1)
-            path = choose_path(buf, torch.cat([zero[0], ok]), torch.cat([zero[1], logp]))  # [m+1]
+            root_ok, root_logp = ok.new_ones(1), logp.new_zeros(1)  # the root always stands
+            path = choose_path(buf, torch.cat([root_ok, ok]), torch.cat([root_logp, logp]))  # [m+1]
             pending = nodes[path[1:] - 1].tolist()
         dec.cache.commit(torch.zeros(1, dtype=torch.long, device=dec.device))  # keep the root only
         dec.bias[:, dec.cache.length - 1] = 0

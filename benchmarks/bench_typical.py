@@ -2,7 +2,7 @@
 decoded under typical acceptance on prompts the calibrations did not see.
 
     nice -n 10 .venv/bin/python benchmarks/bench_typical.py [--work runs/bench-typical] [--fit 24]
-        [--held-out 16] [--max-new-tokens 64] [--nodes 16,64] [--temperature 0.7] [--seed 0] [--threads 1]
+        [--held-out 16] [--fit-typical N] [--max-new-tokens 64] [--nodes 16,64] [--temperature 0.7] [--seed 0] [--threads 1]
         [--part all|greedy|typical]
 
 AlpacaEval prompts 0..fit-1 calibrate twice: greedy (`treeopt calibrate`) and typical at the given
@@ -35,6 +35,8 @@ def main() -> None:
     p.add_argument("--prompts", default=None, help="prompt source (default: the local AlpacaEval copy)")
     p.add_argument("--fit", type=int, default=24, help="calibration prompts (the first ones)")
     p.add_argument("--held-out", type=int, default=16, help="bench prompts (the next ones)")
+    p.add_argument("--fit-typical", type=int, default=None,
+                   help="prompts of the typical calibration (the first of the fit ones; default: all of them)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--nodes", default="16,64")
     p.add_argument("--temperature", type=float, default=0.7)
@@ -88,13 +90,17 @@ def main() -> None:
     probe_internal = Tree.from_choices(sorted(internal, key=lambda q: (len(q), q)))
 
     def bench(kind: str):
-        """Measure the `kind`-searched trees under typical acceptance on the held-out prompts."""
+        """Measure the `kind`-searched trees under typical acceptance on the held-out prompts (--partial:
+        take the trees and records there are)."""
         names = [f"{kind}-searched {n}" for n in sizes]
         paths = [work / f"{kind}-searched-{n}.json" for n in sizes]
-        for name, path in zip(names, paths):
-            write_tree(trees[name], path, acceptance=kind)
         out = work / f"bench-{kind}"
         done = json.loads((out / "bench.json").read_text()) if (out / "bench.json").is_file() else {}
+        if args.partial:
+            benched = done.get("trees") or json.loads((out / ".bench-records" / "manifest.json").read_text())["trees"]
+            trees.update({name: Tree(tuple(map(tuple, benched[path.stem]))) for name, path in zip(names, paths)})
+        for name, path in zip(names, paths):
+            write_tree(trees[name], path, acceptance=kind)
         if not args.partial and done.get("trees") != {p.stem: trees[name].choices for name, p in zip(names, paths)}:
             log(f"bench {kind}-searched trees")
             run_bench(trees=[str(x) for x in paths], prompts=str(files["held-out"]), limit=args.held_out,
@@ -106,9 +112,9 @@ def main() -> None:
     if args.part == "greedy":
         return
     log("typical calibration")
-    record = load_typical(calibrate_typical(replace(config, out=work / "typical"), rule, probe_internal,
-                                            loaded=loaded, heads=heads))
-    trees.update({f"typical-searched {n}": typical.search(record, n).tree for n in sizes})
+    record = load_typical(calibrate_typical(replace(config, out=work / "typical", limit=args.fit_typical), rule,
+                                            probe_internal, loaded=loaded, heads=heads))
+    trees.update({f"typical-searched {n}": typical.search(record, n).tree for n in sizes})  # (--partial: as benched)
     measured.update(bench("typical"))
     if args.part == "typical":
         return
@@ -130,7 +136,7 @@ def main() -> None:
                      "rerun_same": (len(again.tokens), again.steps) == measured[name][common[0]]})
     print(f"smollm2-135m + shipped heads, typical acceptance T = {args.temperature} (posterior_threshold "
           f"{rule.posterior_threshold}, posterior_alpha {rule.posterior_alpha}), seed {args.seed}; calibrated on "
-          f"prompts 0-{args.fit - 1} ({record.num_positions} positions), measured on {len(common)} held-out prompts "
+          f"prompts 0-{args.fit - 1} (typical: {record.num_positions} positions), measured on {len(common)} held-out prompts "
           f"from {args.fit}, {args.max_new_tokens} new tokens; probe {len(record.probe)} nodes "
           f"({len(probe_internal)} internal)")
     print(render_table(pd.DataFrame(rows)))

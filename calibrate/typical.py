@@ -6,25 +6,25 @@ takes the longest path of accepted nodes (the most likely among the longest), an
 root from the typical-truncated distribution. The text itself depends on the tree, so no single
 continuation fixes every tree's steps, as the greedy record's does.
 
-The probe walk. Each prompt is decoded with a large *probe* tree P under the rule, seeded, exactly
-as `TreeDecoder(P)` would, but one token per forward: at every position t of the text y the walk
-forwards the root y_t and P's nodes with the heads' candidates there, and logs every probe node's
-test (the ``a{i}`` columns of typical.parquet, treeopt.core.record). Where t starts one of the probe
-decode's steps, P's chosen path gives y_{t+1..t+d}; after it the next root is sampled with the same
-generator and the same calls as the decoder, so y is the probe decode's text. A node's test needs
-only its parent's distribution, so the walk forwards only P's internal nodes (`probe_internal`)
-and reads the tests of all their top-k children from those: P = the internal tree plus every child,
-of rank < top_k, of the root and of each internal node, down to the heads' depth.
+The probe walk. Each prompt's text y is sampled under the rule, seeded, one token per forward, as
+decoding with no tree samples it: every token is a root drawn from the typical-truncated distribution
+at temperature T. At every position t the walk forwards the root y_t with the heads' candidates there
+and logs, for every node of a large *probe* tree P, whether its token passes the typical test (the
+``a{i}`` columns of typical.parquet, treeopt.core.record). A node's test needs only its parent's
+distribution, so the walk forwards only P's internal nodes (`probe_internal`) and reads the tests of
+all their top-k children from those: P = the internal tree plus every child, of rank < top_k, of the
+root and of each internal node, down to the heads' depth.
 
 Exact: at every logged position, the nodes any subtree S of P accepts in a step with root y_t after
-y_<t (the longest path of S whose nodes and ancestors all pass; tests/test_typical.py checks this
-against the decoder). So is the probe decode's own sequence of steps (step_start).
-Estimated: which positions S's own decode starts its steps at, and its text. Replay
-(search/typical.py) walks y as greedy replay walks its continuation, t -> t + 1 + d_S(t); where S's
-chosen path differs from y's next tokens, or S's decoder would sample another root, S's real decode
-leaves y, and replay assumes the text it writes instead accepts like y does. y is one seeded sample,
-made by a tree that accepts more head tokens than most S (so it holds more of the heads' likely
-tokens than S's text would).
+y_<t (the longest path of S whose nodes and ancestors all pass); tests/test_typical.py checks this
+against the decoder, and that the walk's text is the no-tree decoder's.
+Estimated: S's own decode's text and its steps. Replay (search/typical.py) walks y as greedy replay
+walks its continuation, t -> t + 1 + d_S(t): every step's root there is a sampled token, as the
+decoder's roots are (Medusa heads do not see the root they predict after, so a root drawn at T > 0
+matters), but the tokens S accepts are the heads' candidates that pass, where y holds samples; when
+they differ, S's real decode continues from another text, which replay assumes accepts alike.
+(A first design logged the text of the probe's own decode instead: its roots after accepted head
+tokens are likely tokens, not samples, and it over-predicted measured tokens/step by about 10 %.)
 """
 
 from __future__ import annotations
@@ -37,8 +37,7 @@ import pandas as pd
 import torch
 
 from calibrate.run import CalibrationConfig, _fingerprint, _progress, _sha256
-from decoding.buffers import tree_buffers
-from decoding.decoder import Acceptance, TreeDecoder, choose_path
+from decoding.decoder import Acceptance, TreeDecoder
 from treeopt.core import record as fmt
 from treeopt.core.env import versions
 from treeopt.core.errors import TreeoptError
@@ -61,36 +60,27 @@ def probe_tree(internal: Tree, top_k: int, num_heads: int) -> Tree:
 @torch.inference_mode()
 def probe_walk(dec: TreeDecoder, probe: Tree, prompt_ids, max_new_tokens: int) -> pd.DataFrame:
     """Walk one prompt (module docstring). `dec` decodes the internal tree under the typical rule, with
-    top_k covering the probe. Returns position, token, step_start and a0..a{n-1} per position."""
+    top_k covering the probe. Returns position, token and a0..a{n-1} per position."""
     internal, top_k = dec.tree, dec.buf.top_k
     row = {p: i + 1 for i, p in enumerate(internal.paths)} | {(): 0}  # internal node -> its row in the forward
     parent = torch.tensor([row[p[:-1]] for p in probe.paths], device=dec.device)  # [n]
     candidate = torch.tensor([(len(p) - 1) * top_k + p[-1] for p in probe.paths], device=dec.device)  # [n]
-    buf = tree_buffers(probe, top_k, dec.device)  # the probe's paths, for its decode's choice
     prompt = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=dec.device)
     root, hidden = dec.prefill(prompt, max_new_tokens)
     topk = dec.candidates(hidden, probe.depth)  # [D, top_k]
-    tokens, starts, flags, pending, start = [], [], [], [], True
+    tokens, flags = [], []
     while True:
         _, hidden, logits = dec.tree_forward(root, topk)  # [I+1, H], [I+1, V]: root + internal nodes
-        nodes = topk.flatten()[candidate]  # [n] the probe nodes' tokens
-        ok, logp = dec.flags(nodes, logits, parent)  # [n], [n]
-        starts.append(start)
-        if start:  # the probe decode starts a step here: its chosen path is the text's next tokens
-            root_ok, root_logp = ok.new_ones(1), logp.new_zeros(1)  # the root always stands
-            path = choose_path(buf, torch.cat([root_ok, ok]), torch.cat([root_logp, logp]))  # [m+1]
-            pending = nodes[path[1:] - 1].tolist()
+        ok, _ = dec.flags(topk.flatten()[candidate], logits, parent)  # [n] each probe node's test
         dec.cache.commit(torch.zeros(1, dtype=torch.long, device=dec.device))  # keep the root only
         dec.bias[:, dec.cache.length - 1] = 0
         tokens.append(int(root))
         flags.append(ok.cpu())
         if tokens[-1] in dec.stop_set or len(tokens) >= max_new_tokens:
             break
-        start = not pending  # a step ends where its path does; the next root is sampled there
-        root = dec.next_root(logits[0]) if start else torch.tensor(pending.pop(0), device=dec.device)
+        root = dec.next_root(logits[0])  # every position's token is a sampled root
         topk = dec.candidates(hidden[0], probe.depth)
     table = pd.DataFrame(torch.stack(flags).numpy(), columns=fmt.flag_columns(len(probe)))  # [T, n]
-    table.insert(0, "step_start", starts)
     table.insert(0, "token", pd.Series(tokens, dtype="int32"))
     table.insert(0, "position", pd.Series(range(len(tokens)), dtype="int32"))
     return table
@@ -141,7 +131,7 @@ def calibrate_typical(config: CalibrationConfig, rule: Acceptance, internal: Tre
     meta = {"model": loaded.name, "model_source": loaded.source, "heads": config.heads or "default",
             "acceptance": "typical", **rules, "num_heads": heads.num_heads, "prompts": str(source),
             "limit": config.limit, "num_prompts": len(instructions), "num_tokens": len(table),
-            "num_steps": int(table["step_start"].sum()), "top_k": config.top_k,
+            "top_k": config.top_k,
             "max_new_tokens": config.max_new_tokens, "dtype": settings["dtype"], "device": dec.device.type,
             "probe_nodes": len(probe), "probe_internal": internal.choices, "probe": probe.choices,
             "wall_time_s": round(wall, 3), "tokens_per_s": round(len(table) / max(wall, 1e-9), 2),

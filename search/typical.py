@@ -10,7 +10,7 @@ open: the record cannot see them.
 
 - predicted tokens/step = 1 + mean of d_S(t) over all logged positions.
 - replayed tokens/step: steps walk each logged text, t -> t + 1 + d_S(t) (`treeopt.core.replay
-  .walk_steps`); exact for the probe's own decode, estimated for other trees (calibrate/typical.py).
+  .walk_steps`), an estimate of where S's own decode starts its steps (calibrate/typical.py).
 - the value of node v, added to a tree after the nodes before it: the probability (over positions)
   that it is open and no node before it at its depth or deeper is, i.e. that it lengthens the
   accepted path by one. In tree order the values sum to mean d_S, so predicted = 1 + sum of values.

@@ -30,7 +30,7 @@ TOP_K = 4
 def record_of(tables: list[pd.DataFrame], probe: Tree) -> TypicalRecord:
     df = pd.concat([t.assign(prompt_id=i) for i, t in enumerate(tables)], ignore_index=True)
     return TypicalRecord(df[flag_columns(len(probe))].to_numpy(bool), df["prompt_id"].to_numpy(np.int32),
-                         df["position"].to_numpy(np.int32), df["step_start"].to_numpy(bool), probe,
+                         df["position"].to_numpy(np.int32), probe,
                          {"num_heads": 3, "temperature": 1.0, "posterior_threshold": 0.09, "posterior_alpha": 1.1,
                           "seed": 3})
 
@@ -50,21 +50,15 @@ def test_probe_tree_holds_every_child_of_the_internal_nodes():
     assert probe.paths == ((0,), (1,), (0, 0), (0, 1), (1, 0), (1, 1), (0, 0, 0), (0, 0, 1))
 
 
-def test_walk_is_the_probe_decode(tiny_llama, walked):
-    """The walk's text and steps are TreeDecoder(probe)'s: same tokens, and at every step start the
-    depth the record gives the probe is the depth the decoder accepted."""
+def test_walk_text_is_typical_sampling(tiny_llama, walked):
+    """The walk's text is the no-tree decoder's (a sampled root every step, same seed), and its tests
+    are not trivial."""
     heads, probe, prompts, tables, record = walked
-    depth = typical.depths(record, probe)
-    accepted = 0
     for i, prompt in enumerate(prompts):
-        ref = TreeDecoder(tiny_llama, heads, probe, RULE, stop_ids=()).generate(prompt, 40)
-        rows = record.prompt_ids == i
+        ref = TreeDecoder(tiny_llama, None, Tree(()), RULE, stop_ids=()).generate(prompt, 40)
         assert tables[i]["token"].tolist() == ref.tokens
-        assert depth[rows & record.step_start].tolist() == ref.accepted
-        assert typical.replay(record.subset(np.array([i])), probe).steps.tolist() == [ref.steps]
-        accepted += sum(ref.accepted)
-    assert 0 < accepted < sum(record.step_start) * probe.depth  # some steps accept, not all fully
-    assert 0 < record.flags.mean() < 1
+    depth = typical.depths(record, probe)
+    assert 0 < depth.mean() < probe.depth and 0 < record.flags.mean() < 1
 
 
 def closed_subtrees(probe: Tree, count: int, seed: int = 0):
@@ -105,7 +99,7 @@ def synthetic(seed: int = 0, positions: int = 400) -> TypicalRecord:
     flags = rng.random((positions, len(probe))) < easy * 0.9 / (1 + rank)  # [N, n]
     prompts = np.repeat(np.arange(8), positions // 8).astype(np.int32)
     pos = np.concatenate([np.arange(positions // 8)] * 8).astype(np.int32)
-    return TypicalRecord(flags, prompts, pos, np.zeros(positions, bool), probe,
+    return TypicalRecord(flags, prompts, pos, probe,
                          {"num_heads": 3, "temperature": 0.7, "posterior_threshold": 0.09, "posterior_alpha": 0.3,
                           "seed": 0})
 
@@ -148,7 +142,7 @@ def test_greedy_step_beats_every_other_single_addition():
         assert best >= base
 
 
-def test_replay_of_a_probe_decode_walks_its_steps():
+def test_replay_walks_the_logged_texts():
     record = synthetic()
     assert typical.replay(record, Tree(())).tokens_per_step == 1.0
     tree = Tree.chain(3)
@@ -180,7 +174,7 @@ def test_calibrate_typical_writes_the_record(typical_dir):
     assert meta["acceptance"] == "typical" and meta["temperature"] == 1.0 and meta["posterior_alpha"] == 1.1
     assert meta["seed"] == 3 and meta["probe_internal"] == [[0], [1], [0, 0]]
     df = pd.read_parquet(cal / "typical.parquet")
-    assert {"prompt_id", "position", "token", "step_start"} <= set(df.columns)
+    assert {"prompt_id", "position", "token"} <= set(df.columns)
     assert len(meta["probe"]) == len([c for c in df.columns if c.startswith("a")])
 
 

@@ -136,7 +136,7 @@ def calibrate(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with tokens/s."),
 ):
     """Record where every head ranks the base model's greedy tokens (ranks.parquet, accuracy.csv, ...);
-    with --acceptance typical, every probe node's typical test along a seeded probe decode (typical.parquet)."""
+    with --acceptance typical, every probe node's typical test along a seeded sampled text (typical.parquet)."""
     from treeopt.core.record import load_calibration
     from calibrate.run import CalibrationConfig, calibrate as run_calibration
 

@@ -18,10 +18,10 @@ A calibration run writes into DIR:
 A *typical* calibration (``treeopt calibrate --acceptance typical``, written by calibrate/typical.py,
 which says what in it is exact and what is estimated) models Medusa's typical acceptance instead:
 
-- ``typical.parquet``: one row per (prompt, position) of the text y_0..y_{T-1} that decoding with the
-  probe tree made: prompt_id, position t, token y_t, step_start (True where that decode began a step,
-  with root y_t), and ``a{i}`` (i = 0..n-1) for probe node i (``probe[i]`` in calibration.json): True
-  when, in a step with root y_t, node i's token passes the typical test under its parent's
+- ``typical.parquet``: one row per (prompt, position) of the text y_0..y_{T-1} sampled under the rule
+  (every token a root drawn from the typical-truncated distribution): prompt_id, position t, token
+  y_t, and ``a{i}`` (i = 0..n-1) for probe node i (``probe[i]`` in calibration.json): True when, in a
+  step with root y_t after y_<t, node i's token passes the typical test under its parent's
   distribution, p > min(posterior_threshold, posterior_alpha * exp(-entropy)) at ``temperature``.
   A step accepts a node when it and all its ancestors pass.
 - ``calibration.json``: as above, with ``acceptance: typical``, ``temperature``,
@@ -172,7 +172,6 @@ class TypicalRecord:
     flags: np.ndarray  # [N, n] bool: probe node i passes the typical test at the row's position
     prompt_ids: np.ndarray  # [N]
     positions: np.ndarray  # [N]
-    step_start: np.ndarray  # [N] bool
     probe: Tree
     meta: dict = field(default_factory=dict)
     directory: Path | None = None
@@ -197,8 +196,8 @@ class TypicalRecord:
     def subset(self, prompts: np.ndarray) -> "TypicalRecord":
         """The rows of the given prompt ids (for held-out splits)."""
         keep = np.isin(self.prompt_ids, prompts)
-        return TypicalRecord(self.flags[keep], self.prompt_ids[keep], self.positions[keep], self.step_start[keep],
-                             self.probe, self.meta, self.directory)
+        return TypicalRecord(self.flags[keep], self.prompt_ids[keep], self.positions[keep], self.probe, self.meta,
+                             self.directory)
 
     @cached_property
     def open(self) -> np.ndarray:
@@ -226,7 +225,7 @@ def load_typical(directory: str | Path) -> TypicalRecord:
                            "re-run `treeopt calibrate --acceptance typical`") from None
     order = np.lexsort((df["position"].to_numpy(), df["prompt_id"].to_numpy()))
     return TypicalRecord(flags[order], df["prompt_id"].to_numpy(np.int32)[order],
-                         df["position"].to_numpy(np.int32)[order], df["step_start"].to_numpy(bool)[order],
+                         df["position"].to_numpy(np.int32)[order],
                          probe, meta, directory)
 
 

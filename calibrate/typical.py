@@ -23,8 +23,10 @@ walks its continuation, t -> t + 1 + d_S(t): every step's root there is a sample
 decoder's roots are (Medusa heads do not see the root they predict after, so a root drawn at T > 0
 matters), but the tokens S accepts are the heads' candidates that pass, where y holds samples; when
 they differ, S's real decode continues from another text, which replay assumes accepts alike.
-(A first design logged the text of the probe's own decode instead: its roots after accepted head
-tokens are likely tokens, not samples, and it over-predicted measured tokens/step by about 10 %.)
+Measured (benchmarks/bench_typical.py, README): replay over-predicts the decoder's tokens/step by
+10-13 %, on the calibration prompts themselves too, so the gap is in this estimate, not a prompt shift.
+A first design logged the probe decode's own text (roots after accepted head tokens are then likely
+tokens, not samples) and over-predicted about as much; the cause is open.
 """
 
 from __future__ import annotations

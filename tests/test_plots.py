@@ -22,7 +22,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def synthetic_calibration(directory: Path, prompts: int = 30, length: int = 60, heads: int = 4, top_k: int = 10,
-                          seed: int = 0) -> Path:
+                          seed: int = 0, name: str = "q") -> Path:
     """Ranks drawn geometric per head (deeper heads worse), -1 past each continuation's end."""
     rng = np.random.default_rng(seed)
     rows = []
@@ -32,7 +32,7 @@ def synthetic_calibration(directory: Path, prompts: int = 30, length: int = 60, 
                      for k in range(1, heads + 1)}
             rows.append({"prompt_id": p, "position": t, **ranks})
     ranks = pd.DataFrame(rows)
-    conts = pd.DataFrame({"prompt_id": range(prompts), "instruction": [f"q{p}" for p in range(prompts)],
+    conts = pd.DataFrame({"prompt_id": range(prompts), "instruction": [f"{name}{p}" for p in range(prompts)],
                           "prompt_ids": [[1, 2]] * prompts, "tokens": [list(range(length))] * prompts,
                           "stopped": [False] * prompts})
     meta = {"model": "synthetic", "heads": "synthetic", "top_k": top_k, "max_new_tokens": length, "seed": seed}

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib
+import matplotlib.font_manager
 import matplotlib.ticker
 
 matplotlib.use("Agg")
@@ -251,10 +252,11 @@ _OFFSETS = [(dx * r, dy * r) for r in (1, 2, 3, 4) for dx, dy in
 def place_labels(ax, points: Sequence[tuple[float, float]], texts: Sequence[str], fontsize: float = 7,
                  marker_pt: float = 8.0) -> list:
     """Annotate each data point with its text at the first candidate offset (nearest first) whose box
-    stays inside the axes and covers no other label, no point's marker and not the legend; a leader line joins labels
-    placed farther out. Call after the axes limits and the layout are final. Returns the annotations."""
+    stays inside the axes and covers no other label, no point's marker and not the legend; a leader
+    line joins labels placed farther out. Call after the axes limits and the layout are final."""
     fig = ax.figure
     renderer = fig.canvas.get_renderer()
+    fig.draw_without_rendering()  # settle the layout, so display coordinates are final
     frame = ax.get_window_extent(renderer)
     scale = fig.dpi / 72.0
     half = 0.5 * marker_pt * scale
@@ -262,30 +264,29 @@ def place_labels(ax, points: Sequence[tuple[float, float]], texts: Sequence[str]
     taken = [Bbox([[x - half, y - half], [x + half, y + half]]) for x, y in marks]
     if ax.get_legend() is not None:
         taken.append(ax.get_legend().get_window_extent(renderer))
+    prop = matplotlib.font_manager.FontProperties(size=fontsize)
     placed = []
-    for (x, y), text in zip(points, texts):
+    for (x, y), text in zip(marks, texts):
+        w, h, _ = renderer.get_text_width_height_descent(text, prop, ismath=False)
         best = None
         for dx, dy in _OFFSETS:
-            far = abs(dx) > 14 or abs(dy) > 20
-            ann = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
-                              ha="left" if dx > 0 else "right" if dx < 0 else "center", va="bottom" if dy > 0 else "top",
-                              arrowprops=dict(arrowstyle="-", color="#888888", lw=0.6) if far else None)
-            box = ann.get_window_extent(renderer)
+            x0 = x + dx * scale - (w if dx < 0 else w / 2 if dx == 0 else 0)
+            y0 = y + dy * scale - (h if dy < 0 else 0)
+            box = Bbox([[x0 - 1, y0 - 1], [x0 + w + 1, y0 + h + 1]])
             inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
-            clash = sum(_overlaps(box, t) for t in taken)
-            if inside and clash == 0:
-                best = ann
-                break
-            score = (not inside, clash)
+            score = (not inside, sum(_overlaps(box, t) for t in taken), abs(dx) + abs(dy))
             if best is None or score < best[0]:
-                if best is not None:
-                    best[1].remove()
-                best = (score, ann)
-            else:
-                ann.remove()
-        ann = best if not isinstance(best, tuple) else best[1]
-        taken.append(ann.get_window_extent(renderer))
-        placed.append(ann)
+                best = (score, dx, dy, box)
+            if score[:2] == (False, 0):
+                break
+        _, dx, dy, box = best
+        far = abs(dx) > 14 or abs(dy) > 20
+        placed.append(ax.annotate(text, ax.transData.inverted().transform((x, y)), xytext=(dx, dy),
+                                  textcoords="offset points", fontsize=fontsize,
+                                  ha="left" if dx > 0 else "right" if dx < 0 else "center",
+                                  va="bottom" if dy > 0 else "top",
+                                  arrowprops=dict(arrowstyle="-", color="#888888", lw=0.6) if far else None))
+        taken.append(box)
     return placed
 
 

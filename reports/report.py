@@ -169,9 +169,9 @@ def markdown_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def html_table(df: pd.DataFrame) -> str:
+def html_table(df: pd.DataFrame, root: Path | None = None) -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
-    body = "".join("<tr>" + "".join(f"<td>{_inline(_fmt(v))}</td>" for v in row) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{_inline(_fmt(v), root)}</td>" for v in row) + "</tr>"
                    for row in df.itertuples(index=False))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -406,6 +406,9 @@ def inputs_table(run: Run) -> pd.DataFrame:
                  "ranks the base model's greedy tokens)"))
     rows.append(("acceptance model", _model(run)))
     rows.append(("machine", _machine(run)))
+    files = [f for f in ("calibration/calibration.json", "calibration-heldout/calibration.json", FIT_PROMPTS, HELD_PROMPTS,
+                         TREE, SWEEP, BENCH, BENCH_META, LATENCY, DEMO) if (run.directory / f).is_file()]
+    rows.append(("files", ", ".join(f"`{f}`" for f in files)))
     versions = run.bench_meta.get("versions") or meta.get("versions") or {}
     if versions:
         rows.append(("versions", ", ".join(f"{k} {versions[k]}" for k in ("treeopt", "torch", "transformers", "python")
@@ -710,11 +713,11 @@ def _html(title: str, page: list[Section], figures: dict[str, Path], root: Path)
     for sec in page:
         out.append(f"<h2 id='{_anchor(sec.title)}'>{html.escape(sec.title)}</h2>")
         if sec.text:
-            out.append(f"<p>{_inline(sec.text)}</p>")
+            out.append(f"<p>{_inline(sec.text, root)}</p>")
         if sec.code:
             out.append(f"<pre><code>{html.escape(sec.code)}</code></pre>")
         if sec.table is not None:
-            out.append(html_table(sec.table))
+            out.append(html_table(sec.table, root))
         for f in sec.figures:
             if f in figures:
                 data = base64.b64encode(figures[f].read_bytes()).decode()
@@ -723,9 +726,16 @@ def _html(title: str, page: list[Section], figures: dict[str, Path], root: Path)
     return "\n".join(out)
 
 
-def _inline(text: str) -> str:
-    """Markdown-ish text as HTML: escaped, `code` and **bold** spans kept."""
-    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+def _inline(text: str, root: Path | None = None) -> str:
+    """Markdown-ish text as HTML: escaped, `code` and **bold** spans kept; a code span naming a file
+    of the run directory `root` becomes a link to it."""
+    def code(m):
+        name = html.unescape(m.group(1))
+        linked = root is not None and re.fullmatch(r"[\w.-]+(/[\w.-]+)*", name) and ".." not in name \
+            and (root / name).is_file()
+        return f"<a href='{html.escape(name)}'><code>{m.group(1)}</code></a>" if linked else f"<code>{m.group(1)}</code>"
+
+    text = re.sub(r"`([^`]+)`", code, html.escape(text))
     return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
 
 

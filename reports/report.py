@@ -244,14 +244,14 @@ def _is_searched(name: str) -> bool:
     return name.startswith("searched")
 
 
-def like_for_like(run: Run) -> pd.DataFrame | None:
+def like_for_like(run: Run, trees: dict | None = None) -> pd.DataFrame | None:
     """One row per compared tree, grouped by node count (searched first, then the baselines of that
     size, then the ceiling: the best tree of that size fit on the held-out prompts' own calibration).
     measured: the bench on the held-out prompts; heldout (ci_low, ci_high): exact replay on the
     held-out calibration, 95 % bootstrap over prompts; of_ceiling: (heldout - 1) / (the ceiling's - 1),
     the share of the best possible extra tokens per step; in_sample: replay on the calibration the
     searched trees were fit on; uniform: 1 + the sum of node values there (the uniform expectation)."""
-    trees = compared_trees(run)
+    trees = dict(compared_trees(run) if trees is None else trees)
     if not trees or (run.heldout is None and run.bench is None and run.calibration is None):
         return None
     from search.acceptance import expected_tokens_per_step
@@ -443,7 +443,7 @@ def basis_table(run: Run) -> pd.DataFrame:
 # ---- figures -------------------------------------------------------------------------------------
 
 
-def make_figures(run: Run, table: pd.DataFrame | None,
+def make_figures(run: Run, trees: dict,
                  formats: tuple[str, ...] = (".png", ".svg")) -> tuple[dict[str, Path], dict[str, str]]:
     """Every chart the run's files allow, as RUN_DIR/figures/NAME.png (+ .svg). Returns name -> PNG
     path and name -> why a figure could not be drawn."""
@@ -462,7 +462,7 @@ def make_figures(run: Run, table: pd.DataFrame | None,
         plots.save(fig, *(out / f"{name}{fmt}" for fmt in formats))
         made[name] = out / f"{name}.png"
 
-    for name, tree in tree_pictures(run, table).items():
+    for name, tree in tree_pictures(run, trees).items():
         draw(f"tree-{name}", lambda tree=tree, name=name: _tree_figure(run, name, tree))
     if run.calibration is not None:
         draw("accuracy", lambda: plots.accuracy_figure(run.calibration.accuracy, show=20))
@@ -478,9 +478,8 @@ def make_figures(run: Run, table: pd.DataFrame | None,
     return made, failed
 
 
-def tree_pictures(run: Run, table: pd.DataFrame | None, most: int = 3) -> dict[str, object]:
+def tree_pictures(run: Run, trees: dict, most: int = 3) -> dict[str, object]:
     """The searched trees to draw: those of the comparison (at most `most`, largest first), else tree.json."""
-    trees = compared_trees(run) if table is not None else {}
     searched = {n: t for n, t in trees.items() if _is_searched(n)}
     if not searched and run.tree is not None:
         searched = {SEARCHED.format(len(run.tree)): run.tree}
@@ -600,7 +599,8 @@ def _choices_code(trees: dict) -> str:
     return "\n".join(f"{re.sub(r'[^0-9a-zA-Z_]', '_', name)} = {json.dumps(tree.choices)}" for name, tree in trees.items())
 
 
-def sections(run: Run, table: pd.DataFrame | None, figures: dict[str, Path], failed: dict[str, str]) -> list[Section]:
+def sections(run: Run, table: pd.DataFrame | None, trees: dict, figures: dict[str, Path],
+             failed: dict[str, str]) -> list[Section]:
     """The page, in order. Every section is present; one without its inputs says what makes them."""
     tree_figs = tuple(k for k in figures if k.startswith("tree-"))
     why = lambda *names: " ".join(failed[n] for n in names if n in failed)  # noqa: E731
@@ -616,7 +616,6 @@ def sections(run: Run, table: pd.DataFrame | None, figures: dict[str, Path], fai
                          " ".join(filter(None, [text, _needs(run, HELDOUT, BENCH), why("budget")])), table, ("budget",)))
     else:
         s.append(Section("Like for like on held-out prompts", _needs(run, CALIBRATION, TREE, HELDOUT, BENCH)))
-    trees = {k: v for k, v in compared_trees(run).items()} if table is not None else {}
     if not trees and run.tree is not None:
         trees = {SEARCHED.format(len(run.tree)): run.tree}
     s.append(Section("The trees", ("Each tree's `medusa_choices` (paste into Medusa's `medusa_choices.py` or pass to "
@@ -642,7 +641,7 @@ def sections(run: Run, table: pd.DataFrame | None, figures: dict[str, Path], fai
     else:
         s.append(Section("Calibration", _needs(run, CALIBRATION)))
     if run.sweep is not None:
-        sizes = {2 ** i for i in range(12)} | {int(n) for n in table["nodes"]} if table is not None else {2 ** i for i in range(12)}
+        sizes = {2 ** i for i in range(12)} | (set(table["nodes"].astype(int)) if table is not None else set())
         s.append(Section("Sweep", "The searched tree's predicted figures at a few sizes (uniform expectation, in-sample; "
                          "all sizes: `sweep.csv`).", run.sweep[run.sweep["nodes"].isin(sizes)]))
     else:
@@ -679,9 +678,10 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     if all(x is None for x in (run.calibration, run.heldout, run.tree, run.bench, run.sweep, run.latency)):
         raise TreeoptError(f"{run.directory} holds none of calibration/, tree.json, sweep.csv, bench/bench.csv, "
                            "latency.csv: pass a run directory (e.g. the --out of `treeopt demo`)")
-    table = like_for_like(run)
-    figures, failed = make_figures(run, table)
-    page = sections(run, table, figures, failed)
+    trees = compared_trees(run)
+    table = like_for_like(run, trees)
+    figures, failed = make_figures(run, trees)
+    page = sections(run, table, trees, figures, failed)
     title = f"treeopt report: {run.directory.name}"
     md_path = write_text(run.directory / "report.md", _markdown(title, page, figures, run.directory))
     html_path = write_text(run.directory / "report.html", _html(title, page, figures, run.directory))

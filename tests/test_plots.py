@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,6 @@ from treeopt.core.record import write_calibration
 from reports import plots
 from treeopt.core.errors import TreeoptError
 from treeopt.core.published import mc_sim_7b_63
-from search.acceptance import node_values
 from search.grow import search
 from treeopt.core.tree import Tree
 from treeopt.core.treefile import write_tree

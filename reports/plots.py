@@ -339,12 +339,12 @@ def accuracy_figure(accuracy: np.ndarray, show: int | None = None, title: str = 
 def family(method: str) -> str:
     """The chart colour group of a method or tree name."""
     m = str(method).lower()
-    for key in ("plain", "cartesian", "chain", "medusa", "ceiling"):
+    for key in ("plain", "cartesian", "chain", "medusa"):
         if key in m:
-            return key if key != "ceiling" else "searched"
+            return key
     if m.startswith(("mc_", "vicuna", "zephyr")):
         return "medusa"
-    if "search" in m or "greedy" in m or "tree" in m or "found" in m:
+    if "search" in m or "greedy" in m or "tree" in m or "found" in m or "ceiling" in m:
         return "searched"
     return "other"
 

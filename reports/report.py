@@ -224,10 +224,10 @@ def compared_trees(run: Run) -> dict[str, object]:
         if run.calibration is not None:
             from search.baselines import baseline_trees, describe
 
-            for name, tree in baseline_trees(run.calibration, len(run.tree), _model(run)).items():
-                if name in ("best_cartesian", "top1_chain") and len(tree):
-                    kind = "cartesian" if name == "best_cartesian" else "chain"
-                    trees[f"{kind}-{describe(tree, run.calibration) or len(tree)}"] = tree
+            base = baseline_trees(run.calibration, len(run.tree), _model(run))
+            if len(base["best_cartesian"]):
+                trees[f"cartesian-{describe(base['best_cartesian'], run.calibration)}"] = base["best_cartesian"]
+            trees[f"chain-{len(base['top1_chain'])}"] = base["top1_chain"]
     if run.calibration is not None:
         from search.grow import search
 
@@ -240,8 +240,15 @@ def compared_trees(run: Run) -> dict[str, object]:
     return trees
 
 
+def _kind(name: str) -> str:
+    """searched, baseline or ceiling, from a compared tree's name (a bench's `tree` is searched too)."""
+    from reports.plots import family
+
+    return "ceiling" if name.startswith("ceiling-") else "searched" if family(name) == "searched" else "baseline"
+
+
 def _is_searched(name: str) -> bool:
-    return name.startswith("searched")
+    return _kind(name) == "searched"
 
 
 def like_for_like(run: Run, trees: dict | None = None) -> pd.DataFrame | None:
@@ -267,8 +274,7 @@ def like_for_like(run: Run, trees: dict | None = None) -> pd.DataFrame | None:
     bench = run.bench.set_index("method") if run.bench is not None else None
     rows = []
     for name, tree in trees.items():
-        row = {"nodes": len(tree), "tree": name,
-               "kind": "searched" if _is_searched(name) else "ceiling" if name.startswith("ceiling") else "baseline"}
+        row = {"nodes": len(tree), "tree": name, "kind": _kind(name)}
         if bench is not None:
             got = name in bench.index
             row["measured"] = float(bench.at[name, "tokens_per_step"]) if got else np.nan
@@ -328,12 +334,15 @@ def speed_text(run: Run, table: pd.DataFrame | None) -> str:
                                      for n in ratio) + ".")
     parts.append("A tree pays off only when it accepts more tokens per step than its step costs: the break-even "
                  "is " + ", ".join(f"{r:.2f} tokens/step at {n} nodes" for n, r in ratio.items()) + ".")
+    overhead = {} if run.bench is None or "overhead" not in run.bench.columns else \
+        dict(zip(run.bench["method"], run.bench["overhead"]))
     rows = []
     for _, r in searched.iterrows():
         tps = r.get("measured") if pd.notna(r.get("measured", np.nan)) else r.get("heldout", np.nan)
         if pd.notna(tps) and r["nodes"] in ratio:
             rows.append(f"{r['tree']} accepts {tps:.2f}, so {tps / ratio[r['nodes']]:.2f}x here"
-                        + (f" (measured {r['speedup']:.2f}x)" if pd.notna(r.get("speedup", np.nan)) else "")
+                        + (f" (measured {r['speedup']:.2f}x, its steps {overhead[r['tree']]:.2f}x as long as plain ones)"
+                           if pd.notna(r.get("speedup", np.nan)) and r["tree"] in overhead else "")
                         + f" and {tps:.2f}x on a flat device")
     if rows:
         parts.append("On a device whose step time is flat in tree size (a GPU at batch 1 is memory-bound, so a step "

@@ -330,8 +330,8 @@ def demo(
     threads: Optional[int] = ThreadsOpt,
     quiet: bool = QuietOpt,
 ):
-    """The main job, small: calibrate on a slice of AlpacaEval, search the tree, bench it against
-    Cartesian trees and plain decoding on held-out prompts, write the report."""
+    """The main job, small: calibrate on a slice of AlpacaEval, search the tree, bench each baseline
+    (Cartesian, published, chain) beside a searched tree of its size on held-out prompts, write the report."""
     from treeopt.demo import DemoConfig, run_demo
 
     split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731

@@ -171,7 +171,8 @@ def markdown_table(df: pd.DataFrame) -> str:
 
 def html_table(df: pd.DataFrame, root: Path | None = None) -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
-    body = "".join("<tr>" + "".join(f"<td>{_inline(_fmt(v), root)}</td>" for v in row) + "</tr>"
+    num = lambda v: " class='num'" if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) else ""  # noqa: E731
+    body = "".join("<tr>" + "".join(f"<td{num(v)}>{_inline(_fmt(v), root)}</td>" for v in row) + "</tr>"
                    for row in df.itertuples(index=False))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -402,9 +403,13 @@ def inputs_table(run: Run) -> pd.DataFrame:
     held = _instructions(run, run.heldout, HELD_PROMPTS)
     n_held = int(run.bench["prompts"].iloc[0]) if run.bench is not None and "prompts" in run.bench.columns else \
         (len(held) if held is not None else None)
-    rows.append(("calibration prompts (fit)", (f"{len(fit)}" if fit is not None else "not recorded") + _by_source(cal)))
+    first = src.get("offset")
+    items = lambda lo, n: f", items {lo}-{lo + n - 1} of the source" if isinstance(lo, int) and n else ""  # noqa: E731
+    n_fit = len(fit) if fit is not None else None
+    rows.append(("calibration prompts (fit)", (f"{n_fit}" if fit is not None else "not recorded")
+                 + items(first, n_fit) + _by_source(cal)))
     rows.append(("held-out prompts (bench, ceiling)", (f"{n_held}" if n_held is not None else "none")
-                 + _by_source(run.heldout)))
+                 + (items(first + n_fit, n_held) if n_fit else "") + _by_source(run.heldout)))
     if fit is not None and held is not None:
         norm = lambda s: " ".join(s.lower().split())  # noqa: E731
         both = len({norm(s) for s in fit} & {norm(s) for s in held})
@@ -752,8 +757,8 @@ _STYLE = """<style>
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
 nav { font-size: 0.9em; margin-bottom: 1em; }
 table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
-th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; font-size: 0.85em; white-space: pre-wrap; word-break: break-all; }
 img { max-width: 100%; height: auto; border: 1px solid #eee; }
 </style>"""

@@ -403,13 +403,15 @@ def inputs_table(run: Run) -> pd.DataFrame:
     held = _instructions(run, run.heldout, HELD_PROMPTS)
     n_held = int(run.bench["prompts"].iloc[0]) if run.bench is not None and "prompts" in run.bench.columns else \
         (len(held) if held is not None else None)
-    first = src.get("offset")
-    items = lambda lo, n: f", items {lo}-{lo + n - 1} of the source" if isinstance(lo, int) and n else ""  # noqa: E731
-    n_fit = len(fit) if fit is not None else None
+    first, n_fit = src.get("offset"), len(fit) if fit is not None else 0
+
+    def items(lo, n):  # where a prompt set sits in the source, where the demo recorded its slice
+        return f", items {lo}-{lo + n - 1} of the source" if isinstance(first, int) and n_fit and n else ""
+
     rows.append(("calibration prompts (fit)", (f"{n_fit}" if fit is not None else "not recorded")
                  + items(first, n_fit) + _by_source(cal)))
     rows.append(("held-out prompts (bench, ceiling)", (f"{n_held}" if n_held is not None else "none")
-                 + (items(first + n_fit, n_held) if n_fit else "") + _by_source(run.heldout)))
+                 + items((first or 0) + n_fit, n_held) + _by_source(run.heldout)))
     if fit is not None and held is not None:
         norm = lambda s: " ".join(s.lower().split())  # noqa: E731
         both = len({norm(s) for s in fit} & {norm(s) for s in held})
@@ -581,7 +583,8 @@ def summary_text(run: Run, table: pd.DataFrame | None) -> str:
     if not len(searched):
         return "No searched tree was measured or replayed on held-out prompts."
     top = searched.loc[searched[col].idxmax()]
-    sure = (f" (95 % interval {top['ci_low']:.2f}-{top['ci_high']:.2f} over the held-out prompts, "
+    held = len(np.unique(run.heldout.prompt_ids)) if run.heldout is not None else 0
+    sure = (f" (95 % interval {top['ci_low']:.2f}-{top['ci_high']:.2f} over the {held} held-out prompts, "
             f"{top['of_ceiling']:.0%} of the best possible {top['nodes']}-node tree's extra tokens)"
             if col == "heldout" else "")
     lines = [f"**Which tree to deploy.** Where a decoding step costs about the same at any tree size up to "
@@ -600,7 +603,8 @@ def summary_text(run: Run, table: pd.DataFrame | None) -> str:
                          "plain decoding (measured).")
         else:
             lines.append(f"On this machine ({_machine(run)}) no tree beats plain decoding (best: {fast['tree']}, "
-                         f"{fast['speedup']:.2f}x, measured): a step's cost grows with the tree here, see Speed.")
+                         f"{fast['speedup']:.2f}x, measured), so plain decoding is the one to run here: a step's cost "
+                         "grows with the tree on it (see Speed on this machine).")
     if run.bench is not None and "match_rate" in run.bench.columns:
         worst = run.bench["match_rate"].min()
         lines.append("Every benched tree's output equals plain greedy decoding's on every prompt." if worst == 1 else

@@ -315,40 +315,47 @@ def _latency(run: Run):
 
 
 def speed_text(run: Run, table: pd.DataFrame | None) -> str:
-    """Why speed on this machine is what it is: the step-time ratio per tree size, the break-even
-    tokens/step it implies, and what the same trees give where step time is flat in tree size."""
+    """Why speed on this machine is what it is: the step-time ratio per tree size (measured in the
+    bench where there is one, else the profile's forward pass), the break-even tokens/step it implies,
+    and what the same trees give where step time is flat in tree size."""
     lat = _latency(run)
-    if lat is None:
-        return run.problems.get(LATENCY, "")
-    where = _machine(run)
     searched = table[table["kind"] == "searched"] if table is not None else pd.DataFrame()
-    sizes = sorted(set(searched["nodes"])) if len(searched) else [int(n) for n in lat.nodes if n > 0][:4]
-    ratio = {n: float(lat.forward(n) / lat.forward(0)) for n in sizes if np.isfinite(lat.forward(n))}
-    parts = [f"On this machine ({where}) one decoding step's forward pass costs "
-             + ", ".join(f"{r:.2f}x a plain step with {n} tree nodes" for n, r in ratio.items())
-             + f" (`{LATENCY}`: {lat.forward(0):.1f} ms plain)."]
-    if "roofline_ms" in run.latency.columns:
-        roof = run.latency.groupby("nodes")["roofline_ms"].median()
-        if 0 in roof.index:
-            parts.append("Its roofline (the time the machine's bandwidth and peak rate allow) would give "
-                         + ", ".join(f"{float(np.interp(n, roof.index, roof.values)) / roof[0]:.2f}x at {n}"
-                                     for n in ratio) + ".")
-    parts.append("A tree pays off only when it accepts more tokens per step than its step costs: the break-even "
-                 "is " + ", ".join(f"{r:.2f} tokens/step at {n} nodes" for n, r in ratio.items()) + ".")
+    col = "measured" if "measured" in searched.columns and searched["measured"].notna().any() else "heldout"
+    accepts = {int(r["nodes"]): (r["tree"], r[col]) for _, r in searched.iterrows() if col in r and pd.notna(r[col])}
     overhead = {} if run.bench is None or "overhead" not in run.bench.columns else \
         dict(zip(run.bench["method"], run.bench["overhead"]))
-    rows = []
-    for _, r in searched.iterrows():
-        tps = r.get("measured") if pd.notna(r.get("measured", np.nan)) else r.get("heldout", np.nan)
-        if pd.notna(tps) and r["nodes"] in ratio:
-            rows.append(f"{r['tree']} accepts {tps:.2f}, so {tps / ratio[r['nodes']]:.2f}x here"
-                        + (f" (measured {r['speedup']:.2f}x, its steps {overhead[r['tree']]:.2f}x as long as plain ones)"
-                           if pd.notna(r.get("speedup", np.nan)) and r["tree"] in overhead else "")
-                        + f" and {tps:.2f}x on a flat device")
-    if rows:
+    measured = {n: overhead[name] for n, (name, _) in accepts.items() if name in overhead}
+    sizes = sorted(accepts) or ([int(n) for n in lat.nodes if n > 0][:4] if lat is not None else [])
+    profiled = {n: float(lat.forward(n) / lat.forward(0)) for n in sizes if lat is not None and np.isfinite(lat.forward(n))}
+    ratio = measured or profiled
+    if not ratio:
+        return " ".join(filter(None, [run.problems.get(LATENCY), run.problems.get(BENCH)]))
+    show = lambda d: ", ".join(f"{v:.2f}x at {n} nodes" for n, v in d.items())  # noqa: E731
+    parts = [f"On this machine ({_machine(run)}) a decoding step with a tree costs more than a plain one: "
+             + (f"{show(measured)} (measured in the bench: step_ms over plain decoding's)" if measured else
+                f"{show(profiled)} (the forward pass, `{LATENCY}`)") + "."]
+    if measured and profiled:
+        parts.append(f"The profile's forward pass alone (`{LATENCY}`, timed separately) gives {show(profiled)}.")
+    if run.latency is not None and "roofline_ms" in run.latency.columns:
+        roof = run.latency.groupby("nodes")["roofline_ms"].median()
+        if 0 in roof.index:
+            parts.append("This machine's roofline (its bandwidth and peak rate) allows "
+                         + show({n: float(np.interp(n, roof.index, roof.values)) / roof[0] for n in ratio}) + ".")
+    parts.append("A tree beats plain decoding only when it accepts more tokens per step than that ratio: the "
+                 "break-even is " + ", ".join(f"{v:.2f} tokens/step at {n} nodes" for n, v in ratio.items()) + ".")
+    trees = [(n, *accepts[n]) for n in ratio if n in accepts]
+    if trees:
+        parts.append("The searched trees accept " + ", ".join(f"{t:.2f} ({name})" for n, name, t in trees)
+                     + ", so they run at " + ", ".join(f"{t / ratio[n]:.2f}x" for n, name, t in trees)
+                     + " plain decoding's speed here.")
+        loop = run.bench["loop_efficiency"].iloc[1:].median() if run.bench is not None and \
+            "loop_efficiency" in run.bench.columns else np.nan
         parts.append("On a device whose step time is flat in tree size (a GPU at batch 1 is memory-bound, so a step "
-                     "of up to about 64 nodes costs about what a plain one does), speed is tokens per step: "
-                     + "; ".join(rows) + " (less the decoding loop's own overhead, `loop_efficiency` in the bench).")
+                     "of up to about 64 nodes costs about what a plain one does) the ratio is 1, and the same trees "
+                     "would run at " + ", ".join(f"{t:.2f}x" for n, name, t in trees) + " plain decoding's speed"
+                     + (f", less the decoding loop's own overhead (`loop_efficiency` {loop:.2f} here)" if pd.notna(loop)
+                        else "") + ": profile such a device with `treeopt profile` and size the tree for it with "
+                     "`treeopt search --nodes auto --latency latency.csv`.")
     return " ".join(parts)
 
 
@@ -582,7 +589,8 @@ def summary_text(run: Run, table: pd.DataFrame | None) -> str:
     searched = table[(table["kind"] == "searched") & table[col].notna()]
     if not len(searched):
         return "No searched tree was measured or replayed on held-out prompts."
-    top = searched.loc[searched[col].idxmax()]
+    largest = table[(table["kind"] != "ceiling") & (table["nodes"] == searched["nodes"].max()) & table[col].notna()]
+    top = largest.loc[largest[col].idxmax()]
     held = len(np.unique(run.heldout.prompt_ids)) if run.heldout is not None else 0
     sure = (f" (95 % interval {top['ci_low']:.2f}-{top['ci_high']:.2f} over the {held} held-out prompts, "
             f"{top['of_ceiling']:.0%} of the best possible {top['nodes']}-node tree's extra tokens)"
@@ -590,6 +598,11 @@ def summary_text(run: Run, table: pd.DataFrame | None) -> str:
     lines = [f"**Which tree to deploy.** Where a decoding step costs about the same at any tree size up to "
              f"{top['nodes']} nodes (a GPU at batch 1): **{top['tree']}**, which accepts {top[col]:.2f} tokens per step "
              f"on held-out prompts{sure}; its `medusa_choices` are under The trees."]
+    if col == "heldout":
+        close = [f"{r['tree']} ({r[col]:.2f})" for _, r in largest.iterrows()
+                 if r["tree"] != top["tree"] and r[col] >= top["ci_low"]]
+        if close:
+            lines.append(f"Within that interval: {', '.join(close)}; the held-out prompts cannot tell them apart.")
     beaten = []
     for _, r in searched.iterrows():
         others = table[(table["nodes"] == r["nodes"]) & (table["kind"] == "baseline") & table[col].notna()]

@@ -73,7 +73,7 @@ def test_full_run_report(full_run):
     assert "```python\nsearched_4 = [[0]" in text and "mc_sim_7b_63 = [[0], [0, 0]" in text
     # the summary names a tree, its interval and the machine
     assert "**Which tree to deploy.**" in text and "95 % interval" in text and "no tree beats plain decoding" in text
-    assert "break-even" in text and "flat device" in text
+    assert "break-even" in text and "flat in tree size" in text
     for fig in ("tree-searched-63", "tree-searched-16", "tree-searched-4", "accuracy", "budget", "speed",
                 "predicted_vs_measured"):
         assert f"](figures/{fig}.png)" in text
@@ -134,7 +134,7 @@ def test_damaged_files_are_reported_not_fatal(tmp_path):
     md, _ = write_report(tmp_path)
     text = md.read_text()
     assert "## Speed on this machine" in text and "`tree.json` is unreadable" in text and "figures/speed.png" in text
-    assert "1.20x a plain step with 16 tree nodes" in text
+    assert "1.20x at 16 nodes (the forward pass" in text
 
 
 def test_report_errors(tmp_path):

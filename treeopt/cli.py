@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-import click
 import typer
 
 from treeopt.core.errors import FAILED_RUN, TreeoptError
@@ -20,13 +19,13 @@ app = typer.Typer(
 )
 
 
+ROOT = {"debug": False}  # the root options, set before every command
+
+
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error instead of one line.")):
     """treeopt: calibrate Medusa heads, search the best speculative-decoding tree, decode and benchmark it."""
-
-
-def _debug() -> bool:
-    return bool(click.get_current_context().find_root().params.get("debug"))
+    ROOT["debug"] = debug
 
 
 def command(*args, **kwargs):
@@ -41,10 +40,10 @@ def command(*args, **kwargs):
             except KeyboardInterrupt:
                 typer.echo("interrupted: run the same command again to resume", err=True)
                 raise typer.Exit(130)
-            except (typer.Exit, typer.Abort, click.ClickException):
+            except (typer.Exit, typer.Abort, typer.TyperException):  # typer's own: usage errors, exits
                 raise
             except Exception as e:
-                if _debug():
+                if ROOT["debug"]:
                     raise
                 typer.echo(f"error: {one_line(e)}", err=True)
                 raise typer.Exit(e.exit_code if isinstance(e, TreeoptError) else FAILED_RUN)

@@ -112,7 +112,7 @@ class Stage:
         """'' when `part` is done; else why not: it never finished, or one of its files is damaged."""
         doc = self._read(part)
         if doc is None:
-            return "it did not finish"
+            return f"its marker {self._marker(part)} is damaged" if self._marker(part).exists() else "it did not finish"
         for rel, expected in doc.get(FILES, {}).items():
             why = problem(self.directory / rel, expected)
             if why:
@@ -139,6 +139,14 @@ class Stage:
             doc[FILES] = prints
         write_text(self._marker(part), json.dumps(doc, default=str) + "\n")
 
+    def _marked(self) -> list[str]:
+        return sorted(p.name[: -len(PART)] for p in self.directory.glob(f"*{PART}"))
+
     def parts(self) -> list[str]:
         """The parts done, in name order."""
-        return sorted(p.name[: -len(PART)] for p in self.directory.glob(f"*{PART}") if self.done(p.name[: -len(PART)]))
+        return [part for part in self._marked() if self.done(part)]
+
+    def broken(self) -> dict[str, str]:
+        """The parts once marked done that are not any more (a damaged marker or file): part -> why."""
+        whys = {part: self.why_not_done(part) for part in self._marked()}
+        return {part: why for part, why in whys.items() if why}

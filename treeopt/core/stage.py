@@ -19,7 +19,6 @@ whose file was truncated, damaged or replaced since is not done any more, and `w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -33,11 +32,6 @@ from treeopt.core.validate import fingerprint, problem
 MANIFEST = "manifest.json"
 PART = ".done.json"  # a part's marker: `<part>.done.json`
 FILES = "_files"  # in a marker: {path relative to the stage directory: fingerprint} of the part's files
-
-
-def sha256_json(obj: Any) -> str:
-    """A stable hash of JSON-able settings or inputs (key order does not matter)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def differences(old: Mapping, new: Mapping, most: int = 3) -> str:

@@ -30,8 +30,9 @@ _OS_PROBLEMS = {
 
 def os_error(e: OSError, path: str | Path, fix: str | None = None) -> TreeoptError:
     """One line for an OSError met while writing `path`: the file, the problem and the fix."""
-    problem, default_fix, code = _OS_PROBLEMS.get(e.errno, (e.strerror or type(e).__name__,
-                                                            "check the path and the disk, then run again", FAILED_RUN))
+    other = (e.strerror or (str(e).splitlines() or [type(e).__name__])[0], "check the path and the disk, then run again",
+             FAILED_RUN)
+    problem, default_fix, code = _OS_PROBLEMS.get(e.errno, other)
     blocker = _file_in_the_way(Path(path))
     if blocker is not None:
         problem = f"{blocker} is a file, not a directory"

@@ -179,6 +179,20 @@ def test_truncated_cached_model_is_rebuilt(tmp_path, monkeypatch, fake_conversio
     assert len(fake_conversion) == 2 and not list(tmp_path.glob(".tmp-*"))
 
 
+@pytest.mark.slow
+def test_bundled_model_cache_truncated_is_rebuilt(tmp_path, monkeypatch, caplog):
+    """The real conversion of the bundled GGUF file (~20 s, twice)."""
+    from decoding.models import cache_problem, load_model, model_path
+
+    monkeypatch.setenv("TREEOPT_CACHE", str(tmp_path))
+    cached = Path(model_path("smollm2-135m"))
+    assert cache_problem(cached) == "" and not list(tmp_path.glob(".tmp-*"))
+    os.truncate(cached / "model.safetensors", (cached / "model.safetensors").stat().st_size - 4096)
+    assert "damaged model.safetensors" in cache_problem(cached)
+    load_model("smollm2-135m", device="cpu")
+    assert "rebuilding it" in caplog.text and cache_problem(cached) == ""
+
+
 # ---- demo stages: reused only when their outputs are intact ---------------------------------
 
 @pytest.fixture(scope="module")

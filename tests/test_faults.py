@@ -125,6 +125,13 @@ def test_out_naming_a_file(tmp_path, tiny, prompts, calibration, no_model):
     assert a_file.read_text() == "mine\n"
 
 
+def test_demo_checks_its_options_before_calibrating(tmp_path, tiny, prompts, no_model):
+    one_line(cli("demo", *tiny, "-p", prompts, "--published", "mc_sim_7b_64", "-o", tmp_path / "r"), 2,
+             "mc_sim_7b_64", "not found")
+    one_line(cli("demo", *tiny, "-p", prompts, "--cartesian", "best,2by3", "-o", tmp_path / "r"), 2, "2by3")
+    assert not (tmp_path / "r").exists()
+
+
 def test_disk_full_is_a_failed_run(tmp_path, calibration, monkeypatch):
     def full(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -87,6 +87,22 @@ def _check_settings(out: Path, cfg: DemoConfig) -> dict:
     return old
 
 
+def _check_inputs(cfg: DemoConfig) -> None:
+    """Parse the options the later stages read (baseline trees, profile sizes), so that a typo stops
+    the demo before it calibrates, not after."""
+    from decoding.profile import checked_sizes, parse_sizes
+    from reports.bench import parse_cartesian
+    from treeopt.core.treefile import read_tree
+
+    for name in cfg.published:
+        read_tree(name)
+    for spec in cfg.cartesian:
+        if spec != "best":
+            parse_cartesian(spec)
+    if cfg.profile_sizes:
+        checked_sizes(parse_sizes(cfg.profile_sizes), cfg.max_new_tokens + 64)
+
+
 def _default_source(log: Callable[[str], None]) -> str:
     """AlpacaEval (the copy beside the checkout, else the hub's); offline with no copy, the general
     instructions bundled for this case, so the demo runs on any machine."""
@@ -123,6 +139,7 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None,
     cfg = config or DemoConfig()
     set_threads(cfg.threads)
     out = check_writable(out, directory=True, fix="pass another --out")
+    _check_inputs(cfg)
     old = _check_settings(out, cfg)
     stages: dict[str, float] = dict(old.get("stages", {}))
     result = DemoResult(out, out / "report.html")

@@ -271,7 +271,8 @@ def like_for_like(run: Run, trees: dict | None = None) -> pd.DataFrame | None:
     if run.heldout is not None:
         ceiling = search(run.heldout, max(len(t) for t in trees.values()), _model(run))
         for n in sorted({len(t) for t in trees.values()}):
-            trees[CEILING.format(n)] = ceiling.tree[:n]
+            if n <= len(ceiling.tree):  # a small calibration may hold no n-node tree of nonzero value
+                trees[CEILING.format(n)] = ceiling.tree[:n]
     bench = run.bench.set_index("method") if run.bench is not None else None
     rows = []
     for name, tree in trees.items():
@@ -360,11 +361,12 @@ def speed_text(run: Run, table: pd.DataFrame | None) -> str:
 
 
 def _machine(run: Run) -> str:
+    """'AMD EPYC, 2 cores, cpu, 1 torch thread, float32': the demo's machine record and the bench's settings."""
     m = run.demo.get("machine") or {}
     dev = run.bench_meta.get("device") or (run.calibration.meta.get("device") if run.calibration is not None else "")
-    parts = [m.get("cpu", ""), f"{m['cores']} cores" if m.get("cores") else "", dev or "",
-             f"{run.bench_meta.get('threads', m.get('threads', ''))} threads" if
-             run.bench_meta.get("threads", m.get("threads")) else "", run.bench_meta.get("dtype", "")]
+    threads = run.bench_meta.get("threads", m.get("threads"))
+    parts = [m.get("cpu", ""), f"{m['cores']} cores" if m.get("cores") else "", m.get("gpu", ""), dev or "",
+             f"{threads} torch thread{'s' if threads != 1 else ''}" if threads else "", run.bench_meta.get("dtype", "")]
     return ", ".join(p for p in parts if p) or "not recorded"
 
 

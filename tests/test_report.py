@@ -67,7 +67,7 @@ def test_full_run_report(full_run):
     assert "is missing" not in text and "unreadable" not in text
     # the header: inputs and the basis of each figure
     assert "offline.json (bundled instructions)" in text and "| overlap (same instruction in both) | none |" in text
-    assert "Test CPU, 2 cores, cpu, 2 threads" in text and "treeopt 0.2.0, torch 2.x" in text
+    assert "Test CPU, 2 cores, cpu, 2 torch threads" in text and "treeopt 0.2.0, torch 2.x" in text
     assert "greedy (not recorded" in text and "uniform expectation" in text
     # the trees as copyable text
     assert "```python\nsearched_4 = [[0]" in text and "mc_sim_7b_63 = [[0], [0, 0]" in text

@@ -297,7 +297,8 @@ def bench_trees(cfg: DemoConfig, out: Path, calibration) -> list[str]:
     """Tree files for the bench, named as its table will show them, in OUT/trees/: each baseline (the
     Cartesian trees, Medusa's published trees cut to the calibration's heads (a 3-head run cannot
     draft 4 deep), the top-1 chain) after a searched tree of its node count (every prefix of one
-    greedy search is the best tree of its size), smallest first."""
+    greedy search is the best tree of its size; none where the calibration holds no tree that large
+    of nonzero value), smallest first."""
     from search.grow import search
     from treeopt.core.tree import Tree, truncate
     from treeopt.core.treefile import read_tree, read_tree_meta, write_tree
@@ -317,8 +318,11 @@ def bench_trees(cfg: DemoConfig, out: Path, calibration) -> list[str]:
     found = search(calibration, max(sizes), meta.get("acceptance_model", "empirical"))
     files = []
     for n in sizes:
-        searched = (tree, meta) if n == len(tree) else (found.tree[:n], {"source": f"searched on {calibration.directory}"})
-        files.append(write_tree(searched[0], out / "trees" / f"searched-{len(searched[0])}.json", **searched[1]))
+        if n == len(tree):
+            files.append(write_tree(tree, out / "trees" / f"searched-{n}.json", **meta))
+        elif n <= len(found.tree):  # a small calibration may hold no n-node tree of nonzero value
+            files.append(write_tree(found.tree[:n], out / "trees" / f"searched-{n}.json",
+                                    source=f"searched on {calibration.directory}"))
         files += [write_tree(t, out / "trees" / f"{name}.json", **m) for name, (t, m) in baselines.items() if len(t) == n]
     return [str(f) for f in files]
 

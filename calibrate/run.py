@@ -47,6 +47,8 @@ class CalibrationConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "float32"
+    device_map: str | None = None  # `auto`: spread the model over the GPUs (accelerate), within max_memory
+    max_memory: str | None = None  # e.g. "0=20GiB,1=20GiB"
     progress: bool = True
 
     def check(self) -> None:
@@ -71,7 +73,8 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
     config.check()
     source = config.prompts or default_prompts()
     instructions = load_instructions(source, limit=config.limit)
-    loaded = loaded or load_model(config.model, device=config.device, dtype=config.dtype)
+    loaded = loaded or load_model(config.model, device=config.device, dtype=config.dtype,
+                                  device_map=config.device_map, max_memory=config.max_memory)
     model, tokenizer = loaded.model, loaded.tokenizer
     heads = heads if heads is not None else resolve_heads(config.heads, model)
     heads.check_compatible(model)

@@ -31,6 +31,7 @@ def greedy_continuations(model, prompts: Sequence[Sequence[int]], max_new_tokens
     the continuations in prompt order."""
     from decoding.cache import SlotCache
     from decoding.decoder import _max_window, additive_mask
+    from decoding.models import layer_devices
 
     prompts = [list(p) for p in prompts]
     if any(not p for p in prompts):
@@ -47,7 +48,7 @@ def greedy_continuations(model, prompts: Sequence[Sequence[int]], max_new_tokens
     if window is not None and L > window:
         raise TreeoptError(f"prompt + --max-new-tokens need {L} positions but the model's sliding window is "
                            f"{window}: lower --max-new-tokens")
-    cache = SlotCache(model.config.get_text_config().num_hidden_layers, B, L)
+    cache = SlotCache(model.config.get_text_config().num_hidden_layers, B, L, layer_devices(model))
     stops = {int(t) for t in stop_ids}
     slot = torch.arange(L, device=device)  # [L]
     every = torch.arange(B, device=device)  # [B]

@@ -111,7 +111,8 @@ def parse_sizes(text: str | None) -> tuple[int, ...]:
 
 def run_profile(model: str = "smollm2-135m", heads: str | None = None, sizes: str | None = None,
                 context: int = 256, repeats: int = 5, device: str = "auto", dtype: str = "float32",
-                out: str | Path = "latency.csv", progress: bool = True, threads: int | None = None) -> pd.DataFrame:
+                out: str | Path = "latency.csv", progress: bool = True, threads: int | None = None,
+                device_map: str | None = None, max_memory: str | None = None) -> pd.DataFrame:
     """The CLI's twin: load the model and heads, profile, write the CSV atomically."""
     from decoding.models import set_threads
 
@@ -119,7 +120,7 @@ def run_profile(model: str = "smollm2-135m", heads: str | None = None, sizes: st
     from decoding.heads import resolve_heads
     from decoding.models import load_model
 
-    loaded = load_model(model, device=device, dtype=dtype)
+    loaded = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
     medusa = resolve_heads(heads, loaded.model)
     df = profile_latency(loaded.model, medusa, parse_sizes(sizes), context, repeats, model_name=model,
                          progress=progress)

@@ -50,6 +50,8 @@ HeadsOpt = typer.Option(None, "--heads", help="Medusa heads directory; default: 
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto.")
 ThreadsOpt = typer.Option(None, "--threads", help="torch CPU threads; 1 is best on a machine shared with other jobs.")
 DtypeOpt = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16.")
+DeviceMapOpt = typer.Option(None, "--device-map", help="auto (or balanced, sequential): spread a large model over the GPUs with accelerate (--device is then unused).")
+MaxMemoryOpt = typer.Option(None, "--max-memory", help="With --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB.")
 PromptsOpt = typer.Option(None, "--prompts", "-p", help="Prompt source: alpaca_eval (hub, via `datasets`), a .json/.jsonl file with an `instruction` or `prompt` field, or a Hugging Face dataset id; default: ../shared/data/alpaca_eval.json if present, else alpaca_eval.")
 CalibrationOpt = typer.Option(..., "--calibration", "-c", help="Calibration directory (from `treeopt calibrate`).")
 AcceptanceModelOpt = typer.Option("empirical", "--acceptance-model", help="How node acceptance is estimated from the calibration: empirical (joint rank counts) or independent (Medusa paper's product of accuracies).")
@@ -124,6 +126,8 @@ def calibrate(
     out: Path = typer.Option(Path("calibration"), "--out", "-o", help="Output directory; rerun the same command to resume."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with tokens/s."),
 ):
     """Record where every head ranks the base model's greedy tokens (ranks.parquet, accuracy.csv, ...)."""
@@ -132,7 +136,8 @@ def calibrate(
 
     config = CalibrationConfig(out=out, model=model, heads=heads, prompts=prompts, limit=limit,
                                max_new_tokens=max_new_tokens, top_k=top_k, batch_size=batch_size,
-                               shard_size=shard_size, seed=seed, device=device, dtype=dtype, progress=progress)
+                               shard_size=shard_size, seed=seed, device=device, dtype=dtype, device_map=device_map,
+                               max_memory=max_memory, progress=progress)
     cal = load_calibration(run_calibration(config))
     top = ", ".join(f"head {k + 1} {a:.3f}" for k, a in enumerate(cal.accuracy.sum(1)))
     typer.echo(f"wrote {out}: {cal.meta['num_prompts']} prompts, {cal.num_positions} positions, "
@@ -211,12 +216,14 @@ def decode(
     heads: Optional[str] = HeadsOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
 ):
     """Answer one instruction with Medusa tree decoding; print the reply and tokens/step."""
     from decoding.decoder import Acceptance, run_decode
 
     rule = Acceptance(acceptance, temperature, posterior_threshold, posterior_alpha, seed)
-    text, r = run_decode(instruction, tree, model, heads, max_new_tokens, rule, device, dtype)
+    text, r = run_decode(instruction, tree, model, heads, max_new_tokens, rule, device, dtype, device_map, max_memory)
     typer.echo(text)
     typer.echo(f"{len(r.tokens)} tokens in {r.steps} steps: {r.tokens_per_step:.2f} tokens/step, "
                f"{len(r.tokens) / max(r.decode_s, 1e-9):.1f} tokens/s decoding, prefill {r.prefill_s * 1e3:.0f} ms", err=True)
@@ -237,6 +244,8 @@ def bench(
     heads: Optional[str] = HeadsOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
 ):
     """Plain greedy vs tree decoding on the same prompts: tokens/step, overhead, speedup, lossless match."""
     from reports.bench import render, run_bench
@@ -244,7 +253,7 @@ def bench(
     result = run_bench(model=model, heads=heads, trees=trees or (), cartesian=cartesian or (), prompts=prompts,
                        limit=limit, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
                        calibration=str(calibration) if calibration else None, out=out, repeats=repeats,
-                       progress=sys.stderr.isatty(), threads=threads)
+                       progress=sys.stderr.isatty(), threads=threads, device_map=device_map, max_memory=max_memory)
     typer.echo(render(result))
     if out is not None:
         typer.echo(f"wrote {out / 'bench.csv'} and {out / 'bench.json'}", err=True)
@@ -261,13 +270,16 @@ def profile(
     heads: Optional[str] = HeadsOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
 ):
     """Time one decoding step's forward vs tree size on this device, into a CSV."""
     from decoding.profile import run_profile
     from treeopt.core.tables import render_table
 
     df = run_profile(model=model, heads=heads, sizes=sizes, context=context, repeats=repeats, device=device,
-                     dtype=dtype, out=out, progress=sys.stderr.isatty(), threads=threads)
+                     dtype=dtype, out=out, progress=sys.stderr.isatty(), threads=threads, device_map=device_map,
+                     max_memory=max_memory)
     typer.echo(render_table(df[["nodes", "forward_ms", "base_ms", "heads_ms"]]))
     typer.echo(f"wrote {out}", err=True)
 

@@ -44,6 +44,7 @@ class CalibrationConfig:
     model: str = DEFAULT_MODEL
     heads: str | None = None  # a directory, `random`, or None for the heads shipped for the bundled model
     prompts: str | None = None  # `alpaca_eval`, a .json/.jsonl path; None: the local AlpacaEval copy, else the hub's
+    teacher_forced: str | None = None  # chat data for calibrate/teacher.py (instead of prompts and generation)
     limit: int | None = None
     max_new_tokens: int = 256
     top_k: int = 10
@@ -104,19 +105,11 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
     merged = run_shards(Path(config.out), settings, n, shard_size, shard, heads, lm_head, config.top_k, procs,
                         config.progress, on_shard)
     if merged is not None:  # the main process writes the final files
-        ranks, conts, infos = merged
-        wall = sum(i["wall_time_s"] for i in infos)
-        meta = {
+        write_merged(config.out, merged, {
             "model": loaded.name, "model_source": loaded.source, "heads": config.heads or "default",
-            "num_heads": heads.num_heads, "prompts": str(source), "limit": config.limit,
-            "num_prompts": n, "num_tokens": len(ranks), "num_stopped": int(conts["stopped"].sum()),
+            "num_heads": heads.num_heads, "prompts": str(source), "limit": config.limit, "num_prompts": n,
             "top_k": config.top_k, "max_new_tokens": config.max_new_tokens, "batch_size": B, "seed": config.seed,
-            "dtype": settings["dtype"], "device": str(lm_head.weight.device.type),
-            "wall_time_s": round(wall, 3), "ranks_time_s": round(sum(i["ranks_time_s"] for i in infos), 3),
-            "tokens_per_s": round(len(ranks) / max(wall, 1e-9), 2),
-            "versions": versions(), "settings": settings,
-        }
-        fmt.write_calibration(config.out, ranks, conts, meta)
+            "dtype": settings["dtype"], "device": str(lm_head.weight.device.type), "settings": settings})
     procs.wait()  # the others return once the files are there
     return Path(config.out)
 
@@ -192,8 +185,8 @@ def run_shards(out: Path, settings: dict, n: int, shard_size: int, shard: Callab
             conts += [{"prompt_id": u.prompt_id, "instruction": u.instruction, "prompt_ids": u.text.prompt_ids,
                        "tokens": u.text.tokens, "stopped": u.text.stopped} for u in batch]
             done_tokens += sum(len(u.text.tokens) for u in batch)
-            bar.update(len(batch))
-            bar.set_postfix_str(f"{done_tokens / (time.perf_counter() - t0):.1f} tok/s")
+            bar.set_postfix_str(f"{done_tokens / (time.perf_counter() - t0):.1f} tok/s", refresh=False)
+        bar.update(len(ids))
         ranks = pd.concat(ranks, ignore_index=True)
         _write_shard(stage, ids.start, ranks, pd.DataFrame(conts).astype({"prompt_id": "int32"}),
                      {"prompts": [ids.start, ids.stop], "tokens": len(ranks), "process": procs.index,
@@ -278,6 +271,16 @@ def _read_shards(stage: Stage, starts) -> tuple[pd.DataFrame, pd.DataFrame, list
         raise TreeoptError(f"a shard under {d} is damaged ({type(e).__name__}): delete that shard's "
                            "files and run again to redo it") from None
     return ranks, conts, parts
+
+
+def write_merged(out: str | Path, merged: tuple[pd.DataFrame, pd.DataFrame, list[dict]], meta: dict) -> Path:
+    """The final files of a run from its merged shards; `meta` gains the counts, timings and versions."""
+    ranks, conts, infos = merged
+    wall = sum(i["wall_time_s"] for i in infos)
+    return fmt.write_calibration(out, ranks, conts, {
+        **meta, "num_tokens": len(ranks), "num_stopped": int(conts["stopped"].sum()),
+        "wall_time_s": round(wall, 3), "ranks_time_s": round(sum(i["ranks_time_s"] for i in infos), 3),
+        "tokens_per_s": round(len(ranks) / max(wall, 1e-9), 2), "versions": versions()})
 
 
 # ---- small helpers --------------------------------------------------------------------------

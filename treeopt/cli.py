@@ -117,10 +117,11 @@ def calibrate(
     model: str = ModelOpt,
     heads: Optional[str] = HeadsOpt,
     prompts: Optional[str] = PromptsOpt,
-    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N prompts."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Greedy continuation length cap (stops earlier at EOS)."),
+    teacher_forced: Optional[str] = typer.Option(None, "--teacher-forced", help="Chat data (ShareGPT `conversations` or OpenAI `messages`; .json/.jsonl or a Hugging Face dataset id): rank the heads on its assistant turns in one forward per conversation, instead of generating from --prompts."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N prompts (conversations)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Greedy continuation length cap (stops earlier at EOS); teacher-forced: the cap on each assistant turn."),
     top_k: int = typer.Option(10, "--top-k", help="Ranks >= top-k are recorded as a miss."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generation batch (1: exactly unbatched greedy)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generation batch (1: exactly unbatched greedy); teacher-forced: sequences per forward."),
     shard_size: int = typer.Option(32, "--shard-size", help="Prompts per resumable shard (rounded up to whole batches)."),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("calibration"), "--out", "-o", help="Output directory; rerun the same command to resume."),
@@ -132,15 +133,18 @@ def calibrate(
 ):
     """Record where every head ranks the base model's greedy tokens (ranks.parquet, accuracy.csv, ...)."""
     from treeopt.core.record import load_calibration
-    from calibrate.run import CalibrationConfig, calibrate as run_calibration
+    from calibrate.run import CalibrationConfig, calibrate as generated
+    from calibrate.teacher import calibrate_teacher_forced
 
-    config = CalibrationConfig(out=out, model=model, heads=heads, prompts=prompts, limit=limit,
+    run_calibration = calibrate_teacher_forced if teacher_forced else generated
+    config = CalibrationConfig(out=out, model=model, heads=heads, prompts=prompts, teacher_forced=teacher_forced, limit=limit,
                                max_new_tokens=max_new_tokens, top_k=top_k, batch_size=batch_size,
                                shard_size=shard_size, seed=seed, device=device, dtype=dtype, device_map=device_map,
                                max_memory=max_memory, progress=progress)
     cal = load_calibration(run_calibration(config))
     top = ", ".join(f"head {k + 1} {a:.3f}" for k, a in enumerate(cal.accuracy.sum(1)))
-    typer.echo(f"wrote {out}: {cal.meta['num_prompts']} prompts, {cal.num_positions} positions, "
+    typer.echo(f"wrote {out}: {cal.meta['num_prompts']} {'assistant turns' if teacher_forced else 'prompts'}, "
+               f"{cal.num_positions} positions, "
                f"{cal.meta['tokens_per_s']:.1f} tok/s; top-{cal.top_k} accuracy: {top}")
 
 

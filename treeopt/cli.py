@@ -163,11 +163,23 @@ def search(
     max_nodes: int = typer.Option(256, "--max-nodes", help="Largest size --nodes auto considers."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Tree file to write (.json, .py, .txt)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="json, python (medusa_choices = [...]) or trtllm (--medusa_choices string); default from the suffix."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Sequences decoded together: --latency's rows for that batch size (`treeopt profile --batch-sizes`)."),
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="e.g. 1,4,16,64: a schedule, the best tree at each batch size (needs --latency; -o writes one JSON file)."),
 ):
     """Search the tree that maximizes expected tokens/step; compare it with the baselines."""
-    from search.api import search_report
+    from search.api import schedule_report, search_report
 
-    typer.echo(search_report(calibration, nodes, acceptance_model, max_depth, top_k, latency, max_nodes, out, fmt)[2])
+    if batch_sizes is not None:
+        if latency is None:
+            raise TreeoptError("--batch-sizes needs --latency FILE profiled at those batch sizes "
+                               "(`treeopt profile --batch-sizes 1,4,16`)")
+        if not all(b.strip().isdigit() for b in batch_sizes.split(",")):
+            raise TreeoptError(f"--batch-sizes {batch_sizes!r}: give comma-separated integers, e.g. 1,4,16,64")
+        sizes = [int(b) for b in batch_sizes.split(",")]
+        typer.echo(schedule_report(calibration, latency, sizes, acceptance_model, max_depth, top_k, max_nodes, out)[1])
+        return
+    typer.echo(search_report(calibration, nodes, acceptance_model, max_depth, top_k, latency, max_nodes, out, fmt,
+                             batch_size)[2])
 
 
 @command()
@@ -267,6 +279,7 @@ def bench(
 def profile(
     out: Path = typer.Option(Path("latency.csv"), "--out", "-o", help="CSV to write (what `search --nodes auto --latency` reads)."),
     sizes: Optional[str] = typer.Option(None, "--sizes", help="Tree sizes, comma-separated; default 0,1,2,4,8,16,24,32,48,64,96,128,192,256."),
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Sequences per forward, comma-separated (e.g. 1,4,16): one set of rows each; default 1."),
     context: int = typer.Option(256, "--context", help="Tokens already in the KV cache."),
     repeats: int = typer.Option(5, "--repeats", help="Timed forwards per size (the median is kept)."),
     threads: Optional[int] = ThreadsOpt,
@@ -283,8 +296,8 @@ def profile(
 
     df = run_profile(model=model, heads=heads, sizes=sizes, context=context, repeats=repeats, device=device,
                      dtype=dtype, out=out, progress=sys.stderr.isatty(), threads=threads, device_map=device_map,
-                     max_memory=max_memory)
-    typer.echo(render_table(df[["nodes", "forward_ms", "base_ms", "heads_ms"]]))
+                     max_memory=max_memory, batch_sizes=batch_sizes)
+    typer.echo(render_table(df[["batch_size", "nodes", "forward_ms", "base_ms", "heads_ms"]]))
     typer.echo(f"wrote {out}", err=True)
 
 

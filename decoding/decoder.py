@@ -26,7 +26,7 @@ import torch
 from decoding.buffers import TreeBuffers, tree_buffers
 from decoding.cache import TreeCache
 from treeopt.core.errors import TreeoptError
-from decoding.models import layer_devices, stop_token_ids
+from decoding.models import cache_argument, layer_devices, stop_token_ids
 from treeopt.core.tree import Tree
 
 
@@ -104,7 +104,8 @@ class TreeDecoder:
         self.lm_head = model.get_output_embeddings()
         weight = self.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.layer_devices = layer_devices(model)  # the cache's, one per layer (several with a device map)
+        self.layer_devices = layer_devices(model)
+        self.cache_argument = cache_argument(model)  # the cache's, one per layer (several with a device map)
         if heads is None and tree.num_nodes:
             raise TreeoptError("a tree needs Medusa heads: pass --heads DIR or --heads random")
         if heads is not None:
@@ -132,7 +133,7 @@ class TreeDecoder:
     def forward(self, ids: torch.Tensor, bias: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """ids [q], bias [q, kv], positions [q] -> last hidden states [q, H]; writes K/V at cache.length."""
         out = self.base(input_ids=ids[None], attention_mask=bias[None, None], position_ids=positions[None],
-                        past_key_values=self.cache, use_cache=True)
+                        **{self.cache_argument: self.cache}, use_cache=True)
         return out.last_hidden_state[0]
 
     def candidates(self, hidden: torch.Tensor) -> torch.Tensor:

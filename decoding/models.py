@@ -183,6 +183,14 @@ def execution_device(module: torch.nn.Module) -> torch.device:
     return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
 
 
+def cache_argument(model) -> str:
+    """The name the model's forward takes its KV cache by: `cache` (transformers >= 5.2x; passing
+    `past_key_values` there prints a deprecation warning on every call), else `past_key_values`."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.get_decoder().forward).parameters else "past_key_values"
+
+
 def layer_devices(model) -> list[torch.device]:
     """The device each decoder layer computes on (one device unless the model has a device map)."""
     return [execution_device(layer) for layer in model.get_decoder().layers]

@@ -84,8 +84,8 @@ def batch_tree_forward(decoder: TreeDecoder, cache, tokens: torch.Tensor, contex
     allowed = torch.cat([torch.ones(N, context, dtype=torch.bool, device=decoder.device), decoder.buf.mask], 1)
     mask = additive_mask(allowed, decoder.dtype).expand(B, 1, N, context + N)  # [B, 1, N, context + N]
     positions = (decoder.buf.depth + context).expand(B, N)  # [B, N]
-    return decoder.base(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                        use_cache=True).last_hidden_state
+    return decoder.base(input_ids=tokens, attention_mask=mask, position_ids=positions,
+                        **{decoder.cache_argument: cache}, use_cache=True).last_hidden_state
 
 
 @torch.inference_mode()
@@ -98,8 +98,8 @@ def time_batch_forward(decoder: TreeDecoder, batch: int, context: int, repeats: 
     vocab = decoder.lm_head.weight.shape[0]
     g = torch.Generator().manual_seed(seed)
     cache = DynamicCache()
-    decoder.base(input_ids=torch.randint(0, vocab, (batch, context), generator=g).to(dev), past_key_values=cache,
-                 use_cache=True)
+    decoder.base(input_ids=torch.randint(0, vocab, (batch, context), generator=g).to(dev),
+                 **{decoder.cache_argument: cache}, use_cache=True)
     tokens = torch.randint(0, vocab, (batch, N), generator=g).to(dev)  # [B, N]
     base, heads = [], []
     for i in range(warmup + repeats):

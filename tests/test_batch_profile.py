@@ -24,7 +24,7 @@ def test_batched_tree_forward_equals_each_path_alone(tiny_llama):
     prefix, tokens = torch.randint(0, 97, (B, context), generator=g), torch.randint(0, 97, (B, N), generator=g)
     with torch.inference_mode():
         cache = DynamicCache()
-        tiny_llama.model(input_ids=prefix, past_key_values=cache, use_cache=True)
+        tiny_llama.model(input_ids=prefix, **{dec.cache_argument: cache}, use_cache=True)
         for _ in range(2):  # the second time over the cache cut back after the first
             logits = tiny_llama.lm_head(batch_tree_forward(dec, cache, tokens, context))  # [B, N, V]
             cache.crop(-N)

@@ -138,7 +138,7 @@ class Unit:
 
     prompt_id: int
     instruction: str
-    text: "Continuation"  # decoding.generate.Continuation: prompt_ids, tokens, stopped, hidden [T, H]
+    continuation: "Continuation"  # decoding.generate.Continuation: prompt_ids, tokens, stopped, hidden [T, H]
 
 
 @dataclass(frozen=True)
@@ -179,12 +179,12 @@ def run_shards(out: Path, settings: dict, n: int, shard_size: int, shard: Callab
         t_shard, ranks, conts, ranks_time = time.perf_counter(), [], [], 0.0
         for batch in shard(ids):
             t_ranks = time.perf_counter()
-            r = batch_ranks(heads, lm_head, [u.text.hidden for u in batch], [u.text.tokens for u in batch], top_k)
+            r = batch_ranks(heads, lm_head, [u.continuation.hidden for u in batch], [u.continuation.tokens for u in batch], top_k)
             ranks_time += time.perf_counter() - t_ranks
             ranks += [_rank_frame(u.prompt_id, ri) for u, ri in zip(batch, r)]
-            conts += [{"prompt_id": u.prompt_id, "instruction": u.instruction, "prompt_ids": u.text.prompt_ids,
-                       "tokens": u.text.tokens, "stopped": u.text.stopped} for u in batch]
-            done_tokens += sum(len(u.text.tokens) for u in batch)
+            conts += [{"prompt_id": u.prompt_id, "instruction": u.instruction, "prompt_ids": u.continuation.prompt_ids,
+                       "tokens": u.continuation.tokens, "stopped": u.continuation.stopped} for u in batch]
+            done_tokens += sum(len(u.continuation.tokens) for u in batch)
             bar.set_postfix_str(f"{done_tokens / (time.perf_counter() - t0):.1f} tok/s", refresh=False)
         bar.update(len(ids))
         ranks = pd.concat(ranks, ignore_index=True)

@@ -121,7 +121,10 @@ def load(config: CalibrationConfig, procs: "Processes", loaded=None, heads=None)
     from decoding.heads import resolve_heads
     from decoding.models import load_model
 
-    device = procs.device if procs.count > 1 and config.device == "auto" and not config.device_map else config.device
+    if procs.count > 1 and config.device_map:
+        raise TreeoptError(f"--device-map in {procs.count} processes would spread a whole model over every GPU in each: "
+                           "launch one process with --device-map auto, or several without it (one GPU each)")
+    device = procs.device if procs.count > 1 and config.device == "auto" else config.device
     loaded = loaded or load_model(config.model, device=device, dtype=config.dtype,
                                   device_map=config.device_map, max_memory=config.max_memory)
     heads = heads if heads is not None else resolve_heads(config.heads, loaded.model)

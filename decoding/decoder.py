@@ -104,8 +104,8 @@ class TreeDecoder:
         self.lm_head = model.get_output_embeddings()
         weight = self.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.layer_devices = layer_devices(model)
-        self.cache_argument = cache_argument(model)  # the cache's, one per layer (several with a device map)
+        self.layer_devices = layer_devices(model)  # the cache's, one per layer (several with a device map)
+        self.cache_argument = cache_argument(model)
         if heads is None and tree.num_nodes:
             raise TreeoptError("a tree needs Medusa heads: pass --heads DIR or --heads random")
         if heads is not None:

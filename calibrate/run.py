@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -29,11 +30,12 @@ import torch
 from treeopt.core import record as fmt
 from calibrate.ranks import head_ranks, head_targets
 from treeopt.core.errors import TreeoptError
-from treeopt.core.fileio import atomic_write
+from treeopt.core.fileio import atomic_write, check_writable
 from treeopt.core.stage import Stage, differences
 from treeopt.core.env import versions
 from decoding.models import DEFAULT_MODEL
 
+log = logging.getLogger(__name__)
 SHARDS = "shards"
 TIMING = ("wall_time_s", "ranks_time_s", "tokens_per_s")  # the only fields of calibration.json that differ between reruns
 
@@ -78,6 +80,7 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
     config.check()
     source = config.prompts or default_prompts()
     instructions = load_instructions(source, limit=config.limit)
+    check_writable(config.out, directory=True, fix="pass another --out")
     procs = processes()
     loaded, heads = load(config, procs, loaded, heads)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -175,6 +178,9 @@ def run_shards(out: Path, settings: dict, n: int, shard_size: int, shard: Callab
     stage = stage or _claim(out, settings)
     parts = [range(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]  # unit ids of each shard
     mine = parts[procs.index::procs.count]
+    for name, why in stage.broken().items():
+        if name in {_name(ids.start) for ids in mine}:
+            log.warning(f"calibration shard {name}: {why}: redoing it")
     todo = [ids for ids in mine if not stage.done(_name(ids.start))]
     bar = _progress(progress and procs.index == 0, sum(map(len, mine)), sum(map(len, mine)) - sum(map(len, todo)))
     done_tokens, t0 = 0, time.perf_counter()
@@ -255,10 +261,10 @@ def _claim(out: Path, settings: dict) -> Stage:
 
 
 def _write_shard(stage: Stage, start: int, ranks: pd.DataFrame, conts: pd.DataFrame, info: dict) -> None:
-    name = _name(start)
-    atomic_write(stage.directory / f"{name}.ranks.parquet", lambda p: ranks.to_parquet(p, index=False))
-    atomic_write(stage.directory / f"{name}.continuations.parquet", lambda p: conts.to_parquet(p, index=False))
-    stage.finish(name, info)  # last: marks the shard done
+    files = [stage.directory / f"{_name(start)}.{kind}.parquet" for kind in ("ranks", "continuations")]
+    for path, table in zip(files, (ranks, conts)):
+        atomic_write(path, lambda p: table.to_parquet(p, index=False))
+    stage.finish(_name(start), info, files=files)  # last: marks the shard done
 
 
 def _read_shards(stage: Stage, starts) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:

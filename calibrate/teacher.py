@@ -26,6 +26,7 @@ import torch
 
 from calibrate.run import (CalibrationConfig, Unit, _fingerprint, load, processes, run_shards, write_merged)
 from treeopt.core.errors import TreeoptError
+from treeopt.core.fileio import check_writable
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
          "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system"}
@@ -125,6 +126,7 @@ def calibrate_teacher_forced(config: CalibrationConfig, *, loaded=None, heads=No
     if not config.teacher_forced:
         raise TreeoptError("pass the chat data to calibrate on: --teacher-forced DATA")
     conversations = read_conversations(config.teacher_forced)[: config.limit]
+    check_writable(config.out, directory=True, fix="pass another --out")
     procs = processes()
     loaded, heads = load(config, procs, loaded, heads)
     model, tokenizer = loaded.model, loaded.tokenizer

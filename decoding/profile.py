@@ -24,7 +24,7 @@ import torch
 
 from decoding.decoder import TreeDecoder, additive_mask, synchronize
 from treeopt.core.errors import TreeoptError
-from treeopt.core.fileio import atomic_write
+from treeopt.core.fileio import atomic_write, check_writable
 from treeopt.core.tree import Tree
 
 DEFAULT_SIZES = (0, 1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -124,14 +124,7 @@ def profile_latency(model, heads, sizes=DEFAULT_SIZES, context: int = 256, repea
                     model_name: str = "", progress: bool = False, batch_sizes=(1,)) -> pd.DataFrame:
     """One row per batch size and tree size: batch_size, nodes, forward_ms (median), base_ms, heads_ms,
     context, device, dtype, model."""
-    sizes = sorted(set(int(s) for s in sizes))
-    batch_sizes = sorted(set(int(b) for b in batch_sizes))
-    if not sizes or sizes[0] < 0:
-        raise TreeoptError(f"--sizes {sizes}: give tree sizes >= 0, e.g. 0,1,2,4,8")
-    if not batch_sizes or batch_sizes[0] < 1:
-        raise TreeoptError(f"--batch-sizes {batch_sizes}: give batch sizes >= 1, e.g. 1,4,16")
-    if context < 1:
-        raise TreeoptError("--context must be at least 1 token")
+    sizes, batch_sizes = checked_sizes(sizes, context), checked_batch_sizes(batch_sizes)
     weight = model.get_output_embeddings().weight
     rows = []
     bar = _progress([(b, n) for b in batch_sizes for n in sizes], progress, "profile")
@@ -154,6 +147,23 @@ def _progress(items, enabled: bool, desc: str):
     return tqdm(items, desc=desc, leave=False)
 
 
+def checked_sizes(sizes, context: int) -> list[int]:
+    """The distinct tree sizes, sorted, after checking them and the context length."""
+    sizes = sorted(set(int(s) for s in sizes))
+    if not sizes or sizes[0] < 0:
+        raise TreeoptError(f"--sizes {sizes}: give tree sizes >= 0, e.g. 0,1,2,4,8")
+    if context < 1:
+        raise TreeoptError("--context must be at least 1 token")
+    return sizes
+
+
+def checked_batch_sizes(batch_sizes) -> list[int]:
+    batch_sizes = sorted(set(int(b) for b in batch_sizes))
+    if not batch_sizes or batch_sizes[0] < 1:
+        raise TreeoptError(f"--batch-sizes {batch_sizes}: give batch sizes >= 1, e.g. 1,4,16")
+    return batch_sizes
+
+
 def parse_sizes(text: str | None, default=DEFAULT_SIZES, option: str = "--sizes") -> tuple[int, ...]:
     if not text:
         return tuple(default)
@@ -169,15 +179,16 @@ def run_profile(model: str = "smollm2-135m", heads: str | None = None, sizes: st
                 device_map: str | None = None, max_memory: str | None = None,
                 batch_sizes: str | None = None) -> pd.DataFrame:
     """The CLI's twin: load the model and heads, profile, write the CSV atomically."""
-    from decoding.models import set_threads
+    from decoding.heads import resolve_heads
+    from decoding.models import load_model, set_threads
 
     set_threads(threads)
-    from decoding.heads import resolve_heads
-    from decoding.models import load_model
-
+    tree_sizes = checked_sizes(parse_sizes(sizes), context)
+    batches = checked_batch_sizes(parse_sizes(batch_sizes, (1,), "--batch-sizes"))
+    check_writable(out, fix="pass another --out")
     loaded = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
     medusa = resolve_heads(heads, loaded.model)
-    df = profile_latency(loaded.model, medusa, parse_sizes(sizes), context, repeats, model_name=model,
-                         progress=progress, batch_sizes=parse_sizes(batch_sizes, (1,), "--batch-sizes"))
+    df = profile_latency(loaded.model, medusa, tree_sizes, context, repeats, model_name=model, progress=progress,
+                         batch_sizes=batches)
     atomic_write(out, lambda p: df.to_csv(p, index=False, float_format="%.4f"))
     return df

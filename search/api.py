@@ -15,7 +15,7 @@ from search.grow import SearchResult, search
 from search.schedule import batch_schedule, write_schedule
 from search.sweep import sweep
 from treeopt.core.errors import TreeoptError
-from treeopt.core.fileio import atomic_write
+from treeopt.core.fileio import atomic_write, check_writable
 from treeopt.core.published import BASELINES, PUBLISHED
 from treeopt.core.record import Calibration, load_calibration
 from treeopt.core.tables import render_table
@@ -37,6 +37,8 @@ def search_report(calibration: str | Path, nodes: int | str = 64, model: str = "
     of that many sequences decoded together)."""
     cal = load_calibration(calibration)
     lat = read_latency(latency, batch_size) if latency is not None else None
+    if out is not None:
+        check_writable(out, fix="pass another --out")
     if str(nodes) == "auto":
         if lat is None:
             raise TreeoptError("--nodes auto needs --latency FILE (forward time vs tree size, from `treeopt profile`)")
@@ -99,11 +101,12 @@ def sweep_report(calibration: str | Path, max_nodes: int = 256, model: str = "em
     cal = load_calibration(calibration)
     lats = list(read_latencies(latency).values()) if latency is not None else []
     lat = lats[0] if lats else None  # the smallest batch size's, for the baselines
+    if out is not None:
+        check_writable(out, fix="pass another --out")
     df = sweep(cal, max_nodes, model, lats or None, max_depth, top_k, replayed)
     lines = [_header(cal), f"{model} model; row N = the first N nodes of one greedy search"
              + ("; one block of rows per batch size of the latency file" if len(lats) > 1 else ""), "", render_table(df)]
-    for b in (df[df["nodes"] > 0].groupby("batch_size") if lats else []):
-        size, rows = b
+    for size, rows in (df[df["nodes"] > 0].groupby("batch_size") if lats else []):
         if rows["tokens_per_s"].notna().any():
             best = rows["tokens_per_s"].idxmax()
             speedup = df["speedup"][best]
@@ -128,6 +131,8 @@ def schedule_report(calibration: str | Path, latency: str | Path, batch_sizes: l
     lats = read_latencies(latency)
     if batch_sizes:
         lats = {b: read_latency(latency, b) for b in batch_sizes}
+    if out is not None:
+        check_writable(out, fix="pass another --out")
     entries = batch_schedule(cal, lats, model, max_nodes, max_depth, top_k)
     table = pd.DataFrame([{k: e[k] for k in ("batch_size", "nodes", "predicted_tokens_per_step", "forward_ms",
                                              "predicted_tokens_per_s", "predicted_speedup")} for e in entries])

@@ -5,10 +5,10 @@ Every entry is the prefix of one greedy search whose size maximizes B x tokens/s
 that batch size (search.budget.choose_nodes), so the trees nest: a larger batch takes a prefix of a
 smaller batch's tree. The file (`treeopt search --batch-sizes ... -o schedule.json`):
 
-    {"schedule": [{"batch_size": 1, "nodes": 24, "medusa_choices": [[0], [0, 0], ...],
-                   "predicted_tokens_per_step": 1.9, "forward_ms": 31.0, "plain_forward_ms": 25.0,
-                   "predicted_tokens_per_s": 61.3, "predicted_speedup": 1.53}, ...],
-     "acceptance_model": "empirical", "calibration": "cal", "latency": "latency.csv"}
+    {"acceptance_model": "empirical", "calibration": "cal", "latency": "latency.csv", "schedule": [
+      {"batch_size": 1, "nodes": 24, "medusa_choices": [[0], [0, 0], ...], "predicted_tokens_per_step": 1.9,
+       "forward_ms": 31.0, "plain_forward_ms": 25.0, "predicted_tokens_per_s": 61.3, "predicted_speedup": 1.53},
+      ...]}
 
 `predicted_speedup` is over plain decoding (nodes 0) at the same batch size; entries ascend by batch size.
 """
@@ -43,7 +43,10 @@ def batch_schedule(calibration: Calibration, latencies: dict[int, Latency], mode
 
 
 def write_schedule(path: str | Path, entries: list[dict], **meta) -> Path:
-    write_text(path, json.dumps({"schedule": entries, **meta}, indent=1) + "\n")
+    """The schedule file: `meta`'s fields, then "schedule" with one entry a line."""
+    fields = [json.dumps({k: v})[1:-1] for k, v in meta.items()]
+    rows = ",\n".join("  " + json.dumps(e) for e in entries)
+    write_text(path, "{" + ", ".join(fields + [f'"schedule": [\n{rows}\n]']) + "}\n")
     return Path(path)
 
 

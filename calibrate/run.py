@@ -39,7 +39,8 @@ class CalibrationConfig:
     model: str = DEFAULT_MODEL
     heads: str | None = None  # a directory, `random`, or None for the heads shipped for the bundled model
     prompts: str | None = None  # `alpaca_eval`, a .json/.jsonl path; None: the local AlpacaEval copy, else the hub's
-    limit: int | None = None
+    limit: int | None = None  # N prompts drawn across the sources, seeded by `seed` (`select_prompts`)
+    first: int | None = None  # or the first N prompts, in file order
     max_new_tokens: int = 256
     top_k: int = 10
     batch_size: int = 8
@@ -50,7 +51,10 @@ class CalibrationConfig:
     progress: bool = True
 
     def check(self) -> None:
-        for name, lo in (("max_new_tokens", 1), ("top_k", 1), ("batch_size", 1), ("shard_size", 1), ("limit", 1)):
+        if self.limit is not None and self.first is not None:
+            raise TreeoptError("--limit and --first both choose the prompts: pass one of them")
+        for name, lo in (("max_new_tokens", 1), ("top_k", 1), ("batch_size", 1), ("shard_size", 1), ("limit", 1),
+                         ("first", 1)):
             value = getattr(self, name)
             if value is not None and value < lo:
                 raise TreeoptError(f"--{name.replace('_', '-')} is {value}: pass a number >= {lo}")
@@ -66,11 +70,11 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
     called after shard i is written (progress hooks, tests)."""
     from decoding.heads import resolve_heads
     from decoding.models import chat_prompt, load_model, stop_token_ids
-    from treeopt.core.prompts import default_prompts, load_instructions
+    from treeopt.core.prompts import default_prompts
 
     config.check()
     source = config.prompts or default_prompts()
-    instructions = load_instructions(source, limit=config.limit)
+    instructions, sources = select_prompts(source, config.limit, config.first, config.seed)
     loaded = loaded or load_model(config.model, device=config.device, dtype=config.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     heads = heads if heads is not None else resolve_heads(config.heads, model)
@@ -122,10 +126,11 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
     bar.close()
 
     ranks, conts, infos = _read_shards(stage, [ids.start for ids in parts])
+    conts["source"] = [sources[i] for i in conts["prompt_id"]]
     wall = sum(i["wall_time_s"] for i in infos)
     meta = {
         "model": loaded.name, "model_source": loaded.source, "heads": config.heads or "default",
-        "num_heads": heads.num_heads, "prompts": str(source), "limit": config.limit,
+        "num_heads": heads.num_heads, "prompts": str(source), "limit": config.limit, "first": config.first,
         "num_prompts": n, "num_tokens": len(ranks), "num_stopped": int(conts["stopped"].sum()),
         "top_k": config.top_k, "max_new_tokens": config.max_new_tokens, "batch_size": B, "seed": config.seed,
         "dtype": settings["dtype"], "device": str(lm_head.weight.device.type),
@@ -134,6 +139,17 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
         "versions": versions(), "settings": settings,
     }
     return fmt.write_calibration(out, ranks, conts, meta)
+
+
+def select_prompts(source: str, limit: int | None = None, first: int | None = None,
+                   seed: int = 0) -> tuple[list[str], list[str]]:
+    """(instructions, sources) to calibrate on: `limit` drawn at random across the file's sources
+    (`treeopt.core.prompts.stratified_sample`, seeded), or the `first` ones, or all."""
+    from treeopt.core.prompts import load_prompts, stratified_sample
+
+    instructions, sources = load_prompts(source)
+    keep = stratified_sample(sources, limit, seed) if limit is not None else range(min(first or len(sources), len(sources)))
+    return [instructions[i] for i in keep], [sources[i] for i in keep]
 
 
 def batch_ranks(heads, lm_head, hidden: list[torch.Tensor], tokens: list[list[int]], top_k: int) -> list[torch.Tensor]:

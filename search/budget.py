@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from search.acceptance import node_values
+from search.acceptance import DEFAULT_MODEL, node_values, resolve_model
+from search.crossval import cross_validated_curve
 from search.grow import SearchResult, search
 from treeopt.core.errors import TreeoptError
 from treeopt.core.record import Calibration
@@ -58,25 +59,27 @@ def read_latency(path: str | Path) -> Latency:
     return Latency(table.index.to_numpy(), table.to_numpy(np.float64), str(path), meta)
 
 
-def choose_nodes(result: SearchResult, latency: Latency) -> int:
-    """The prefix size m >= 1 of a greedy search that maximizes predicted tokens/s."""
-    tps = latency.tokens_per_second(result.curve, np.arange(len(result.curve)))  # [n+1]
+def choose_nodes(curve: np.ndarray, latency: Latency) -> int:
+    """The size m >= 1 that maximizes predicted tokens/s, given tokens/step at sizes 0..n ([n+1])."""
+    tps = latency.tokens_per_second(curve, np.arange(len(curve)))  # [n+1]
     if len(tps) < 2 or not np.isfinite(tps[1:]).any():
         raise TreeoptError(f"latency file {latency.source} covers no tree size from 1 to {len(tps) - 1}: "
                            "profile the sizes you search (`treeopt profile`)")
     return int(np.nanargmax(tps[1:])) + 1
 
 
-def search_auto(calibration: Calibration, latency: Latency, model: str = "empirical", max_nodes: int = 256,
+def search_auto(calibration: Calibration, latency: Latency, model: str = DEFAULT_MODEL, max_nodes: int = 256,
                 max_depth: int | None = None, top_k: int | None = None) -> SearchResult:
     """`--nodes auto`: the greedy tree whose size maximizes predicted tokens/s (sizes the latency
-    file covers, up to `max_nodes`)."""
+    file covers, up to `max_nodes`), tokens/step predicted by the cross-validated replay."""
+    model = resolve_model(calibration, model)
     full = search(calibration, min(max_nodes, int(latency.nodes[-1])), model, max_depth, top_k)
-    n = choose_nodes(full, latency)
+    n = choose_nodes(cross_validated_curve(calibration, len(full.tree), model, max_depth=max_depth, top_k=top_k),
+                     latency)
     return SearchResult(full.tree[:n], full.values[:n], model, n, {**full.meta, "nodes": "auto"})
 
 
-def best_chain_length(calibration: Calibration, model: str = "empirical", latency: Latency | None = None,
+def best_chain_length(calibration: Calibration, model: str = DEFAULT_MODEL, latency: Latency | None = None,
                       max_length: int | None = None) -> int:
     """Chain length to give servers that draft a top-1 chain (vLLM `num_speculative_tokens`, TGI
     `--speculate`). With a latency file: the length that maximizes predicted tokens/s. Without one:

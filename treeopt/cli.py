@@ -52,7 +52,7 @@ ThreadsOpt = typer.Option(None, "--threads", help="torch CPU threads; 1 is best 
 DtypeOpt = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16.")
 PromptsOpt = typer.Option(None, "--prompts", "-p", help="Prompt source: alpaca_eval (hub, via `datasets`), a .json/.jsonl file with an `instruction` or `prompt` field, or a Hugging Face dataset id; default: ../shared/data/alpaca_eval.json if present, else alpaca_eval.")
 CalibrationOpt = typer.Option(..., "--calibration", "-c", help="Calibration directory (from `treeopt calibrate`).")
-AcceptanceModelOpt = typer.Option("empirical", "--acceptance-model", help="How node acceptance is estimated from the calibration: empirical (joint rank counts) or independent (Medusa paper's product of accuracies).")
+AcceptanceModelOpt = typer.Option("smoothed", "--acceptance-model", help="How node acceptance is estimated from the calibration: smoothed (joint rank counts shrunk toward the product of accuracies, strength cross-validated; smoothed:S fixes it), empirical (joint rank counts) or independent (Medusa paper's product of accuracies).")
 LatencyOpt = typer.Option(None, "--latency", help="Latency CSV (nodes,forward_ms) from `treeopt profile`: adds tokens/s.")
 
 
@@ -115,7 +115,8 @@ def calibrate(
     model: str = ModelOpt,
     heads: Optional[str] = HeadsOpt,
     prompts: Optional[str] = PromptsOpt,
-    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N prompts."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use N prompts drawn at random across the prompt file's sources (its `dataset` or `source` field; seeded by --seed)."),
+    first: Optional[int] = typer.Option(None, "--first", help="Use the first N prompts, in file order (instead of --limit)."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Greedy continuation length cap (stops earlier at EOS)."),
     top_k: int = typer.Option(10, "--top-k", help="Ranks >= top-k are recorded as a miss."),
     batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generation batch (1: exactly unbatched greedy)."),
@@ -130,7 +131,7 @@ def calibrate(
     from treeopt.core.record import load_calibration
     from calibrate.run import CalibrationConfig, calibrate as run_calibration
 
-    config = CalibrationConfig(out=out, model=model, heads=heads, prompts=prompts, limit=limit,
+    config = CalibrationConfig(out=out, model=model, heads=heads, prompts=prompts, limit=limit, first=first,
                                max_new_tokens=max_new_tokens, top_k=top_k, batch_size=batch_size,
                                shard_size=shard_size, seed=seed, device=device, dtype=dtype, progress=progress)
     cal = load_calibration(run_calibration(config))

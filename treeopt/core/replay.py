@@ -110,14 +110,43 @@ def positions(calibration: Calibration) -> Positions:
 def replay(tree: Tree, calibration: Calibration | Positions) -> ReplayResult:
     """Simulate greedy Medusa decoding with `tree` on every logged continuation (module docstring)."""
     rows = calibration if isinstance(calibration, Positions) else positions(calibration)
-    nxt = np.arange(len(rows.ranks)) + 1 + accepted_depths(tree, rows.ranks, rows.top_k)  # [N] row after one step
+    steps = _steps(rows, accepted_depths(tree, rows.ranks, rows.top_k)[None])[0]
+    return ReplayResult(rows.prompt_ids, rows.ends - rows.starts, steps)
+
+
+def replay_prefixes(tree: Tree, calibration: Calibration | Positions, sizes) -> list[ReplayResult]:
+    """`replay(tree[:m])` for every m in `sizes`, walking the tree once. A greedily grown tree lists
+    every node after its parent, so a position reaches depth d of tree[:m] exactly when the node it
+    reaches at depth d of the whole tree has an index below m."""
+    rows = calibration if isinstance(calibration, Positions) else positions(calibration)
+    N, sizes = len(rows.ranks), np.minimum(np.asarray(sizes, np.int64), len(tree))
+    reached = np.zeros((0, N), np.int64)  # [D, N] node reached at depth d, or len(tree)
+    reached = np.concatenate([reached, *(node[None] for node in walk(tree, rows.ranks, rows.top_k))])
+    chunk = max(1, (1 << 22) // max(N, 1))  # sizes replayed together: [chunk, N] arrays of at most 4M entries
+    steps = [_steps(rows, (reached[None] < sizes[i:i + chunk, None, None]).sum(1))
+             for i in range(0, len(sizes), chunk)]
+    steps = np.concatenate(steps) if steps else np.zeros((0, len(rows.starts)), np.int64)  # [S, P]
+    return [ReplayResult(rows.prompt_ids, rows.ends - rows.starts, s) for s in steps]
+
+
+def concat(results: list[ReplayResult]) -> ReplayResult:
+    """One result over the prompts of several (e.g. the held-out folds of a cross-validation)."""
+    return ReplayResult(*(np.concatenate([getattr(r, f) for r in results]) for f in ("prompt_ids", "tokens", "steps")))
+
+
+def _steps(rows: Positions, depths: np.ndarray) -> np.ndarray:
+    """Steps [S, P] of each prompt's walk through its continuation, a step going 1 + the accepted
+    depth at its root, for S trees at once (depths [S, N])."""
+    S, N = depths.shape
+    nxt = np.arange(N) + 1 + depths  # [S, N] row after one step
     nxt = np.minimum(nxt, np.repeat(rows.ends, rows.ends - rows.starts))  # no-op when -1 marks the end
-    nxt = np.append(nxt, len(rows.ranks))  # [N+1] index N: past the last row (cur never exceeds it)
-    cur, ends = rows.starts.copy(), rows.ends
-    steps = np.zeros(len(cur), np.int64)
+    flat = np.concatenate([nxt, np.full((S, 1), N)], 1).ravel()  # [S * (N+1)] index N: past the last row
+    offset = (np.arange(S) * (N + 1))[:, None]  # [S, 1]
+    cur, ends = np.repeat(rows.starts[None], S, 0), rows.ends[None]  # [S, P], [1, P]
+    steps = np.zeros(cur.shape, np.int64)
     active = cur < ends
     while active.any():
         steps += active
-        cur = np.where(active, nxt[cur], cur)
+        cur = np.where(active, flat[offset + cur], cur)
         active = cur < ends
-    return ReplayResult(rows.prompt_ids, ends - rows.starts, steps)
+    return steps

@@ -42,7 +42,7 @@ from treeopt.core.tree import Tree
 
 MODELS = ("smoothed", "empirical", "independent")
 DEFAULT_MODEL = "smoothed"
-STRENGTHS = (0.0, 1.0, 4.0, 16.0, 64.0, 256.0, math.inf)  # the candidates `choose_strength` cross-validates
+STRENGTHS = (0.0, 1.0, 4.0, 16.0, 64.0, math.inf)  # the candidates `choose_strength` cross-validates
 STRENGTH_SIZES = (16, 64)  # tree sizes whose mean held-out replay chooses the strength
 FALLBACK_STRENGTH = 16.0  # for a calibration of one prompt, where there is nothing to cross-validate
 
@@ -181,6 +181,7 @@ class Smoothed:
         hits = np.stack([np.bincount(ranks[valid[:, k], k], minlength=top_k + 1)[: top_k + 1]
                          for k in range(ranks.shape[1])]) if ranks.shape[1] else np.zeros((0, top_k + 1))
         self.prior = (hits[:, :top_k] + 0.5) / (valid.sum(0)[:, None] + 0.5 * (top_k + 1))  # [K, top_k]
+        self._cache: dict = {}  # `_factors`, which depend on the strength
 
     @property
     def name(self) -> str:
@@ -193,71 +194,74 @@ class Smoothed:
     def with_strength(self, strength: float) -> "Smoothed":
         """The same counts under another strength (no recount)."""
         other = object.__new__(Smoothed)
-        other.__dict__.update(self.__dict__, strength=float(strength))
+        other.__dict__.update(self.__dict__, strength=float(strength), _cache={})
         return other
 
-    def children(self, d: int, ids: np.ndarray, hits: np.ndarray, values: np.ndarray, k: int):
-        """Ranks 0..k-1 below S nodes at depth d-1 (ids: their prefix ids, -1 where never observed;
-        hits, values [S]): the children's values, ids and hits, each [S, k]."""
-        want = ids[:, None] * self.top_k + np.arange(k)  # [S, k]
-        if d < len(self.codes):
-            j = np.minimum(np.searchsorted(self.codes[d], want), len(self.codes[d]) - 1)
-            found = (ids[:, None] >= 0) & (self.codes[d][j] == want)
-        else:
-            j, found = np.zeros_like(want), np.zeros(want.shape, bool)
-        child_hits = np.where(found, self.counts[d][j] if d < len(self.counts) else 0, 0)  # [S, k]
-        prior = self.prior[d, :k] if d < self.num_heads else np.zeros(k)
-        if math.isinf(self.strength):
-            q = np.broadcast_to(prior, want.shape)
-        else:
-            den = hits[:, None] + self.strength
-            q = np.divide(child_hits + self.strength * prior, den, out=np.broadcast_to(prior, want.shape).copy(),
-                          where=den > 0)
-        return values[:, None] * q, np.where(found, j, -1), child_hits
+    def children(self, d: int, node: tuple[int, int, float], k: int) -> list[tuple[int, int, float]]:
+        """Ranks 0..k-1 below a node at depth d-1, each as (id, hits, value); a node is its prefix id
+        (-1 when never observed), its hits and its value."""
+        i, h, v = node
+        return [(j, c, v * q) for j, c, q in self._factors(d, i, h, k)]
 
-    def _root(self):
-        return np.zeros(1, np.int64), np.array([self.total]), np.ones(1)  # ids, hits, values
+    def _factors(self, d: int, i: int, h: int, k: int) -> list[tuple[int, int, float]]:
+        """(id, hits, value / parent's value) of ranks 0..k-1 below prefix i at depth d-1 (cached)."""
+        key = (d, i, k)
+        if key not in self._cache:
+            hits, ids = [0] * k, [-1] * k
+            if i >= 0 and d < len(self.codes):
+                base = i * self.top_k
+                lo, hi = np.searchsorted(self.codes[d], [base, base + k]).tolist()
+                for j, code, count in zip(range(lo, hi), self.codes[d][lo:hi].tolist(), self.counts[d][lo:hi].tolist()):
+                    hits[code - base], ids[code - base] = count, j
+            prior = self.prior[d, :k].tolist() if d < self.num_heads else [0.0] * k
+            s = self.strength
+            if math.isinf(s) or h + s == 0:
+                q = prior
+            else:
+                q = [(hits[r] + s * prior[r]) / (h + s) for r in range(k)]
+            self._cache[key] = list(zip(ids, hits, q))
+        return self._cache[key]
+
+    @property
+    def root(self) -> tuple[int, int, float]:
+        return 0, self.total, 1.0
 
     def values(self, tree: Tree) -> np.ndarray:
-        node = {(): tuple(a[0] for a in self._root())}  # path -> (id, hits, value)
+        node = {(): self.root}  # path -> (id, hits, value)
 
         def visit(p: RankPath):
             if p not in node:
-                i, h, v = visit(p[:-1])
-                if len(p) > self.num_heads or p[-1] >= self.top_k:
-                    node[p] = (-1, 0, 0.0)
-                else:
-                    cv, ci, ch = self.children(len(p) - 1, np.array([i]), np.array([h]), np.array([v]), p[-1] + 1)
-                    node[p] = (int(ci[0, -1]), int(ch[0, -1]), float(cv[0, -1]))
+                parent = visit(p[:-1])
+                ok = len(p) <= self.num_heads and p[-1] < self.top_k
+                node[p] = self.children(len(p) - 1, parent, p[-1] + 1)[-1] if ok else (-1, 0, 0.0)
             return node[p]
 
         return np.array([visit(p)[2] for p in tree.paths], dtype=np.float64)
 
     def greedy(self, nodes: int, max_depth: int, top_k: int) -> tuple[list[RankPath], np.ndarray]:
-        heap = []  # (-value, depth, path, id, hits)
+        heap = []  # (-value, depth, path, node)
 
-        def push(d: int, path: RankPath, i: int, h: int, v: float):
-            cv, ci, ch = self.children(d, np.array([i]), np.array([h]), np.array([v]), top_k)
-            for r in range(top_k):
-                heapq.heappush(heap, (-float(cv[0, r]), d + 1, path + (r,), int(ci[0, r]), int(ch[0, r])))
+        def push(d: int, path: RankPath, node):
+            for r, child in enumerate(self.children(d, node, top_k)):
+                heapq.heappush(heap, (-child[2], d + 1, path + (r,), child))
 
-        push(0, (), 0, self.total, 1.0)
+        push(0, (), self.root)
         paths, values = [], []
         while heap and len(paths) < nodes:
-            neg, depth, p, i, h = heapq.heappop(heap)
+            neg, depth, p, node = heapq.heappop(heap)
             if neg == 0:  # only zero-value nodes remain: they add nothing
                 break
             paths.append(p)
             values.append(-neg)
             if depth < max_depth:
-                push(depth, p, i, h, -neg)
+                push(depth, p, node)
         return paths, np.array(values, dtype=np.float64)
 
     def cartesian_step(self, state, d: int, kmax: int):
-        ids, hits, values = self._root() if state is None else state
-        cv, ci, ch = self.children(d, ids, hits, values, kmax)  # [S, kmax]
-        mass = np.cumsum(cv.sum(0))  # [kmax]
-        return mass, lambda k: (ci[:, :k].ravel(), ch[:, :k].ravel(), cv[:, :k].ravel())
+        """As Empirical's; the state is the list of nodes that meet the constraints above."""
+        kids = [self.children(d, node, kmax) for node in ([self.root] if state is None else state)]  # [S][kmax]
+        mass = np.cumsum([sum(c[r][2] for c in kids) for r in range(kmax)])  # [kmax]
+        return mass, lambda k: [child for c in kids for child in c[:k]]
 
 
 def choose_strength(calibration: Calibration, folds: int = 4, seed: int = 0) -> float:
@@ -270,10 +274,11 @@ def choose_strength(calibration: Calibration, folds: int = 4, seed: int = 0) -> 
     tokens = np.zeros((len(STRENGTHS), len(STRENGTH_SIZES)))
     steps = np.zeros_like(tokens)
     for held in groups:
-        fit = Smoothed(calibration.subset(np.setdiff1d(calibration.prompts, held)).ranks, calibration.top_k, 0.0)
+        fit = calibration.subset(np.setdiff1d(calibration.prompts, held))
         rows = positions(calibration.subset(held))
         for j, s in enumerate(STRENGTHS):
-            paths, _ = fit.with_strength(s).greedy(max(STRENGTH_SIZES), calibration.num_heads, calibration.top_k)
+            paths, _ = acceptance_model(fit, f"smoothed:{s:g}").greedy(max(STRENGTH_SIZES), calibration.num_heads,
+                                                                        calibration.top_k)
             for m, r in enumerate(replay_prefixes(Tree(tuple(paths)), rows, STRENGTH_SIZES)):
                 tokens[j, m] += r.tokens.sum()
                 steps[j, m] += r.steps.sum()
@@ -283,11 +288,23 @@ def choose_strength(calibration: Calibration, folds: int = 4, seed: int = 0) -> 
 
 def resolve_model(calibration: Calibration, model: str = DEFAULT_MODEL) -> str:
     """The model name with its strength fixed: `smoothed` becomes `smoothed:S` (S cross-validated on
-    this calibration); other names are returned as they are. Resolve once, then fit on any subset."""
-    return f"smoothed:{choose_strength(calibration):g}" if model == "smoothed" else model
+    this calibration, once); other names are returned as they are. Resolve once, then fit on subsets."""
+    if model != "smoothed":
+        return model
+    if "strength" not in calibration.memo:
+        calibration.memo["strength"] = choose_strength(calibration)
+    return f"smoothed:{calibration.memo['strength']:g}"
 
 
 def acceptance_model(calibration: Calibration, model: str = DEFAULT_MODEL) -> Empirical | Independent | Smoothed:
+    """The fitted model called `model` (see `MODELS`), cached on the calibration."""
+    key = ("acceptance_model", model)
+    if key not in calibration.memo:
+        calibration.memo[key] = _fit(calibration, model)
+    return calibration.memo[key]
+
+
+def _fit(calibration: Calibration, model: str) -> Empirical | Independent | Smoothed:
     if model == "empirical":
         return Empirical(calibration.ranks, calibration.top_k)
     if model == "independent":
@@ -301,7 +318,9 @@ def acceptance_model(calibration: Calibration, model: str = DEFAULT_MODEL) -> Em
         if not strength >= 0:
             raise TreeoptError(f"acceptance model {model!r}: write smoothed:S with a strength S >= 0 (or inf), "
                                "or plain smoothed to cross-validate it")
-        return Smoothed(calibration.ranks, calibration.top_k, strength)
+        if strength == 0:
+            return Smoothed(calibration.ranks, calibration.top_k, 0.0)
+        return acceptance_model(calibration, "smoothed:0").with_strength(strength)  # counts once per calibration
     raise TreeoptError(f"unknown acceptance model {model!r}: use --acceptance-model smoothed, empirical or independent")
 
 

@@ -14,7 +14,7 @@ from search.crossval import cross_validated
 from search.grow import search
 from treeopt.core.errors import TreeoptError
 from treeopt.core.record import Calibration
-from treeopt.core.replay import ReplayResult, positions, replay
+from treeopt.core.replay import ReplayResult, intervals, positions, replay
 from treeopt.core.tree import Tree
 
 
@@ -28,11 +28,13 @@ def compare(trees: Mapping[str, Tree], calibration: Calibration, model: str = DE
     calibration); and predicted tokens/s given a latency file."""
     fit = fit if fit is not None else calibration
     held_out = held_out or {}
-    rows, eval_rows = [], positions(calibration)
+    replays = {name: replay(tree, positions(calibration)) for name, tree in trees.items()}
+    predicted = {name: held_out.get(name, r) for name, r in replays.items()}  # each over all prompts
+    bounds = dict(zip(trees, intervals(list(predicted.values()))))
+    rows = []
     for name, tree in trees.items():
-        r = replay(tree, eval_rows)
-        p = held_out.get(name, r)
-        lo, hi = p.interval()
+        r, p = replays[name], predicted[name]
+        lo, hi = bounds[name]
         row = {"tree": name, "nodes": tree.num_nodes, "depth": tree.depth, "predicted": p.tokens_per_step,
                "ci_low": lo, "ci_high": hi, "replayed": r.tokens_per_step,
                "uniform_tokens_per_step": expected_tokens_per_step(tree, fit, model)}

@@ -65,6 +65,7 @@ class Calibration:
     meta: dict = field(default_factory=dict)
     directory: Path | None = None
     sources: np.ndarray | None = None  # [N] each row's prompt source; None when not recorded
+    memo: dict = field(default_factory=dict, compare=False, repr=False)  # derived data cached by other layers
 
     @property
     def num_heads(self) -> int:
@@ -86,10 +87,14 @@ class Calibration:
         return np.unique(self.prompt_ids)
 
     def subset(self, prompts: np.ndarray) -> "Calibration":
-        """The rows of the given prompt ids (for held-out splits)."""
-        keep = np.isin(self.prompt_ids, prompts)
-        return Calibration(self.ranks[keep], self.prompt_ids[keep], self.positions[keep], self.top_k,
-                           self.meta, self.directory, None if self.sources is None else self.sources[keep])
+        """The rows of the given prompt ids (for held-out splits); the same object for the same ids, so
+        what is cached on it (`memo`) is shared by every cross-validation over these folds."""
+        key = ("subset", np.unique(prompts).tobytes())
+        if key not in self.memo:
+            keep = np.isin(self.prompt_ids, prompts)
+            self.memo[key] = Calibration(self.ranks[keep], self.prompt_ids[keep], self.positions[keep], self.top_k,
+                                         self.meta, self.directory, None if self.sources is None else self.sources[keep])
+        return self.memo[key]
 
     def folds(self, k: int, seed: int = 0) -> list[np.ndarray]:
         """The prompt ids of `k` folds (k <= number of prompts): a seeded shuffle dealt round-robin."""

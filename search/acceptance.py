@@ -181,7 +181,6 @@ class Smoothed:
         hits = np.stack([np.bincount(ranks[valid[:, k], k], minlength=top_k + 1)[: top_k + 1]
                          for k in range(ranks.shape[1])]) if ranks.shape[1] else np.zeros((0, top_k + 1))
         self.prior = (hits[:, :top_k] + 0.5) / (valid.sum(0)[:, None] + 0.5 * (top_k + 1))  # [K, top_k]
-        self._cache: dict = {}  # `_factors`, which depend on the strength
 
     @property
     def name(self) -> str:
@@ -194,74 +193,68 @@ class Smoothed:
     def with_strength(self, strength: float) -> "Smoothed":
         """The same counts under another strength (no recount)."""
         other = object.__new__(Smoothed)
-        other.__dict__.update(self.__dict__, strength=float(strength), _cache={})
+        other.__dict__.update(self.__dict__, strength=float(strength))
         return other
 
-    def children(self, d: int, node: tuple[int, int, float], k: int) -> list[tuple[int, int, float]]:
-        """Ranks 0..k-1 below a node at depth d-1, each as (id, hits, value); a node is its prefix id
-        (-1 when never observed), its hits and its value."""
-        i, h, v = node
-        return [(j, c, v * q) for j, c, q in self._factors(d, i, h, k)]
+    def children(self, d: int, ids: np.ndarray, hits: np.ndarray, values: np.ndarray, k: int):
+        """Ranks 0..k-1 below S nodes at depth d-1, given their prefix ids (-1: never observed), hits
+        and values [S]: the children's ids, hits and values, each [S, k]."""
+        want = ids[:, None] * self.top_k + np.arange(k)  # [S, k] the children's codes
+        child_hits, child_ids = np.zeros(want.shape, np.int64), np.full(want.shape, -1)
+        if d < len(self.codes):
+            j = np.minimum(np.searchsorted(self.codes[d], want), len(self.codes[d]) - 1)  # [S, k]
+            found = (ids[:, None] >= 0) & (self.codes[d][j] == want)
+            child_hits[found], child_ids[found] = self.counts[d][j[found]], j[found]
+        prior = self.prior[d, :k] if d < self.num_heads else np.zeros(k)  # [k]
+        den = hits[:, None] + self.strength  # [S, 1]
+        q = np.broadcast_to(prior, want.shape)  # s = inf, or nothing seen at s = 0
+        if not math.isinf(self.strength):
+            q = np.divide(child_hits + self.strength * prior, den, out=q.copy(), where=den > 0)
+        return child_ids, child_hits, values[:, None] * q
 
-    def _factors(self, d: int, i: int, h: int, k: int) -> list[tuple[int, int, float]]:
-        """(id, hits, value / parent's value) of ranks 0..k-1 below prefix i at depth d-1 (cached)."""
-        key = (d, i, k)
-        if key not in self._cache:
-            hits, ids = [0] * k, [-1] * k
-            if i >= 0 and d < len(self.codes):
-                base = i * self.top_k
-                lo, hi = np.searchsorted(self.codes[d], [base, base + k]).tolist()
-                for j, code, count in zip(range(lo, hi), self.codes[d][lo:hi].tolist(), self.counts[d][lo:hi].tolist()):
-                    hits[code - base], ids[code - base] = count, j
-            prior = self.prior[d, :k].tolist() if d < self.num_heads else [0.0] * k
-            s = self.strength
-            if math.isinf(s) or h + s == 0:
-                q = prior
-            else:
-                q = [(hits[r] + s * prior[r]) / (h + s) for r in range(k)]
-            self._cache[key] = list(zip(ids, hits, q))
-        return self._cache[key]
-
-    @property
-    def root(self) -> tuple[int, int, float]:
-        return 0, self.total, 1.0
+    def _root(self):
+        return np.zeros(1, np.int64), np.array([self.total]), np.ones(1)  # ids, hits, values [1]
 
     def values(self, tree: Tree) -> np.ndarray:
-        node = {(): self.root}  # path -> (id, hits, value)
+        node = {(): tuple(a[0] for a in self._root())}  # path -> (id, hits, value)
 
         def visit(p: RankPath):
             if p not in node:
-                parent = visit(p[:-1])
-                ok = len(p) <= self.num_heads and p[-1] < self.top_k
-                node[p] = self.children(len(p) - 1, parent, p[-1] + 1)[-1] if ok else (-1, 0, 0.0)
+                i, h, v = visit(p[:-1])
+                if len(p) > self.num_heads or p[-1] >= self.top_k:
+                    node[p] = (-1, 0, 0.0)
+                else:
+                    ci, ch, cv = self.children(len(p) - 1, np.array([i]), np.array([h]), np.array([v]), p[-1] + 1)
+                    node[p] = (int(ci[0, -1]), int(ch[0, -1]), float(cv[0, -1]))
             return node[p]
 
         return np.array([visit(p)[2] for p in tree.paths], dtype=np.float64)
 
     def greedy(self, nodes: int, max_depth: int, top_k: int) -> tuple[list[RankPath], np.ndarray]:
-        heap = []  # (-value, depth, path, node)
+        heap = []  # (-value, depth, path, id, hits)
 
-        def push(d: int, path: RankPath, node):
-            for r, child in enumerate(self.children(d, node, top_k)):
-                heapq.heappush(heap, (-child[2], d + 1, path + (r,), child))
+        def push(d: int, path: RankPath, i: int, h: int, v: float):
+            ci, ch, cv = (a[0].tolist() for a in self.children(d, np.array([i]), np.array([h]), np.array([v]), top_k))
+            for r in range(top_k):
+                heapq.heappush(heap, (-cv[r], d + 1, path + (r,), ci[r], ch[r]))
 
-        push(0, (), self.root)
+        push(0, (), 0, self.total, 1.0)
         paths, values = [], []
         while heap and len(paths) < nodes:
-            neg, depth, p, node = heapq.heappop(heap)
+            neg, depth, p, i, h = heapq.heappop(heap)
             if neg == 0:  # only zero-value nodes remain: they add nothing
                 break
             paths.append(p)
             values.append(-neg)
             if depth < max_depth:
-                push(depth, p, node)
+                push(depth, p, i, h, -neg)
         return paths, np.array(values, dtype=np.float64)
 
     def cartesian_step(self, state, d: int, kmax: int):
-        """As Empirical's; the state is the list of nodes that meet the constraints above."""
-        kids = [self.children(d, node, kmax) for node in ([self.root] if state is None else state)]  # [S][kmax]
-        mass = np.cumsum([sum(c[r][2] for c in kids) for r in range(kmax)])  # [kmax]
-        return mass, lambda k: [child for c in kids for child in c[:k]]
+        """As Empirical's; the state is the (ids, hits, values) of the nodes that meet the constraints above."""
+        ci, ch, cv = self.children(d, *(self._root() if state is None else state), kmax)  # [S, kmax] each
+        mass = np.cumsum(cv.sum(0))  # [kmax]
+        return mass, lambda k: (ci[:, :k].ravel(), ch[:, :k].ravel(), cv[:, :k].ravel())
 
 
 def choose_strength(calibration: Calibration, folds: int = 4, seed: int = 0) -> float:

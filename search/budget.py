@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from search.acceptance import DEFAULT_MODEL, node_values, resolve_model
-from search.crossval import cross_validated_curve
+from search.crossval import cross_validated_curve, sweep_sizes
 from search.grow import SearchResult, search
 from treeopt.core.errors import TreeoptError
 from treeopt.core.record import Calibration
@@ -59,23 +59,25 @@ def read_latency(path: str | Path) -> Latency:
     return Latency(table.index.to_numpy(), table.to_numpy(np.float64), str(path), meta)
 
 
-def choose_nodes(curve: np.ndarray, latency: Latency) -> int:
-    """The size m >= 1 that maximizes predicted tokens/s, given tokens/step at sizes 0..n ([n+1])."""
-    tps = latency.tokens_per_second(curve, np.arange(len(curve)))  # [n+1]
-    if len(tps) < 2 or not np.isfinite(tps[1:]).any():
-        raise TreeoptError(f"latency file {latency.source} covers no tree size from 1 to {len(tps) - 1}: "
+def choose_nodes(sizes: np.ndarray, tokens_per_step: np.ndarray, latency: Latency) -> int:
+    """The size >= 1 of `sizes` that maximizes predicted tokens/s, given tokens/step at those sizes."""
+    sizes = np.asarray(sizes)
+    tps = np.where(sizes >= 1, latency.tokens_per_second(tokens_per_step, sizes), np.nan)  # [S]
+    if not np.isfinite(tps).any():
+        raise TreeoptError(f"latency file {latency.source} covers no tree size from 1 to {sizes.max()}: "
                            "profile the sizes you search (`treeopt profile`)")
-    return int(np.nanargmax(tps[1:])) + 1
+    return int(sizes[np.nanargmax(tps)])
 
 
 def search_auto(calibration: Calibration, latency: Latency, model: str = DEFAULT_MODEL, max_nodes: int = 256,
                 max_depth: int | None = None, top_k: int | None = None) -> SearchResult:
-    """`--nodes auto`: the greedy tree whose size maximizes predicted tokens/s (sizes the latency
-    file covers, up to `max_nodes`), tokens/step predicted by the cross-validated replay."""
+    """`--nodes auto`: the greedy tree whose size (of `search.crossval.sweep_sizes`, as far as the
+    latency file and `max_nodes` go) maximizes predicted tokens/s, tokens/step by cross-validated replay."""
     model = resolve_model(calibration, model)
     full = search(calibration, min(max_nodes, int(latency.nodes[-1])), model, max_depth, top_k)
-    n = choose_nodes(cross_validated_curve(calibration, len(full.tree), model, max_depth=max_depth, top_k=top_k),
-                     latency)
+    sizes = sweep_sizes(len(full.tree))
+    curve = cross_validated_curve(calibration, sizes, model, max_depth=max_depth, top_k=top_k)
+    n = choose_nodes(sizes, curve, latency)
     return SearchResult(full.tree[:n], full.values[:n], model, n, {**full.meta, "nodes": "auto"})
 
 

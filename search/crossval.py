@@ -64,11 +64,17 @@ def cross_validated(calibration: Calibration, sizes: Sequence[int], model: str =
     return held_out(calibration, calibration.folds(k, seed), sizes, model, max_depth, top_k)
 
 
-def cross_validated_curve(calibration: Calibration, max_nodes: int, model: str = DEFAULT_MODEL,
+def sweep_sizes(max_nodes: int) -> np.ndarray:
+    """The tree sizes a sweep (and `--nodes auto`) cross-validates: every size up to 32, then every
+    8th to 128, every 16th to 256, every 32nd beyond, and `max_nodes` itself."""
+    grid = np.concatenate([np.arange(33), np.arange(40, 129, 8), np.arange(144, 257, 16), np.arange(288, max_nodes, 32)])
+    return np.append(grid[grid < max_nodes], max_nodes)
+
+
+def cross_validated_curve(calibration: Calibration, sizes: Sequence[int], model: str = DEFAULT_MODEL,
                           folds: int = FOLDS, seed: int = 0, max_depth: int | None = None,
                           top_k: int | None = None) -> np.ndarray:
-    """[max_nodes + 1] cross-validated tokens/step of the searched tree of every size 0..max_nodes."""
-    sizes = range(max_nodes + 1)
+    """[len(sizes)] cross-validated tokens/step of the searched tree of each size."""
     return np.array([r.tokens_per_step for r in cross_validated(calibration, sizes, model, folds, seed, max_depth, top_k)])
 
 

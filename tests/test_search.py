@@ -18,7 +18,7 @@ from treeopt.cli import app
 from treeopt.core.errors import TreeoptError
 from treeopt.core.replay import accepted_depths, replay
 from search.acceptance import Smoothed, choose_strength, expected_tokens_per_step, node_values, resolve_model
-from search.crossval import cross_validated_curve
+from search.crossval import cross_validated_curve, sweep_sizes
 from search.baselines import baseline_trees, best_cartesian
 from search.budget import Latency, best_chain_length, choose_nodes, read_latency, search_auto
 from search.grow import search
@@ -135,10 +135,12 @@ def test_latency_file_and_auto_nodes(make_calibration, tmp_path):
     assert lat.forward(36) == pytest.approx(26.5) and np.isnan(lat.forward(65))
     model = resolve_model(cal)
     full = search(cal, 64, model)
-    curve = cross_validated_curve(cal, 64, model)
-    tps = curve / lat.forward(np.arange(65)) * 1000
-    n = choose_nodes(curve, lat)
-    assert n == int(np.argmax(tps[1:])) + 1
+    sizes = sweep_sizes(64)
+    assert sizes.tolist() == list(range(33)) + [40, 48, 56, 64]
+    curve = cross_validated_curve(cal, sizes, model)
+    tps = curve / lat.forward(sizes) * 1000
+    n = choose_nodes(sizes, curve, lat)
+    assert n == sizes[int(np.argmax(tps[1:])) + 1]
     assert search_auto(cal, lat).tree == full.tree[:n]
     for text, match in [("nodes,ms\n1,2\n", "lacks the columns"), ("nodes,forward_ms\n1,-2\n", "positive"),
                         ("nodes,forward_ms\n1.5,2\n", "integer"), ("", "not a readable CSV")]:
@@ -155,7 +157,7 @@ def test_sweep_is_the_prefix_curve(make_calibration, tmp_path):
     model = resolve_model(cal)
     tree = search(cal, 30, model).tree
     assert df["nodes"].tolist() == list(range(31))
-    np.testing.assert_allclose(df["tokens_per_step"], cross_validated_curve(cal, 30, model))
+    np.testing.assert_allclose(df["tokens_per_step"], cross_validated_curve(cal, range(31), model))
     for m in (0, 1, 7, 30):
         assert df["uniform_tokens_per_step"][m] == pytest.approx(expected_tokens_per_step(tree[:m], cal, model))
         assert df["in_sample_tokens_per_step"][m] == pytest.approx(replay(tree[:m], cal).tokens_per_step)
@@ -173,7 +175,7 @@ def test_search_and_sweep_commands(make_calibration, tmp_path):
     tree, meta = read_tree_meta(out)
     model = resolve_model(cal)
     assert tree == search(cal, 12, model).tree and meta["nodes"] == 12
-    assert meta["predicted_tokens_per_step"] == pytest.approx(cross_validated_curve(cal, 12, model)[12])
+    assert meta["predicted_tokens_per_step"] == pytest.approx(cross_validated_curve(cal, [12], model)[0])
     assert meta["uniform_tokens_per_step"] == pytest.approx(expected_tokens_per_step(tree, cal, model))
     assert meta["in_sample_tokens_per_step"] == pytest.approx(replay(tree, cal).tokens_per_step)
     lo, hi = meta["predicted_interval"]

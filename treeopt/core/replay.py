@@ -153,17 +153,19 @@ def concat(results: list[ReplayResult]) -> ReplayResult:
 
 def _steps(rows: Positions, depths: np.ndarray) -> np.ndarray:
     """Steps [S, P] of each prompt's walk through its continuation, a step going 1 + the accepted
-    depth at its root, for S trees at once (depths [S, N])."""
+    depth at its root, for S trees at once (depths [S, N]). Walks that reach their end drop out."""
     S, N = depths.shape
+    P = len(rows.starts)
     nxt = np.arange(N) + 1 + depths  # [S, N] row after one step
     nxt = np.minimum(nxt, np.repeat(rows.ends, rows.ends - rows.starts))  # no-op when -1 marks the end
-    flat = np.concatenate([nxt, np.full((S, 1), N)], 1).ravel()  # [S * (N+1)] index N: past the last row
-    offset = (np.arange(S) * (N + 1))[:, None]  # [S, 1]
-    cur, ends = np.repeat(rows.starts[None], S, 0), rows.ends[None]  # [S, P], [1, P]
-    steps = np.zeros(cur.shape, np.int64)
-    active = cur < ends
-    while active.any():
-        steps += active
-        cur = np.where(active, flat[offset + cur], cur)
-        active = cur < ends
-    return steps
+    offset = np.arange(S)[:, None] * N  # [S, 1]
+    flat = (nxt + offset).ravel()  # [S * N] the next row of tree s, as an index into flat
+    cur = (rows.starts[None] + offset).ravel()  # [S * P] each walk's row
+    ends = (rows.ends[None] + offset).ravel()  # [S * P]
+    steps = np.zeros(S * P, np.int64)
+    walking = np.flatnonzero(cur < ends)  # [A] walks not at their end
+    while walking.size:
+        steps[walking] += 1
+        cur[walking] = flat[cur[walking]]
+        walking = walking[cur[walking] < ends[walking]]
+    return steps.reshape(S, P)

@@ -60,9 +60,10 @@ def prefix_levels(ranks: np.ndarray, max_depth: int, top_k: int) -> tuple[list[n
         alive = alive[ok]
         if alive.size == 0:
             break
-        count = np.bincount(uid[ok] * top_k + r[ok])  # [codes] dense, no sort: O(rows)
+        row_code = uid[ok] * top_k + r[ok]  # [alive]
+        count = np.bincount(row_code)  # [all codes] dense, no sort: O(rows)
         code = np.flatnonzero(count)
-        uid = (np.cumsum(count > 0) - 1)[uid[ok] * top_k + r[ok]]
+        uid = (np.cumsum(count > 0) - 1)[row_code]
         codes.append(code)
         counts.append(count[code])
     return codes, counts

@@ -1,11 +1,12 @@
 """How far the predictions are from the truth: fit on random AlpacaEval prompts, replay on others.
 
-    .venv/bin/python benchmarks/bench_predictions.py [--prompts 48] [--max-new-tokens 64] [--out runs/bench-predictions]
+    .venv/bin/python benchmarks/bench_predictions.py [--prompts 48] [--parts 4] [--max-new-tokens 64] [--out runs/bench-predictions]
 
-Draws 2 x --prompts distinct AlpacaEval prompts at random (seeded), writes them as two prompt files
-(fit.json, test.json, keeping AlpacaEval's `dataset` field) and calibrates the shipped heads on each
-with the bundled model (`treeopt calibrate`, resumable: run the two calibrations beforehand in the
-background with the commands this script prints, or let it run them). Then it prints:
+Draws 2 x --prompts distinct AlpacaEval prompts at random (seeded), writes them as prompt files
+(fit.json, and the test prompts in --parts files test-I.json, keeping AlpacaEval's `dataset` field)
+and calibrates the shipped heads on each with the bundled model (`treeopt calibrate`, resumable: run
+the calibrations beforehand, in parallel, with the commands this script prints, or let it run them).
+Then it prints:
 
 1. the searched tree's figures at 16 and 64 nodes, all from the fit calibration (cross-validated
    replay = the headline, its interval, leave-one-source-out, in-sample replay, uniform expectation)
@@ -33,19 +34,21 @@ from search.acceptance import resolve_model  # noqa: E402
 from search.crossval import calibration_curve, cross_validated, per_source, prediction  # noqa: E402
 from search.grow import search  # noqa: E402
 from treeopt.core.prompts import default_prompts, load_prompts  # noqa: E402
-from treeopt.core.record import load_calibration  # noqa: E402
+from treeopt.core.record import Calibration, load_calibration  # noqa: E402
 from treeopt.core.replay import replay  # noqa: E402
 from treeopt.core.tables import render_table  # noqa: E402
 
 SIZES = (16, 64)
 
 
-def prompt_files(out: Path, n: int, seed: int) -> dict[str, Path]:
-    """fit.json and test.json: 2n distinct prompts drawn at random from AlpacaEval."""
+def prompt_files(out: Path, n: int, parts: int, seed: int) -> dict[str, Path]:
+    """fit.json and test-0.json..: 2n distinct prompts drawn at random from AlpacaEval."""
     instructions, sources = load_prompts(default_prompts())
     ids = random.Random(seed).sample(range(len(instructions)), 2 * n)
+    split = {"fit": ids[:n], **{f"test-{i}": np.array_split(ids[n:], parts)[i].tolist()
+                                for i in range(parts)}}
     files = {}
-    for name, part in (("fit", ids[:n]), ("test", ids[n:])):
+    for name, part in split.items():
         files[name] = out / f"{name}.json"
         if not files[name].is_file():
             out.mkdir(parents=True, exist_ok=True)
@@ -54,10 +57,25 @@ def prompt_files(out: Path, n: int, seed: int) -> dict[str, Path]:
     return files
 
 
-def calibrated(prompts: Path, out: Path, max_new_tokens: int):
+def merged(cals: list[Calibration]) -> Calibration:
+    """One calibration of several (prompt ids renumbered after each other)."""
+    offsets = np.cumsum([0] + [int(c.prompt_ids.max()) + 1 for c in cals[:-1]])
+    return Calibration(np.concatenate([c.ranks for c in cals]),
+                       np.concatenate([c.prompt_ids + o for c, o in zip(cals, offsets)]).astype(np.int32),
+                       np.concatenate([c.positions for c in cals]), cals[0].top_k,
+                       sources=np.concatenate([c.sources for c in cals]) if all(c.sources is not None for c in cals) else None)
+
+
+def batching(name: str) -> tuple[int, int]:
+    """(batch size, shard size): the fit prompts in shards of 32, each test part in one batch."""
+    return (8, 32) if name == "fit" else (12, 12)
+
+
+def calibrated(prompts: Path, out: Path, max_new_tokens: int, batch_size: int, shard_size: int):
     from calibrate.run import CalibrationConfig, calibrate
 
-    calibrate(CalibrationConfig(out=out, prompts=str(prompts), max_new_tokens=max_new_tokens, progress=False))
+    calibrate(CalibrationConfig(out=out, prompts=str(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                shard_size=shard_size, progress=False))
     return load_calibration(out)
 
 
@@ -68,14 +86,17 @@ def pct(x: float, truth: float) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=48)
+    ap.add_argument("--parts", type=int, default=4, help="calibrations the test prompts are split into")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-predictions")
     a = ap.parse_args()
-    files = prompt_files(a.out, a.prompts, a.seed)
+    files = prompt_files(a.out, a.prompts, a.parts, a.seed)
     for name, f in files.items():
-        print(f"python -m treeopt calibrate -p {f} --max-new-tokens {a.max_new_tokens} -o {a.out / f'cal-{name}'}")
-    fit, test = (calibrated(files[k], a.out / f"cal-{k}", a.max_new_tokens) for k in ("fit", "test"))
+        print(f"python -m treeopt calibrate -p {f} --max-new-tokens {a.max_new_tokens} --batch-size {batching(name)[0]} "
+              f"--shard-size {batching(name)[1]} -o {a.out / f'cal-{name}'}")
+    cals = {k: calibrated(f, a.out / f"cal-{k}", a.max_new_tokens, *batching(k)) for k, f in files.items()}
+    fit, test = cals.pop("fit"), merged(list(cals.values()))
     model = resolve_model(fit)
     print(f"\nfit: {len(fit.prompts)} prompts, {fit.num_positions} positions; test: {len(test.prompts)} other "
           f"prompts, {test.num_positions} positions; {a.max_new_tokens} new tokens; default model {model}")

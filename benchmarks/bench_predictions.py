@@ -139,7 +139,7 @@ def main():
           + render_table(pd.DataFrame(rows)))
 
     print(f"\n4. per source of the fit prompts (64 nodes)\n{render_table(sources)}")
-    test_truth = per_source(test, replay(search(fit, 64, model).tree, test))
+    test_truth = per_source(test, replay(search(fit, 64, model).tree, test)).rename(columns={"cross_validated": "replay"})
     print(f"   the fit tree replayed on the test prompts, per source\n{render_table(test_truth)}")
     curve = calibration_curve(fit, 64, model)
     print(f"\n   how much calibration is enough (64 nodes, {model})\n{render_table(curve)}")

@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/bench_predictions.py [--prompts 48] [--parts 4] [--max-new-tokens 64] [--out runs/bench-predictions]
 
 Draws 2 x --prompts distinct AlpacaEval prompts at random (seeded), writes them as prompt files
-(fit.json, and the test prompts in --parts files test-I.json, keeping AlpacaEval's `dataset` field)
-and calibrates the shipped heads on each with the bundled model (`treeopt calibrate`, resumable: run
-the calibrations beforehand, in parallel, with the commands this script prints, or let it run them).
+(fit-I.json and test-I.json, each set in --parts files, keeping AlpacaEval's `dataset` field) and
+calibrates the shipped heads on each with the bundled model (`treeopt calibrate`, resumable: run the
+calibrations beforehand, in parallel single-threaded processes, with the commands this script
+prints, or let it run them); each set's parts are merged into one calibration.
 Then it prints:
 
 1. the searched tree's figures at 16 and 64 nodes, all from the fit calibration (cross-validated
@@ -42,11 +43,12 @@ SIZES = (16, 64)
 
 
 def prompt_files(out: Path, n: int, parts: int, seed: int) -> dict[str, Path]:
-    """fit.json and test-0.json..: 2n distinct prompts drawn at random from AlpacaEval."""
+    """fit-0.json.. and test-0.json..: 2n distinct prompts drawn at random from AlpacaEval, n of
+    each set in `parts` files."""
     instructions, sources = load_prompts(default_prompts())
     ids = random.Random(seed).sample(range(len(instructions)), 2 * n)
-    split = {"fit": ids[:n], **{f"test-{i}": np.array_split(ids[n:], parts)[i].tolist()
-                                for i in range(parts)}}
+    split = {f"{name}-{i}": part.tolist() for name, half in (("fit", ids[:n]), ("test", ids[n:]))
+             for i, part in enumerate(np.array_split(half, parts))}
     files = {}
     for name, part in split.items():
         files[name] = out / f"{name}.json"
@@ -66,16 +68,11 @@ def merged(cals: list[Calibration]) -> Calibration:
                        sources=np.concatenate([c.sources for c in cals]) if all(c.sources is not None for c in cals) else None)
 
 
-def batching(name: str) -> tuple[int, int]:
-    """(batch size, shard size): the fit prompts in shards of 32, each test part in one batch."""
-    return (8, 32) if name == "fit" else (12, 12)
-
-
-def calibrated(prompts: Path, out: Path, max_new_tokens: int, batch_size: int, shard_size: int):
+def calibrated(prompts: Path, out: Path, max_new_tokens: int, batch_size: int):
     from calibrate.run import CalibrationConfig, calibrate
 
     calibrate(CalibrationConfig(out=out, prompts=str(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                shard_size=shard_size, progress=False))
+                                shard_size=batch_size, progress=False))
     return load_calibration(out)
 
 
@@ -92,11 +89,12 @@ def main():
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-predictions")
     a = ap.parse_args()
     files = prompt_files(a.out, a.prompts, a.parts, a.seed)
+    batch = -(-a.prompts // a.parts)  # each part in one batch
     for name, f in files.items():
-        print(f"python -m treeopt calibrate -p {f} --max-new-tokens {a.max_new_tokens} --batch-size {batching(name)[0]} "
-              f"--shard-size {batching(name)[1]} -o {a.out / f'cal-{name}'}")
-    cals = {k: calibrated(f, a.out / f"cal-{k}", a.max_new_tokens, *batching(k)) for k, f in files.items()}
-    fit, test = cals.pop("fit"), merged(list(cals.values()))
+        print(f"OMP_NUM_THREADS=1 python -m treeopt calibrate -p {f} --max-new-tokens {a.max_new_tokens} "
+              f"--batch-size {batch} --shard-size {batch} -o {a.out / f'cal-{name}'} &")
+    cals = {k: calibrated(f, a.out / f"cal-{k}", a.max_new_tokens, batch) for k, f in files.items()}
+    fit, test = (merged([c for k, c in cals.items() if k.startswith(name)]) for name in ("fit", "test"))
     model = resolve_model(fit)
     print(f"\nfit: {len(fit.prompts)} prompts, {fit.num_positions} positions; test: {len(test.prompts)} other "
           f"prompts, {test.num_positions} positions; {a.max_new_tokens} new tokens; default model {model}")

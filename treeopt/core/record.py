@@ -105,7 +105,7 @@ class Calibration:
         """source -> its prompt ids (sorted by source); empty when sources were not recorded."""
         if self.sources is None:
             return {}
-        return {s: np.unique(self.prompt_ids[self.sources == s]) for s in np.unique(self.sources)}
+        return {str(s): np.unique(self.prompt_ids[self.sources == s]) for s in np.unique(self.sources)}
 
     def continuations(self) -> pd.DataFrame:
         if self.directory is None or not (self.directory / CONTINUATIONS).is_file():

@@ -69,10 +69,12 @@ def merged(cals: list[Calibration]) -> Calibration:
 
 
 def calibrated(prompts: Path, out: Path, max_new_tokens: int, batch_size: int):
+    """A finished calibration in `out` is read as it is (delete the directory to redo it)."""
     from calibrate.run import CalibrationConfig, calibrate
 
-    calibrate(CalibrationConfig(out=out, prompts=str(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                shard_size=batch_size, progress=False))
+    if not (out / "calibration.json").is_file():
+        calibrate(CalibrationConfig(out=out, prompts=str(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                    shard_size=batch_size, progress=False))
     return load_calibration(out)
 
 

@@ -44,6 +44,7 @@ MODELS = ("smoothed", "empirical", "independent")
 DEFAULT_MODEL = "smoothed"
 STRENGTHS = (0.0, 1.0, 4.0, 16.0, 64.0, math.inf)  # the candidates `choose_strength` cross-validates
 STRENGTH_SIZES = (16, 64)  # tree sizes whose mean held-out replay chooses the strength
+TIE = 0.001  # scores within 0.1 % of the best are a tie (noise), won by the stronger smoothing
 FALLBACK_STRENGTH = 16.0  # for a calibration of one prompt, where there is nothing to cross-validate
 
 
@@ -261,7 +262,8 @@ class Smoothed:
 def choose_strength(calibration: Calibration, folds: int = 4, seed: int = 0) -> float:
     """The smoothing strength (of `STRENGTHS`) whose trees replay best on held-out prompts: K-fold
     over prompts, fit on K-1 folds, greedy trees of `STRENGTH_SIZES` nodes replayed on the held-out
-    fold, mean tokens/step over those sizes."""
+    fold, mean tokens/step over those sizes. Strengths within `TIE` of the best score count as tied
+    and the strongest of them wins: the simpler model, unless the data clearly say otherwise."""
     groups = calibration.folds(min(folds, len(calibration.prompts)), seed)
     if len(groups) < 2:
         return FALLBACK_STRENGTH
@@ -277,7 +279,8 @@ def choose_strength(calibration: Calibration, folds: int = 4, seed: int = 0) -> 
                 tokens[j, m] += r.tokens.sum()
                 steps[j, m] += r.steps.sum()
     score = (tokens / np.maximum(steps, 1)).mean(1)  # [strengths]
-    return STRENGTHS[int(np.argmax(score))]
+    near_best = np.flatnonzero(score >= score.max() * (1 - TIE))
+    return STRENGTHS[int(near_best[-1])]  # STRENGTHS ascend: the strongest smoothing among the near-best
 
 
 def resolve_model(calibration: Calibration, model: str = DEFAULT_MODEL) -> str:

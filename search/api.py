@@ -16,7 +16,7 @@ from search.evaluate import compare, evaluate
 from search.grow import SearchResult, search
 from search.sweep import sweep
 from treeopt.core.errors import TreeoptError
-from treeopt.core.fileio import atomic_write
+from treeopt.core.fileio import atomic_write, check_writable
 from treeopt.core.prompts import overlap, overlap_warning
 from treeopt.core.published import BASELINES, PUBLISHED
 from treeopt.core.record import Calibration, load_calibration
@@ -39,6 +39,8 @@ def search_report(calibration: str | Path, nodes: int | str = 64, model: str = D
     replay (`search.crossval`)."""
     cal = load_calibration(calibration)
     lat = read_latency(latency) if latency is not None else None
+    if out is not None:
+        check_writable(out, fix="pass another --out")
     model = resolve_model(cal, model)
     if str(nodes) == "auto":
         if lat is None:
@@ -152,6 +154,8 @@ def sweep_report(calibration: str | Path, max_nodes: int = 256, model: str = DEF
     cal = load_calibration(calibration)
     model = resolve_model(cal, model)
     lat = read_latency(latency) if latency is not None else None
+    if out is not None:
+        check_writable(out, fix="pass another --out")
     df = sweep(cal, max_nodes, model, lat, max_depth, top_k, replayed)
     lines = [_header(cal), f"{model} model; row N = the first N nodes of one greedy search; tokens_per_step: "
                            f"{FOLDS}-fold cross-validated replay over prompts (uniform_tokens_per_step: 1 + sum of "

@@ -3,14 +3,14 @@ chain and Medusa's published trees."""
 
 from __future__ import annotations
 
-from search.acceptance import acceptance_model
+from search.acceptance import DEFAULT_MODEL, acceptance_model
 from search.grow import limits
 from treeopt.core.published import BASELINES, PUBLISHED
 from treeopt.core.record import Calibration
 from treeopt.core.tree import Tree, truncate
 
 
-def best_cartesian(calibration: Calibration, nodes: int, model: str = "empirical", max_depth: int | None = None,
+def best_cartesian(calibration: Calibration, nodes: int, model: str = DEFAULT_MODEL, max_depth: int | None = None,
                    top_k: int | None = None) -> list[int]:
     """Sizes [k1, k2, ...] of the best Cartesian tree (top-k1 x top-k2 x ...) with at most `nodes`
     nodes, by exhaustive search; its value is sum_d P(r_1 < k_1, ..., r_d < k_d)."""
@@ -35,7 +35,7 @@ def best_cartesian(calibration: Calibration, nodes: int, model: str = "empirical
     return best[2]
 
 
-def baseline_trees(calibration: Calibration, nodes: int, model: str = "empirical", max_depth: int | None = None,
+def baseline_trees(calibration: Calibration, nodes: int, model: str = DEFAULT_MODEL, max_depth: int | None = None,
                    top_k: int | None = None) -> dict[str, Tree]:
     """The trees every report compares with, for a budget of `nodes`: `best_cartesian` (chosen on this
     calibration under `model`), `top1_chain` (what vLLM/TGI draft) and Medusa's published trees

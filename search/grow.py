@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from search.acceptance import acceptance_model
+from search.acceptance import DEFAULT_MODEL, acceptance_model
 from treeopt.core.errors import TreeoptError
 from treeopt.core.record import Calibration
 from treeopt.core.tree import Tree
@@ -46,7 +46,7 @@ class SearchResult:
         return SearchResult(self.tree[item], self.values[item], self.model, len(self.tree[item]), self.meta)
 
 
-def search(calibration: Calibration, nodes: int, model: str = "empirical", max_depth: int | None = None,
+def search(calibration: Calibration, nodes: int, model: str = DEFAULT_MODEL, max_depth: int | None = None,
            top_k: int | None = None) -> SearchResult:
     """The optimal `nodes`-node tree under `model`, grown greedily (see the module docstring)."""
     if nodes < 0:

@@ -73,7 +73,7 @@ DeviceMapOpt = typer.Option(None, "--device-map", help="auto (or balanced, seque
 MaxMemoryOpt = typer.Option(None, "--max-memory", help="With --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB.")
 PromptsOpt = typer.Option(None, "--prompts", "-p", help="Prompt source: alpaca_eval (hub, via `datasets`), a .json/.jsonl file with an `instruction` or `prompt` field, or a Hugging Face dataset id; default: ../shared/data/alpaca_eval.json if present, else alpaca_eval.")
 CalibrationOpt = typer.Option(..., "--calibration", "-c", help="Calibration directory (from `treeopt calibrate`).")
-AcceptanceModelOpt = typer.Option("empirical", "--acceptance-model", help="How node acceptance is estimated from the calibration: empirical (joint rank counts) or independent (Medusa paper's product of accuracies).")
+AcceptanceModelOpt = typer.Option("smoothed", "--acceptance-model", help="How node acceptance is estimated from the calibration: smoothed (joint rank counts shrunk toward the product of accuracies, strength cross-validated; smoothed:S fixes it), empirical (joint rank counts) or independent (Medusa paper's product of accuracies).")
 LatencyOpt = typer.Option(None, "--latency", help="Latency CSV (nodes,forward_ms) from `treeopt profile`: adds tokens/s.")
 
 
@@ -137,7 +137,8 @@ def calibrate(
     heads: Optional[str] = HeadsOpt,
     prompts: Optional[str] = PromptsOpt,
     teacher_forced: Optional[str] = typer.Option(None, "--teacher-forced", help="Chat data (ShareGPT `conversations` or OpenAI `messages`; .json/.jsonl or a Hugging Face dataset id): rank the heads on its assistant turns in one forward per conversation, instead of generating from --prompts."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N prompts (conversations)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use N prompts drawn at random across the prompt file's sources (its `dataset` or `source` field; seeded by --seed); teacher-forced: the first N conversations."),
+    first: Optional[int] = typer.Option(None, "--first", help="Use the first N prompts (conversations), in file order (instead of --limit)."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Greedy continuation length cap (stops earlier at EOS); teacher-forced: the cap on each assistant turn."),
     top_k: int = typer.Option(10, "--top-k", help="Ranks >= top-k are recorded as a miss."),
     batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generation batch (1: exactly unbatched greedy); teacher-forced: sequences per forward."),
@@ -156,7 +157,8 @@ def calibrate(
     from calibrate.teacher import calibrate_teacher_forced
 
     run_calibration = calibrate_teacher_forced if teacher_forced else generated
-    config = CalibrationConfig(out=out, model=model, heads=heads, prompts=prompts, teacher_forced=teacher_forced, limit=limit,
+    config = CalibrationConfig(out=out, model=model, heads=heads, prompts=prompts, teacher_forced=teacher_forced,
+                               limit=limit, first=first,
                                max_new_tokens=max_new_tokens, top_k=top_k, batch_size=batch_size,
                                shard_size=shard_size, seed=seed, device=device, dtype=dtype, device_map=device_map,
                                max_memory=max_memory, progress=progress)

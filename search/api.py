@@ -13,12 +13,14 @@ from search.budget import best_chain_length, read_latency, search_auto
 from search.evaluate import compare, evaluate
 from search.grow import SearchResult, search
 from search.sweep import sweep
+from search.targets import FORMAT_TARGET, Target, get_target, require
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write
 from treeopt.core.published import BASELINES, PUBLISHED
 from treeopt.core.record import Calibration, load_calibration
 from treeopt.core.tables import render_table
-from treeopt.core.treefile import read_tree, write_tree
+from treeopt.core.tree import Tree
+from treeopt.core.treefile import file_format, read_tree, write_tree
 
 
 def _header(calibration: Calibration) -> str:
@@ -29,41 +31,43 @@ def _header(calibration: Calibration) -> str:
 
 def search_report(calibration: str | Path, nodes: int | str = 64, model: str = "empirical",
                   max_depth: int | None = None, top_k: int | None = None, latency: str | Path | None = None,
-                  max_nodes: int = 256, out: str | Path | None = None, format: str | None = None
-                  ) -> tuple[SearchResult, pd.DataFrame, str]:
-    """`treeopt search`: search, compare with the baselines, write the tree file; returns the result,
-    the comparison table and the text to print."""
+                  max_nodes: int = 256, out: str | Path | None = None, format: str | None = None,
+                  target: str | None = None) -> tuple[SearchResult, pd.DataFrame, str]:
+    """`treeopt search`: search (within `target`'s rules, see `search.targets`), compare with the
+    baselines, write the tree file; returns the result, the comparison table and the text to print."""
     cal = load_calibration(calibration)
     lat = read_latency(latency) if latency is not None else None
+    tgt = get_target(target)
     if str(nodes) == "auto":
         if lat is None:
             raise TreeoptError("--nodes auto needs --latency FILE (forward time vs tree size, from `treeopt profile`)")
-        result = search_auto(cal, lat, model, max_nodes, max_depth, top_k)
+        result = search_auto(cal, lat, model, max_nodes, max_depth, top_k, tgt)
     else:
         try:
             n = int(nodes)
         except ValueError:
             raise TreeoptError(f"--nodes {nodes!r} is not a number: pass e.g. --nodes 64, or --nodes auto") from None
-        result = search(cal, n, model, max_depth, top_k)
+        result = search(cal, n, model, max_depth, top_k, tgt)
     tree = result.tree
     chain = best_chain_length(cal, model, lat)
     trees = {f"searched ({model})": tree}
     published = len(PUBLISHED[BASELINES[0]])
     if tree.num_nodes != published:  # the searched tree at the published trees' size, for a like-for-like row
-        trees[f"searched, {published} nodes"] = search(cal, published, model, max_depth, top_k).tree
+        trees[f"searched, {published} nodes"] = search(cal, published, model, max_depth, top_k, tgt).tree
     trees.update(baseline_trees(cal, tree.num_nodes, model, max_depth, top_k))
     table = compare(trees, cal, model, latency=lat)
     meta = {"predicted_tokens_per_step": result.tokens_per_step, "replayed_tokens_per_step": float(table["replayed"][0]),
             "acceptance_model": model, "calibration": str(cal.directory), "calibration_positions": cal.num_positions,
             "num_heads": cal.num_heads, "calibration_top_k": cal.top_k, "max_depth": result.meta["max_depth"],
             "top_k": result.meta["top_k"], "nodes_requested": str(nodes) if str(nodes) == "auto" else result.requested,
-            "best_chain_length": chain, "node_values": result.values.round(6).tolist()}
+            "best_chain_length": chain, "node_values": result.values.round(6).tolist(),
+            **({"target": tgt.name} if tgt is not None else {})}
     if lat is not None:
         meta.update({"latency": lat.source, "forward_ms": float(table["forward_ms"][0]),
                      "predicted_tokens_per_s": float(lat.tokens_per_second(result.tokens_per_step, tree.num_nodes))})
     lines = [_header(cal),
              f"searched tree: {tree.num_nodes} nodes, depth {tree.depth}, max rank {tree.max_rank - 1}, "
-             f"{model} model" + (f" (--nodes auto: best predicted tokens/s of sizes 1..{min(max_nodes, int(lat.nodes[-1]))})"
+             f"{model} model" + (f", within {tgt.consumer}'s rules (--target {tgt.name})" if tgt is not None else "") + (f" (--nodes auto: best predicted tokens/s of sizes 1..{min(max_nodes, int(lat.nodes[-1]))})"
                                  if str(nodes) == "auto" else "")]
     if tree.num_nodes < result.requested:
         lines.append(f"note: only {tree.num_nodes} nodes have a nonzero acceptance probability; the tree stops there")
@@ -73,9 +77,18 @@ def search_report(calibration: str | Path, nodes: int | str = 64, model: str = "
               f"best top-1 chain length for vLLM num_speculative_tokens / TGI --speculate: {chain}"
               + ("" if lat is not None else " (pass --latency for the length with the best tokens/s)")]
     if out is not None:
-        path = write_tree(tree, out, format, **meta)
+        path = export(tree, out, format, cal.num_heads, tgt, meta)
         lines.append(f"wrote {path}")
     return result, table, "\n".join(lines)
+
+
+def export(tree: Tree, out: str | Path, format: str | None = None, num_heads: int | None = None,
+           target: Target | None = None, meta: dict | None = None) -> Path:
+    """Write `tree` for the consumer of `format` (and `target`), or a one-line error naming the rule
+    of theirs that it breaks (`search.targets.require`)."""
+    for t in dict.fromkeys(x for x in (target, FORMAT_TARGET.get(file_format(out, format))) if x is not None):
+        require(tree, t, num_heads, where=f"the tree for {out}")
+    return write_tree(tree, out, format, **(meta or {}))
 
 
 def evaluate_report(trees: list[str], calibration: str | Path, model: str = "empirical", split: float | None = None,

@@ -11,6 +11,7 @@ import pandas as pd
 
 from search.acceptance import node_values
 from search.grow import SearchResult, search
+from search.targets import Target
 from treeopt.core.errors import TreeoptError
 from treeopt.core.record import Calibration
 from treeopt.core.tree import Tree
@@ -68,10 +69,14 @@ def choose_nodes(result: SearchResult, latency: Latency) -> int:
 
 
 def search_auto(calibration: Calibration, latency: Latency, model: str = "empirical", max_nodes: int = 256,
-                max_depth: int | None = None, top_k: int | None = None) -> SearchResult:
+                max_depth: int | None = None, top_k: int | None = None, target: Target | None = None) -> SearchResult:
     """`--nodes auto`: the greedy tree whose size maximizes predicted tokens/s (sizes the latency
-    file covers, up to `max_nodes`)."""
-    full = search(calibration, min(max_nodes, int(latency.nodes[-1])), model, max_depth, top_k)
+    file covers, up to `max_nodes` and the target's node cap)."""
+    if target is not None and target.cartesian:
+        raise TreeoptError(f"--nodes auto cannot size a tree for --target {target.name} (its Cartesian trees are "
+                           "not prefixes of one another): pass --nodes N")
+    caps = [max_nodes, int(latency.nodes[-1])] + ([target.max_nodes] if target is not None and target.max_nodes else [])
+    full = search(calibration, min(caps), model, max_depth, top_k, target)
     n = choose_nodes(full, latency)
     return SearchResult(full.tree[:n], full.values[:n], model, n, {**full.meta, "nodes": "auto"})
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from search.acceptance import acceptance_model
+from search.targets import Target, grow
 from treeopt.core.errors import TreeoptError
 from treeopt.core.record import Calibration
 from treeopt.core.tree import Tree
@@ -28,7 +29,7 @@ class SearchResult:
     """A greedily grown tree: every prefix tree[:m] is the optimal m-node tree under `model`."""
 
     tree: Tree
-    values: np.ndarray  # [n] node values, in tree order (non-increasing)
+    values: np.ndarray  # [n] node values, in tree order (non-increasing without a target)
     model: str
     requested: int  # nodes asked for (the tree is smaller only when no other node has value > 0)
     meta: dict = field(default_factory=dict)
@@ -47,11 +48,14 @@ class SearchResult:
 
 
 def search(calibration: Calibration, nodes: int, model: str = "empirical", max_depth: int | None = None,
-           top_k: int | None = None) -> SearchResult:
-    """The optimal `nodes`-node tree under `model`, grown greedily (see the module docstring)."""
+           top_k: int | None = None, target: Target | None = None) -> SearchResult:
+    """The optimal `nodes`-node tree under `model`, grown greedily (see the module docstring); with a
+    `target`, grown within that consumer's rules (`search.targets.grow`)."""
     if nodes < 0:
         raise TreeoptError(f"--nodes {nodes} must be 0 or more (or `auto` with --latency)")
     depth, k = limits(calibration, max_depth, top_k)
-    paths, values = acceptance_model(calibration, model).greedy(nodes, depth, k)
+    m = acceptance_model(calibration, model)
+    paths, values = grow(m, nodes, depth, k, target) if target is not None else m.greedy(nodes, depth, k)
     return SearchResult(Tree(tuple(paths)), values, model, nodes,
-                        {"max_depth": depth, "top_k": k, "positions": calibration.num_positions})
+                        {"max_depth": depth, "top_k": k, "positions": calibration.num_positions,
+                         "target": target.name if target is not None else None})

@@ -153,12 +153,14 @@ def search(
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Highest rank + 1 per head (default: the calibration's top-k)."),
     max_nodes: int = typer.Option(256, "--max-nodes", help="Largest size --nodes auto considers."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Tree file to write (.json, .py, .txt)."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="json, python (medusa_choices = [...]) or trtllm (--medusa_choices string); default from the suffix."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="json, python (Medusa's medusa_choices = [...]), trtllm (--medusa_choices string), vllm (--speculative-config keys) or chain (top-1 chain length); default from the suffix."),
+    target: Optional[str] = typer.Option(None, "--target", help="Search within a consumer's rules: medusa, trtllm, vllm or chain (see the README's 'Deploying a tree')."),
 ):
     """Search the tree that maximizes expected tokens/step; compare it with the baselines."""
     from search.api import search_report
 
-    typer.echo(search_report(calibration, nodes, acceptance_model, max_depth, top_k, latency, max_nodes, out, fmt)[2])
+    typer.echo(search_report(calibration, nodes, acceptance_model, max_depth, top_k, latency, max_nodes, out, fmt,
+                             target)[2])
 
 
 @command()

@@ -20,7 +20,7 @@ from treeopt.core.published import BASELINES, PUBLISHED
 from treeopt.core.record import Calibration, load_calibration
 from treeopt.core.tables import render_table
 from treeopt.core.tree import Tree
-from treeopt.core.treefile import file_format, read_tree, write_tree
+from treeopt.core.treefile import file_format, read_tree, read_tree_meta, write_tree
 
 
 def _header(calibration: Calibration) -> str:
@@ -89,6 +89,16 @@ def export(tree: Tree, out: str | Path, format: str | None = None, num_heads: in
     for t in dict.fromkeys(x for x in (target, FORMAT_TARGET.get(file_format(out, format))) if x is not None):
         require(tree, t, num_heads, where=f"the tree for {out}")
     return write_tree(tree, out, format, **(meta or {}))
+
+
+def export_report(tree: str | Path, out: str | Path, format: str | None = None, target: str | None = None) -> str:
+    """`treeopt export`: write a tree (file, published name or list string) in a consumer's format,
+    after that consumer's check (and `target`'s); the depth rule uses the heads the tree file records."""
+    t, meta = read_tree_meta(tree)
+    tgt = get_target(target)
+    path = export(t, out, format, meta.get("num_heads"), tgt, {**meta, **({"target": tgt.name} if tgt else {})})
+    consumers = [x.consumer for x in dict.fromkeys(x for x in (tgt, FORMAT_TARGET.get(file_format(out, format))) if x)]
+    return f"wrote {path}" + (f" (checked against {' and '.join(consumers)}'s rules)" if consumers else "")
 
 
 def evaluate_report(trees: list[str], calibration: str | Path, model: str = "empirical", split: float | None = None,

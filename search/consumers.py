@@ -15,7 +15,10 @@ import json
 from dataclasses import dataclass
 from functools import cmp_to_key
 
+from search.targets import TARGETS
+from treeopt.core.errors import TreeoptError
 from treeopt.core.tree import Tree
+from treeopt.core.treefile import format_tree
 
 Token = tuple[int, int]  # (head, rank): the rank-th candidate of head `head` (0-based)
 
@@ -249,3 +252,11 @@ def chain(text: str, num_heads: int) -> Built:
 
 
 CONSUMERS = {"medusa": medusa, "trtllm": trtllm, "vllm": vllm, "chain": chain}  # by target name
+
+
+def deploys(tree: Tree, target: str, num_heads: int) -> bool:
+    """True iff the consumer of `target` builds `tree` exactly from its export."""
+    try:
+        return CONSUMERS[target](format_tree(tree, TARGETS[target].format), num_heads) == intended(tree)
+    except (Rejected, TreeoptError):  # TreeoptError: the format cannot hold the tree (a chain file)
+        return False

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from search.acceptance import expected_tokens_per_step
 from search.baselines import best_cartesian
 from search.budget import best_chain_length
-from search.consumers import CONSUMERS, Rejected, intended, trtllm_cpp, trtllm_python
+from search.consumers import CONSUMERS, Rejected, deploys, intended, trtllm_cpp, trtllm_python
 from search.grow import search
 from search.targets import TARGETS, bounds, check, contiguous_walk
 from treeopt.cli import app
@@ -35,14 +35,6 @@ def calibrations(draw):
     lengths = draw(st.lists(st.integers(1, 40), min_size=1, max_size=5))
     seed, miss = draw(st.integers(0, 10**6)), draw(st.floats(0, 1))
     return in_memory(random_ranks(lengths, K, top_k, seed=seed, miss=miss), top_k)
-
-
-def deploys(tree: Tree, name: str, num_heads: int) -> bool:
-    """True iff the consumer of target `name` builds `tree` exactly from its export."""
-    try:
-        return CONSUMERS[name](format_tree(tree, TARGETS[name].format), num_heads) == intended(tree)
-    except (Rejected, TreeoptError):
-        return False
 
 
 @settings(max_examples=150, deadline=None)

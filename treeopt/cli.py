@@ -164,6 +164,19 @@ def search(
 
 
 @command()
+def export(
+    tree: str = typer.Argument(..., help="Tree file (.json, .py, .py:NAME, .txt), published name (mc_sim_7b_63) or '[[0], [0, 0]]'."),
+    out: Path = typer.Option(..., "--out", "-o", help="File to write."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="json, python (Medusa), trtllm, vllm or chain; default from the suffix."),
+    target: Optional[str] = typer.Option(None, "--target", help="Also check this consumer's rules: medusa, trtllm, vllm or chain."),
+):
+    """Write a tree for a consumer, after checking that consumer's rules (one line naming a broken rule)."""
+    from search.api import export_report
+
+    typer.echo(export_report(tree, out, fmt, target))
+
+
+@command()
 def evaluate(
     trees: List[str] = typer.Argument(..., help="Tree files (.json, .py, .py:NAME, .txt), published names (mc_sim_7b_63) or '[[0], [0, 0]]'."),
     calibration: Path = CalibrationOpt,

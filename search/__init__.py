@@ -1,1 +1,3 @@
-"""Search: acceptance models (acceptance), the greedy grower (grow), baselines, tree sizing for a machine\n(budget), the size sweep (sweep), tree comparison (evaluate) and the CLI twins (api)."""
+"""Search: acceptance models (acceptance), the greedy grower (grow), baselines, tree sizing for a machine
+(budget), the size sweep (sweep), tree comparison (evaluate), deployment targets (targets) and the
+consumers' own tree handling (consumers), and the CLI twins (api)."""

@@ -1,5 +1,6 @@
 """The greedy grower: one search to N nodes whose every prefix is the best tree of its size
-(see `search.acceptance` for why greedy is optimal), and the limits a calibration puts on it."""
+(see `search.acceptance` for why greedy is optimal), and the limits a calibration puts on it. With a
+deployment target the growth keeps that consumer's rules (`search.targets.grow`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from search.acceptance import acceptance_model
-from search.targets import Target, grow
+from search.targets import Target, bounds, grow
 from treeopt.core.errors import TreeoptError
 from treeopt.core.record import Calibration
 from treeopt.core.tree import Tree
@@ -55,7 +56,11 @@ def search(calibration: Calibration, nodes: int, model: str = "empirical", max_d
         raise TreeoptError(f"--nodes {nodes} must be 0 or more (or `auto` with --latency)")
     depth, k = limits(calibration, max_depth, top_k)
     m = acceptance_model(calibration, model)
-    paths, values = grow(m, nodes, depth, k, target) if target is not None else m.greedy(nodes, depth, k)
+    if target is None:
+        paths, values = m.greedy(nodes, depth, k)
+    else:
+        depth, k = bounds(target, nodes, depth, k)
+        paths, values = grow(m, nodes, depth, k, target)
     return SearchResult(Tree(tuple(paths)), values, model, nodes,
                         {"max_depth": depth, "top_k": k, "positions": calibration.num_positions,
                          "target": target.name if target is not None else None})

@@ -123,8 +123,7 @@ def bounds(target: Target, nodes: int, depth: int, top_k: int) -> tuple[int, int
 
 def grow(model, nodes: int, depth: int, top_k: int, target: Target) -> tuple[list[Path], np.ndarray]:
     """The greedy growth of `model` (an acceptance model of `search.acceptance`) within `target`'s
-    rules: paths in insertion order and their values [n]."""
-    depth, top_k = bounds(target, nodes, depth, top_k)
+    rules, `depth` and `top_k` already within its `bounds`: paths in insertion order, values [n]."""
     if target.cartesian:
         ks = cartesian_shape(model, nodes, depth, top_k)
         tree = Tree.cartesian(ks) if ks else Tree(())

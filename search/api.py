@@ -13,7 +13,7 @@ from search.budget import best_chain_length, read_latency, search_auto
 from search.evaluate import compare, evaluate
 from search.grow import SearchResult, search
 from search.sweep import sweep
-from search.targets import FORMAT_TARGET, Target, get_target, require
+from search.targets import Target, export_targets, get_target, require
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write
 from treeopt.core.published import BASELINES, PUBLISHED
@@ -67,8 +67,10 @@ def search_report(calibration: str | Path, nodes: int | str = 64, model: str = "
                      "predicted_tokens_per_s": float(lat.tokens_per_second(result.tokens_per_step, tree.num_nodes))})
     lines = [_header(cal),
              f"searched tree: {tree.num_nodes} nodes, depth {tree.depth}, max rank {tree.max_rank - 1}, "
-             f"{model} model" + (f", within {tgt.consumer}'s rules (--target {tgt.name})" if tgt is not None else "") + (f" (--nodes auto: best predicted tokens/s of sizes 1..{min(max_nodes, int(lat.nodes[-1]))})"
-                                 if str(nodes) == "auto" else "")]
+             f"{model} model"
+             + (f", within {tgt.consumer}'s rules (--target {tgt.name})" if tgt is not None else "")
+             + (f" (--nodes auto: best predicted tokens/s of sizes 1..{min(max_nodes, int(lat.nodes[-1]))})"
+                if str(nodes) == "auto" else "")]
     if tree.num_nodes < result.requested:
         lines.append(f"note: only {tree.num_nodes} nodes have a nonzero acceptance probability; the tree stops there")
     lines += ["", render_table(table), "",
@@ -86,7 +88,7 @@ def export(tree: Tree, out: str | Path, format: str | None = None, num_heads: in
            target: Target | None = None, meta: dict | None = None) -> Path:
     """Write `tree` for the consumer of `format` (and `target`), or a one-line error naming the rule
     of theirs that it breaks (`search.targets.require`)."""
-    for t in dict.fromkeys(x for x in (target, FORMAT_TARGET.get(file_format(out, format))) if x is not None):
+    for t in export_targets(file_format(out, format), target):
         require(tree, t, num_heads, where=f"the tree for {out}")
     return write_tree(tree, out, format, **(meta or {}))
 
@@ -97,8 +99,8 @@ def export_report(tree: str | Path, out: str | Path, format: str | None = None, 
     t, meta = read_tree_meta(tree)
     tgt = get_target(target)
     path = export(t, out, format, meta.get("num_heads"), tgt, {**meta, **({"target": tgt.name} if tgt else {})})
-    consumers = [x.consumer for x in dict.fromkeys(x for x in (tgt, FORMAT_TARGET.get(file_format(out, format))) if x)]
-    return f"wrote {path}" + (f" (checked against {' and '.join(consumers)}'s rules)" if consumers else "")
+    checked = " and ".join(t.consumer for t in export_targets(file_format(out, format), tgt))
+    return f"wrote {path}" + (f" (checked against {checked}'s rules)" if checked else "")
 
 
 def evaluate_report(trees: list[str], calibration: str | Path, model: str = "empirical", split: float | None = None,

@@ -66,6 +66,11 @@ TARGETS = {
 FORMAT_TARGET = {t.format: t for t in TARGETS.values()}  # the consumer each export format is for
 
 
+def export_targets(format: str, target: Target | None = None) -> list[Target]:
+    """The targets whose rules a file in `format` must keep: the format's consumer and `target`."""
+    return list(dict.fromkeys(t for t in (target, FORMAT_TARGET.get(format)) if t is not None))
+
+
 def get_target(name: str | None) -> Target | None:
     if name is None or name == "none":
         return None

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from search.acceptance import expected_tokens_per_step
 from search.baselines import best_cartesian
-from search.budget import best_chain_length
+from search.budget import Latency, best_chain_length, search_auto
 from search.consumers import CONSUMERS, Rejected, deploys, intended, trtllm_cpp, trtllm_python
 from search.grow import search
 from search.targets import TARGETS, bounds, check, contiguous_walk
@@ -159,3 +159,13 @@ def test_search_refuses_exports_a_consumer_would_reject_or_alter(make_calibratio
     r = runner.invoke(app, ["export", str(tmp_path / "t.py"), "-o", str(tmp_path / "c.json"), "--format", "chain"])
     assert r.exit_code == 2 and "top-1 chain only" in r.output and not (tmp_path / "c.json").exists()
     one_line_error(format_tree, Tree(((0,), (1,))), "chain", match="--target chain")
+
+
+def test_auto_size_keeps_the_node_cap():
+    cal = in_memory(random_ranks([400, 300], 4, 16, seed=4, miss=0.1), 16)
+    flat = Latency(np.array([0, 128]), np.array([10.0, 10.0]))  # every size costs the same: biggest wins
+    assert search_auto(cal, flat).tree.num_nodes > 63
+    tree = search_auto(cal, flat, target=TARGETS["trtllm"]).tree
+    assert tree.num_nodes == 63 and check(tree, TARGETS["trtllm"], 4) is None
+    with pytest.raises(TreeoptError, match="pass --nodes N"):
+        search_auto(cal, flat, target=TARGETS["vllm"])

@@ -72,7 +72,7 @@ def export_targets(format: str, target: Target | None = None) -> list[Target]:
 
 
 def get_target(name: str | None) -> Target | None:
-    if name is None or name == "none":
+    if name is None:
         return None
     if name not in TARGETS:
         raise TreeoptError(f"unknown target {name!r}: use --target {', '.join(TARGETS)}")

@@ -18,7 +18,7 @@ import torch
 
 from decoding.decoder import TreeDecoder, additive_mask, synchronize
 from treeopt.core.errors import TreeoptError
-from treeopt.core.fileio import atomic_write
+from treeopt.core.fileio import atomic_write, check_writable
 from treeopt.core.tree import Tree
 
 DEFAULT_SIZES = (0, 1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -74,11 +74,7 @@ def time_step_forward(decoder: TreeDecoder, context: int, repeats: int = 5, warm
 def profile_latency(model, heads, sizes=DEFAULT_SIZES, context: int = 256, repeats: int = 5,
                     model_name: str = "", progress: bool = False) -> pd.DataFrame:
     """One row per tree size: nodes, forward_ms (median), base_ms, heads_ms, context, device, dtype, model."""
-    sizes = sorted(set(int(s) for s in sizes))
-    if not sizes or sizes[0] < 0:
-        raise TreeoptError(f"--sizes {sizes}: give tree sizes >= 0, e.g. 0,1,2,4,8")
-    if context < 1:
-        raise TreeoptError("--context must be at least 1 token")
+    sizes = checked_sizes(sizes, context)
     weight = model.get_output_embeddings().weight
     rows = []
     bar = _progress(sizes, progress, "profile")
@@ -100,6 +96,16 @@ def _progress(items, enabled: bool, desc: str):
     return tqdm(items, desc=desc, leave=False)
 
 
+def checked_sizes(sizes, context: int) -> list[int]:
+    """The distinct tree sizes, sorted, after checking them and the context length."""
+    sizes = sorted(set(int(s) for s in sizes))
+    if not sizes or sizes[0] < 0:
+        raise TreeoptError(f"--sizes {sizes}: give tree sizes >= 0, e.g. 0,1,2,4,8")
+    if context < 1:
+        raise TreeoptError("--context must be at least 1 token")
+    return sizes
+
+
 def parse_sizes(text: str | None) -> tuple[int, ...]:
     if not text:
         return DEFAULT_SIZES
@@ -113,15 +119,14 @@ def run_profile(model: str = "smollm2-135m", heads: str | None = None, sizes: st
                 context: int = 256, repeats: int = 5, device: str = "auto", dtype: str = "float32",
                 out: str | Path = "latency.csv", progress: bool = True, threads: int | None = None) -> pd.DataFrame:
     """The CLI's twin: load the model and heads, profile, write the CSV atomically."""
-    from decoding.models import set_threads
+    from decoding.heads import resolve_heads
+    from decoding.models import load_model, set_threads
 
     set_threads(threads)
-    from decoding.heads import resolve_heads
-    from decoding.models import load_model
-
+    tree_sizes = checked_sizes(parse_sizes(sizes), context)
+    check_writable(out, fix="pass another --out")
     loaded = load_model(model, device=device, dtype=dtype)
     medusa = resolve_heads(heads, loaded.model)
-    df = profile_latency(loaded.model, medusa, parse_sizes(sizes), context, repeats, model_name=model,
-                         progress=progress)
+    df = profile_latency(loaded.model, medusa, tree_sizes, context, repeats, model_name=model, progress=progress)
     atomic_write(out, lambda p: df.to_csv(p, index=False, float_format="%.4f"))
     return df

@@ -15,7 +15,7 @@ from search.grow import SearchResult, search
 from search.sweep import sweep
 from search.targets import Target, export_targets, get_target, require
 from treeopt.core.errors import TreeoptError
-from treeopt.core.fileio import atomic_write
+from treeopt.core.fileio import atomic_write, check_writable
 from treeopt.core.published import BASELINES, PUBLISHED
 from treeopt.core.record import Calibration, load_calibration
 from treeopt.core.tables import render_table
@@ -38,6 +38,8 @@ def search_report(calibration: str | Path, nodes: int | str = 64, model: str = "
     cal = load_calibration(calibration)
     lat = read_latency(latency) if latency is not None else None
     tgt = get_target(target)
+    if out is not None:
+        check_writable(out, fix="pass another --out")
     if str(nodes) == "auto":
         if lat is None:
             raise TreeoptError("--nodes auto needs --latency FILE (forward time vs tree size, from `treeopt profile`)")
@@ -98,6 +100,7 @@ def export_report(tree: str | Path, out: str | Path, format: str | None = None, 
     after that consumer's check (and `target`'s); the depth rule uses the heads the tree file records."""
     t, meta = read_tree_meta(tree)
     tgt = get_target(target)
+    check_writable(out, fix="pass another --out")
     path = export(t, out, format, meta.get("num_heads"), tgt, {**meta, **({"target": tgt.name} if tgt else {})})
     checked = " and ".join(t.consumer for t in export_targets(file_format(out, format), tgt))
     return f"wrote {path}" + (f" (checked against {checked}'s rules)" if checked else "")
@@ -121,6 +124,8 @@ def sweep_report(calibration: str | Path, max_nodes: int = 256, model: str = "em
     """`treeopt sweep`: the optimal tree's tokens/step (and tokens/s) for every size 0..max_nodes."""
     cal = load_calibration(calibration)
     lat = read_latency(latency) if latency is not None else None
+    if out is not None:
+        check_writable(out, fix="pass another --out")
     df = sweep(cal, max_nodes, model, lat, max_depth, top_k, replayed)
     lines = [_header(cal), f"{model} model; row N = the first N nodes of one greedy search", "", render_table(df)]
     if lat is not None and df["tokens_per_s"].notna().iloc[1:].any():

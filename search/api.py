@@ -71,7 +71,7 @@ def search_report(calibration: str | Path, nodes: int | str = 64, model: str = "
              f"searched tree: {tree.num_nodes} nodes, depth {tree.depth}, max rank {tree.max_rank - 1}, "
              f"{model} model"
              + (f", within {tgt.consumer}'s rules (--target {tgt.name})" if tgt is not None else "")
-             + (f" (--nodes auto: best predicted tokens/s of sizes 1..{min(max_nodes, int(lat.nodes[-1]))})"
+             + (f" (--nodes auto: best predicted tokens/s of sizes 1..{result.meta['auto_max']})"
                 if str(nodes) == "auto" else "")]
     if tree.num_nodes < result.requested:
         lines.append(f"note: only {tree.num_nodes} nodes have a nonzero acceptance probability; the tree stops there")

@@ -78,7 +78,7 @@ def search_auto(calibration: Calibration, latency: Latency, model: str = "empiri
     caps = [max_nodes, int(latency.nodes[-1])] + ([target.max_nodes] if target is not None and target.max_nodes else [])
     full = search(calibration, min(caps), model, max_depth, top_k, target)
     n = choose_nodes(full, latency)
-    return SearchResult(full.tree[:n], full.values[:n], model, n, {**full.meta, "nodes": "auto"})
+    return SearchResult(full.tree[:n], full.values[:n], model, n, {**full.meta, "nodes": "auto", "auto_max": min(caps)})
 
 
 def best_chain_length(calibration: Calibration, model: str = "empirical", latency: Latency | None = None,

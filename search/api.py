@@ -16,13 +16,15 @@ from search.evaluate import compare, evaluate
 from search.grow import SearchResult, search
 from search.schedule import batch_schedule, write_schedule
 from search.sweep import sweep
+from search.targets import Target, export_targets, get_target, require
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write, check_writable
 from treeopt.core.prompts import overlap, overlap_warning
 from treeopt.core.published import BASELINES, PUBLISHED
 from treeopt.core.record import Calibration, load_calibration
 from treeopt.core.tables import render_table
-from treeopt.core.treefile import read_tree_meta, write_tree
+from treeopt.core.tree import Tree
+from treeopt.core.treefile import file_format, read_tree_meta, write_tree
 
 
 def _header(calibration: Calibration) -> str:
@@ -34,43 +36,46 @@ def _header(calibration: Calibration) -> str:
 def search_report(calibration: str | Path, nodes: int | str = 64, model: str = DEFAULT_MODEL,
                   max_depth: int | None = None, top_k: int | None = None, latency: str | Path | None = None,
                   max_nodes: int = 256, out: str | Path | None = None, format: str | None = None,
-                  batch_size: int = 1) -> tuple[SearchResult, pd.DataFrame, str]:
-    """`treeopt search`: search, compare with the baselines, write the tree file; returns the result,
-    the comparison table and the text to print. The headline prediction is the cross-validated
-    replay (`search.crossval`); `batch_size` picks the latency file's rows (tokens/s of that many
-    sequences decoded together)."""
+                  batch_size: int = 1, target: str | None = None) -> tuple[SearchResult, pd.DataFrame, str]:
+    """`treeopt search`: search (within `target`'s rules, see `search.targets`), compare with the
+    baselines, write the tree file; returns the result, the comparison table and the text to print.
+    The headline prediction is the cross-validated replay (`search.crossval`); `batch_size` picks the
+    latency file's rows (tokens/s of that many sequences decoded together)."""
     cal = load_calibration(calibration)
     lat = read_latency(latency, batch_size) if latency is not None else None
+    tgt = get_target(target)
     if out is not None:
         check_writable(out, fix="pass another --out")
     model = resolve_model(cal, model)
     if str(nodes) == "auto":
         if lat is None:
             raise TreeoptError("--nodes auto needs --latency FILE (forward time vs tree size, from `treeopt profile`)")
-        result = search_auto(cal, lat, model, max_nodes, max_depth, top_k)
+        result = search_auto(cal, lat, model, max_nodes, max_depth, top_k, tgt)
     else:
         try:
             n = int(nodes)
         except ValueError:
             raise TreeoptError(f"--nodes {nodes!r} is not a number: pass e.g. --nodes 64, or --nodes auto") from None
-        result = search(cal, n, model, max_depth, top_k)
+        result = search(cal, n, model, max_depth, top_k, tgt)
     tree = result.tree
     chain = best_chain_length(cal, model, lat)
     name = f"searched ({model})"
     trees = {name: tree}
     published = len(PUBLISHED[BASELINES[0]])
     if tree.num_nodes != published:  # the searched tree at the published trees' size, for a like-for-like row
-        trees[f"searched, {published} nodes"] = search(cal, published, model, max_depth, top_k).tree
+        trees[f"searched, {published} nodes"] = search(cal, published, model, max_depth, top_k, tgt).tree
     cv = dict(zip(trees, cross_validated(cal, [t.num_nodes for t in trees.values()], model, max_depth=max_depth,
-                                         top_k=top_k)))
+                                         top_k=top_k, target=tgt)))
     trees.update(baseline_trees(cal, tree.num_nodes, model, max_depth, top_k))
     table = compare(trees, cal, model, latency=lat, held_out=cv)
-    fields, sources = prediction(cal, tree, result.tokens_per_step, cv[name], model, max_depth=max_depth, top_k=top_k)
+    fields, sources = prediction(cal, tree, result.tokens_per_step, cv[name], model, max_depth=max_depth,
+                                 top_k=top_k, target=tgt)
     meta = {**fields, "acceptance_model": model, "calibration": str(cal.directory),
             "calibration_positions": cal.num_positions, "calibration_prompts": len(cal.prompts),
             "num_heads": cal.num_heads, "calibration_top_k": cal.top_k, "max_depth": result.meta["max_depth"],
             "top_k": result.meta["top_k"], "nodes_requested": str(nodes) if str(nodes) == "auto" else result.requested,
-            "best_chain_length": chain, "node_values": result.values.round(6).tolist()}
+            "best_chain_length": chain, "node_values": result.values.round(6).tolist(),
+            **({"target": tgt.name} if tgt is not None else {})}
     if len(sources):
         meta["per_source"] = sources.round(4).to_dict("records")
     if lat is not None:
@@ -78,8 +83,10 @@ def search_report(calibration: str | Path, nodes: int | str = 64, model: str = D
                      "predicted_tokens_per_s": float(table["tokens_per_s"][0])})
     lines = [_header(cal),
              f"searched tree: {tree.num_nodes} nodes, depth {tree.depth}, max rank {tree.max_rank - 1}, "
-             f"{model} model" + (f" (--nodes auto: best predicted tokens/s of sizes 1..{min(max_nodes, int(lat.nodes[-1]))}"
-                                 f" at batch size {lat.batch_size})" if str(nodes) == "auto" else ""),
+             f"{model} model"
+             + (f", within {tgt.consumer}'s rules (--target {tgt.name})" if tgt is not None else "")
+             + (f" (--nodes auto: best predicted tokens/s of sizes 1..{result.meta['auto_max']}"
+                f" at batch size {lat.batch_size})" if str(nodes) == "auto" else ""),
              predicted_line(fields)]
     if tree.num_nodes < result.requested:
         lines.append(f"note: only {tree.num_nodes} nodes have a nonzero acceptance probability; the tree stops there")
@@ -90,7 +97,7 @@ def search_report(calibration: str | Path, nodes: int | str = 64, model: str = D
     lines.append(f"best top-1 chain length for vLLM num_speculative_tokens / TGI --speculate: {chain}"
                  + ("" if lat is not None else " (pass --latency for the length with the best tokens/s)"))
     if out is not None:
-        path = write_tree(tree, out, format, **meta)
+        path = export(tree, out, format, cal.num_heads, tgt, meta)
         lines.append(f"wrote {path}")
     return result, table, "\n".join(lines)
 
@@ -112,6 +119,26 @@ def predicted_line(fields: dict) -> str:
         line += (f"; on other kinds of prompts (leave one source out) "
                  f"{fields['leave_one_source_out_tokens_per_step']:.3f}: calibrate on your own traffic")
     return line
+
+
+def export(tree: Tree, out: str | Path, format: str | None = None, num_heads: int | None = None,
+           target: Target | None = None, meta: dict | None = None) -> Path:
+    """Write `tree` for the consumer of `format` (and `target`), or a one-line error naming the rule
+    of theirs that it breaks (`search.targets.require`)."""
+    for t in export_targets(file_format(out, format), target):
+        require(tree, t, num_heads, where=f"the tree for {out}")
+    return write_tree(tree, out, format, **(meta or {}))
+
+
+def export_report(tree: str | Path, out: str | Path, format: str | None = None, target: str | None = None) -> str:
+    """`treeopt export`: write a tree (file, published name or list string) in a consumer's format,
+    after that consumer's check (and `target`'s); the depth rule uses the heads the tree file records."""
+    t, meta = read_tree_meta(tree)
+    tgt = get_target(target)
+    check_writable(out, fix="pass another --out")
+    path = export(t, out, format, meta.get("num_heads"), tgt, {**meta, **({"target": tgt.name} if tgt else {})})
+    checked = " and ".join(t.consumer for t in export_targets(file_format(out, format), tgt))
+    return f"wrote {path}" + (f" (checked against {checked}'s rules)" if checked else "")
 
 
 def evaluate_report(trees: list[str], calibration: str | Path, model: str = DEFAULT_MODEL, split: float | None = None,

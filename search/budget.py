@@ -14,6 +14,7 @@ import pandas as pd
 from search.acceptance import DEFAULT_MODEL, node_values, resolve_model
 from search.crossval import cross_validated_curve, sweep_sizes
 from search.grow import SearchResult, search
+from search.targets import Target
 from treeopt.core.errors import TreeoptError
 from treeopt.core.record import Calibration
 from treeopt.core.tree import Tree
@@ -89,15 +90,20 @@ def choose_nodes(sizes: np.ndarray, tokens_per_step: np.ndarray, latency: Latenc
 
 
 def search_auto(calibration: Calibration, latency: Latency, model: str = DEFAULT_MODEL, max_nodes: int = 256,
-                max_depth: int | None = None, top_k: int | None = None) -> SearchResult:
+                max_depth: int | None = None, top_k: int | None = None, target: Target | None = None) -> SearchResult:
     """`--nodes auto`: the greedy tree whose size (of `search.crossval.sweep_sizes`, as far as the
-    latency file and `max_nodes` go) maximizes predicted tokens/s, tokens/step by cross-validated replay."""
+    latency file, `max_nodes` and the target's node cap go) maximizes predicted tokens/s, tokens/step
+    by cross-validated replay."""
+    if target is not None and target.cartesian:
+        raise TreeoptError(f"--nodes auto cannot size a tree for --target {target.name} (its Cartesian trees are "
+                           "not prefixes of one another): pass --nodes N")
     model = resolve_model(calibration, model)
-    full = search(calibration, min(max_nodes, int(latency.nodes[-1])), model, max_depth, top_k)
+    caps = [max_nodes, int(latency.nodes[-1])] + ([target.max_nodes] if target is not None and target.max_nodes else [])
+    full = search(calibration, min(caps), model, max_depth, top_k, target)
     sizes = sweep_sizes(len(full.tree))
-    curve = cross_validated_curve(calibration, sizes, model, max_depth=max_depth, top_k=top_k)
+    curve = cross_validated_curve(calibration, sizes, model, max_depth=max_depth, top_k=top_k, target=target)
     n = choose_nodes(sizes, curve, latency)
-    return SearchResult(full.tree[:n], full.values[:n], model, n, {**full.meta, "nodes": "auto"})
+    return SearchResult(full.tree[:n], full.values[:n], model, n, {**full.meta, "nodes": "auto", "auto_max": min(caps)})
 
 
 def best_chain_length(calibration: Calibration, model: str = DEFAULT_MODEL, latency: Latency | None = None,

@@ -26,6 +26,7 @@ import pandas as pd
 
 from search.acceptance import DEFAULT_MODEL, resolve_model
 from search.grow import search
+from search.targets import Target
 from treeopt.core.record import Calibration
 from treeopt.core.replay import ReplayResult, concat, replay, replay_prefixes
 from treeopt.core.tree import Tree
@@ -35,33 +36,37 @@ FOLDS = 4
 
 def held_out(calibration: Calibration, groups: Sequence[np.ndarray], sizes: Sequence[int], model: str,
              max_depth: int | None = None, top_k: int | None = None, fit_prompts: int | None = None,
-             seed: int = 0) -> list[ReplayResult]:
+             seed: int = 0, target: Target | None = None) -> list[ReplayResult]:
     """For each group of prompt ids: search a tree of max(`sizes`) nodes on the other prompts (a seeded
-    draw of `fit_prompts` of them, if given) and replay its first m nodes, m in `sizes`, on the group.
-    Returns one result per size over all the groups' prompts."""
+    draw of `fit_prompts` of them, if given; within `target`'s rules) and replay its first m nodes, m in
+    `sizes`, on the group (a Cartesian target's trees are not prefixes of each other: one search per
+    size). Returns one result per size over all the groups' prompts."""
     per_size: list[list[ReplayResult]] = [[] for _ in sizes]
     rng = np.random.default_rng(seed)
     for group in groups:
         rest = np.setdiff1d(calibration.prompts, group)
         if fit_prompts is not None:
             rest = rng.choice(rest, min(fit_prompts, len(rest)), replace=False)
-        tree = search(calibration.subset(rest), max(sizes), model, max_depth, top_k).tree
-        for out, r in zip(per_size, replay_prefixes(tree, calibration.subset(group), sizes)):
+        fit, test = calibration.subset(rest), calibration.subset(group)
+        if target is not None and target.cartesian:
+            results = [replay(search(fit, m, model, max_depth, top_k, target).tree, test) for m in sizes]
+        else:
+            results = replay_prefixes(search(fit, max(sizes), model, max_depth, top_k, target).tree, test, sizes)
+        for out, r in zip(per_size, results):
             out.append(r)
     return [concat(rs) for rs in per_size]
 
 
 def cross_validated(calibration: Calibration, sizes: Sequence[int], model: str = DEFAULT_MODEL,
                     folds: int = FOLDS, seed: int = 0, max_depth: int | None = None,
-                    top_k: int | None = None) -> list[ReplayResult]:
+                    top_k: int | None = None, target: Target | None = None) -> list[ReplayResult]:
     """K-fold held-out replay of the searched tree at each size (module docstring). With fewer than 2
     prompts there is nothing to hold out: the replay is in-sample."""
     model = resolve_model(calibration, model)
     k = min(folds, len(calibration.prompts))
     if k < 2:
-        tree = search(calibration, max(sizes), model, max_depth, top_k).tree
-        return replay_prefixes(tree, calibration, sizes)
-    return held_out(calibration, calibration.folds(k, seed), sizes, model, max_depth, top_k)
+        return [replay(search(calibration, m, model, max_depth, top_k, target).tree, calibration) for m in sizes]
+    return held_out(calibration, calibration.folds(k, seed), sizes, model, max_depth, top_k, target=target)
 
 
 def sweep_sizes(max_nodes: int) -> np.ndarray:
@@ -73,19 +78,22 @@ def sweep_sizes(max_nodes: int) -> np.ndarray:
 
 def cross_validated_curve(calibration: Calibration, sizes: Sequence[int], model: str = DEFAULT_MODEL,
                           folds: int = FOLDS, seed: int = 0, max_depth: int | None = None,
-                          top_k: int | None = None) -> np.ndarray:
+                          top_k: int | None = None, target: Target | None = None) -> np.ndarray:
     """[len(sizes)] cross-validated tokens/step of the searched tree of each size."""
-    return np.array([r.tokens_per_step for r in cross_validated(calibration, sizes, model, folds, seed, max_depth, top_k)])
+    return np.array([r.tokens_per_step for r in cross_validated(calibration, sizes, model, folds, seed, max_depth,
+                                                                top_k, target)])
 
 
 def leave_one_source_out(calibration: Calibration, sizes: Sequence[int], model: str = DEFAULT_MODEL,
-                         max_depth: int | None = None, top_k: int | None = None) -> list[ReplayResult] | None:
+                         max_depth: int | None = None, top_k: int | None = None,
+                         target: Target | None = None) -> list[ReplayResult] | None:
     """Each source's prompts replayed with a tree searched on the other sources; None without at
     least two recorded sources."""
     groups = calibration.source_groups()
     if len(groups) < 2:
         return None
-    return held_out(calibration, list(groups.values()), sizes, resolve_model(calibration, model), max_depth, top_k)
+    return held_out(calibration, list(groups.values()), sizes, resolve_model(calibration, model), max_depth, top_k,
+                    target=target)
 
 
 def per_source(calibration: Calibration, cv: ReplayResult, loso: ReplayResult | None = None) -> pd.DataFrame:
@@ -126,13 +134,14 @@ def calibration_curve(calibration: Calibration, nodes: int, model: str = DEFAULT
 
 
 def prediction(calibration: Calibration, tree: Tree, uniform: float, cv: ReplayResult, model: str = DEFAULT_MODEL,
-               folds: int = FOLDS, max_depth: int | None = None, top_k: int | None = None) -> tuple[dict, pd.DataFrame]:
+               folds: int = FOLDS, max_depth: int | None = None, top_k: int | None = None,
+               target: Target | None = None) -> tuple[dict, pd.DataFrame]:
     """The figures a searched `tree` (grown greedily on the whole calibration under `model`) is
     reported with, as tree-file fields, and the per-source table (empty without sources):
     predicted_tokens_per_step (`cv`, its `cross_validated` replay) and its 95 % interval,
     in_sample_tokens_per_step, uniform_tokens_per_step (`uniform`: 1 + the sum of node values), and
     with two or more sources leave_one_source_out_tokens_per_step."""
-    loso = leave_one_source_out(calibration, [len(tree)], model, max_depth, top_k)
+    loso = leave_one_source_out(calibration, [len(tree)], model, max_depth, top_k, target)
     fields = {"predicted_tokens_per_step": cv.tokens_per_step, "predicted_interval": list(cv.interval()),
               "cv_folds": min(folds, len(calibration.prompts)),
               "in_sample_tokens_per_step": replay(tree, calibration).tokens_per_step,

@@ -8,8 +8,9 @@ Columns (one row per method; plain first): method, nodes, depth, tokens_per_step
 1 for plain), step_ms (decoding time ÷ forwards after prefill), overhead (step_ms ÷ plain step_ms),
 tokens_per_s (new tokens ÷ decoding time), speedup (tokens_per_s ÷ plain's), prefill_ms (mean per
 prompt), match_rate (fraction of prompts whose output equals plain greedy's token for token),
-predicted_tokens_per_step (with --calibration: `search.acceptance.expected_tokens_per_step`),
-replay_tokens_per_step (with --calibration: exact replay on its continuations), forward_ms (the
+predicted_tokens_per_step (with --calibration: the tree's exact greedy replay on the calibration's
+continuations; a tree searched on that calibration gets its cross-validated figure from `treeopt
+search`, this one is in-sample), forward_ms (the
 model's work per step — tree forward + heads — timed inside the decoding steps; for plain, as
 profiled), loop_efficiency (tokens_per_s ÷ (tokens_per_step ÷ forward_ms) = forward_ms ÷ step_ms:
 the share of a step spent in the model), profiled_forward_ms (median of separate forwards at this
@@ -43,7 +44,7 @@ CSV = "bench.csv"
 JSON = "bench.json"
 RECORDS = ".bench-records"  # the resumable stage of an unfinished run
 COLUMNS = ["method", "nodes", "depth", "tokens_per_step", "step_ms", "overhead", "speedup", "tokens_per_s",
-           "prefill_ms", "match_rate", "predicted_tokens_per_step", "replay_tokens_per_step", "forward_ms",
+           "prefill_ms", "match_rate", "predicted_tokens_per_step", "forward_ms",
            "loop_efficiency", "profiled_forward_ms", "prompts", "new_tokens", "steps"]
 
 
@@ -162,7 +163,7 @@ def bench_decoding(model, heads, trees: dict[str, Tree], prompts: list[list[int]
                "tokens_per_step": 1.0 if method == PLAIN else new / max(steps, 1),
                "step_ms": step_ms, "tokens_per_s": new / decode_s if decode_s > 0 else float("nan"),
                "prefill_ms": sum(r.prefill_s for r in recs) / len(recs) * 1e3, "match_rate": match,
-               "predicted_tokens_per_step": float("nan"), "replay_tokens_per_step": float("nan"),
+               "predicted_tokens_per_step": float("nan"),
                "forward_ms": forward, "loop_efficiency": forward / step_ms if steps else float("nan"),
                "profiled_forward_ms": profiled[method],
                "prompts": len(recs), "new_tokens": new, "steps": steps}
@@ -177,16 +178,14 @@ def bench_decoding(model, heads, trees: dict[str, Tree], prompts: list[list[int]
 
 
 def _predicted(tree: Tree, calibration) -> dict:
-    """Calibration-based predictions of tokens/step, for the ranks the calibration covers."""
+    """The tree's tokens/step replayed on the calibration, for the ranks the calibration covers."""
     from treeopt.core.replay import replay
-    from search.acceptance import expected_tokens_per_step
     from treeopt.core.tree import truncate
 
     fit = truncate(tree, calibration.num_heads, calibration.top_k)
     if fit.num_nodes != tree.num_nodes:  # the calibration cannot see some nodes: no honest prediction
         return {}
-    return {"predicted_tokens_per_step": expected_tokens_per_step(tree, calibration),
-            "replay_tokens_per_step": replay(tree, calibration).tokens_per_step}
+    return {"predicted_tokens_per_step": replay(tree, calibration).tokens_per_step}
 
 
 def torch_threads() -> int:
@@ -199,7 +198,8 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
               prompts: str | None = None, limit: int | None = 20, max_new_tokens: int = 128,
               device: str = "auto", dtype: str = "float32", calibration: str | None = None,
               out: str | Path | None = None, repeats: int = 5, progress: bool = True,
-              threads: int | None = None) -> BenchResult:
+              threads: int | None = None, device_map: str | None = None,
+              max_memory: str | None = None) -> BenchResult:
     """The CLI's twin: load everything, benchmark, write bench.csv and bench.json into `out`.
     An interrupted run with the same settings resumes from `out`/.bench-records/."""
     from decoding.heads import resolve_heads
@@ -221,7 +221,7 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
     instructions = load_instructions(source, limit)
     if out is not None:
         check_writable(out, directory=True, fix="pass another --out")
-    loaded = load_model(model, device=device, dtype=dtype)
+    loaded = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
     medusa = resolve_heads(heads, loaded.model)
     for tree in methods.values():
         tree.check(num_heads=medusa.num_heads)
@@ -246,6 +246,10 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
     result = bench_decoding(loaded.model, medusa, methods, ids, max_new_tokens, stops, cal, repeats=repeats,
                             progress=progress, done=done, on_record=save)
     result.settings = {**settings, **result.settings, "versions": versions()}
+    if cal is not None:
+        from treeopt.core.prompts import overlap
+
+        result.settings["calibration_overlap"] = overlap(instructions, cal.continuations()["instruction"].tolist())
     if stage is not None:
         write_bench(result, out)
         shutil.rmtree(stage.directory)  # the records are in bench.json now
@@ -278,6 +282,7 @@ def write_bench(result: BenchResult, out: str | Path) -> tuple[Path, Path]:
 
 
 def render(result: BenchResult) -> str:
+    from treeopt.core.prompts import overlap_warning
     from treeopt.core.tables import render_table
 
     cols = ["method", "nodes", "tokens_per_step", "step_ms", "overhead", "speedup", "tokens_per_s", "prefill_ms",
@@ -288,4 +293,7 @@ def render(result: BenchResult) -> str:
     s = result.settings
     head = (f"{s.get('model', '')} on {s.get('device', '')} {s.get('dtype', '')}: {result.table['prompts'].iloc[0]} "
             f"prompts, up to {s.get('max_new_tokens')} new tokens, heads {s.get('heads', '')}")
-    return head + "\n" + render_table(t)
+    lines = [head, render_table(t)]
+    if s.get("calibration_overlap"):
+        lines.append(overlap_warning(s["calibration_overlap"], int(result.table["prompts"].iloc[0]), "bench"))
+    return "\n".join(lines)

@@ -430,11 +430,15 @@ def speed_figure(bench: pd.DataFrame | None = None, latency: pd.DataFrame | None
         ax.axhline(1.0, color=FAMILY_COLORS["plain"], ls="--", lw=1,
                    label="plain decoding" + (tps(plain.iloc[0]) if len(plain) else ""))
         xs, ys = [0] + list(dots["nodes"]), [1.0] + list(dots["speedup"])
-        if has(predicted):
-            p = predicted.dropna(subset=["speedup"]).sort_values("nodes")
-            ax.plot(p["nodes"], p["speedup"], "-", color=FAMILY_COLORS["searched"], lw=1.2, alpha=0.6,
-                    label="searched tree, predicted (calibration x latency)")
-            xs, ys = xs + list(p["nodes"]), ys + list(p["speedup"])
+        if has(predicted):  # one curve per batch size (a sweep's batch_size column; none: batch 1)
+            p = predicted.dropna(subset=["speedup"])
+            curves = list(p.groupby("batch_size")) if "batch_size" in p.columns else [(1, p)]
+            for i, (b, p) in enumerate(curves):
+                p = p.sort_values("nodes")
+                ax.plot(p["nodes"], p["speedup"], "-", color=FAMILY_COLORS["searched"], lw=1.2,
+                        alpha=0.6 if len(curves) == 1 else 0.3 + 0.7 * (i + 1) / len(curves),
+                        label="searched tree, predicted (calibration x latency)" + (f", batch {b}" if len(curves) > 1 else ""))
+                xs, ys = xs + list(p["nodes"]), ys + list(p["speedup"])
         for _, r in dots.iterrows():
             ax.plot(r["nodes"], r["speedup"], "o", color=FAMILY_COLORS[family(r["method"])], ms=7)
         _fit_axis(ax, xs, "x", pad=0.04)

@@ -214,6 +214,18 @@ def test_place_labels_avoids_each_other_on_one_spot():
     assert_readable(fig)
 
 
+def test_speed_curves_per_batch_size():
+    latency = pd.DataFrame({"nodes": [0, 16, 64], "forward_ms": [10.0, 11.0, 15.0], "device": "cpu", "dtype": "float32"})
+    predicted = pd.DataFrame({"nodes": [0, 8, 64], "speedup": [1.0, 1.2, 0.8]})
+    by_batch = pd.concat([predicted.assign(batch_size=b, speedup=predicted["speedup"] / b) for b in (1, 4, 16)])
+    fig = plots.speed_figure(latency=pd.concat([latency.assign(batch_size=b) for b in (1, 4)]), predicted=by_batch)
+    labels = [[line.get_label() for line in ax.lines] for ax in fig.axes]
+    assert labels[0] == ["cpu float32 batch 1", "cpu float32 batch 4"]
+    assert [x for x in labels[1] if "predicted" in x] == [f"searched tree, predicted (calibration x latency), batch {b}"
+                                                         for b in (1, 4, 16)]
+    assert_readable(fig)
+
+
 def test_plot_speed_needs_data():
     with pytest.raises(TreeoptError, match="treeopt bench"):
         plots.speed_figure()

@@ -605,6 +605,11 @@ def summary_text(run: Run, table: pd.DataFrame | None) -> str:
                  if r["tree"] != top["tree"] and r[col] >= top["ci_low"]]
         if close:
             lines.append(f"Within that interval: {', '.join(close)}; the held-out prompts cannot tell them apart.")
+    meta = run.tree_meta
+    if run.tree is not None and "uniform_tokens_per_step" in meta and len(meta.get("predicted_interval") or ()) == 2:
+        lo, hi = meta["predicted_interval"]
+        lines.append(f"`tree.json` ({len(run.tree)} nodes) predicts {meta['predicted_tokens_per_step']:.2f} tokens per "
+                     f"step cross-validated over the calibration prompts ({lo:.2f}-{hi:.2f}).")
     beaten = []
     for _, r in searched.iterrows():
         others = table[(table["nodes"] == r["nodes"]) & (table["kind"] == "baseline") & table[col].notna()]

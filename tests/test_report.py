@@ -73,6 +73,7 @@ def test_full_run_report(full_run):
     assert "```python\nsearched_4 = [[0]" in text and "mc_sim_7b_63 = [[0], [0, 0]" in text
     # the summary names a tree, its interval and the machine
     assert "**Which tree to deploy.**" in text and "95 % interval" in text and "no tree beats plain decoding" in text
+    assert "tokens per step cross-validated over the calibration prompts" in text  # tree.json's headline
     assert "break-even" in text and "flat in tree size" in text
     for fig in ("tree-searched-63", "tree-searched-16", "tree-searched-4", "accuracy", "budget", "speed",
                 "predicted_vs_measured"):

@@ -112,7 +112,7 @@ def main() -> None:
     if args.part == "greedy":
         return
     log("typical calibration")
-    record = load_typical(calibrate_typical(replace(config, out=work / "typical", limit=args.fit_typical), rule,
+    record = load_typical(calibrate_typical(replace(config, out=work / "typical", first=args.fit_typical), rule,
                                             probe_internal, loaded=loaded, heads=heads))
     trees.update({f"typical-searched {n}": typical.search(record, n).tree for n in sizes})  # (--partial: as benched)
     measured.update(bench("typical"))

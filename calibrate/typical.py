@@ -38,7 +38,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from calibrate.run import CalibrationConfig, _fingerprint, _progress, _sha256
+from calibrate.run import CalibrationConfig, _fingerprint, _progress, _sha256, select_prompts
 from decoding.decoder import Acceptance, TreeDecoder
 from treeopt.core import record as fmt
 from treeopt.core.env import versions
@@ -94,13 +94,13 @@ def calibrate_typical(config: CalibrationConfig, rule: Acceptance, internal: Tre
     `internal`: the probe's internal nodes (default top-4 x top-2 x top-1); its children go to top_k."""
     from decoding.heads import resolve_heads
     from decoding.models import chat_prompt, load_model, stop_token_ids
-    from treeopt.core.prompts import default_prompts, load_instructions
+    from treeopt.core.prompts import default_prompts
 
     config.check()
     if rule.mode != "typical":
         raise TreeoptError("calibrate_typical needs --acceptance typical")
     source = config.prompts or default_prompts()
-    instructions = load_instructions(source, limit=config.limit)
+    instructions, _ = select_prompts(source, config.limit, config.first, config.seed)
     loaded = loaded or load_model(config.model, device=config.device, dtype=config.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     heads = heads if heads is not None else resolve_heads(config.heads, model)
@@ -132,7 +132,7 @@ def calibrate_typical(config: CalibrationConfig, rule: Acceptance, internal: Tre
     wall = sum(stage.info(n)["wall_time_s"] for n in names)
     meta = {"model": loaded.name, "model_source": loaded.source, "heads": config.heads or "default",
             "acceptance": "typical", **rules, "num_heads": heads.num_heads, "prompts": str(source),
-            "limit": config.limit, "num_prompts": len(instructions), "num_tokens": len(table),
+            "limit": config.limit, "first": config.first, "num_prompts": len(instructions), "num_tokens": len(table),
             "top_k": config.top_k,
             "max_new_tokens": config.max_new_tokens, "dtype": settings["dtype"], "device": dec.device.type,
             "probe_nodes": len(probe), "probe_internal": internal.choices, "probe": probe.choices,

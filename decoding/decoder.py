@@ -26,7 +26,7 @@ import torch
 from decoding.buffers import TreeBuffers, tree_buffers
 from decoding.cache import TreeCache
 from treeopt.core.errors import TreeoptError
-from decoding.models import stop_token_ids
+from decoding.models import cache_argument, layer_devices, stop_token_ids
 from treeopt.core.tree import Tree
 
 
@@ -120,14 +120,16 @@ class TreeDecoder:
         self.lm_head = model.get_output_embeddings()
         weight = self.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
+        self.layer_devices = layer_devices(model)  # the cache's, one per layer (several with a device map)
+        self.cache_argument = cache_argument(model)
         if heads is None and tree.num_nodes:
             raise TreeoptError("a tree needs Medusa heads: pass --heads DIR or --heads random")
         if heads is not None:
             heads.check_compatible(model)
             tree.check(num_heads=heads.num_heads)
-            p = next(heads.parameters())
-            if (p.device, p.dtype) != (self.device, self.dtype):
-                heads = copy.deepcopy(heads).to(device=self.device, dtype=self.dtype)
+            p, last = next(heads.parameters()), self.layer_devices[-1]  # the heads read the last layer's output
+            if (p.device, p.dtype) != (last, self.dtype):
+                heads = copy.deepcopy(heads).to(device=last, dtype=self.dtype)
         self.heads = heads
         self.tree = tree
         self.buf: TreeBuffers = tree_buffers(tree, top_k, self.device)
@@ -147,7 +149,7 @@ class TreeDecoder:
     def forward(self, ids: torch.Tensor, bias: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """ids [q], bias [q, kv], positions [q] -> last hidden states [q, H]; writes K/V at cache.length."""
         out = self.base(input_ids=ids[None], attention_mask=bias[None, None], position_ids=positions[None],
-                        past_key_values=self.cache, use_cache=True)
+                        **{self.cache_argument: self.cache}, use_cache=True)
         return out.last_hidden_state[0]
 
     def candidates(self, hidden: torch.Tensor, depth: int | None = None) -> torch.Tensor:
@@ -160,7 +162,7 @@ class TreeDecoder:
             logits = self.heads(hidden)[:D]  # [D, V]
         else:
             logits = self.lm_head(self.heads.features(hidden)[:D])  # [D, V]
-        return torch.topk(logits, self.buf.top_k, dim=-1).indices
+        return torch.topk(logits, self.buf.top_k, dim=-1).indices.to(self.device)
 
     def _typical(self, logits: torch.Tensor):
         """logits [N, V] -> (probs [N, V] fp32, threshold [N]) of Medusa's typical acceptance."""
@@ -203,7 +205,7 @@ class TreeDecoder:
             raise TreeoptError(f"prompt + --max-new-tokens + tree need {max_len} positions but the model's "
                                f"sliding window is {self.window}: lower --max-new-tokens")
         if self.cache is None or self.cache.max_len < max_len:
-            self.cache = TreeCache(self.num_layers, max_len)
+            self.cache = TreeCache(self.num_layers, max_len, self.layer_devices)
             self.bias = torch.empty(self.buf.num_nodes, max_len, dtype=self.dtype, device=self.device)
         self.cache.reset()
         self.bias.fill_(torch.finfo(self.dtype).min)
@@ -329,7 +331,8 @@ def greedy_reference(model, prompt_ids, max_new_tokens: int, stop_ids=None) -> D
 
 def run_decode(instruction: str, tree: str | None = None, model: str = "smollm2-135m", heads: str | None = None,
                max_new_tokens: int = 128, acceptance: Acceptance = GREEDY, device: str = "auto",
-               dtype: str = "float32") -> tuple[str, DecodeResult]:
+               dtype: str = "float32", device_map: str | None = None, max_memory: str | None = None
+               ) -> tuple[str, DecodeResult]:
     """The CLI's twin: decode one instruction (as a chat turn) with a tree spec (file, published name
     or list string; None = plain decoding) and return the reply text and the result."""
     from decoding.heads import resolve_heads
@@ -337,7 +340,7 @@ def run_decode(instruction: str, tree: str | None = None, model: str = "smollm2-
     from treeopt.core.treefile import read_tree
 
     shape = read_tree(tree) if tree else Tree(())
-    loaded = load_model(model, device=device, dtype=dtype)
+    loaded = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
     medusa = resolve_heads(heads, loaded.model) if shape.num_nodes else None
     stops = stop_token_ids(loaded.model, loaded.tokenizer)
     ids = chat_prompt(loaded.tokenizer, instruction)

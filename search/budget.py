@@ -1,5 +1,7 @@
-"""Sizing a tree for a machine: latency profiles (forward time vs tree size) and the size, or chain
-length, of best predicted tokens/s."""
+"""Sizing a tree for a machine: latency profiles (forward time vs tree size, per batch size) and the
+size, or chain length, of best predicted tokens/s. At batch size B a step of n nodes verifies B x (n+1)
+tokens and emits B x tokens/step, so the best size maximizes B x tokens/step / step time: as B grows
+the step time climbs sooner and the best tree shrinks."""
 
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from search.acceptance import node_values
+from search.acceptance import DEFAULT_MODEL, node_values, resolve_model
+from search.crossval import cross_validated_curve, sweep_sizes
 from search.grow import SearchResult, search
+from search.targets import Target
 from treeopt.core.errors import TreeoptError
 from treeopt.core.record import Calibration
 from treeopt.core.tree import Tree
@@ -18,12 +22,14 @@ from treeopt.core.tree import Tree
 
 @dataclass(frozen=True)
 class Latency:
-    """Forward time of one decoding step vs tree size, from `treeopt profile` (nodes 0 = plain decoding)."""
+    """Forward time of one decoding step vs tree size, from `treeopt profile` (nodes 0 = plain decoding),
+    for `batch_size` sequences decoded together."""
 
     nodes: np.ndarray  # [M] sorted, distinct
     forward_ms: np.ndarray  # [M]
     source: str = ""
     meta: dict = field(default_factory=dict)
+    batch_size: int = 1
 
     def forward(self, nodes) -> np.ndarray:
         """Forward ms at the given tree sizes, interpolated linearly; NaN outside the profiled range."""
@@ -32,12 +38,23 @@ class Latency:
         return np.where((n >= self.nodes[0]) & (n <= self.nodes[-1]), ms, np.nan)
 
     def tokens_per_second(self, tokens_per_step, nodes) -> np.ndarray:
-        return np.asarray(tokens_per_step, dtype=np.float64) / self.forward(nodes) * 1000.0
+        """All `batch_size` sequences' tokens per second."""
+        return self.batch_size * np.asarray(tokens_per_step, dtype=np.float64) / self.forward(nodes) * 1000.0
 
 
-def read_latency(path: str | Path) -> Latency:
-    """Read a latency CSV: columns `nodes` (tree size, root excluded) and `forward_ms`, plus optional
-    descriptive columns (device, dtype, model). Repeated sizes are combined by their median."""
+def read_latency(path: str | Path, batch_size: int = 1) -> Latency:
+    """The rows of one batch size of a latency CSV (see read_latencies)."""
+    latencies = read_latencies(path)
+    if batch_size not in latencies:
+        raise TreeoptError(f"latency file {path} has no rows for batch size {batch_size} (it has "
+                           f"{', '.join(map(str, latencies))}): run `treeopt profile --batch-sizes {batch_size}`")
+    return latencies[batch_size]
+
+
+def read_latencies(path: str | Path) -> dict[int, Latency]:
+    """Read a latency CSV: columns `nodes` (tree size, root excluded) and `forward_ms`, optionally
+    `batch_size` (absent: every row is batch 1), plus descriptive columns (device, dtype, model).
+    One Latency per batch size, ascending; repeated sizes are combined by their median."""
     path = Path(path)
     if not path.is_file():
         raise TreeoptError(f"latency file {path} not found: write one with `treeopt profile -o {path}`")
@@ -53,30 +70,43 @@ def read_latency(path: str | Path) -> Latency:
     if df.empty or nodes.isna().any() or ms.isna().any() or (nodes < 0).any() or (nodes % 1 != 0).any() or (ms <= 0).any():
         raise TreeoptError(f"latency file {path} needs integer nodes >= 0 and positive forward_ms on every row: "
                            "re-run `treeopt profile`")
-    table = pd.DataFrame({"nodes": nodes.astype(np.int64), "ms": ms}).groupby("nodes")["ms"].median()
-    meta = {c: str(df[c].iloc[0]) for c in df.columns if c not in ("nodes", "forward_ms")}
-    return Latency(table.index.to_numpy(), table.to_numpy(np.float64), str(path), meta)
+    batch = pd.to_numeric(df["batch_size"], errors="coerce") if "batch_size" in df.columns else pd.Series(1, index=df.index)
+    if batch.isna().any() or (batch < 1).any() or (batch % 1 != 0).any():
+        raise TreeoptError(f"latency file {path} needs an integer batch_size >= 1 on every row: re-run `treeopt profile`")
+    meta = {c: str(df[c].iloc[0]) for c in df.columns if c not in ("nodes", "forward_ms", "batch_size")}
+    table = pd.DataFrame({"batch": batch.astype(np.int64), "nodes": nodes.astype(np.int64), "ms": ms})
+    return {int(b): Latency(t.index.to_numpy(), t.to_numpy(np.float64), str(path), meta, int(b))
+            for b, t in ((b, g.groupby("nodes")["ms"].median()) for b, g in table.groupby("batch"))}
 
 
-def choose_nodes(result: SearchResult, latency: Latency) -> int:
-    """The prefix size m >= 1 of a greedy search that maximizes predicted tokens/s."""
-    tps = latency.tokens_per_second(result.curve, np.arange(len(result.curve)))  # [n+1]
-    if len(tps) < 2 or not np.isfinite(tps[1:]).any():
-        raise TreeoptError(f"latency file {latency.source} covers no tree size from 1 to {len(tps) - 1}: "
+def choose_nodes(sizes: np.ndarray, tokens_per_step: np.ndarray, latency: Latency) -> int:
+    """The size >= 1 of `sizes` that maximizes predicted tokens/s, given tokens/step at those sizes."""
+    sizes = np.asarray(sizes)
+    tps = np.where(sizes >= 1, latency.tokens_per_second(tokens_per_step, sizes), np.nan)  # [S]
+    if not np.isfinite(tps).any():
+        raise TreeoptError(f"latency file {latency.source} covers no tree size from 1 to {sizes.max()}: "
                            "profile the sizes you search (`treeopt profile`)")
-    return int(np.nanargmax(tps[1:])) + 1
+    return int(sizes[np.nanargmax(tps)])
 
 
-def search_auto(calibration: Calibration, latency: Latency, model: str = "empirical", max_nodes: int = 256,
-                max_depth: int | None = None, top_k: int | None = None) -> SearchResult:
-    """`--nodes auto`: the greedy tree whose size maximizes predicted tokens/s (sizes the latency
-    file covers, up to `max_nodes`)."""
-    full = search(calibration, min(max_nodes, int(latency.nodes[-1])), model, max_depth, top_k)
-    n = choose_nodes(full, latency)
-    return SearchResult(full.tree[:n], full.values[:n], model, n, {**full.meta, "nodes": "auto"})
+def search_auto(calibration: Calibration, latency: Latency, model: str = DEFAULT_MODEL, max_nodes: int = 256,
+                max_depth: int | None = None, top_k: int | None = None, target: Target | None = None) -> SearchResult:
+    """`--nodes auto`: the greedy tree whose size (of `search.crossval.sweep_sizes`, as far as the
+    latency file, `max_nodes` and the target's node cap go) maximizes predicted tokens/s, tokens/step
+    by cross-validated replay."""
+    if target is not None and target.cartesian:
+        raise TreeoptError(f"--nodes auto cannot size a tree for --target {target.name} (its Cartesian trees are "
+                           "not prefixes of one another): pass --nodes N")
+    model = resolve_model(calibration, model)
+    caps = [max_nodes, int(latency.nodes[-1])] + ([target.max_nodes] if target is not None and target.max_nodes else [])
+    full = search(calibration, min(caps), model, max_depth, top_k, target)
+    sizes = sweep_sizes(len(full.tree))
+    curve = cross_validated_curve(calibration, sizes, model, max_depth=max_depth, top_k=top_k, target=target)
+    n = choose_nodes(sizes, curve, latency)
+    return SearchResult(full.tree[:n], full.values[:n], model, n, {**full.meta, "nodes": "auto", "auto_max": min(caps)})
 
 
-def best_chain_length(calibration: Calibration, model: str = "empirical", latency: Latency | None = None,
+def best_chain_length(calibration: Calibration, model: str = DEFAULT_MODEL, latency: Latency | None = None,
                       max_length: int | None = None) -> int:
     """Chain length to give servers that draft a top-1 chain (vLLM `num_speculative_tokens`, TGI
     `--speculate`). With a latency file: the length that maximizes predicted tokens/s. Without one:

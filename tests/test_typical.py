@@ -161,7 +161,7 @@ def typical_dir(tmp_path_factory, tiny_model_dir):
     prompts.write_text("\n".join(json.dumps({"instruction": f"w{i} w{i + 3} w{2 * i + 5}"}) for i in range(4)) + "\n")
     args = ["calibrate", "--model", str(tiny_model_dir), "--heads", "random", "-p", str(prompts),
             "--max-new-tokens", "16", "--top-k", "4", "--acceptance", "typical", "--temperature", "1.0",
-            "--posterior-alpha", "1.1", "--seed", "3", "--probe", "[[0], [1], [0, 0]]", "--no-progress",
+            "--posterior-alpha", "1.1", "--seed", "3", "--probe", "[[0], [1], [0, 0]]", "--quiet",
             "--device", "cpu", "-o", str(d / "cal")]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output

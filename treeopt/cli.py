@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from treeopt.core.errors import TreeoptError
+from treeopt.core.errors import FAILED_RUN, TreeoptError
 
 app = typer.Typer(
     help="treeopt: calibrate Medusa heads, search the best speculative-decoding tree, decode and benchmark it.",
@@ -19,29 +19,48 @@ app = typer.Typer(
 )
 
 
+ROOT = {"debug": False}  # the root options, set before every command
+
+
 @app.callback()
-def _root():
+def _root(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error instead of one line.")):
     """treeopt: calibrate Medusa heads, search the best speculative-decoding tree, decode and benchmark it."""
+    ROOT["debug"] = debug
 
 
 def command(*args, **kwargs):
-    """app.command that turns a TreeoptError into one line on stderr and exit status 2."""
+    """app.command whose every failure ends in one line on stderr (naming the file, the problem and the
+    fix) and exit status 2 for bad input, 1 for a failed run; `treeopt --debug COMMAND` shows the traceback."""
 
     def register(fn):
         @functools.wraps(fn)
         def run(*a, **kw):
             try:
                 return fn(*a, **kw)
-            except TreeoptError as e:
-                typer.echo(f"error: {e}", err=True)
-                raise typer.Exit(2)
             except KeyboardInterrupt:
                 typer.echo("interrupted: run the same command again to resume", err=True)
                 raise typer.Exit(130)
+            except (typer.Exit, typer.Abort, typer.TyperException):  # typer's own: usage errors, exits
+                raise
+            except Exception as e:
+                if ROOT["debug"]:
+                    raise
+                typer.echo(f"error: {one_line(e)}", err=True)
+                raise typer.Exit(e.exit_code if isinstance(e, TreeoptError) else FAILED_RUN)
 
         return app.command(*args, **kwargs)(run)
 
     return register
+
+
+def one_line(e: Exception) -> str:
+    """A failure as one line: a TreeoptError says it all; an OSError names its file; anything else is a bug."""
+    if isinstance(e, TreeoptError):
+        return str(e)
+    if isinstance(e, OSError):
+        return f"{e.filename or 'a file'}: {e.strerror or e}: check that path (permissions, free space) and run again"
+    return (f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            "(a bug: run `treeopt --debug ...` for the traceback and report it)")
 
 
 # Options shared by several commands: one name (and short flag) per idea everywhere.
@@ -50,14 +69,22 @@ HeadsOpt = typer.Option(None, "--heads", help="Medusa heads directory; default: 
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto.")
 ThreadsOpt = typer.Option(None, "--threads", help="torch CPU threads; 1 is best on a machine shared with other jobs.")
 DtypeOpt = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16.")
+DeviceMapOpt = typer.Option(None, "--device-map", help="auto (or balanced, sequential): spread a large model over the GPUs with accelerate (--device is then unused).")
+MaxMemoryOpt = typer.Option(None, "--max-memory", help="With --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB.")
 PromptsOpt = typer.Option(None, "--prompts", "-p", help="Prompt source: alpaca_eval (hub, via `datasets`), a .json/.jsonl file with an `instruction` or `prompt` field, or a Hugging Face dataset id; default: ../shared/data/alpaca_eval.json if present, else alpaca_eval.")
 CalibrationOpt = typer.Option(..., "--calibration", "-c", help="Calibration directory (from `treeopt calibrate`).")
-AcceptanceModelOpt = typer.Option("empirical", "--acceptance-model", help="How node acceptance is estimated from the calibration: empirical (joint rank counts) or independent (Medusa paper's product of accuracies).")
+AcceptanceModelOpt = typer.Option("smoothed", "--acceptance-model", help="How node acceptance is estimated from the calibration: smoothed (joint rank counts shrunk toward the product of accuracies, strength cross-validated; smoothed:S fixes it), empirical (joint rank counts) or independent (Medusa paper's product of accuracies).")
 AcceptanceOpt = typer.Option("greedy", "--acceptance", help="The acceptance rule: greedy (lossless) or typical (Medusa's typical acceptance, temperature > 0).")
 TemperatureOpt = typer.Option(0.7, "--temperature", help="typical: sampling temperature.")
 ThresholdOpt = typer.Option(0.09, "--posterior-threshold", help="typical: epsilon, the hard threshold.")
 AlphaOpt = typer.Option(0.3, "--posterior-alpha", help="typical: delta, the entropy-scaled threshold.")
 LatencyOpt = typer.Option(None, "--latency", help="Latency CSV (nodes,forward_ms) from `treeopt profile`: adds tokens/s.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars (they are also off when stderr is not a terminal).")
+
+
+def _progress(quiet: bool) -> bool:
+    """Progress bars on long stages: on a terminal, unless --quiet."""
+    return not quiet and sys.stderr.isatty()
 
 
 @command()
@@ -99,6 +126,7 @@ def train_heads_cmd(
     max_train_minutes: Optional[float] = typer.Option(None, "--max-train-minutes", help="Stop training after this long, checkpointed (re-run to continue)."),
     model: str = ModelOpt,
     device: str = DeviceOpt,
+    quiet: bool = QuietOpt,
 ):
     """Train Medusa-1 heads (backbone frozen) on the model's own greedy continuations, and save them."""
     from training.train import TrainConfig, train_heads
@@ -110,7 +138,7 @@ def train_heads_cmd(
                       device=device, eval_prompts=eval_prompts,
                       max_gen_s=None if max_gen_minutes is None else max_gen_minutes * 60,
                       max_train_s=None if max_train_minutes is None else max_train_minutes * 60)
-    train_heads(cfg, stage=stage, log=lambda s: typer.echo(s, err=True))
+    train_heads(cfg, stage=stage, log=lambda s: typer.echo(s, err=True), progress=_progress(quiet))
 
 
 # --- calibrate (calibrate/) ---
@@ -119,10 +147,12 @@ def calibrate(
     model: str = ModelOpt,
     heads: Optional[str] = HeadsOpt,
     prompts: Optional[str] = PromptsOpt,
-    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N prompts."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Greedy continuation length cap (stops earlier at EOS)."),
+    teacher_forced: Optional[str] = typer.Option(None, "--teacher-forced", help="Chat data (ShareGPT `conversations` or OpenAI `messages`; .json/.jsonl or a Hugging Face dataset id): rank the heads on its assistant turns in one forward per conversation, instead of generating from --prompts."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use N prompts drawn at random across the prompt file's sources (its `dataset` or `source` field; seeded by --seed); teacher-forced: the first N conversations."),
+    first: Optional[int] = typer.Option(None, "--first", help="Use the first N prompts (conversations), in file order (instead of --limit)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Greedy continuation length cap (stops earlier at EOS); teacher-forced: the cap on each assistant turn."),
     top_k: int = typer.Option(10, "--top-k", help="Ranks >= top-k are recorded as a miss."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generation batch (1: exactly unbatched greedy)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generation batch (1: exactly unbatched greedy); teacher-forced: sequences per forward."),
     shard_size: int = typer.Option(32, "--shard-size", help="Prompts per resumable shard (rounded up to whole batches)."),
     seed: int = typer.Option(0, "--seed", help="typical: the seed of the sampled roots."),
     out: Path = typer.Option(Path("calibration"), "--out", "-o", help="Output directory; rerun the same command to resume."),
@@ -133,16 +163,22 @@ def calibrate(
     probe: Optional[str] = typer.Option(None, "--probe", help="typical: the probe's internal nodes (a tree spec; each gets all its top-k children); default top-4 x top-2 x top-1."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with tokens/s."),
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
+    quiet: bool = QuietOpt,
 ):
     """Record where every head ranks the base model's greedy tokens (ranks.parquet, accuracy.csv, ...);
     with --acceptance typical, every probe node's typical test along a seeded sampled text (typical.parquet)."""
     from treeopt.core.record import load_calibration
-    from calibrate.run import CalibrationConfig, calibrate as run_calibration
+    from calibrate.run import CalibrationConfig, calibrate as generated
+    from calibrate.teacher import calibrate_teacher_forced
 
-    config = CalibrationConfig(out=out, model=model, heads=heads, prompts=prompts, limit=limit,
+    run_calibration = calibrate_teacher_forced if teacher_forced else generated
+    config = CalibrationConfig(out=out, model=model, heads=heads, prompts=prompts, teacher_forced=teacher_forced,
+                               limit=limit, first=first,
                                max_new_tokens=max_new_tokens, top_k=top_k, batch_size=batch_size,
-                               shard_size=shard_size, seed=seed, device=device, dtype=dtype, progress=progress)
+                               shard_size=shard_size, seed=seed, device=device, dtype=dtype, device_map=device_map,
+                               max_memory=max_memory, progress=_progress(quiet))
     if acceptance != "greedy":
         from calibrate.typical import calibrate_typical
         from decoding.decoder import Acceptance
@@ -154,7 +190,8 @@ def calibrate(
         return
     cal = load_calibration(run_calibration(config))
     top = ", ".join(f"head {k + 1} {a:.3f}" for k, a in enumerate(cal.accuracy.sum(1)))
-    typer.echo(f"wrote {out}: {cal.meta['num_prompts']} prompts, {cal.num_positions} positions, "
+    typer.echo(f"wrote {out}: {cal.meta['num_prompts']} {'assistant turns' if teacher_forced else 'prompts'}, "
+               f"{cal.num_positions} positions, "
                f"{cal.meta['tokens_per_s']:.1f} tok/s; top-{cal.top_k} accuracy: {top}")
 
 
@@ -172,14 +209,39 @@ def search(
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Highest rank + 1 per head (default: the calibration's top-k)."),
     max_nodes: int = typer.Option(256, "--max-nodes", help="Largest size --nodes auto considers."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Tree file to write (.json, .py, .txt)."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="json, python (medusa_choices = [...]) or trtllm (--medusa_choices string); default from the suffix."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="json, python (Medusa's medusa_choices = [...]), trtllm (--medusa_choices string), vllm (--speculative-config keys) or chain (top-1 chain length); default from the suffix."),
+    target: Optional[str] = typer.Option(None, "--target", help="Search within a consumer's rules: medusa, trtllm, vllm or chain (see the README's 'Deploying a tree')."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Sequences decoded together: --latency's rows for that batch size (`treeopt profile --batch-sizes`)."),
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="e.g. 1,4,16,64: a schedule, the best tree at each batch size (needs --latency; -o writes one JSON file)."),
     acceptance: str = AcceptanceOpt,
 ):
     """Search the tree that maximizes expected tokens/step; compare it with the baselines."""
-    from search.api import search_report
+    from search.api import schedule_report, search_report
 
+    if batch_sizes is not None:
+        if latency is None:
+            raise TreeoptError("--batch-sizes needs --latency FILE profiled at those batch sizes "
+                               "(`treeopt profile --batch-sizes 1,4,16`)")
+        if not all(b.strip().isdigit() for b in batch_sizes.split(",")):
+            raise TreeoptError(f"--batch-sizes {batch_sizes!r}: give comma-separated integers, e.g. 1,4,16,64")
+        sizes = [int(b) for b in batch_sizes.split(",")]
+        typer.echo(schedule_report(calibration, latency, sizes, acceptance_model, max_depth, top_k, max_nodes, out)[1])
+        return
     typer.echo(search_report(calibration, nodes, acceptance_model, max_depth, top_k, latency, max_nodes, out, fmt,
-                             acceptance=acceptance)[2])
+                             batch_size, target, acceptance)[2])
+
+
+@command()
+def export(
+    tree: str = typer.Argument(..., help="Tree file (.json, .py, .py:NAME, .txt), published name (mc_sim_7b_63) or '[[0], [0, 0]]'."),
+    out: Path = typer.Option(..., "--out", "-o", help="File to write."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="json, python (Medusa), trtllm, vllm or chain; default from the suffix."),
+    target: Optional[str] = typer.Option(None, "--target", help="Also check this consumer's rules: medusa, trtllm, vllm or chain."),
+):
+    """Write a tree for a consumer, after checking that consumer's rules (one line naming a broken rule)."""
+    from search.api import export_report
+
+    typer.echo(export_report(tree, out, fmt, target))
 
 
 @command()
@@ -235,12 +297,14 @@ def decode(
     heads: Optional[str] = HeadsOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
 ):
     """Answer one instruction with Medusa tree decoding; print the reply and tokens/step."""
     from decoding.decoder import Acceptance, run_decode
 
     rule = Acceptance(acceptance, temperature, posterior_threshold, posterior_alpha, seed)
-    text, r = run_decode(instruction, tree, model, heads, max_new_tokens, rule, device, dtype)
+    text, r = run_decode(instruction, tree, model, heads, max_new_tokens, rule, device, dtype, device_map, max_memory)
     typer.echo(text)
     typer.echo(f"{len(r.tokens)} tokens in {r.steps} steps: {r.tokens_per_step:.2f} tokens/step, "
                f"{len(r.tokens) / max(r.decode_s, 1e-9):.1f} tokens/s decoding, prefill {r.prefill_s * 1e3:.0f} ms", err=True)
@@ -266,6 +330,9 @@ def bench(
     heads: Optional[str] = HeadsOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
+    quiet: bool = QuietOpt,
 ):
     """Plain greedy vs tree decoding on the same prompts: tokens/step, overhead, speedup, lossless match."""
     from decoding.decoder import Acceptance
@@ -275,7 +342,8 @@ def bench(
     result = run_bench(model=model, heads=heads, trees=trees or (), cartesian=cartesian or (), prompts=prompts,
                        limit=limit, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
                        calibration=str(calibration) if calibration else None, out=out, repeats=repeats,
-                       progress=sys.stderr.isatty(), threads=threads, acceptance=rule)
+                       progress=_progress(quiet), threads=threads, device_map=device_map, max_memory=max_memory,
+                       acceptance=rule)
     typer.echo(render(result))
     if out is not None:
         typer.echo(f"wrote {out / 'bench.csv'} and {out / 'bench.json'}", err=True)
@@ -285,6 +353,7 @@ def bench(
 def profile(
     out: Path = typer.Option(Path("latency.csv"), "--out", "-o", help="CSV to write (what `search --nodes auto --latency` reads)."),
     sizes: Optional[str] = typer.Option(None, "--sizes", help="Tree sizes, comma-separated; default 0,1,2,4,8,16,24,32,48,64,96,128,192,256."),
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Sequences per forward, comma-separated (e.g. 1,4,16): one set of rows each; default 1."),
     context: int = typer.Option(256, "--context", help="Tokens already in the KV cache."),
     repeats: int = typer.Option(5, "--repeats", help="Timed forwards per size (the median is kept)."),
     threads: Optional[int] = ThreadsOpt,
@@ -292,14 +361,18 @@ def profile(
     heads: Optional[str] = HeadsOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
+    quiet: bool = QuietOpt,
 ):
     """Time one decoding step's forward vs tree size on this device, into a CSV."""
     from decoding.profile import run_profile
     from treeopt.core.tables import render_table
 
     df = run_profile(model=model, heads=heads, sizes=sizes, context=context, repeats=repeats, device=device,
-                     dtype=dtype, out=out, progress=sys.stderr.isatty(), threads=threads)
-    typer.echo(render_table(df[["nodes", "forward_ms", "base_ms", "heads_ms"]]))
+                     dtype=dtype, out=out, progress=_progress(quiet), threads=threads, device_map=device_map,
+                     max_memory=max_memory, batch_sizes=batch_sizes)
+    typer.echo(render_table(df[["batch_size", "nodes", "forward_ms", "base_ms", "heads_ms"]]))
     typer.echo(f"wrote {out}", err=True)
 
 
@@ -339,8 +412,9 @@ def demo(
     max_new_tokens: int = typer.Option(96, "--max-new-tokens", help="New tokens per prompt (calibration and bench)."),
     nodes: str = typer.Option("16", "--nodes", help="Size of the searched tree (16 keeps a CPU demo short; 64 on a GPU), or `auto`: the size of best predicted tokens/s on this machine (uses the profile)."),
     top_k: int = typer.Option(10, "--top-k", help="Ranks per head recorded by the calibration."),
-    cartesian: str = typer.Option("best,2x3", "--cartesian", help="Cartesian baselines: `best` (the best one as large as the searched tree) and/or e.g. 2x3."),
-    published: str = typer.Option("", "--published", help="Medusa's published trees to bench too, comma-separated (e.g. mc_sim_7b_63)."),
+    cartesian: str = typer.Option("best", "--cartesian", help="Cartesian baselines: `best` (the best one as large as the searched tree) and/or e.g. 2x3; each is benched beside a searched tree of its size."),
+    published: str = typer.Option("mc_sim_7b_63", "--published", help="Medusa's published trees to bench (beside a searched tree of their size), comma-separated; '' for none."),
+    chain: bool = typer.Option(True, "--chain/--no-chain", help="Bench the top-1 chain (what vLLM and TGI draft) beside a searched tree of its size."),
     profile_sizes: str = typer.Option("0,1,2,4,8,16,32,64", "--profile-sizes", help="Tree sizes to time (latency.csv); '' to skip."),
     prompts: Optional[str] = PromptsOpt,
     model: str = ModelOpt,
@@ -348,9 +422,10 @@ def demo(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     threads: Optional[int] = ThreadsOpt,
+    quiet: bool = QuietOpt,
 ):
-    """The main job, small: calibrate on a slice of AlpacaEval, search the tree, bench it against
-    Cartesian trees and plain decoding on held-out prompts, write the report."""
+    """The main job, small: calibrate on a slice of AlpacaEval, search the tree, bench each baseline
+    (Cartesian, published, chain) beside a searched tree of its size on held-out prompts, write the report."""
     from treeopt.demo import DemoConfig, run_demo
 
     split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
@@ -359,9 +434,9 @@ def demo(
     config = DemoConfig(model=model, heads=heads, prompts=prompts, offset=offset, fit_prompts=limit,
                         bench_prompts=bench_prompts, max_new_tokens=max_new_tokens, top_k=top_k,
                         nodes=nodes if nodes == "auto" else int(nodes),
-                        cartesian=split(cartesian), published=split(published), profile_sizes=profile_sizes,
-                        device=device, dtype=dtype, threads=threads)
-    run_demo(out, config, log=typer.echo)
+                        cartesian=split(cartesian), published=split(published), chain=chain,
+                        profile_sizes=profile_sizes, device=device, dtype=dtype, threads=threads)
+    run_demo(out, config, log=typer.echo, progress=_progress(quiet))
 
 
 def main():

@@ -68,7 +68,7 @@ def test_full_run_report(full_run):
     # the header: inputs and the basis of each figure
     assert "offline.json (bundled instructions)" in text and "| overlap (same instruction in both) | none |" in text
     assert "Test CPU, 2 cores, cpu, 2 torch threads" in text and "treeopt 0.2.0, torch 2.x" in text
-    assert "greedy (not recorded" in text and "uniform expectation" in text
+    assert "| acceptance rule | greedy |" in text and "uniform expectation" in text  # recorded by calibrate and search
     # the trees as copyable text
     assert "```python\nsearched_4 = [[0]" in text and "mc_sim_7b_63 = [[0], [0, 0]" in text
     # the summary names a tree, its interval and the machine

@@ -46,7 +46,7 @@ class CalibrationConfig:
     shard_size: int = 32  # prompts per shard, rounded up to a multiple of batch_size
     seed: int = 0
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"
     progress: bool = True
 
     def check(self) -> None:

@@ -1,9 +1,12 @@
-"""A preallocated KV cache that the tree decoder owns, plugged into transformers' public Cache API.
+"""Preallocated KV caches that the decoders own, plugged into transformers' public Cache API.
 
-All layers share one buffer ``kv`` [layers, 2, kvH, max_len, D]. A forward of q tokens writes them at
-slots length..length+q of every layer and attends over slots 0..length+q (the caller's 4D mask says
-which of those each query sees). Nothing is committed until `commit`: it moves the accepted slots to
-the contiguous ones after the prefix, in one indexed copy for all layers, and advances `length`.
+`TreeCache` (tree decoding, batch 1) is static: one buffer ``kv`` [layers, 2, kvH, capacity, D] for
+all layers, allocated up front. Before a forward the caller `place`s its q tokens at slots [q] (a
+tensor); every layer writes them there and attends over all `capacity` slots (the caller's 4D mask
+[1, 1, q, capacity] says which of them each query sees). Every shape is fixed per tree size, so a
+compiled verification step runs without recompiling as the text grows. Nothing is committed until
+`commit`: it moves the accepted slots to the contiguous ones after the prefix, in one indexed copy for
+all layers, and advances `length`.
 """
 
 from __future__ import annotations
@@ -12,56 +15,57 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 
+def kv_shape(config) -> tuple[int, int, int]:
+    """(layers, kvH, head_dim) of a transformers text config."""
+    c = config.get_text_config()
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return c.num_hidden_layers, getattr(c, "num_key_value_heads", None) or c.num_attention_heads, head_dim
+
+
 class _Layer(CacheLayerMixin):
     is_sliding = False
-    is_compileable = False
+    is_compileable = True
 
-    def __init__(self, owner: "TreeCache", index: int):
+    def __init__(self, owner, index: int):
         super().__init__()
         self.owner, self.index = owner, index
+        self.is_initialized = True
 
     def lazy_initialization(self, key_states, value_states) -> None:
-        self.owner._allocate(key_states)
+        pass
 
     def update(self, key_states, value_states, *args, **kwargs):
-        o = self.owner
-        if o.kv is None:
-            o._allocate(key_states)
-        start, end = o.length, o.length + key_states.shape[-2]
-        if end > o.max_len:
-            raise ValueError(f"TreeCache holds {o.max_len} tokens, asked to write up to {end}")
-        kv = o.kv[self.index]  # [2, kvH, max_len, D]
-        kv[0, :, start:end] = key_states[0]
-        kv[1, :, start:end] = value_states[0]
-        self.keys, self.values = kv[0, None, :, :end], kv[1, None, :, :end]  # [1, kvH, end, D]
-        self.is_initialized = True
-        return self.keys, self.values
+        """key/value_states [1, kvH, q, D] -> the whole buffer's keys, values [1, kvH, capacity, D]."""
+        kv = self.owner.kv[self.index]  # [2, kvH, capacity, D]
+        slots = self.owner.slots  # [q]
+        kv[0].index_copy_(1, slots, key_states[0])
+        kv[1].index_copy_(1, slots, value_states[0])
+        return kv[0, None], kv[1, None]
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.owner.length + query_length, 0
+    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
+        return self.owner.capacity, 0
 
     def get_seq_length(self) -> int:
         return self.owner.length
 
     def get_max_length(self) -> int:
-        return self.owner.max_len
+        return self.owner.capacity
 
 
 class TreeCache(Cache):
-    """Batch size 1. `length` = committed tokens; `kv` is allocated at the first write (its dtype,
-    device and head shapes are the key states')."""
+    """Batch size 1, `capacity` slots; `length` = committed tokens."""
 
-    def __init__(self, num_layers: int, max_len: int):
+    def __init__(self, config, capacity: int, dtype: torch.dtype, device: torch.device):
+        layers, kvH, D = kv_shape(config)
         self.length = 0
-        self.max_len = max_len
-        self.num_layers = num_layers
-        self.kv: torch.Tensor | None = None  # [layers, 2, kvH, max_len, D]
-        super().__init__(layers=[_Layer(self, i) for i in range(num_layers)])
+        self.capacity = capacity
+        self.kv = torch.zeros(layers, 2, kvH, capacity, D, dtype=dtype, device=device)
+        self.slots = torch.arange(1, device=device)  # [q] where the next forward writes
+        super().__init__(layers=[_Layer(self, i) for i in range(layers)])
 
-    def _allocate(self, key_states: torch.Tensor) -> None:
-        _, kvH, _, D = key_states.shape
-        self.kv = torch.zeros(self.num_layers, 2, kvH, self.max_len, D, dtype=key_states.dtype,
-                              device=key_states.device)
+    def place(self, slots: torch.Tensor) -> None:
+        """The next forward writes its q tokens at `slots` [q]."""
+        self.slots = slots
 
     def reset(self) -> None:
         self.length = 0

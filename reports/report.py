@@ -343,7 +343,7 @@ def summary_lines(run: Run) -> list[str]:
         lines.append(f"Searched tree ({first['nodes']} nodes): {first['replayed']:.2f} tokens per step replayed on the "
                      "calibration" + (f", against {'; '.join(others)}." if others else "."))
     if run.bench is not None and {"speedup", "match_rate"} <= set(run.bench.columns):
-        rows = run.bench[run.bench["method"] != "plain"]
+        rows = run.bench[run.bench["nodes"] > 0]
         if len(rows):
             parts = [f"{r['method']} {r['tokens_per_step']:.2f} tokens/step, {r['speedup']:.2f}x"
                      for _, r in rows.iterrows()]

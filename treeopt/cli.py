@@ -49,7 +49,8 @@ ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="smollm2-135m (bun
 HeadsOpt = typer.Option(None, "--heads", help="Medusa heads directory; default: the heads shipped for the bundled model; `random` for untrained ones.")
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto.")
 ThreadsOpt = typer.Option(None, "--threads", help="torch CPU threads; 1 is best on a machine shared with other jobs.")
-DtypeOpt = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16.")
+DtypeOpt = typer.Option("auto", "--dtype", help="auto (bfloat16 where the device computes it natively, else float32), float32 (exact reference), bfloat16 or float16.")
+CompileOpt = typer.Option(False, "--compile/--eager", help="torch.compile the decoding steps, once per tree size and cache capacity (minutes each on a busy CPU; cached across runs; eager when compiling fails, with a note).")
 PromptsOpt = typer.Option(None, "--prompts", "-p", help="Prompt source: alpaca_eval (hub, via `datasets`), a .json/.jsonl file with an `instruction` or `prompt` field, or a Hugging Face dataset id; default: ../shared/data/alpaca_eval.json if present, else alpaca_eval.")
 CalibrationOpt = typer.Option(..., "--calibration", "-c", help="Calibration directory (from `treeopt calibrate`).")
 AcceptanceModelOpt = typer.Option("empirical", "--acceptance-model", help="How node acceptance is estimated from the calibration: empirical (joint rank counts) or independent (Medusa paper's product of accuracies).")
@@ -211,12 +212,13 @@ def decode(
     heads: Optional[str] = HeadsOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    compiled: bool = CompileOpt,
 ):
     """Answer one instruction with Medusa tree decoding; print the reply and tokens/step."""
     from decoding.decoder import Acceptance, run_decode
 
     rule = Acceptance(acceptance, temperature, posterior_threshold, posterior_alpha, seed)
-    text, r = run_decode(instruction, tree, model, heads, max_new_tokens, rule, device, dtype)
+    text, r = run_decode(instruction, tree, model, heads, max_new_tokens, rule, device, dtype, compiled)
     typer.echo(text)
     typer.echo(f"{len(r.tokens)} tokens in {r.steps} steps: {r.tokens_per_step:.2f} tokens/step, "
                f"{len(r.tokens) / max(r.decode_s, 1e-9):.1f} tokens/s decoding, prefill {r.prefill_s * 1e3:.0f} ms", err=True)
@@ -237,6 +239,7 @@ def bench(
     heads: Optional[str] = HeadsOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    compiled: bool = CompileOpt,
 ):
     """Plain greedy vs tree decoding on the same prompts: tokens/step, overhead, speedup, lossless match."""
     from reports.bench import render, run_bench
@@ -244,7 +247,7 @@ def bench(
     result = run_bench(model=model, heads=heads, trees=trees or (), cartesian=cartesian or (), prompts=prompts,
                        limit=limit, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
                        calibration=str(calibration) if calibration else None, out=out, repeats=repeats,
-                       progress=sys.stderr.isatty(), threads=threads)
+                       progress=sys.stderr.isatty(), threads=threads, compiled=compiled)
     typer.echo(render(result))
     if out is not None:
         typer.echo(f"wrote {out / 'bench.csv'} and {out / 'bench.json'}", err=True)
@@ -261,14 +264,14 @@ def profile(
     heads: Optional[str] = HeadsOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    compiled: bool = CompileOpt,
 ):
-    """Time one decoding step's forward vs tree size on this device, into a CSV."""
-    from decoding.profile import run_profile
-    from treeopt.core.tables import render_table
+    """Time one decoding step vs tree size on this device, beside the machine's roofline, into a CSV."""
+    from decoding.profile import render_profile, run_profile
 
     df = run_profile(model=model, heads=heads, sizes=sizes, context=context, repeats=repeats, device=device,
-                     dtype=dtype, out=out, progress=sys.stderr.isatty(), threads=threads)
-    typer.echo(render_table(df[["nodes", "forward_ms", "base_ms", "heads_ms"]]))
+                     dtype=dtype, out=out, progress=sys.stderr.isatty(), threads=threads, compiled=compiled)
+    typer.echo(render_profile(df))
     typer.echo(f"wrote {out}", err=True)
 
 
@@ -316,6 +319,7 @@ def demo(
     heads: Optional[str] = HeadsOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    compiled: bool = CompileOpt,
     threads: Optional[int] = ThreadsOpt,
 ):
     """The main job, small: calibrate on a slice of AlpacaEval, search the tree, bench it against
@@ -329,7 +333,7 @@ def demo(
                         bench_prompts=bench_prompts, max_new_tokens=max_new_tokens, top_k=top_k,
                         nodes=nodes if nodes == "auto" else int(nodes),
                         cartesian=split(cartesian), published=split(published), profile_sizes=profile_sizes,
-                        device=device, dtype=dtype, threads=threads)
+                        device=device, dtype=dtype, compiled=compiled, threads=threads)
     run_demo(out, config, log=typer.echo)
 
 

@@ -47,7 +47,8 @@ class DemoConfig:
     published: tuple[str, ...] = ()  # Medusa's trees to bench too, e.g. ("mc_sim_7b_63",)
     profile_sizes: str = "0,1,2,4,8,16,32,64"  # latency profile sizes ("" to skip the profile)
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"
+    compiled: bool = False  # torch.compile the decoding steps (profile and bench)
     threads: int | None = None  # torch CPU threads (None: torch's default); 1 is best on a shared machine
 
 
@@ -158,12 +159,13 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None,
     stage("calibrate", {**model, "max_new_tokens": c["max_new_tokens"], "top_k": c["top_k"]}, [fit_file], [cal_file],
           lambda: _calibrate(cfg, out, fit_file))
     if cfg.profile_sizes:
-        stage("profile", {**model, "sizes": c["profile_sizes"], "context": cfg.max_new_tokens + 64}, [], [latency],
+        stage("profile", {**model, "sizes": c["profile_sizes"], "context": cfg.max_new_tokens + 64,
+                          "compiled": c["compiled"]}, [], [latency],
               lambda: _profile(cfg, out))
     stage("search", {"nodes": c["nodes"]}, [cal_file] + ([latency] if cfg.profile_sizes else []),
           [tree_file, out / "sweep.csv"], lambda: _search(cfg, out, log))
     stage("bench", {**model, "max_new_tokens": c["max_new_tokens"], "cartesian": c["cartesian"],
-                    "published": c["published"]}, [bench_file, cal_file, tree_file], [out / "bench" / "bench.csv"],
+                    "published": c["published"], "compiled": c["compiled"]}, [bench_file, cal_file, tree_file], [out / "bench" / "bench.csv"],
           lambda: _bench(cfg, out, bench_file, log))
 
     from reports.report import write_report
@@ -199,7 +201,8 @@ def _profile(cfg: DemoConfig, out: Path):
     from decoding.profile import run_profile
 
     run_profile(model=cfg.model, heads=cfg.heads, sizes=cfg.profile_sizes, context=cfg.max_new_tokens + 64,
-                device=cfg.device, dtype=cfg.dtype, out=out / "latency.csv", progress=False, threads=cfg.threads)
+                device=cfg.device, dtype=cfg.dtype, out=out / "latency.csv", progress=False, threads=cfg.threads,
+                compiled=cfg.compiled)
 
 
 def _search(cfg: DemoConfig, out: Path, log):
@@ -256,5 +259,5 @@ def _bench(cfg: DemoConfig, out: Path, bench_file: Path, log):
                        cartesian=[",".join(cartesian_specs(cfg, cal, len(searched)))], prompts=str(bench_file), limit=None,
                        max_new_tokens=cfg.max_new_tokens, device=cfg.device, dtype=cfg.dtype,
                        calibration=str(out / "calibration"), out=out / "bench", progress=False,
-                       threads=cfg.threads)
+                       threads=cfg.threads, compiled=cfg.compiled)
     log(render(result))

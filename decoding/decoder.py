@@ -109,12 +109,12 @@ class _Step:
 
     def warm(self, *args):
         """Call once to compile for these shapes; the time goes to `compile_s`."""
+        if self.fn is self.eager:
+            return self.fn(*args)
         t0 = time.perf_counter()
         try:
             out = self.fn(*args)
         except Exception as e:  # torch raises many types for a failed compile
-            if self.fn is self.eager:
-                raise
             print(f"note: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                   f"decoding eagerly", file=sys.stderr)
             self.fn = self.eager

@@ -277,19 +277,3 @@ def train_heads(cfg: TrainConfig, stage: str = "all", log=print, progress: bool 
 def _base_name(loaded) -> str:
     name = getattr(loaded.model.config, "_name_or_path", "") or loaded.name
     return "HuggingFaceTB/SmolLM2-135M-Instruct" if loaded.name == "smollm2-135m" else name
-
-
-def heads_from_checkpoint(work: str | Path, model, base_name: str = "") :
-    """The heads in work/checkpoint.pt (e.g. of a run still training), as a MedusaHeads for `model`."""
-    from decoding.heads import HeadsConfig, MedusaHeads
-
-    path = Path(work) / "checkpoint.pt"
-    if not path.is_file():
-        raise TreeoptError(f"{path} not found: train first (treeopt train-heads --work {work})")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    W = model.get_output_embeddings().weight
-    fp = ckpt["fingerprint"]
-    heads = MedusaHeads(HeadsConfig(hidden_size=W.shape[1], vocab_size=W.shape[0], num_heads=fp["num_heads"],
-                                    num_layers=fp["num_layers"], base_model_name_or_path=base_name))
-    heads.heads.load_state_dict(ckpt["heads"])
-    return heads.eval().requires_grad_(False)

@@ -29,11 +29,6 @@ MANIFEST = "manifest.json"
 PART = ".done.json"  # a part's marker: `<part>.done.json`
 
 
-def sha256_json(obj: Any) -> str:
-    """A stable hash of JSON-able settings or inputs (key order does not matter)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

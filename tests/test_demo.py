@@ -20,7 +20,7 @@ def tiny_demo(tmp_path_factory, tiny_model_dir):
     # top-k = the whole vocabulary: every rank prefix is seen, so the search fills its node budget
     cfg = DemoConfig(model=str(tiny_model_dir), heads="random", prompts=str(prompts), offset=1, fit_prompts=3,
                      bench_prompts=2, max_new_tokens=8, top_k=97, nodes=8, cartesian=("best",),
-                     published=("mc_sim_7b_63",), profile_sizes="0,8", device="cpu")
+                     published=("mc_sim_7b_63",), profile_sizes="0,8", device="cpu", dtype="float32")
     logs: list[str] = []
     result = run_demo(d / "run", cfg, log=logs.append)
     return cfg, result, logs

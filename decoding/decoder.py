@@ -4,8 +4,9 @@ One step, with N = tree nodes + 1 and the committed prefix of `cur` tokens in th
 
 1. tokens [N] = the root (the base model's token at the last accepted position) + each tree node's
    head top-k token; positions = cur + node depth.
-2. One forward of the N tokens: they are written to cache slots cur..cur+N-1 and a 4D additive mask
-   [1, 1, N, cur+N] lets node i see the prefix, its ancestors and itself only.
+2. One forward of the N tokens (the verification step, compiled once per tree size with
+   `compiled=True`): they are written to cache slots cur..cur+N-1 and a 4D additive mask
+   [1, 1, N, capacity] over the static cache lets node i see the prefix, its ancestors and itself only.
 3. Acceptance picks the longest valid root-to-leaf prefix (greedy: each node's token equals its
    parent's argmax; typical: Medusa's posterior threshold). The step emits the root + accepted nodes.
 4. `TreeCache.commit` moves the accepted nodes' K/V to slots cur, cur+1, ...; the next root and the
@@ -171,7 +172,6 @@ class TreeDecoder:
         self.bias: torch.Tensor | None = None  # [N, capacity] the mask rows of a step
         self.generator = torch.Generator(device=self.device)
         self.time_model = time_model
-        self.compiled = compiled
         self.verify = _Step(self._verify, self.device, compiled)
         self.propose = _Step(self._propose, self.device, compiled)
 

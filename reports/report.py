@@ -164,7 +164,7 @@ CALIBRATION_FIELDS = ("model", "heads", "prompts", "num_stopped", "max_new_token
                       "dtype", "wall_time_s", "tokens_per_s")
 BENCH_FIELDS = ("model", "heads", "device", "dtype", "threads", "max_new_tokens", "prompts_source")
 BENCH_COLUMNS = ("method", "nodes", "tokens_per_step", "predicted_tokens_per_step", "step_ms", "overhead", "speedup",
-                 "tokens_per_s", "match_rate", "prompts", "new_tokens")
+                 "tokens_per_s", "match_rate", "first_divergence", "prompts", "new_tokens")
 TREE_FIELDS = ("predicted_tokens_per_step", "replayed_tokens_per_step", "acceptance_model", "max_depth", "top_k",
                "best_chain_length", "forward_ms", "predicted_tokens_per_s")
 

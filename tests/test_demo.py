@@ -39,7 +39,7 @@ def test_demo_writes_every_stage(tiny_demo):
     assert fit == ["w4 w5 w6", "w5 w6 w7", "w6 w7 w8"] and held == ["w7 w8 w9", "w8 w9 w10"]
 
     bench = pd.read_csv(out / "bench" / "bench.csv")
-    assert list(bench["method"][:2]) == ["plain", "searched-8"]
+    assert list(bench["method"][:3]) == ["plain", "hf-generate", "searched-8"]
     assert "mc_sim_7b_63" in set(bench["method"])
     assert any(m.startswith("cartesian-") for m in bench["method"])  # the best Cartesian tree of 8 nodes
     assert (bench["match_rate"] == 1.0).all()  # tree decoding is lossless under greedy decoding

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass
 from itertools import islice
@@ -24,11 +25,12 @@ import torch
 from treeopt.core import record as fmt
 from calibrate.ranks import head_ranks, head_targets
 from treeopt.core.errors import TreeoptError
-from treeopt.core.fileio import atomic_write
+from treeopt.core.fileio import atomic_write, check_writable
 from treeopt.core.stage import Stage, differences
 from treeopt.core.env import versions
 from decoding.models import DEFAULT_MODEL
 
+log = logging.getLogger(__name__)
 SHARDS = "shards"
 TIMING = ("wall_time_s", "ranks_time_s", "tokens_per_s")  # the only fields of calibration.json that differ between reruns
 
@@ -71,6 +73,7 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
     config.check()
     source = config.prompts or default_prompts()
     instructions = load_instructions(source, limit=config.limit)
+    check_writable(config.out, directory=True, fix="pass another --out")
     loaded = loaded or load_model(config.model, device=config.device, dtype=config.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     heads = heads if heads is not None else resolve_heads(config.heads, model)
@@ -96,6 +99,8 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop)
     n = len(instructions)
     parts = [range(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]  # prompt ids of each shard
+    for name, why in stage.broken().items():
+        log.warning(f"calibration shard {name}: {why}: redoing it")
     todo = [ids for ids in parts if not stage.done(_name(ids.start))]
     bar = _progress(config.progress, n, n - sum(len(ids) for ids in todo))
     done_tokens, t0 = 0, time.perf_counter()
@@ -190,10 +195,10 @@ def _claim(out: Path, settings: dict) -> Stage:
 
 
 def _write_shard(stage: Stage, start: int, ranks: pd.DataFrame, conts: pd.DataFrame, info: dict) -> None:
-    name = _name(start)
-    atomic_write(stage.directory / f"{name}.ranks.parquet", lambda p: ranks.to_parquet(p, index=False))
-    atomic_write(stage.directory / f"{name}.continuations.parquet", lambda p: conts.to_parquet(p, index=False))
-    stage.finish(name, info)  # last: marks the shard done
+    files = [stage.directory / f"{_name(start)}.{kind}.parquet" for kind in ("ranks", "continuations")]
+    for path, table in zip(files, (ranks, conts)):
+        atomic_write(path, lambda p: table.to_parquet(p, index=False))
+    stage.finish(_name(start), info, files=files)  # last: marks the shard done
 
 
 def _read_shards(stage: Stage, starts) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:

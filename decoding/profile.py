@@ -23,7 +23,7 @@ import torch
 from decoding.decoder import TreeDecoder, synchronize
 from decoding.roofline import Machine, measure_machine, step_cost
 from treeopt.core.errors import TreeoptError
-from treeopt.core.fileio import atomic_write
+from treeopt.core.fileio import atomic_write, check_writable
 from treeopt.core.tree import Tree
 
 DEFAULT_SIZES = (0, 1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -73,11 +73,7 @@ def profile_latency(model, heads, sizes=DEFAULT_SIZES, context: int = 256, repea
                     model_name: str = "", progress: bool = False, compiled: bool = False,
                     machine: Machine | None = None) -> pd.DataFrame:
     """One row per tree size (see the module docstring). `machine`: measured here when None."""
-    sizes = sorted(set(int(s) for s in sizes))
-    if not sizes or sizes[0] < 0:
-        raise TreeoptError(f"--sizes {sizes}: give tree sizes >= 0, e.g. 0,1,2,4,8")
-    if context < 1:
-        raise TreeoptError("--context must be at least 1 token")
+    sizes = checked_sizes(sizes, context)
     weight = model.get_output_embeddings().weight
     machine = machine or measure_machine(weight.device)
     rows = []
@@ -116,6 +112,16 @@ def _progress(items, enabled: bool, desc: str):
     return tqdm(items, desc=desc, leave=False)
 
 
+def checked_sizes(sizes, context: int) -> list[int]:
+    """The distinct tree sizes, sorted, after checking them and the context length."""
+    sizes = sorted(set(int(s) for s in sizes))
+    if not sizes or sizes[0] < 0:
+        raise TreeoptError(f"--sizes {sizes}: give tree sizes >= 0, e.g. 0,1,2,4,8")
+    if context < 1:
+        raise TreeoptError("--context must be at least 1 token")
+    return sizes
+
+
 def parse_sizes(text: str | None) -> tuple[int, ...]:
     if not text:
         return DEFAULT_SIZES
@@ -130,15 +136,15 @@ def run_profile(model: str = "smollm2-135m", heads: str | None = None, sizes: st
                 out: str | Path = "latency.csv", progress: bool = True, threads: int | None = None,
                 compiled: bool = False) -> pd.DataFrame:
     """The CLI's twin: load the model and heads, profile, write the CSV atomically."""
-    from decoding.models import set_threads
+    from decoding.heads import resolve_heads
+    from decoding.models import load_model, set_threads
 
     set_threads(threads)
-    from decoding.heads import resolve_heads
-    from decoding.models import load_model
-
+    tree_sizes = checked_sizes(parse_sizes(sizes), context)
+    check_writable(out, fix="pass another --out")
     loaded = load_model(model, device=device, dtype=dtype)
     medusa = resolve_heads(heads, loaded.model)
-    df = profile_latency(loaded.model, medusa, parse_sizes(sizes), context, repeats, model_name=model,
-                         progress=progress, compiled=compiled)
+    df = profile_latency(loaded.model, medusa, tree_sizes, context, repeats, model_name=model, progress=progress,
+                         compiled=compiled)
     atomic_write(out, lambda p: df.to_csv(p, index=False, float_format="%.4f"))
     return df

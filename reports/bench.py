@@ -24,6 +24,7 @@ tree size and the run's median context, as `treeopt profile` times them), prompt
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import re
 import statistics
@@ -37,10 +38,11 @@ from decoding.decoder import DecodeResult, TreeDecoder, greedy_reference
 from decoding.profile import time_step_forward
 from treeopt.core.env import versions
 from treeopt.core.errors import TreeoptError
-from treeopt.core.fileio import write_text
+from treeopt.core.fileio import check_writable, write_text
 from treeopt.core.stage import Stage
 from treeopt.core.tree import Tree
 
+log = logging.getLogger(__name__)
 PLAIN = "plain"
 HF = "hf-generate"
 CSV = "bench.csv"
@@ -232,6 +234,8 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
         cal = load_calibration(calibration)
     source = prompts or default_prompts()
     instructions = load_instructions(source, limit)
+    if out is not None:
+        check_writable(out, directory=True, fix="pass another --out")
     loaded = load_model(model, device=device, dtype=dtype)
     medusa = resolve_heads(heads, loaded.model)
     for tree in methods.values():
@@ -249,7 +253,7 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
     done, save, stage = [], None, None
     if out is not None:  # each (method, prompt) record is a part of a resumable stage
         stage = Stage(Path(out) / RECORDS, settings, what="bench").open(restart=True)
-        done = [Record(**stage.info(part)) for part in stage.parts()]
+        done = _saved_records(stage)
 
         def save(rec: Record):
             stage.finish(f"{rec.method.replace('/', '_')}.{rec.prompt:05d}", asdict(rec))
@@ -261,6 +265,19 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
         write_bench(result, out)
         shutil.rmtree(stage.directory)  # the records are in bench.json now
     return result
+
+
+def _saved_records(stage: Stage) -> list[Record]:
+    """The records an interrupted run saved; a damaged one is said, and redone."""
+    records = []
+    for part in stage.parts():
+        try:
+            records.append(Record(**stage.info(part)))
+        except TypeError:  # a marker that parses but does not hold a record
+            log.warning(f"bench record {part} in {stage.directory} is damaged: redoing it")
+    for part, why in stage.broken().items():
+        log.warning(f"bench record {part}: {why}: redoing it")
+    return records
 
 
 def write_bench(result: BenchResult, out: str | Path) -> tuple[Path, Path]:

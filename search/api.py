@@ -14,7 +14,7 @@ from search.evaluate import compare, evaluate
 from search.grow import SearchResult, search
 from search.sweep import sweep
 from treeopt.core.errors import TreeoptError
-from treeopt.core.fileio import atomic_write
+from treeopt.core.fileio import atomic_write, check_writable
 from treeopt.core.published import BASELINES, PUBLISHED
 from treeopt.core.record import Calibration, load_calibration
 from treeopt.core.tables import render_table
@@ -35,6 +35,8 @@ def search_report(calibration: str | Path, nodes: int | str = 64, model: str = "
     the comparison table and the text to print."""
     cal = load_calibration(calibration)
     lat = read_latency(latency) if latency is not None else None
+    if out is not None:
+        check_writable(out, fix="pass another --out")
     if str(nodes) == "auto":
         if lat is None:
             raise TreeoptError("--nodes auto needs --latency FILE (forward time vs tree size, from `treeopt profile`)")
@@ -96,6 +98,8 @@ def sweep_report(calibration: str | Path, max_nodes: int = 256, model: str = "em
     """`treeopt sweep`: the optimal tree's tokens/step (and tokens/s) for every size 0..max_nodes."""
     cal = load_calibration(calibration)
     lat = read_latency(latency) if latency is not None else None
+    if out is not None:
+        check_writable(out, fix="pass another --out")
     df = sweep(cal, max_nodes, model, lat, max_depth, top_k, replayed)
     lines = [_header(cal), f"{model} model; row N = the first N nodes of one greedy search", "", render_table(df)]
     if lat is not None and df["tokens_per_s"].notna().iloc[1:].any():

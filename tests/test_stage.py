@@ -31,3 +31,21 @@ def test_damaged_marker_is_not_done_and_damaged_manifest_is_one_line(tmp_path):
 def test_differences_lists_changed_keys():
     assert differences({"a": 1, "b": 2}, {"a": 1, "b": 3, "c": 4}) == "b 2 -> 3, c None -> 4"
     assert differences({}, {}) == ""
+
+
+def test_a_part_whose_file_is_damaged_is_not_done(tmp_path):
+    st = Stage(tmp_path / "s", {"a": 1}).open()
+    table = tmp_path / "table.csv"
+    table.write_text("x,y\n1,2\n3,4\n5,6\n")
+    st.finish("p", {"rows": 3}, files=[table])
+    assert st.done("p") and st.info("p") == {"rows": 3} and st.broken() == {}
+    table.write_text("x,y\n1,2\n3,4\n")
+    assert not st.done("p") and st.parts() == []
+    assert st.broken() == {"p": f"{table} has 2 rows, 3 were written"}
+    table.write_text("x,y\n1,2\n3,4\n5,7\n")  # same rows, other bytes
+    assert "differs from what was written" in st.why_not_done("p")
+    table.write_bytes(b"\xff\x00")
+    assert "does not parse" in st.why_not_done("p")
+    table.unlink()
+    assert st.why_not_done("p") == f"{table} is missing"
+    assert st.why_not_done("q") == "it did not finish"

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from treeopt.core.errors import TreeoptError
+from treeopt.core.errors import FAILED_RUN, TreeoptError
 
 app = typer.Typer(
     help="treeopt: calibrate Medusa heads, search the best speculative-decoding tree, decode and benchmark it.",
@@ -19,29 +19,48 @@ app = typer.Typer(
 )
 
 
+ROOT = {"debug": False}  # the root options, set before every command
+
+
 @app.callback()
-def _root():
+def _root(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error instead of one line.")):
     """treeopt: calibrate Medusa heads, search the best speculative-decoding tree, decode and benchmark it."""
+    ROOT["debug"] = debug
 
 
 def command(*args, **kwargs):
-    """app.command that turns a TreeoptError into one line on stderr and exit status 2."""
+    """app.command whose every failure ends in one line on stderr (naming the file, the problem and the
+    fix) and exit status 2 for bad input, 1 for a failed run; `treeopt --debug COMMAND` shows the traceback."""
 
     def register(fn):
         @functools.wraps(fn)
         def run(*a, **kw):
             try:
                 return fn(*a, **kw)
-            except TreeoptError as e:
-                typer.echo(f"error: {e}", err=True)
-                raise typer.Exit(2)
             except KeyboardInterrupt:
                 typer.echo("interrupted: run the same command again to resume", err=True)
                 raise typer.Exit(130)
+            except (typer.Exit, typer.Abort, typer.TyperException):  # typer's own: usage errors, exits
+                raise
+            except Exception as e:
+                if ROOT["debug"]:
+                    raise
+                typer.echo(f"error: {one_line(e)}", err=True)
+                raise typer.Exit(e.exit_code if isinstance(e, TreeoptError) else FAILED_RUN)
 
         return app.command(*args, **kwargs)(run)
 
     return register
+
+
+def one_line(e: Exception) -> str:
+    """A failure as one line: a TreeoptError says it all; an OSError names its file; anything else is a bug."""
+    if isinstance(e, TreeoptError):
+        return str(e)
+    if isinstance(e, OSError):
+        return f"{e.filename or 'a file'}: {e.strerror or e}: check that path (permissions, free space) and run again"
+    return (f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            "(a bug: run `treeopt --debug ...` for the traceback and report it)")
 
 
 # Options shared by several commands: one name (and short flag) per idea everywhere.

@@ -12,8 +12,10 @@ Stages, each writing into OUT (a run directory, see reports/report.py):
              the held-out prompts, same stop rules, outputs checked equal to plain greedy).
 6. report    OUT/report.md and OUT/report.html.
 
-Re-running with the same settings skips every stage whose outputs exist (an interrupted calibration
-or bench resumes where it stopped); OUT/demo.json keeps the settings and each stage's wall time.
+Re-running skips a stage only when OUT/stages/NAME/ says the same settings made its outputs from the
+same inputs (sha256) and its outputs are still what it wrote (parsed, rows counted, bytes compared:
+treeopt.core.validate); otherwise it says why and redoes the stage (an interrupted calibration or
+bench resumes where it stopped). OUT/demo.json keeps the settings and each stage's wall time.
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ from pathlib import Path
 from typing import Callable
 
 from treeopt.core.errors import TreeoptError
-from treeopt.core.fileio import write_text
-from treeopt.core.stage import Stage, sha256_file
+from treeopt.core.fileio import check_writable, write_text
+from treeopt.core.record import ACCURACY, CONTINUATIONS, META, RANKS
+from treeopt.core.stage import Stage
+from treeopt.core.validate import sha256_file
 
 DEMO = "demo.json"
-STAGES = "stages"  # one manifest per stage: the settings and input hashes that made its outputs
+STAGES = "stages"  # OUT/stages/NAME/: the settings and input hashes that made a stage's outputs, and their fingerprints
+OUTPUTS = "outputs"  # the one part of a demo stage
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,22 @@ def _check_settings(out: Path, cfg: DemoConfig) -> dict:
     return old
 
 
+def _check_inputs(cfg: DemoConfig) -> None:
+    """Parse the options the later stages read (baseline trees, profile sizes), so that a typo stops
+    the demo before it calibrates, not after."""
+    from decoding.profile import checked_sizes, parse_sizes
+    from reports.bench import parse_cartesian
+    from treeopt.core.treefile import read_tree
+
+    for name in cfg.published:
+        read_tree(name)
+    for spec in cfg.cartesian:
+        if spec != "best":
+            parse_cartesian(spec)
+    if cfg.profile_sizes:
+        checked_sizes(parse_sizes(cfg.profile_sizes), cfg.max_new_tokens + 64)
+
+
 def _default_source(log: Callable[[str], None]) -> str:
     """AlpacaEval (the copy beside the checkout, else the hub's); offline with no copy, the general
     instructions bundled for this case, so the demo runs on any machine."""
@@ -118,34 +139,38 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None,
 
     cfg = config or DemoConfig()
     set_threads(cfg.threads)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_writable(out, directory=True, fix="pass another --out")
+    _check_inputs(cfg)
     old = _check_settings(out, cfg)
     stages: dict[str, float] = dict(old.get("stages", {}))
     result = DemoResult(out, out / "report.html")
     t_start = time.perf_counter()
 
     def stage(name: str, settings: dict, inputs: list[Path], outputs: list[Path], fn):
-        """Run `fn` unless its outputs exist and its manifest says they were made by these settings
-        from these very inputs (sha256); otherwise say why and redo it."""
-        st = Stage(out / STAGES, {**settings, "inputs": {str(f.relative_to(out)): sha256_file(f) for f in inputs}},
-                   what=f"demo {name} stage", manifest_name=f"{name}.json")
-        why = st.mismatch() or ("" if all(f.is_file() for f in outputs) else "outputs missing")
-        if st.recorded() is not None and not why:
-            log(f"[{name}] done already: skipped")
-            result.stages[name] = 0.0
-            return
-        log(f"[{name}] ..." if st.recorded() is None else f"[{name}] redoing: {why}")
-        st.clear()
+        """Run `fn` unless its manifest says these settings made its outputs from these very inputs
+        (sha256) and the outputs are still what it wrote; otherwise say why and redo it."""
+        st = Stage(out / STAGES / name, {**settings, "inputs": {str(f.relative_to(out)): sha256_file(f) for f in inputs}},
+                   what=f"demo {name} stage")
+        if st.recorded() is None:
+            log(f"[{name}] ...")
+        else:
+            why = st.mismatch() or st.why_not_done(OUTPUTS)
+            if not why:
+                log(f"[{name}] done already: skipped")
+                result.stages[name] = 0.0
+                return
+            log(f"[{name}] redoing: {why}")
+            st.clear()
+        st.open()
         t0 = time.perf_counter()
         fn()
-        st.open()
+        st.finish(OUTPUTS, files=outputs)
         stages[name] = result.stages[name] = round(time.perf_counter() - t0, 2)
         log(f"[{name}] {stages[name]:.1f} s")
         _save(out, cfg, stages, old)
 
     fit_file, bench_file = out / "prompts" / "fit.json", out / "prompts" / "bench.json"
-    cal_file, latency, tree_file = out / "calibration" / "calibration.json", out / "latency.csv", out / "tree.json"
+    cal_file, latency, tree_file = out / "calibration" / META, out / "latency.csv", out / "tree.json"
 
     def prompts():
         fit, held = split_prompts(cfg, log)
@@ -156,8 +181,8 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None,
     model = {k: c[k] for k in ("model", "heads", "device", "dtype")}
     stage("prompts", {k: c[k] for k in ("prompts", "offset", "fit_prompts", "bench_prompts")}, [],
           [fit_file, bench_file], prompts)
-    stage("calibrate", {**model, "max_new_tokens": c["max_new_tokens"], "top_k": c["top_k"]}, [fit_file], [cal_file],
-          lambda: _calibrate(cfg, out, fit_file))
+    stage("calibrate", {**model, "max_new_tokens": c["max_new_tokens"], "top_k": c["top_k"]}, [fit_file],
+          [cal_file.parent / f for f in (RANKS, CONTINUATIONS, ACCURACY, META)], lambda: _calibrate(cfg, out, fit_file))
     if cfg.profile_sizes:
         stage("profile", {**model, "sizes": c["profile_sizes"], "context": cfg.max_new_tokens + 64,
                           "compiled": c["compiled"]}, [], [latency],
@@ -165,7 +190,8 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None,
     stage("search", {"nodes": c["nodes"]}, [cal_file] + ([latency] if cfg.profile_sizes else []),
           [tree_file, out / "sweep.csv"], lambda: _search(cfg, out, log))
     stage("bench", {**model, "max_new_tokens": c["max_new_tokens"], "cartesian": c["cartesian"],
-                    "published": c["published"], "compiled": c["compiled"]}, [bench_file, cal_file, tree_file], [out / "bench" / "bench.csv"],
+                    "published": c["published"], "compiled": c["compiled"]}, [bench_file, cal_file, tree_file],
+          [out / "bench" / f for f in ("bench.csv", "bench.json")],
           lambda: _bench(cfg, out, bench_file, log))
 
     from reports.report import write_report

@@ -56,20 +56,29 @@ def _field(record, source, n) -> str:
 def _read_file(path: Path) -> list:
     if not path.is_file():
         raise TreeoptError(f"prompts file {path} not found: pass an existing .json or .jsonl file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TreeoptError(f"{path} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}; a binary file?): "
+                           "pass a .json or .jsonl file of instructions") from None
     if not text.strip():
         raise TreeoptError(f"{path} is empty: pass a file with at least one instruction")
-    try:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise TreeoptError(f"{path} is not valid JSON{' lines' if path.suffix == '.jsonl' else ''} "
-                           f"(line {e.lineno}: {e.msg}): fix the file") from None
+    if path.suffix == ".jsonl":
+        return [_json(line, path, n) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    data = _json(text, path)
     if isinstance(data, dict):  # {"data": [...]} or {"instructions": [...]}
         lists = [v for v in data.values() if isinstance(v, list)]
         data = lists[0] if len(lists) == 1 else [data]
     return data
+
+
+def _json(text: str, path: Path, line: int = 1):
+    """json.loads(text), where `text` starts at line `line` of `path`; a one-line error naming the file's line."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        kind = "JSON lines" if path.suffix == ".jsonl" else "JSON"
+        raise TreeoptError(f"{path} is not valid {kind} (line {line + e.lineno - 1}: {e.msg}): fix the file") from None
 
 
 def _read_hub(name: str) -> list:

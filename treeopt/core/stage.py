@@ -11,30 +11,27 @@ part without a marker and never mixes the outputs of two different settings:
         if stage.done(part):
             continue
         ...write the part's files atomically (fileio.atomic_write)...
-        stage.finish(part, {"tokens": n})
+        stage.finish(part, {"tokens": n}, files=[...the part's files...])
+
+A part's marker may fingerprint the part's files (rows, bytes, sha256: treeopt.core.validate): a part
+whose file was truncated, damaged or replaced since is not done any more, and `why_not_done` says why.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import write_text
+from treeopt.core.validate import fingerprint, problem
 
 MANIFEST = "manifest.json"
 PART = ".done.json"  # a part's marker: `<part>.done.json`
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+FILES = "_files"  # in a marker: {path relative to the stage directory: fingerprint} of the part's files
 
 
 def differences(old: Mapping, new: Mapping, most: int = 3) -> str:
@@ -103,19 +100,47 @@ class Stage:
         return self.directory / f"{part}{PART}"
 
     def done(self, part: str) -> bool:
-        return self.info(part) is not None
+        return not self.why_not_done(part)
+
+    def why_not_done(self, part: str) -> str:
+        """'' when `part` is done; else why not: it never finished, or one of its files is damaged."""
+        doc = self._read(part)
+        if doc is None:
+            return f"its marker {self._marker(part)} is damaged" if self._marker(part).exists() else "it did not finish"
+        for rel, expected in doc.get(FILES, {}).items():
+            why = problem(self.directory / rel, expected)
+            if why:
+                return f"{os.path.normpath(self.directory / rel)} {why}"
+        return ""
 
     def info(self, part: str) -> dict | None:
-        """What `finish` recorded for the part; None when it is not done (or its marker is damaged)."""
+        """What `finish` recorded for the part; None when it has no readable marker."""
+        doc = self._read(part)
+        return None if doc is None else {k: v for k, v in doc.items() if k != FILES}
+
+    def _read(self, part: str) -> dict | None:
         try:
-            return json.loads(self._marker(part).read_text())
+            doc = json.loads(self._marker(part).read_text())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             return None
+        return doc if isinstance(doc, dict) else None
 
-    def finish(self, part: str, info: Mapping[str, Any] | None = None) -> None:
-        """Mark `part` done: call it after the part's own files are written."""
-        write_text(self._marker(part), json.dumps(dict(info or {}), default=str) + "\n")
+    def finish(self, part: str, info: Mapping[str, Any] | None = None, files: Iterable[str | Path] = ()) -> None:
+        """Mark `part` done: call it after the part's own `files` are written (they are fingerprinted)."""
+        doc = dict(info or {})
+        prints = {os.path.relpath(f, self.directory): fingerprint(f) for f in files}
+        if prints:
+            doc[FILES] = prints
+        write_text(self._marker(part), json.dumps(doc, default=str) + "\n")
+
+    def _marked(self) -> list[str]:
+        return sorted(p.name[: -len(PART)] for p in self.directory.glob(f"*{PART}"))
 
     def parts(self) -> list[str]:
         """The parts done, in name order."""
-        return sorted(p.name[: -len(PART)] for p in self.directory.glob(f"*{PART}") if self.done(p.name[: -len(PART)]))
+        return [part for part in self._marked() if self.done(part)]
+
+    def broken(self) -> dict[str, str]:
+        """The parts once marked done that are not any more (a damaged marker or file): part -> why."""
+        whys = {part: self.why_not_done(part) for part in self._marked()}
+        return {part: why for part, why in whys.items() if why}

@@ -65,7 +65,7 @@ def head_ranks(heads, lm_head: torch.nn.Module, hidden: torch.Tensor, targets: t
     cpu = hidden.device.type == "cpu"
     rows, block = rows or (256 if cpu else 4096), block or (2048 if cpu else 1 << 30)
     K, N = targets.shape
-    features = heads.features(hidden)  # [K, N, H]
+    features = heads.features(hidden.to(next(heads.parameters()).device)).to(hidden.device)  # [K, N, H]
     screen = torch.unique(targets[targets != MISSING])  # [C] the tokens of the text
     ranks = torch.full((K, N), MISSING, dtype=torch.int32, device=hidden.device)
     if heads.config.own_lm_head:  # each head its own projection

@@ -5,7 +5,11 @@ takes the next prompt at once) and hands back the hidden states it computed on t
 states a teacher-forced forward of prompt + continuation gives, up to float rounding), and the heads
 rank the true tokens on them (calibrate/ranks.py). Prompts go in shards of `shard_size` under
 DIR/shards/, each written atomically with a manifest of the run's settings, so an interrupted run
-resumes where it stopped; the final files are written by calibrate/format.py.
+resumes where it stopped; the final files are written by treeopt.core.record.
+
+Started by `accelerate launch -m treeopt calibrate ...` (or `torchrun`), each process takes every
+P-th shard (one GPU each, or the CPU), and process 0 merges them once all are written: the same
+files as one process makes. `run_shards` is that loop, shared with calibrate/teacher.py.
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pandas as pd
 import torch
@@ -41,6 +46,7 @@ class CalibrationConfig:
     model: str = DEFAULT_MODEL
     heads: str | None = None  # a directory, `random`, or None for the heads shipped for the bundled model
     prompts: str | None = None  # `alpaca_eval`, a .json/.jsonl path; None: the local AlpacaEval copy, else the hub's
+    teacher_forced: str | None = None  # chat data for calibrate/teacher.py (instead of prompts and generation)
     limit: int | None = None
     max_new_tokens: int = 256
     top_k: int = 10
@@ -49,6 +55,8 @@ class CalibrationConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
+    device_map: str | None = None  # `auto`: spread the model over the GPUs (accelerate), within max_memory
+    max_memory: str | None = None  # e.g. "0=20GiB,1=20GiB"
     progress: bool = True
 
     def check(self) -> None:
@@ -66,21 +74,17 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
 
     `loaded` (decoding.models.LoadedModel) and `heads` (MedusaHeads) skip loading them; `on_shard(i)` is
     called after shard i is written (progress hooks, tests)."""
-    from decoding.heads import resolve_heads
-    from decoding.models import chat_prompt, load_model, stop_token_ids
+    from decoding.models import chat_prompt, stop_token_ids
     from treeopt.core.prompts import default_prompts, load_instructions
 
     config.check()
     source = config.prompts or default_prompts()
     instructions = load_instructions(source, limit=config.limit)
     check_writable(config.out, directory=True, fix="pass another --out")
-    loaded = loaded or load_model(config.model, device=config.device, dtype=config.dtype)
+    procs = processes()
+    loaded, heads = load(config, procs, loaded, heads)
     model, tokenizer = loaded.model, loaded.tokenizer
-    heads = heads if heads is not None else resolve_heads(config.heads, model)
-    heads.check_compatible(model)
     lm_head = model.get_output_embeddings()
-    if config.top_k > lm_head.weight.shape[0]:
-        raise TreeoptError(f"--top-k {config.top_k} exceeds the vocabulary ({lm_head.weight.shape[0]}): pass a smaller one")
 
     B = config.batch_size
     shard_size = -(-config.shard_size // B) * B  # whole batches: shards do not change how prompts are batched
@@ -91,54 +95,116 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
         "max_new_tokens": config.max_new_tokens, "top_k": config.top_k, "batch_size": B,
         "shard_size": shard_size, "seed": config.seed,
     }
-    out = Path(config.out)
-    stage = _claim(out, settings)
-
     torch.manual_seed(config.seed)
     stop = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop)
     n = len(instructions)
-    parts = [range(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]  # prompt ids of each shard
+
+    def shard(ids: range) -> Iterator[list[Unit]]:
+        prompts = [chat_prompt(tokenizer, instructions[i]) for i in ids]
+        for batch_ids, batch in zip(_batched(ids, B), _continuations(model, prompts, config.max_new_tokens, stop, B, pad)):
+            yield [Unit(pid, instructions[pid], c) for pid, c in zip(batch_ids, batch)]
+
+    merged = run_shards(Path(config.out), settings, n, shard_size, shard, heads, lm_head, config.top_k, procs,
+                        config.progress, on_shard)
+    if merged is not None:  # the main process writes the final files
+        write_merged(config.out, merged, {
+            "model": loaded.name, "model_source": loaded.source, "heads": config.heads or "default",
+            "num_heads": heads.num_heads, "prompts": str(source), "limit": config.limit, "num_prompts": n,
+            "top_k": config.top_k, "max_new_tokens": config.max_new_tokens, "batch_size": B, "seed": config.seed,
+            "dtype": settings["dtype"], "device": str(lm_head.weight.device.type), "settings": settings})
+    procs.wait()  # the others return once the files are there
+    return Path(config.out)
+
+
+# ---- shards, split over processes, and their merge (shared with calibrate/teacher.py) --------
+
+def load(config: CalibrationConfig, procs: "Processes", loaded=None, heads=None):
+    """The model (on this process's device when `accelerate launch` started several) and the heads, checked."""
+    from decoding.heads import resolve_heads
+    from decoding.models import load_model
+
+    if procs.count > 1 and config.device_map:
+        raise TreeoptError(f"--device-map in {procs.count} processes would spread a whole model over every GPU in each: "
+                           "launch one process with --device-map auto, or several without it (one GPU each)")
+    device = procs.device if procs.count > 1 and config.device == "auto" else config.device
+    loaded = loaded or load_model(config.model, device=device, dtype=config.dtype,
+                                  device_map=config.device_map, max_memory=config.max_memory)
+    heads = heads if heads is not None else resolve_heads(config.heads, loaded.model)
+    heads.check_compatible(loaded.model)
+    vocab = loaded.model.get_output_embeddings().weight.shape[0]
+    if config.top_k > vocab:
+        raise TreeoptError(f"--top-k {config.top_k} exceeds the vocabulary ({vocab}): pass a smaller one")
+    return loaded, heads
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One prompt's text and tokens, and the hidden states its heads are ranked on."""
+
+    prompt_id: int
+    instruction: str
+    continuation: "Continuation"  # decoding.generate.Continuation: prompt_ids, tokens, stopped, hidden [T, H]
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among those `accelerate launch` started (one process when not launched)."""
+
+    index: int = 0
+    count: int = 1
+    wait: Callable[[], None] = lambda: None  # returns when every process has called it
+    device: str | None = None  # the device accelerate gives this process (one GPU each, or the CPU)
+
+
+def processes() -> Processes:
+    """From the launcher's environment (`accelerate launch`, `torchrun`): gloo on CPUs, nccl on GPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Processes()
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return Processes(state.process_index, state.num_processes, state.wait_for_everyone, str(state.device))
+
+
+def run_shards(out: Path, settings: dict, n: int, shard_size: int, shard: Callable[[range], Iterator[list[Unit]]],
+               heads, lm_head, top_k: int, procs: Processes = Processes(), progress: bool = False,
+               on_shard: Callable[[int], None] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]] | None:
+    """Rank units 0..n-1 in shards of `shard_size` (`shard(ids)` yields their batches), shard i on process
+    i mod procs.count, each written atomically and marked done under out/shards/ (a rerun skips it).
+    Returns the merged (ranks, continuations, shard infos) on process 0 once every shard is done, else None."""
+    stage = _claim(out, settings) if procs.index == 0 else None
+    procs.wait()  # the others open the directory process 0 has claimed
+    stage = stage or _claim(out, settings)
+    parts = [range(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]  # unit ids of each shard
+    mine = parts[procs.index::procs.count]
     for name, why in stage.broken().items():
-        log.warning(f"calibration shard {name}: {why}: redoing it")
-    todo = [ids for ids in parts if not stage.done(_name(ids.start))]
-    bar = _progress(config.progress, n, n - sum(len(ids) for ids in todo))
+        if name in {_name(ids.start) for ids in mine}:
+            log.warning(f"calibration shard {name}: {why}: redoing it")
+    todo = [ids for ids in mine if not stage.done(_name(ids.start))]
+    bar = _progress(progress and procs.index == 0, sum(map(len, mine)), sum(map(len, mine)) - sum(map(len, todo)))
     done_tokens, t0 = 0, time.perf_counter()
     for ids in todo:
-        t_shard = time.perf_counter()
-        prompts = [chat_prompt(tokenizer, instructions[i]) for i in ids]
-        ranks, conts, ranks_time = [], [], 0.0
-        for batch_ids, batch in zip(_batched(ids, B), _continuations(model, prompts, config.max_new_tokens, stop, B, pad)):
+        t_shard, ranks, conts, ranks_time = time.perf_counter(), [], [], 0.0
+        for batch in shard(ids):
             t_ranks = time.perf_counter()
-            r = batch_ranks(heads, lm_head, [c.hidden for c in batch], [c.tokens for c in batch], config.top_k)
+            r = batch_ranks(heads, lm_head, [u.continuation.hidden for u in batch], [u.continuation.tokens for u in batch], top_k)
             ranks_time += time.perf_counter() - t_ranks
-            ranks += [_rank_frame(pid, ri) for pid, ri in zip(batch_ids, r)]
-            conts += [{"prompt_id": pid, "instruction": instructions[pid], "prompt_ids": c.prompt_ids,
-                       "tokens": c.tokens, "stopped": c.stopped} for pid, c in zip(batch_ids, batch)]
-            done_tokens += sum(len(c.tokens) for c in batch)
-            bar.update(len(batch))
-            bar.set_postfix_str(f"{done_tokens / (time.perf_counter() - t0):.1f} tok/s")
+            ranks += [_rank_frame(u.prompt_id, ri) for u, ri in zip(batch, r)]
+            conts += [{"prompt_id": u.prompt_id, "instruction": u.instruction, "prompt_ids": u.continuation.prompt_ids,
+                       "tokens": u.continuation.tokens, "stopped": u.continuation.stopped} for u in batch]
+            done_tokens += sum(len(u.continuation.tokens) for u in batch)
+            bar.set_postfix_str(f"{done_tokens / (time.perf_counter() - t0):.1f} tok/s", refresh=False)
+        bar.update(len(ids))
         ranks = pd.concat(ranks, ignore_index=True)
         _write_shard(stage, ids.start, ranks, pd.DataFrame(conts).astype({"prompt_id": "int32"}),
-                     {"prompts": [ids.start, ids.stop], "tokens": len(ranks),
+                     {"prompts": [ids.start, ids.stop], "tokens": len(ranks), "process": procs.index,
                       "wall_time_s": time.perf_counter() - t_shard, "ranks_time_s": ranks_time})
         if on_shard is not None:
             on_shard(ids.start // shard_size)
     bar.close()
-
-    ranks, conts, infos = _read_shards(stage, [ids.start for ids in parts])
-    wall = sum(i["wall_time_s"] for i in infos)
-    meta = {
-        "model": loaded.name, "model_source": loaded.source, "heads": config.heads or "default",
-        "num_heads": heads.num_heads, "prompts": str(source), "limit": config.limit,
-        "num_prompts": n, "num_tokens": len(ranks), "num_stopped": int(conts["stopped"].sum()),
-        "top_k": config.top_k, "max_new_tokens": config.max_new_tokens, "batch_size": B, "seed": config.seed,
-        "dtype": settings["dtype"], "device": str(lm_head.weight.device.type),
-        "wall_time_s": round(wall, 3), "ranks_time_s": round(sum(i["ranks_time_s"] for i in infos), 3),
-        "tokens_per_s": round(len(ranks) / max(wall, 1e-9), 2),
-        "versions": versions(), "settings": settings,
-    }
-    return fmt.write_calibration(out, ranks, conts, meta)
+    procs.wait()  # every shard is written
+    return _read_shards(stage, [ids.start for ids in parts]) if procs.index == 0 else None
 
 
 def batch_ranks(heads, lm_head, hidden: list[torch.Tensor], tokens: list[list[int]], top_k: int) -> list[torch.Tensor]:
@@ -214,6 +280,16 @@ def _read_shards(stage: Stage, starts) -> tuple[pd.DataFrame, pd.DataFrame, list
         raise TreeoptError(f"a shard under {d} is damaged ({type(e).__name__}): delete that shard's "
                            "files and run again to redo it") from None
     return ranks, conts, parts
+
+
+def write_merged(out: str | Path, merged: tuple[pd.DataFrame, pd.DataFrame, list[dict]], meta: dict) -> Path:
+    """The final files of a run from its merged shards; `meta` gains the counts, timings and versions."""
+    ranks, conts, infos = merged
+    wall = sum(i["wall_time_s"] for i in infos)
+    return fmt.write_calibration(out, ranks, conts, {
+        **meta, "num_tokens": len(ranks), "num_stopped": int(conts["stopped"].sum()),
+        "wall_time_s": round(wall, 3), "ranks_time_s": round(sum(i["ranks_time_s"] for i in infos), 3),
+        "tokens_per_s": round(len(ranks) / max(wall, 1e-9), 2), "versions": versions()})
 
 
 # ---- small helpers --------------------------------------------------------------------------

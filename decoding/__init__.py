@@ -1,8 +1,9 @@
 """The engine: loading the model and the heads, the KV caches, Medusa tree decoding, batched greedy
 generation and the latency profile. Imports only `treeopt.core`.
 
-- `decoding.models.load_model(name)`: the bundled GGUF, a local directory or a hub id (`--dtype auto`: bfloat16
-  where the device computes it natively); `chat_prompt`, `stop_token_ids`, `cache_keyword`.
+- `decoding.models.load_model(name, device_map=, max_memory=)`: the bundled GGUF, a local directory or a hub id,
+  on one device or spread over GPUs by accelerate (`--dtype auto`: bfloat16 where the device computes it
+  natively); `chat_prompt`, `stop_token_ids`, `layer_devices`.
 - `decoding.heads.resolve_heads(spec, model)`: Medusa heads in either published layout.
 - `decoding.buffers.tree_buffers(tree)`: the tree's mask, depths, candidate indices, root-to-leaf paths.
 - `decoding.cache.TreeCache` (static) / `SlotCache`: preallocated KV caches (transformers `Cache` subclasses).
@@ -10,6 +11,6 @@ generation and the latency profile. Imports only `treeopt.core`.
   (an empty tree is plain greedy decoding on the same path), `decode(...)`, `greedy_reference(...)` (plain
   `model.generate`), `run_decode(...)` (`treeopt decode`).
 - `decoding.generate.greedy_continuations(...)`: the batched greedy loop calibration and training use.
-- `decoding.profile.run_profile(...)` (`treeopt profile`), `profile_latency(...)`; `decoding.roofline`: the
-  machine's bandwidth and GEMM peaks, and the least time a step can take.
+- `decoding.profile.run_profile(...)` (`treeopt profile`), `profile_latency(...)` (per tree size and batch size);
+  `decoding.roofline`: the machine's bandwidth and GEMM peaks, and the least time a step can take.
 """

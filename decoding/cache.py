@@ -1,12 +1,13 @@
 """Preallocated KV caches that the decoders own, plugged into transformers' public Cache API.
 
-`TreeCache` (tree decoding, batch 1) is static: one buffer ``kv`` [layers, 2, kvH, capacity, D] for
-all layers, allocated up front. Before a forward the caller `place`s its q tokens at slots [q] (a
-tensor); every layer writes them there and attends over all `capacity` slots (the caller's 4D mask
-[1, 1, q, capacity] says which of them each query sees). Every shape is fixed per tree size, so a
-compiled verification step runs without recompiling as the text grows. Nothing is committed until
-`commit`: it moves the accepted slots to the contiguous ones after the prefix, in one indexed copy for
-all layers, and advances `length`.
+The layers on one device share one buffer [layers there, 2, kvH, max_len, D] (one device, one
+buffer, unless the model is spread over GPUs with a device map). `TreeCache` (tree decoding, batch 1)
+is static: before a forward the caller `place`s its q tokens at slots [q] (a tensor); every layer
+writes them there and attends over all `max_len` slots (the caller's 4D mask [1, 1, q, max_len] says
+which of them each query sees), so every shape is fixed per tree size and a compiled verification
+step runs without recompiling as the text grows. Nothing is committed until `commit`: it moves the
+accepted slots to the contiguous ones after the prefix, in one indexed copy per device, and advances
+`length`.
 """
 
 from __future__ import annotations
@@ -15,53 +16,73 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 
-def kv_shape(config) -> tuple[int, int, int]:
-    """(layers, kvH, head_dim) of a transformers text config."""
-    c = config.get_text_config()
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return c.num_hidden_layers, getattr(c, "num_key_value_heads", None) or c.num_attention_heads, head_dim
+class _PerDevice:
+    """The K/V buffers of a cache: the layers on one device (`devices`, one entry per layer; None: all
+    on one) share one buffer, allocated at their first write like the key states (dtype, device)."""
+
+    def __init__(self, num_layers: int, devices=None):
+        devices = [None] * num_layers if devices is None else [str(d) for d in devices]
+        if len(devices) != num_layers:
+            raise ValueError(f"{len(devices)} layer devices for {num_layers} layers")
+        names = list(dict.fromkeys(devices))
+        self.group = [names.index(d) for d in devices]  # layer -> its buffer
+        self.row = [self.group[:i].count(g) for i, g in enumerate(self.group)]  # layer -> its row in the buffer
+        self.buffers: list[torch.Tensor | None] = [None] * len(names)
+
+    def layer(self, index: int, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """Layer `index`'s [2, *shape] of its device's buffer [layers there, 2, *shape]."""
+        g = self.group[index]
+        if self.buffers[g] is None:
+            self.buffers[g] = torch.zeros(self.group.count(g), 2, *shape, dtype=like.dtype, device=like.device)
+        return self.buffers[g][self.row[index]]
+
+    def allocated(self) -> list[torch.Tensor]:
+        return [b for b in self.buffers if b is not None]
 
 
 class _Layer(CacheLayerMixin):
     is_sliding = False
     is_compileable = True
 
-    def __init__(self, owner, index: int):
+    def __init__(self, owner: "TreeCache", index: int):
         super().__init__()
         self.owner, self.index = owner, index
-        self.is_initialized = True
 
     def lazy_initialization(self, key_states, value_states) -> None:
-        pass
+        pass  # the owner allocates at the first update
 
     def update(self, key_states, value_states, *args, **kwargs):
-        """key/value_states [1, kvH, q, D] -> the whole buffer's keys, values [1, kvH, capacity, D]."""
-        kv = self.owner.kv[self.index]  # [2, kvH, capacity, D]
-        slots = self.owner.slots  # [q]
+        """key/value_states [1, kvH, q, D] -> the whole buffer's keys, values [1, kvH, max_len, D]."""
+        o = self.owner
+        _, kvH, _, D = key_states.shape
+        kv = o.kv.layer(self.index, key_states, (kvH, o.max_len, D))  # [2, kvH, max_len, D]
+        slots = o.slots.to(kv.device)  # [q]
         kv[0].index_copy_(1, slots, key_states[0])
         kv[1].index_copy_(1, slots, value_states[0])
-        return kv[0, None], kv[1, None]
+        self.keys, self.values = kv[0, None], kv[1, None]
+        self.is_initialized = True
+        return self.keys, self.values
 
     def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
-        return self.owner.capacity, 0
+        return self.owner.max_len, 0
 
     def get_seq_length(self) -> int:
         return self.owner.length
 
     def get_max_length(self) -> int:
-        return self.owner.capacity
+        return self.owner.max_len
 
 
 class TreeCache(Cache):
-    """Batch size 1, `capacity` slots; `length` = committed tokens."""
+    """Batch size 1. `length` = committed tokens; `devices`: each layer's device (None: all one)."""
 
-    def __init__(self, config, capacity: int, dtype: torch.dtype, device: torch.device):
-        layers, kvH, D = kv_shape(config)
+    def __init__(self, num_layers: int, max_len: int, devices=None):
         self.length = 0
-        self.capacity = capacity
-        self.kv = torch.zeros(layers, 2, kvH, capacity, D, dtype=dtype, device=device)
-        self.slots = torch.arange(1, device=device)  # [q] where the next forward writes
-        super().__init__(layers=[_Layer(self, i) for i in range(layers)])
+        self.max_len = max_len
+        self.num_layers = num_layers
+        self.kv = _PerDevice(num_layers, devices)  # per device: [layers, 2, kvH, max_len, D]
+        self.slots: torch.Tensor | None = None  # [q] where the next forward writes
+        super().__init__(layers=[_Layer(self, i) for i in range(num_layers)])
 
     def place(self, slots: torch.Tensor) -> None:
         """The next forward writes its q tokens at `slots` [q]."""
@@ -73,28 +94,26 @@ class TreeCache(Cache):
     def commit(self, slots: torch.Tensor) -> None:
         """Keep the uncommitted slots `length + slots` [m] (ascending), moved to length..length+m."""
         m = slots.shape[0]
-        src = slots + self.length
-        self.kv[:, :, :, self.length : self.length + m] = self.kv.index_select(3, src)
+        for kv in self.kv.allocated():  # [layers, 2, kvH, max_len, D]
+            src = slots.to(kv.device) + self.length
+            kv[:, :, :, self.length : self.length + m] = kv.index_select(3, src)
         self.length += m
 
 
 class _SlotLayer(_Layer):
     def update(self, key_states, value_states, *args, **kwargs):
         o = self.owner
-        if o.kv is None:
-            o._allocate(key_states)
-        kv = o.kv[self.index]  # [2, B, kvH, max_len, D]
-        if o.rows is None:  # every row: one scatter per tensor, the index [B, kvH, q, D] made once per forward
-            if o.index is None:
-                o.index = o.slots[:, None, :, None].expand(key_states.shape)
-            kv[0].scatter_(2, o.index, key_states)
-            kv[1].scatter_(2, o.index, value_states)
+        _, kvH, _, D = key_states.shape
+        kv = o.kv.layer(self.index, key_states, (o.batch, kvH, o.max_len, D))  # [2, B, kvH, max_len, D]
+        rows, slots, index = o.placed(key_states)
+        if rows is None:  # every row: one scatter per tensor, the index [B, kvH, q, D] made once per forward
+            kv[0].scatter_(2, index, key_states)
+            kv[1].scatter_(2, index, value_states)
             self.keys, self.values = kv[0, :, :, : o.extent], kv[1, :, :, : o.extent]  # [B, kvH, extent, D], views
         else:
-            rows = o.rows[:, None]  # [n, 1]
-            kv[0][rows, :, o.slots] = key_states.transpose(1, 2)  # [n, q, kvH, D] into each row's own slots
-            kv[1][rows, :, o.slots] = value_states.transpose(1, 2)
-            self.keys, self.values = kv[0][o.rows, :, : o.extent], kv[1][o.rows, :, : o.extent]  # [n, kvH, extent, D]
+            kv[0][rows[:, None], :, slots] = key_states.transpose(1, 2)  # [n, q, kvH, D] into each row's own slots
+            kv[1][rows[:, None], :, slots] = value_states.transpose(1, 2)
+            self.keys, self.values = kv[0][rows, :, : o.extent], kv[1][rows, :, : o.extent]  # [n, kvH, extent, D]
         self.is_initialized = True
         return self.keys, self.values
 
@@ -112,21 +131,26 @@ class SlotCache(Cache):
     how many leading positions the forward attends over (more than any of its rows has written), so
     the caller's 4D mask [n, 1, q, extent] says which of them each query sees."""
 
-    def __init__(self, num_layers: int, batch: int, max_len: int):
+    def __init__(self, num_layers: int, batch: int, max_len: int, devices=None):
         self.batch, self.max_len, self.num_layers = batch, max_len, num_layers
-        self.kv: torch.Tensor | None = None  # [layers, 2, B, kvH, max_len, D]
+        self.kv = _PerDevice(num_layers, devices)  # per device: [layers, 2, B, kvH, max_len, D]
         self.rows: torch.Tensor | None = None  # None: every row, in order
         self.slots: torch.Tensor | None = None
         self.extent = max_len
-        self.index: torch.Tensor | None = None  # the every-row scatter index, made by the first layer
+        self.on: dict[torch.device, tuple] = {}  # (rows, slots, scatter index) on each device, made by its first layer
         super().__init__(layers=[_SlotLayer(self, i) for i in range(num_layers)])
-
-    def _allocate(self, key_states: torch.Tensor) -> None:
-        _, kvH, _, D = key_states.shape
-        self.kv = torch.zeros(self.num_layers, 2, self.batch, kvH, self.max_len, D, dtype=key_states.dtype,
-                              device=key_states.device)
 
     def place(self, rows: torch.Tensor | None, slots: torch.Tensor, extent: int) -> None:
         """The next forward's rows [n] (None: all B, in order), their write positions [n, q], and the
         positions it attends over: 0..extent-1."""
-        self.rows, self.slots, self.extent, self.index = rows, slots, extent, None
+        self.rows, self.slots, self.extent, self.on = rows, slots, extent, {}
+
+    def placed(self, key_states: torch.Tensor) -> tuple:
+        """(rows, slots, every-row scatter index [B, kvH, q, D] or None) on the key states' device."""
+        dev = key_states.device
+        if dev not in self.on:
+            rows = None if self.rows is None else self.rows.to(dev)
+            slots = self.slots.to(dev)
+            index = slots[:, None, :, None].expand(key_states.shape) if rows is None else None
+            self.on[dev] = rows, slots, index
+        return self.on[dev]

@@ -28,7 +28,7 @@ import torch
 from decoding.buffers import TreeBuffers, tree_buffers
 from decoding.cache import TreeCache
 from treeopt.core.errors import TreeoptError
-from decoding.models import cache_keyword, stop_token_ids
+from decoding.models import cache_argument, layer_devices, stop_token_ids
 from treeopt.core.tree import Tree
 
 
@@ -151,14 +151,16 @@ class TreeDecoder:
         self.lm_head = model.get_output_embeddings()
         weight = self.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
+        self.layer_devices = layer_devices(model)  # the cache's, one per layer (several with a device map)
+        self.cache_argument = cache_argument(model)
         if heads is None and tree.num_nodes:
             raise TreeoptError("a tree needs Medusa heads: pass --heads DIR or --heads random")
         if heads is not None:
             heads.check_compatible(model)
             tree.check(num_heads=heads.num_heads)
-            p = next(heads.parameters())
-            if (p.device, p.dtype) != (self.device, self.dtype):
-                heads = copy.deepcopy(heads).to(device=self.device, dtype=self.dtype)
+            p, last = next(heads.parameters()), self.layer_devices[-1]  # the heads read the last layer's output
+            if (p.device, p.dtype) != (last, self.dtype):
+                heads = copy.deepcopy(heads).to(device=last, dtype=self.dtype)
         self.heads = heads
         self.tree = tree
         self.buf: TreeBuffers = tree_buffers(tree, top_k, self.device)
@@ -167,7 +169,6 @@ class TreeDecoder:
         stop_ids = stop_token_ids(model) if stop_ids is None else stop_ids
         self.stop_set = {int(t) for t in stop_ids}
         self.window = _max_window(model.config)
-        self.cache_kw = cache_keyword(self.base)
         self.cache: TreeCache | None = None
         self.bias: torch.Tensor | None = None  # [N, capacity] the mask rows of a step
         self.generator = torch.Generator(device=self.device)
@@ -186,7 +187,7 @@ class TreeDecoder:
         """ids [q], bias [q, capacity], positions [q] -> last hidden states [q, H]; writes K/V at the
         slots placed in the cache."""
         out = self.base(input_ids=ids[None], attention_mask=bias[None, None], position_ids=positions[None],
-                        use_cache=True, **{self.cache_kw: self.cache})
+                        **{self.cache_argument: self.cache}, use_cache=True)
         return out.last_hidden_state[0]
 
     def _verify(self, tokens: torch.Tensor, bias: torch.Tensor, positions: torch.Tensor):
@@ -201,7 +202,7 @@ class TreeDecoder:
             logits = self.heads(hidden)[:D]  # [D, V]
         else:
             logits = self.lm_head(self.heads.features(hidden)[:D])  # [D, V]
-        return torch.topk(logits, self.buf.top_k, dim=-1).indices
+        return torch.topk(logits, self.buf.top_k, dim=-1).indices.to(self.device)
 
     def candidates(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [H] at the last accepted node -> the heads' top-k tokens [D, top_k], D = tree depth."""
@@ -258,16 +259,17 @@ class TreeDecoder:
         if self.window is not None and length > self.window:
             raise TreeoptError(f"prompt + --max-new-tokens + tree need {length} positions but the model's "
                                f"sliding window is {self.window}: lower --max-new-tokens")
-        if self.cache is None or self.cache.capacity < length:
+        if self.cache is None or self.cache.max_len < length:
             capacity = -(-length // self.CAPACITY_STEP) * self.CAPACITY_STEP
-            self.cache = TreeCache(self.model.config, capacity, self.dtype, self.device)
+            self.cache = TreeCache(len(self.layer_devices), capacity, self.layer_devices)
             self.bias = torch.empty(self.buf.num_nodes, capacity, dtype=self.dtype, device=self.device)
             self._warm()
         self.cache.reset()
         self.bias.fill_(torch.finfo(self.dtype).min)
 
     def _warm(self) -> None:
-        """Run each step once on an empty text (compiles it for this shape when compiled)."""
+        """Run each step once on an empty text: eagerly (the cache allocates its buffers at its first
+        write), then as it will run (which compiles it for this shape when compiled)."""
         N = self.buf.num_nodes
         self.bias.fill_(torch.finfo(self.dtype).min)
         self.bias[:, :N] = self.tree_bias
@@ -275,6 +277,7 @@ class TreeDecoder:
         self.cache.place(torch.arange(N, device=self.device))
         tokens = torch.zeros(N, dtype=torch.long, device=self.device)
         with torch.inference_mode():
+            self.verify.eager(tokens, self.bias, self.buf.depth)
             _, hidden = self.verify.warm(tokens, self.bias, self.buf.depth)
             if self.tree.depth:
                 self.propose.warm(hidden[0])
@@ -344,7 +347,7 @@ class TreeDecoder:
         """Commit the prompt [P] (eagerly: its length varies) -> the hidden state of its last token [H]."""
         P = prompt.shape[0]
         positions = torch.arange(P, device=self.device)
-        slots = torch.arange(self.cache.capacity, device=self.device)
+        slots = torch.arange(self.cache.max_len, device=self.device)
         mask = additive_mask(slots[None, :] <= positions[:, None], self.dtype)  # [P, capacity] causal
         self.cache.place(positions)
         hidden = self.forward(prompt, mask, positions)[-1]
@@ -405,7 +408,8 @@ def greedy_reference(model, prompt_ids, max_new_tokens: int, stop_ids=None) -> D
 
 def run_decode(instruction: str, tree: str | None = None, model: str = "smollm2-135m", heads: str | None = None,
                max_new_tokens: int = 128, acceptance: Acceptance = GREEDY, device: str = "auto",
-               dtype: str = "auto", compiled: bool = False) -> tuple[str, DecodeResult]:
+               dtype: str = "auto", compiled: bool = False, device_map: str | None = None,
+               max_memory: str | None = None) -> tuple[str, DecodeResult]:
     """The CLI's twin: decode one instruction (as a chat turn) with a tree spec (file, published name
     or list string; None = plain decoding) and return the reply text and the result."""
     from decoding.heads import resolve_heads
@@ -413,7 +417,7 @@ def run_decode(instruction: str, tree: str | None = None, model: str = "smollm2-
     from treeopt.core.treefile import read_tree
 
     shape = read_tree(tree) if tree else Tree(())
-    loaded = load_model(model, device=device, dtype=dtype)
+    loaded = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
     medusa = resolve_heads(heads, loaded.model) if shape.num_nodes else None
     stops = stop_token_ids(loaded.model, loaded.tokenizer)
     ids = chat_prompt(loaded.tokenizer, instruction)

@@ -31,7 +31,7 @@ def greedy_continuations(model, prompts: Sequence[Sequence[int]], max_new_tokens
     the continuations in prompt order."""
     from decoding.cache import SlotCache
     from decoding.decoder import _max_window, additive_mask
-    from decoding.models import cache_keyword
+    from decoding.models import cache_argument, layer_devices
 
     prompts = [list(p) for p in prompts]
     if any(not p for p in prompts):
@@ -48,8 +48,8 @@ def greedy_continuations(model, prompts: Sequence[Sequence[int]], max_new_tokens
     if window is not None and L > window:
         raise TreeoptError(f"prompt + --max-new-tokens need {L} positions but the model's sliding window is "
                            f"{window}: lower --max-new-tokens")
-    cache = SlotCache(model.config.get_text_config().num_hidden_layers, B, L)
-    cache_kw = cache_keyword(base)
+    cache = SlotCache(model.config.get_text_config().num_hidden_layers, B, L, layer_devices(model))
+    cache_arg = cache_argument(model)
     stops = {int(t) for t in stop_ids}
     slot = torch.arange(L, device=device)  # [L]
     every = torch.arange(B, device=device)  # [B]
@@ -66,7 +66,7 @@ def greedy_continuations(model, prompts: Sequence[Sequence[int]], max_new_tokens
         -> hidden [n, q, H]."""
         cache.place(rows, slots, seen.shape[-1])
         return base(input_ids=ids, attention_mask=additive_mask(seen[:, None], dtype), position_ids=slots,
-                    use_cache=True, **{cache_kw: cache}).last_hidden_state
+                    **{cache_arg: cache}, use_cache=True).last_hidden_state
 
     def admit(free: list[int]) -> list[int]:
         """Prefill the next prompts into the free rows (together) and take their first tokens; return

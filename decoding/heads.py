@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from decoding.models import layer_devices
 from treeopt.core.env import DATA_DIR
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write, write_text
@@ -220,5 +221,5 @@ def resolve_heads(spec: str | None, model, num_heads: int = 4) -> MedusaHeads:
         heads = random_heads(model, num_heads=num_heads)
     else:
         heads = MedusaHeads.load(spec, model)
-    weight = model.get_output_embeddings().weight
-    return heads.to(device=weight.device, dtype=weight.dtype)
+    # on the device of the model's last layer, whose output they read (with a device map, maybe not the lm_head's)
+    return heads.to(device=layer_devices(model)[-1], dtype=model.get_output_embeddings().weight.dtype)

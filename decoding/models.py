@@ -8,7 +8,6 @@ the user cache, so later loads take seconds.
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import json
 import logging
 import os
@@ -178,17 +177,37 @@ def model_path(name: str = DEFAULT_MODEL) -> str:
     return name
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | torch.dtype = AUTO) -> LoadedModel:
-    """Load a causal LM and its tokenizer, in eval mode, on `device` in `dtype`."""
+def parse_max_memory(text: str | None) -> dict | None:
+    """--max-memory '0=20GiB,1=20GiB,cpu=64GiB' -> {0: '20GiB', 1: '20GiB', 'cpu': '64GiB'} (accelerate's form)."""
+    if not text:
+        return None
+    limits = {}
+    for part in text.replace(" ", "").split(","):
+        device, _, size = part.partition("=")
+        if not device or not size:
+            raise TreeoptError(f"--max-memory {text!r}: give DEVICE=SIZE pairs, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
+        limits[int(device) if device.isdigit() else device] = size
+    return limits
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | torch.dtype = AUTO,
+               device_map: str | None = None, max_memory: str | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer, in eval mode, on `device` in `dtype`. With `device_map`
+    (`auto`, `balanced`, `sequential`: accelerate's placements) the layers are spread over the GPUs
+    (then the CPU) within `max_memory` (see parse_max_memory) instead, and `device` is not used."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if max_memory and not device_map:
+        raise TreeoptError("--max-memory limits what --device-map places: pass --device-map auto with it")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     path = model_path(name)
     local = Path(path).exists()
+    placement = {"device_map": device_map, "max_memory": parse_max_memory(max_memory)} if device_map else {}
 
     def load(**kw):
-        return AutoTokenizer.from_pretrained(path, **kw), AutoModelForCausalLM.from_pretrained(path, dtype=dt, **kw)
+        return (AutoTokenizer.from_pretrained(path, **kw),
+                AutoModelForCausalLM.from_pretrained(path, dtype=dt, **placement, **kw))
 
     try:
         tokenizer, model = load(local_files_only=True)  # a local directory, or a hub id already cached
@@ -203,10 +222,39 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | tor
         except OSError:
             raise TreeoptError(f"cannot fetch {name!r} from the Hugging Face hub (unknown id or no access): "
                                f"check the id, or pass a local directory to --model") from None
-    model.to(dev).eval().requires_grad_(False)
+    if not device_map:
+        model.to(dev)
+    elif any(p.device.type == "meta" for p in model.parameters()):
+        offloaded = sorted({str(d) for d in getattr(model, "hf_device_map", {}).values()} & {"cpu", "disk"})
+        raise TreeoptError(f"{name} does not fit on the devices within --max-memory (accelerate offloaded weights "
+                           f"to {', '.join(offloaded) or 'disk'}, which treeopt does not run): raise --max-memory "
+                           "or add GPUs")
+    model.eval().requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=path)
+
+
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """Where `module` computes: accelerate's execution device under a device map (weights offloaded
+    to the CPU or disk run there), else the device of its first parameter."""
+    device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if device is None:
+        device = next(module.parameters()).device
+    return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+
+
+def cache_argument(model) -> str:
+    """The name the model's forward takes its KV cache by: `cache` (transformers >= 5.2x; passing
+    `past_key_values` there prints a deprecation warning on every call), else `past_key_values`."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.get_decoder().forward).parameters else "past_key_values"
+
+
+def layer_devices(model) -> list[torch.device]:
+    """The device each decoder layer computes on (one device unless the model has a device map)."""
+    return [execution_device(layer) for layer in model.get_decoder().layers]
 
 
 def chat_prompt(tokenizer, instruction: str) -> list[int]:
@@ -241,9 +289,3 @@ def set_threads(threads: int | None) -> None:
         if threads < 1:
             raise TreeoptError("--threads must be at least 1")
         torch.set_num_threads(threads)
-
-
-def cache_keyword(module) -> str:
-    """The keyword `module.forward` takes its KV cache by: `cache` (transformers >= 5.2x) or
-    `past_key_values` (older, deprecated since)."""
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"

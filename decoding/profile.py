@@ -1,14 +1,20 @@
-"""`treeopt profile`: the model's work in one decoding step vs tree size, on this device, beside the
-least time the machine allows (the roofline, `decoding.roofline`).
+"""`treeopt profile`: the model's work in one decoding step vs tree size (and batch size), on this device.
 
 forward_ms(n) = base_ms + heads_ms, where base_ms is the decoder's verification step (one forward of
 the root + n tree nodes over a KV cache holding `context` tokens, with the lm_head on all n+1
 positions) and heads_ms is the Medusa heads' top-k at one node (0 for n = 0: plain decoding), both on
 the path the decoder runs (compiled or eager; compile_s is the one-off compile time, apart).
-roofline_ms is the step's bytes / read bandwidth or FLOPs / peak GEMM rate, whichever is larger, and
-roofline_ratio = forward_ms / roofline_ms (1 = as fast as the machine allows). Everything else a
-decoding step does (acceptance, KV compaction, Python) is the loop, which `treeopt bench` measures
-against this figure (loop_efficiency).
+roofline_ms is the step's bytes / read bandwidth or FLOPs / peak GEMM rate, whichever is larger
+(`decoding.roofline`, the machine measured once per profile), and roofline_ratio = forward_ms /
+roofline_ms (1 = as fast as the machine allows). Everything else a decoding step does (acceptance,
+KV compaction, Python) is the loop, which `treeopt bench` measures against this figure
+(loop_efficiency).
+
+With batch sizes B > 1 (`--batch-sizes 1,4,16`), a row times the same step for B sequences at once,
+as a batched server runs it: one forward of B x (n+1) tokens over B cached contexts (a transformers
+DynamicCache, cut back after each forward) and the heads at B nodes. treeopt's own decoder is batch
+1, so B = 1 stays its exact call. The CSV's `batch_size` column tells the rows apart (files without
+one are batch 1).
 """
 
 from __future__ import annotations
@@ -20,15 +26,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from decoding.decoder import TreeDecoder, synchronize
+from decoding.decoder import TreeDecoder, additive_mask, synchronize
 from decoding.roofline import Machine, measure_machine, step_cost
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write, check_writable
 from treeopt.core.tree import Tree
 
 DEFAULT_SIZES = (0, 1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-COLUMNS = ["nodes", "forward_ms", "base_ms", "heads_ms", "roofline_ms", "roofline_ratio", "compile_s", "context",
-           "device", "dtype", "compiled", "model"]
+COLUMNS = ["batch_size", "nodes", "forward_ms", "base_ms", "heads_ms", "roofline_ms", "roofline_ratio", "compile_s",
+           "context", "device", "dtype", "compiled", "model"]
 
 
 def profile_tree(n: int, num_heads: int) -> Tree:
@@ -69,24 +75,69 @@ def time_step_forward(decoder: TreeDecoder, context: int, repeats: int = 5, warm
     return statistics.median(base), statistics.median(heads)
 
 
+def batch_tree_forward(decoder: TreeDecoder, cache, tokens: torch.Tensor, context: int) -> torch.Tensor:
+    """The decoder's tree forward for B sequences at once: tokens [B, N] (root + nodes) after the
+    `context` tokens each row holds in `cache` (a DynamicCache) -> last hidden states [B, N, H]."""
+    B, N = tokens.shape
+    allowed = torch.cat([torch.ones(N, context, dtype=torch.bool, device=decoder.device), decoder.buf.mask], 1)
+    mask = additive_mask(allowed, decoder.dtype).expand(B, 1, N, context + N)  # [B, 1, N, context + N]
+    positions = (decoder.buf.depth + context).expand(B, N)  # [B, N]
+    return decoder.base(input_ids=tokens, attention_mask=mask, position_ids=positions,
+                        **{decoder.cache_argument: cache}, use_cache=True).last_hidden_state
+
+
+@torch.inference_mode()
+def time_batch_forward(decoder: TreeDecoder, batch: int, context: int, repeats: int = 5, warmup: int = 2,
+                       seed: int = 0) -> tuple[float, float]:
+    """Median (base_ms, heads_ms) of `batch_tree_forward` (+ the lm_head) and of the heads at B nodes."""
+    from transformers import DynamicCache
+
+    N, dev = decoder.buf.num_nodes, decoder.device
+    vocab = decoder.lm_head.weight.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    cache = DynamicCache()
+    decoder.base(input_ids=torch.randint(0, vocab, (batch, context), generator=g).to(dev),
+                 **{decoder.cache_argument: cache}, use_cache=True)
+    tokens = torch.randint(0, vocab, (batch, N), generator=g).to(dev)  # [B, N]
+    base, heads = [], []
+    for i in range(warmup + repeats):
+        synchronize(dev)
+        t0 = time.perf_counter()
+        hidden = batch_tree_forward(decoder, cache, tokens, context)  # [B, N, H]
+        decoder.lm_head(hidden)
+        synchronize(dev)
+        t1 = time.perf_counter()
+        if decoder.tree.num_nodes:
+            decoder.candidates(hidden[:, 0])  # [D, B, top_k]
+        synchronize(dev)
+        t2 = time.perf_counter()
+        cache.crop(-N)  # back to the `context` prefix
+        if i >= warmup:
+            base.append((t1 - t0) * 1e3)
+            heads.append((t2 - t1) * 1e3 if decoder.tree.num_nodes else 0.0)
+    return statistics.median(base), statistics.median(heads)
+
+
 def profile_latency(model, heads, sizes=DEFAULT_SIZES, context: int = 256, repeats: int = 5,
-                    model_name: str = "", progress: bool = False, compiled: bool = False,
+                    model_name: str = "", progress: bool = False, batch_sizes=(1,), compiled: bool = False,
                     machine: Machine | None = None) -> pd.DataFrame:
-    """One row per tree size (see the module docstring). `machine`: measured here when None."""
-    sizes = checked_sizes(sizes, context)
+    """One row per batch size and tree size (see the module docstring). `machine`: measured here when None."""
+    sizes, batch_sizes = checked_sizes(sizes, context), checked_batch_sizes(batch_sizes)
     weight = model.get_output_embeddings().weight
     machine = machine or measure_machine(weight.device)
     rows = []
-    bar = _progress(sizes, progress, "profile")
-    for n in bar:
+    bar = _progress([(b, n) for b in batch_sizes for n in sizes], progress, "profile")
+    for b, n in bar:
         tree = profile_tree(n, heads.num_heads)
-        decoder = TreeDecoder(model, heads if n else None, tree, compiled=compiled)
-        base_ms, heads_ms = time_step_forward(decoder, context, repeats)
-        roofline = step_cost(model, n, context, heads, tree.depth).ms(machine, weight.dtype)
-        rows.append({"nodes": n, "forward_ms": base_ms + heads_ms, "base_ms": base_ms, "heads_ms": heads_ms,
-                     "roofline_ms": roofline, "roofline_ratio": (base_ms + heads_ms) / roofline,
+        decoder = TreeDecoder(model, heads if n else None, tree, compiled=compiled and b == 1)
+        base_ms, heads_ms = (time_step_forward(decoder, context, repeats) if b == 1 else
+                             time_batch_forward(decoder, b, context, repeats))
+        roofline = step_cost(model, n, context, heads, tree.depth, batch=b).ms(machine, weight.dtype)
+        rows.append({"batch_size": b, "nodes": n, "forward_ms": base_ms + heads_ms, "base_ms": base_ms,
+                     "heads_ms": heads_ms, "roofline_ms": roofline, "roofline_ratio": (base_ms + heads_ms) / roofline,
                      "compile_s": decoder.compile_s, "context": context, "device": str(weight.device),
-                     "dtype": str(weight.dtype).removeprefix("torch."), "compiled": compiled, "model": model_name})
+                     "dtype": str(weight.dtype).removeprefix("torch."), "compiled": compiled and b == 1,
+                     "model": model_name})
     df = pd.DataFrame(rows, columns=COLUMNS)
     df.attrs["machine"] = machine
     return df
@@ -100,8 +151,8 @@ def render_profile(df: pd.DataFrame) -> str:
     peaks = ", ".join(f"{k} {v:.0f}" for k, v in m.peak_gflops.items())
     head = (f"{m.device}, {m.threads} threads: read {m.bandwidth_gbs:.1f} GB/s, GEMM peak GFLOP/s {peaks}; "
             f"{df['dtype'].iloc[0]}, {'compiled' if df['compiled'].iloc[0] else 'eager'}, context {df['context'].iloc[0]}")
-    return head + "\n" + render_table(df[["nodes", "forward_ms", "base_ms", "heads_ms", "roofline_ms", "roofline_ratio",
-                                          "compile_s"]])
+    cols = ["nodes", "forward_ms", "base_ms", "heads_ms", "roofline_ms", "roofline_ratio", "compile_s"]
+    return head + "\n" + render_table(df[(["batch_size"] if df["batch_size"].nunique() > 1 else []) + cols])
 
 
 def _progress(items, enabled: bool, desc: str):
@@ -122,29 +173,38 @@ def checked_sizes(sizes, context: int) -> list[int]:
     return sizes
 
 
-def parse_sizes(text: str | None) -> tuple[int, ...]:
+def checked_batch_sizes(batch_sizes) -> list[int]:
+    batch_sizes = sorted(set(int(b) for b in batch_sizes))
+    if not batch_sizes or batch_sizes[0] < 1:
+        raise TreeoptError(f"--batch-sizes {batch_sizes}: give batch sizes >= 1, e.g. 1,4,16")
+    return batch_sizes
+
+
+def parse_sizes(text: str | None, default=DEFAULT_SIZES, option: str = "--sizes") -> tuple[int, ...]:
     if not text:
-        return DEFAULT_SIZES
+        return tuple(default)
     try:
         return tuple(int(s) for s in text.replace(" ", "").split(",") if s)
     except ValueError:
-        raise TreeoptError(f"--sizes {text!r}: give comma-separated integers, e.g. 0,1,2,4,8,16") from None
+        raise TreeoptError(f"{option} {text!r}: give comma-separated integers, e.g. 0,1,2,4,8,16") from None
 
 
 def run_profile(model: str = "smollm2-135m", heads: str | None = None, sizes: str | None = None,
                 context: int = 256, repeats: int = 5, device: str = "auto", dtype: str = "auto",
                 out: str | Path = "latency.csv", progress: bool = True, threads: int | None = None,
-                compiled: bool = False) -> pd.DataFrame:
+                device_map: str | None = None, max_memory: str | None = None,
+                batch_sizes: str | None = None, compiled: bool = False) -> pd.DataFrame:
     """The CLI's twin: load the model and heads, profile, write the CSV atomically."""
     from decoding.heads import resolve_heads
     from decoding.models import load_model, set_threads
 
     set_threads(threads)
     tree_sizes = checked_sizes(parse_sizes(sizes), context)
+    batches = checked_batch_sizes(parse_sizes(batch_sizes, (1,), "--batch-sizes"))
     check_writable(out, fix="pass another --out")
-    loaded = load_model(model, device=device, dtype=dtype)
+    loaded = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
     medusa = resolve_heads(heads, loaded.model)
     df = profile_latency(loaded.model, medusa, tree_sizes, context, repeats, model_name=model, progress=progress,
-                         compiled=compiled)
+                         batch_sizes=batches, compiled=compiled)
     atomic_write(out, lambda p: df.to_csv(p, index=False, float_format="%.4f"))
     return df

@@ -63,9 +63,10 @@ def measure_machine(device: torch.device, dtypes=(torch.float32, torch.bfloat16)
     return Machine(str(device), torch.get_num_threads(), bandwidth, peaks)
 
 
-def step_cost(model, nodes: int, context: int, heads=None, depth: int = 0) -> StepCost:
-    """Bytes read and FLOPs of one decoding step: a forward of `nodes` + 1 tokens over `context`
-    committed ones with the lm_head on every row, then (with `heads`) `depth` heads at one node."""
+def step_cost(model, nodes: int, context: int, heads=None, depth: int = 0, batch: int = 1) -> StepCost:
+    """Bytes read and FLOPs of one decoding step of `batch` sequences: a forward of `nodes` + 1 tokens
+    each over `context` committed ones with the lm_head on every row, then (with `heads`) `depth`
+    heads at one node each. The weights are read once for the whole batch."""
     c = model.config.get_text_config()
     weight = model.get_output_embeddings().weight  # [V, H]
     size = weight.element_size()
@@ -76,11 +77,11 @@ def step_cost(model, nodes: int, context: int, heads=None, depth: int = 0) -> St
     kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     kv_bytes = 2 * c.num_hidden_layers * kv_heads * head_dim * context * size
     attn_flops = 2 * 2 * M * (context + M) * c.num_hidden_layers * c.num_attention_heads * head_dim
-    nbytes = (layer_params + weight.numel()) * size + kv_bytes
-    flops = 2 * M * (layer_params + weight.numel()) + attn_flops
+    nbytes = (layer_params + weight.numel()) * size + batch * kv_bytes
+    flops = batch * (2 * M * (layer_params + weight.numel()) + attn_flops)
     if heads is not None and depth:
         block_params = sum(p.numel() for h in heads.heads[:depth] for p in h.parameters())
         vocab = 0 if heads.config.own_lm_head else weight.numel()  # the shared lm_head, read again
         nbytes += (block_params + vocab) * size
-        flops += 2 * (block_params + depth * vocab)
+        flops += batch * 2 * (block_params + depth * vocab)
     return StepCost(nbytes, flops)

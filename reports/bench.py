@@ -214,7 +214,8 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
               prompts: str | None = None, limit: int | None = 20, max_new_tokens: int = 128,
               device: str = "auto", dtype: str = "auto", calibration: str | None = None,
               out: str | Path | None = None, repeats: int = 5, progress: bool = True,
-              threads: int | None = None, compiled: bool = False) -> BenchResult:
+              threads: int | None = None, compiled: bool = False, device_map: str | None = None,
+              max_memory: str | None = None) -> BenchResult:
     """The CLI's twin: load everything, benchmark, write bench.csv and bench.json into `out`.
     An interrupted run with the same settings resumes from `out`/.bench-records/."""
     from decoding.heads import resolve_heads
@@ -236,7 +237,7 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
     instructions = load_instructions(source, limit)
     if out is not None:
         check_writable(out, directory=True, fix="pass another --out")
-    loaded = load_model(model, device=device, dtype=dtype)
+    loaded = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
     medusa = resolve_heads(heads, loaded.model)
     for tree in methods.values():
         tree.check(num_heads=medusa.num_heads)

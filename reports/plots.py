@@ -319,11 +319,11 @@ def plot_speed(out: str | Path, bench: pd.DataFrame | None = None, latency: pd.D
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.4), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         if panel == "latency":
-            groups = latency.groupby(["device", "dtype"], sort=False) if {"device", "dtype"} <= set(latency.columns) \
-                else [(("", ""), latency)]
-            for (dev, dt), df in groups:
+            keys = [c for c in ("device", "dtype", "batch_size") if c in latency.columns]
+            for key, df in (latency.groupby(keys, sort=False) if keys else [((), latency)]):
                 df = df.sort_values("nodes")
-                ax.plot(df["nodes"], df["forward_ms"], "o-", ms=3, label=f"{dev} {dt}".strip() or None)
+                label = " ".join(f"batch {v}" if k == "batch_size" else str(v) for k, v in zip(keys, key))
+                ax.plot(df["nodes"], df["forward_ms"], "o-", ms=3, label=label or None)
             ax.set_xlabel("tree nodes (0 = plain decoding)")
             ax.set_ylabel("forward pass (ms)")
             ax.set_ylim(bottom=0)
@@ -339,11 +339,15 @@ def plot_speed(out: str | Path, bench: pd.DataFrame | None = None, latency: pd.D
         ax.axhline(1.0, color=FAMILY_COLORS["plain"], ls="--", lw=1,
                    label="plain decoding" + (tps(plain.iloc[0]) if len(plain) else ""))
         xs, ys = list(dots["nodes"]), list(dots["speedup"])
-        if has(predicted):
-            p = predicted.dropna(subset=["speedup"]).sort_values("nodes")
-            ax.plot(p["nodes"], p["speedup"], "-", color=FAMILY_COLORS["searched"], lw=1.2, alpha=0.6,
-                    label="searched tree, predicted (calibration x latency)")
-            xs, ys = xs + list(p["nodes"]), ys + list(p["speedup"])
+        if has(predicted):  # one curve per batch size (a sweep's batch_size column; none: batch 1)
+            p = predicted.dropna(subset=["speedup"])
+            curves = list(p.groupby("batch_size")) if "batch_size" in p.columns else [(1, p)]
+            for i, (b, p) in enumerate(curves):
+                p = p.sort_values("nodes")
+                ax.plot(p["nodes"], p["speedup"], "-", color=FAMILY_COLORS["searched"], lw=1.2,
+                        alpha=0.6 if len(curves) == 1 else 0.3 + 0.7 * (i + 1) / len(curves),
+                        label="searched tree, predicted (calibration x latency)" + (f", batch {b}" if len(curves) > 1 else ""))
+                xs, ys = xs + list(p["nodes"]), ys + list(p["speedup"])
         seen: dict = {}  # labels of points at the same tree size go one under the other
         for _, r in dots.sort_values("speedup", ascending=False).iterrows():
             i = seen[r["nodes"]] = seen.get(r["nodes"], -1) + 1

@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 
 from search.baselines import baseline_trees
-from search.budget import best_chain_length, read_latency, search_auto
+from search.budget import best_chain_length, read_latencies, read_latency, search_auto
 from search.evaluate import compare, evaluate
 from search.grow import SearchResult, search
+from search.schedule import batch_schedule, write_schedule
 from search.sweep import sweep
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write, check_writable
@@ -29,12 +30,13 @@ def _header(calibration: Calibration) -> str:
 
 def search_report(calibration: str | Path, nodes: int | str = 64, model: str = "empirical",
                   max_depth: int | None = None, top_k: int | None = None, latency: str | Path | None = None,
-                  max_nodes: int = 256, out: str | Path | None = None, format: str | None = None
-                  ) -> tuple[SearchResult, pd.DataFrame, str]:
+                  max_nodes: int = 256, out: str | Path | None = None, format: str | None = None,
+                  batch_size: int = 1) -> tuple[SearchResult, pd.DataFrame, str]:
     """`treeopt search`: search, compare with the baselines, write the tree file; returns the result,
-    the comparison table and the text to print."""
+    the comparison table and the text to print. `batch_size` picks the latency file's rows (tokens/s
+    of that many sequences decoded together)."""
     cal = load_calibration(calibration)
-    lat = read_latency(latency) if latency is not None else None
+    lat = read_latency(latency, batch_size) if latency is not None else None
     if out is not None:
         check_writable(out, fix="pass another --out")
     if str(nodes) == "auto":
@@ -61,12 +63,12 @@ def search_report(calibration: str | Path, nodes: int | str = 64, model: str = "
             "top_k": result.meta["top_k"], "nodes_requested": str(nodes) if str(nodes) == "auto" else result.requested,
             "best_chain_length": chain, "node_values": result.values.round(6).tolist()}
     if lat is not None:
-        meta.update({"latency": lat.source, "forward_ms": float(table["forward_ms"][0]),
+        meta.update({"latency": lat.source, "batch_size": lat.batch_size, "forward_ms": float(table["forward_ms"][0]),
                      "predicted_tokens_per_s": float(lat.tokens_per_second(result.tokens_per_step, tree.num_nodes))})
     lines = [_header(cal),
              f"searched tree: {tree.num_nodes} nodes, depth {tree.depth}, max rank {tree.max_rank - 1}, "
-             f"{model} model" + (f" (--nodes auto: best predicted tokens/s of sizes 1..{min(max_nodes, int(lat.nodes[-1]))})"
-                                 if str(nodes) == "auto" else "")]
+             f"{model} model" + (f" (--nodes auto: best predicted tokens/s of sizes 1..{min(max_nodes, int(lat.nodes[-1]))}"
+                                 f" at batch size {lat.batch_size})" if str(nodes) == "auto" else "")]
     if tree.num_nodes < result.requested:
         lines.append(f"note: only {tree.num_nodes} nodes have a nonzero acceptance probability; the tree stops there")
     lines += ["", render_table(table), "",
@@ -97,16 +99,19 @@ def sweep_report(calibration: str | Path, max_nodes: int = 256, model: str = "em
                  replayed: bool = False, out: str | Path | None = None) -> tuple[pd.DataFrame, str]:
     """`treeopt sweep`: the optimal tree's tokens/step (and tokens/s) for every size 0..max_nodes."""
     cal = load_calibration(calibration)
-    lat = read_latency(latency) if latency is not None else None
+    lats = list(read_latencies(latency).values()) if latency is not None else []
+    lat = lats[0] if lats else None  # the smallest batch size's, for the baselines
     if out is not None:
         check_writable(out, fix="pass another --out")
-    df = sweep(cal, max_nodes, model, lat, max_depth, top_k, replayed)
-    lines = [_header(cal), f"{model} model; row N = the first N nodes of one greedy search", "", render_table(df)]
-    if lat is not None and df["tokens_per_s"].notna().iloc[1:].any():
-        best = df.iloc[1:]["tokens_per_s"].idxmax()
-        speedup = df["speedup"][best]
-        lines.append(f"best predicted tokens/s at N = {int(df['nodes'][best])}: {df['tokens_per_s'][best]:.1f}"
-                     + ("" if np.isnan(speedup) else f" ({speedup:.2f}x plain decoding)"))
+    df = sweep(cal, max_nodes, model, lats or None, max_depth, top_k, replayed)
+    lines = [_header(cal), f"{model} model; row N = the first N nodes of one greedy search"
+             + ("; one block of rows per batch size of the latency file" if len(lats) > 1 else ""), "", render_table(df)]
+    for size, rows in (df[df["nodes"] > 0].groupby("batch_size") if lats else []):
+        if rows["tokens_per_s"].notna().any():
+            best = rows["tokens_per_s"].idxmax()
+            speedup = df["speedup"][best]
+            lines.append(f"best predicted tokens/s at batch size {size}: N = {int(df['nodes'][best])}, "
+                         f"{df['tokens_per_s'][best]:.1f}" + ("" if np.isnan(speedup) else f" ({speedup:.2f}x plain decoding)"))
     base = compare(baseline_trees(cal, int(df["nodes"].iloc[-1]), model, max_depth, top_k), cal, model, latency=lat)
     lines += ["", f"baselines (best Cartesian tree within N = {int(df['nodes'].iloc[-1])} nodes):", render_table(base),
               f"best top-1 chain length for vLLM num_speculative_tokens / TGI --speculate: "
@@ -115,3 +120,26 @@ def sweep_report(calibration: str | Path, max_nodes: int = 256, model: str = "em
         atomic_write(out, lambda p: df.to_csv(p, index=False))
         lines.append(f"wrote {out}")
     return df, "\n".join(lines)
+
+
+def schedule_report(calibration: str | Path, latency: str | Path, batch_sizes: list[int] | None = None,
+                    model: str = "empirical", max_depth: int | None = None, top_k: int | None = None,
+                    max_nodes: int = 256, out: str | Path | None = None) -> tuple[list[dict], str]:
+    """`treeopt search --batch-sizes 1,4,16 --latency FILE`: the best tree at each batch size (all of the
+    latency file's when `batch_sizes` is None), written as one schedule file (search/schedule.py)."""
+    cal = load_calibration(calibration)
+    lats = read_latencies(latency)
+    if batch_sizes:
+        lats = {b: read_latency(latency, b) for b in batch_sizes}
+    if out is not None:
+        check_writable(out, fix="pass another --out")
+    entries = batch_schedule(cal, lats, model, max_nodes, max_depth, top_k)
+    table = pd.DataFrame([{k: e[k] for k in ("batch_size", "nodes", "predicted_tokens_per_step", "forward_ms",
+                                             "predicted_tokens_per_s", "predicted_speedup")} for e in entries])
+    lines = [_header(cal), f"the tree of best predicted tokens/s at each batch size of {latency} ({model} model); "
+             "speedup over plain decoding at the same batch size", "", render_table(table)]
+    if out is not None:
+        path = write_schedule(out, entries, acceptance_model=model, calibration=str(cal.directory),
+                              latency=str(latency))
+        lines.append(f"wrote {path}")
+    return entries, "\n".join(lines)

@@ -1,5 +1,7 @@
-"""Sizing a tree for a machine: latency profiles (forward time vs tree size) and the size, or chain
-length, of best predicted tokens/s."""
+"""Sizing a tree for a machine: latency profiles (forward time vs tree size, per batch size) and the
+size, or chain length, of best predicted tokens/s. At batch size B a step of n nodes verifies B x (n+1)
+tokens and emits B x tokens/step, so the best size maximizes B x tokens/step / step time: as B grows
+the step time climbs sooner and the best tree shrinks."""
 
 from __future__ import annotations
 
@@ -18,12 +20,14 @@ from treeopt.core.tree import Tree
 
 @dataclass(frozen=True)
 class Latency:
-    """Forward time of one decoding step vs tree size, from `treeopt profile` (nodes 0 = plain decoding)."""
+    """Forward time of one decoding step vs tree size, from `treeopt profile` (nodes 0 = plain decoding),
+    for `batch_size` sequences decoded together."""
 
     nodes: np.ndarray  # [M] sorted, distinct
     forward_ms: np.ndarray  # [M]
     source: str = ""
     meta: dict = field(default_factory=dict)
+    batch_size: int = 1
 
     def forward(self, nodes) -> np.ndarray:
         """Forward ms at the given tree sizes, interpolated linearly; NaN outside the profiled range."""
@@ -32,12 +36,23 @@ class Latency:
         return np.where((n >= self.nodes[0]) & (n <= self.nodes[-1]), ms, np.nan)
 
     def tokens_per_second(self, tokens_per_step, nodes) -> np.ndarray:
-        return np.asarray(tokens_per_step, dtype=np.float64) / self.forward(nodes) * 1000.0
+        """All `batch_size` sequences' tokens per second."""
+        return self.batch_size * np.asarray(tokens_per_step, dtype=np.float64) / self.forward(nodes) * 1000.0
 
 
-def read_latency(path: str | Path) -> Latency:
-    """Read a latency CSV: columns `nodes` (tree size, root excluded) and `forward_ms`, plus optional
-    descriptive columns (device, dtype, model). Repeated sizes are combined by their median."""
+def read_latency(path: str | Path, batch_size: int = 1) -> Latency:
+    """The rows of one batch size of a latency CSV (see read_latencies)."""
+    latencies = read_latencies(path)
+    if batch_size not in latencies:
+        raise TreeoptError(f"latency file {path} has no rows for batch size {batch_size} (it has "
+                           f"{', '.join(map(str, latencies))}): run `treeopt profile --batch-sizes {batch_size}`")
+    return latencies[batch_size]
+
+
+def read_latencies(path: str | Path) -> dict[int, Latency]:
+    """Read a latency CSV: columns `nodes` (tree size, root excluded) and `forward_ms`, optionally
+    `batch_size` (absent: every row is batch 1), plus descriptive columns (device, dtype, model).
+    One Latency per batch size, ascending; repeated sizes are combined by their median."""
     path = Path(path)
     if not path.is_file():
         raise TreeoptError(f"latency file {path} not found: write one with `treeopt profile -o {path}`")
@@ -53,9 +68,13 @@ def read_latency(path: str | Path) -> Latency:
     if df.empty or nodes.isna().any() or ms.isna().any() or (nodes < 0).any() or (nodes % 1 != 0).any() or (ms <= 0).any():
         raise TreeoptError(f"latency file {path} needs integer nodes >= 0 and positive forward_ms on every row: "
                            "re-run `treeopt profile`")
-    table = pd.DataFrame({"nodes": nodes.astype(np.int64), "ms": ms}).groupby("nodes")["ms"].median()
-    meta = {c: str(df[c].iloc[0]) for c in df.columns if c not in ("nodes", "forward_ms")}
-    return Latency(table.index.to_numpy(), table.to_numpy(np.float64), str(path), meta)
+    batch = pd.to_numeric(df["batch_size"], errors="coerce") if "batch_size" in df.columns else pd.Series(1, index=df.index)
+    if batch.isna().any() or (batch < 1).any() or (batch % 1 != 0).any():
+        raise TreeoptError(f"latency file {path} needs an integer batch_size >= 1 on every row: re-run `treeopt profile`")
+    meta = {c: str(df[c].iloc[0]) for c in df.columns if c not in ("nodes", "forward_ms", "batch_size")}
+    table = pd.DataFrame({"batch": batch.astype(np.int64), "nodes": nodes.astype(np.int64), "ms": ms})
+    return {int(b): Latency(t.index.to_numpy(), t.to_numpy(np.float64), str(path), meta, int(b))
+            for b, t in ((b, g.groupby("nodes")["ms"].median()) for b, g in table.groupby("batch"))}
 
 
 def choose_nodes(result: SearchResult, latency: Latency) -> int:

@@ -62,16 +62,19 @@ def test_auto_dtype_is_bfloat16_only_where_native(monkeypatch):
     assert resolve_dtype("auto", cpu) == torch.bfloat16
 
 
-def test_cache_keyword_follows_the_model_signature(tiny_llama, caplog):
+def test_cache_argument_follows_the_model_signature(tiny_llama, caplog):
     from decoding.decoder import TreeDecoder
-    from decoding.models import cache_keyword
+    from decoding.models import cache_argument
     from treeopt.core.tree import Tree
 
     class Old(torch.nn.Module):
         def forward(self, input_ids, past_key_values=None):
             return input_ids
 
-    assert cache_keyword(Old()) == "past_key_values"
+        def get_decoder(self):
+            return self
+
+    assert cache_argument(Old()) == "past_key_values"
     with caplog.at_level("WARNING"):
         TreeDecoder(tiny_llama, None, Tree(()), stop_ids=()).generate([5, 6, 7], 3)
     assert "deprecated" not in caplog.text

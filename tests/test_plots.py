@@ -105,7 +105,7 @@ def test_draw_tree_from_spec_with_calibration(tmp_path, calibration):
 # ---- charts ----------------------------------------------------------------------------------
 
 
-def test_heatmap_and_charts_render(tmp_path, calibration):
+def test_heatmap_and_charts_render(tmp_path, calibration, monkeypatch):
     assert_picture(plots.plot_accuracy_heatmap(calibration.accuracy, tmp_path / "a.png"))
     curves = pd.DataFrame({"method": ["searched"] * 3 + ["cartesian-2x3", "mc_sim_7b_63"],
                            "nodes": [8, 16, 32, 8, 63], "tokens_per_step": [1.8, 2.0, 2.2, 1.6, 2.1]})
@@ -120,6 +120,16 @@ def test_heatmap_and_charts_render(tmp_path, calibration):
     predicted = pd.DataFrame({"nodes": [0, 8, 64], "speedup": [1.0, 1.2, 0.8]})  # a sweep with latency, no bench
     assert_picture(plots.plot_speed(tmp_path / "s2.png", latency=latency, predicted=predicted))
     assert_picture(plots.plot_speed(tmp_path / "s3.png", predicted=predicted))
+    by_batch = pd.concat([predicted.assign(batch_size=b, speedup=predicted["speedup"] / b) for b in (1, 4, 16)])
+    figures = []
+    with monkeypatch.context() as m:
+        m.setattr(plots, "save", lambda fig, out: figures.append(fig) or Path(out))
+        plots.plot_speed(tmp_path / "s4.png", latency=pd.concat([latency.assign(batch_size=b) for b in (1, 4)]),
+                         predicted=by_batch)
+    labels = [[line.get_label() for line in ax.lines] for ax in figures[0].axes]
+    assert labels[0] == ["cpu float32 batch 1", "cpu float32 batch 4"]
+    assert [x for x in labels[1] if "predicted" in x] == [f"searched tree, predicted (calibration x latency), batch {b}"
+                                                         for b in (1, 4, 16)]
     assert_picture(plots.plot_predicted_vs_measured(bench, tmp_path / "p.png"))
     with pytest.raises(TreeoptError, match="treeopt bench"):
         plots.plot_speed(tmp_path / "none.png")

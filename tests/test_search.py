@@ -183,3 +183,48 @@ def test_json_tree_is_readable_by_others(make_calibration, tmp_path):
     obj = json.loads((tmp_path / "t.json").read_text())
     assert {"medusa_choices", "nodes", "predicted_tokens_per_step", "acceptance_model", "calibration",
             "best_chain_length"} <= set(obj)
+
+
+def test_batch_sizes_in_latency_files_sweep_and_schedule(make_calibration, tmp_path):
+    """A latency profile whose step time grows faster with tree size at larger batch sizes: --batch-size
+    picks fewer nodes as B grows, the sweep has one curve per batch size, the schedule file maps each
+    batch size to its tree."""
+    from search.budget import read_latencies
+    from search.schedule import batch_schedule, read_schedule
+
+    cal = make_calibration(random_ranks([300, 250, 200], 3, 5, seed=7), top_k=5)
+    f = tmp_path / "latency.csv"
+    rows = [(b, n, 10.0 * (1 + b * n / 64)) for b in (1, 4, 16) for n in (0, 4, 8, 16, 32, 64)]
+    f.write_text("batch_size,nodes,forward_ms,device\n" + "".join(f"{b},{n},{ms},cpu\n" for b, n, ms in rows))
+    lats = read_latencies(f)
+    assert list(lats) == [1, 4, 16] and lats[4].forward(8) == pytest.approx(15.0)
+    picks = [search_auto(cal, lats[b]).tree.num_nodes for b in (1, 4, 16)]
+    assert picks[0] > picks[1] > picks[2] >= 1
+    tps = lambda b, n: b * search(cal, n).tokens_per_step / lats[b].forward(n) * 1000  # noqa: E731
+    assert all(tps(b, n) >= tps(b, m) for b, n in zip((1, 4, 16), picks) for m in (1, 4, 8, 16, 32, 64))
+    assert read_latency(tmp_path / "latency.csv", 16).batch_size == 16
+    with pytest.raises(TreeoptError, match="batch-sizes 2"):
+        read_latency(f, 2)
+
+    df = sweep(cal, 64, latency=list(lats.values()))
+    assert df["batch_size"].unique().tolist() == [1, 4, 16]
+    for b, rows_b in df.groupby("batch_size"):
+        assert rows_b["speedup"].iloc[0] == pytest.approx(1.0)
+        assert int(rows_b.loc[rows_b["tokens_per_s"].iloc[1:].idxmax(), "nodes"]) == picks[[1, 4, 16].index(b)]
+
+    entries = batch_schedule(cal, lats)
+    assert [e["nodes"] for e in entries] == picks
+    runner = CliRunner()
+    out = tmp_path / "schedule.json"
+    r = runner.invoke(app, ["search", "-c", str(cal.directory), "--latency", str(f), "--batch-sizes", "1,4,16",
+                            "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    trees, written = read_schedule(out)
+    assert list(trees) == [1, 4, 16] and [t.num_nodes for t in trees.values()] == picks
+    assert trees[16] == trees[1][:picks[2]]  # prefixes of one greedy search
+    assert written[0]["predicted_speedup"] == pytest.approx(entries[0]["predicted_speedup"])
+    r = runner.invoke(app, ["search", "-c", str(cal.directory), "--nodes", "auto", "--latency", str(f),
+                            "--batch-size", "16", "-o", str(tmp_path / "t.json")])
+    assert r.exit_code == 0 and read_tree_meta(tmp_path / "t.json")[0].num_nodes == picks[2]
+    r = runner.invoke(app, ["sweep", "-c", str(cal.directory), "--latency", str(f), "--max-nodes", "64"])
+    assert r.exit_code == 0 and "at batch size 16: N = " + str(picks[2]) in r.output

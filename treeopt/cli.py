@@ -70,6 +70,8 @@ DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto.")
 ThreadsOpt = typer.Option(None, "--threads", help="torch CPU threads; 1 is best on a machine shared with other jobs.")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (bfloat16 where the device computes it natively, else float32), float32 (exact reference), bfloat16 or float16.")
 CompileOpt = typer.Option(False, "--compile/--eager", help="torch.compile the decoding steps, once per tree size and cache capacity (minutes each on a busy CPU; cached across runs; eager when compiling fails, with a note).")
+DeviceMapOpt = typer.Option(None, "--device-map", help="auto (or balanced, sequential): spread a large model over the GPUs with accelerate (--device is then unused).")
+MaxMemoryOpt = typer.Option(None, "--max-memory", help="With --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB.")
 PromptsOpt = typer.Option(None, "--prompts", "-p", help="Prompt source: alpaca_eval (hub, via `datasets`), a .json/.jsonl file with an `instruction` or `prompt` field, or a Hugging Face dataset id; default: ../shared/data/alpaca_eval.json if present, else alpaca_eval.")
 CalibrationOpt = typer.Option(..., "--calibration", "-c", help="Calibration directory (from `treeopt calibrate`).")
 AcceptanceModelOpt = typer.Option("empirical", "--acceptance-model", help="How node acceptance is estimated from the calibration: empirical (joint rank counts) or independent (Medusa paper's product of accuracies).")
@@ -135,27 +137,34 @@ def calibrate(
     model: str = ModelOpt,
     heads: Optional[str] = HeadsOpt,
     prompts: Optional[str] = PromptsOpt,
-    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N prompts."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Greedy continuation length cap (stops earlier at EOS)."),
+    teacher_forced: Optional[str] = typer.Option(None, "--teacher-forced", help="Chat data (ShareGPT `conversations` or OpenAI `messages`; .json/.jsonl or a Hugging Face dataset id): rank the heads on its assistant turns in one forward per conversation, instead of generating from --prompts."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N prompts (conversations)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Greedy continuation length cap (stops earlier at EOS); teacher-forced: the cap on each assistant turn."),
     top_k: int = typer.Option(10, "--top-k", help="Ranks >= top-k are recorded as a miss."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generation batch (1: exactly unbatched greedy)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generation batch (1: exactly unbatched greedy); teacher-forced: sequences per forward."),
     shard_size: int = typer.Option(32, "--shard-size", help="Prompts per resumable shard (rounded up to whole batches)."),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("calibration"), "--out", "-o", help="Output directory; rerun the same command to resume."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with tokens/s."),
 ):
     """Record where every head ranks the base model's greedy tokens (ranks.parquet, accuracy.csv, ...)."""
     from treeopt.core.record import load_calibration
-    from calibrate.run import CalibrationConfig, calibrate as run_calibration
+    from calibrate.run import CalibrationConfig, calibrate as generated
+    from calibrate.teacher import calibrate_teacher_forced
 
-    config = CalibrationConfig(out=out, model=model, heads=heads, prompts=prompts, limit=limit,
+    run_calibration = calibrate_teacher_forced if teacher_forced else generated
+    config = CalibrationConfig(out=out, model=model, heads=heads, prompts=prompts, teacher_forced=teacher_forced, limit=limit,
                                max_new_tokens=max_new_tokens, top_k=top_k, batch_size=batch_size,
-                               shard_size=shard_size, seed=seed, device=device, dtype=dtype, progress=progress)
+                               shard_size=shard_size, seed=seed, device=device, dtype=dtype, device_map=device_map,
+                               max_memory=max_memory, progress=progress)
     cal = load_calibration(run_calibration(config))
     top = ", ".join(f"head {k + 1} {a:.3f}" for k, a in enumerate(cal.accuracy.sum(1)))
-    typer.echo(f"wrote {out}: {cal.meta['num_prompts']} prompts, {cal.num_positions} positions, "
+    typer.echo(f"wrote {out}: {cal.meta['num_prompts']} {'assistant turns' if teacher_forced else 'prompts'}, "
+               f"{cal.num_positions} positions, "
                f"{cal.meta['tokens_per_s']:.1f} tok/s; top-{cal.top_k} accuracy: {top}")
 
 
@@ -174,11 +183,23 @@ def search(
     max_nodes: int = typer.Option(256, "--max-nodes", help="Largest size --nodes auto considers."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Tree file to write (.json, .py, .txt)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="json, python (medusa_choices = [...]) or trtllm (--medusa_choices string); default from the suffix."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Sequences decoded together: --latency's rows for that batch size (`treeopt profile --batch-sizes`)."),
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="e.g. 1,4,16,64: a schedule, the best tree at each batch size (needs --latency; -o writes one JSON file)."),
 ):
     """Search the tree that maximizes expected tokens/step; compare it with the baselines."""
-    from search.api import search_report
+    from search.api import schedule_report, search_report
 
-    typer.echo(search_report(calibration, nodes, acceptance_model, max_depth, top_k, latency, max_nodes, out, fmt)[2])
+    if batch_sizes is not None:
+        if latency is None:
+            raise TreeoptError("--batch-sizes needs --latency FILE profiled at those batch sizes "
+                               "(`treeopt profile --batch-sizes 1,4,16`)")
+        if not all(b.strip().isdigit() for b in batch_sizes.split(",")):
+            raise TreeoptError(f"--batch-sizes {batch_sizes!r}: give comma-separated integers, e.g. 1,4,16,64")
+        sizes = [int(b) for b in batch_sizes.split(",")]
+        typer.echo(schedule_report(calibration, latency, sizes, acceptance_model, max_depth, top_k, max_nodes, out)[1])
+        return
+    typer.echo(search_report(calibration, nodes, acceptance_model, max_depth, top_k, latency, max_nodes, out, fmt,
+                             batch_size)[2])
 
 
 @command()
@@ -232,12 +253,15 @@ def decode(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     compiled: bool = CompileOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
 ):
     """Answer one instruction with Medusa tree decoding; print the reply and tokens/step."""
     from decoding.decoder import Acceptance, run_decode
 
     rule = Acceptance(acceptance, temperature, posterior_threshold, posterior_alpha, seed)
-    text, r = run_decode(instruction, tree, model, heads, max_new_tokens, rule, device, dtype, compiled)
+    text, r = run_decode(instruction, tree, model, heads, max_new_tokens, rule, device, dtype, compiled, device_map,
+                         max_memory)
     typer.echo(text)
     typer.echo(f"{len(r.tokens)} tokens in {r.steps} steps: {r.tokens_per_step:.2f} tokens/step, "
                f"{len(r.tokens) / max(r.decode_s, 1e-9):.1f} tokens/s decoding, prefill {r.prefill_s * 1e3:.0f} ms", err=True)
@@ -259,6 +283,8 @@ def bench(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     compiled: bool = CompileOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
 ):
     """Plain greedy vs tree decoding on the same prompts: tokens/step, overhead, speedup, lossless match."""
     from reports.bench import render, run_bench
@@ -266,7 +292,8 @@ def bench(
     result = run_bench(model=model, heads=heads, trees=trees or (), cartesian=cartesian or (), prompts=prompts,
                        limit=limit, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
                        calibration=str(calibration) if calibration else None, out=out, repeats=repeats,
-                       progress=sys.stderr.isatty(), threads=threads, compiled=compiled)
+                       progress=sys.stderr.isatty(), threads=threads, compiled=compiled, device_map=device_map,
+                       max_memory=max_memory)
     typer.echo(render(result))
     if out is not None:
         typer.echo(f"wrote {out / 'bench.csv'} and {out / 'bench.json'}", err=True)
@@ -276,6 +303,7 @@ def bench(
 def profile(
     out: Path = typer.Option(Path("latency.csv"), "--out", "-o", help="CSV to write (what `search --nodes auto --latency` reads)."),
     sizes: Optional[str] = typer.Option(None, "--sizes", help="Tree sizes, comma-separated; default 0,1,2,4,8,16,24,32,48,64,96,128,192,256."),
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Sequences per forward, comma-separated (e.g. 1,4,16): one set of rows each; default 1."),
     context: int = typer.Option(256, "--context", help="Tokens already in the KV cache."),
     repeats: int = typer.Option(5, "--repeats", help="Timed forwards per size (the median is kept)."),
     threads: Optional[int] = ThreadsOpt,
@@ -284,12 +312,15 @@ def profile(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     compiled: bool = CompileOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
 ):
     """Time one decoding step vs tree size on this device, beside the machine's roofline, into a CSV."""
     from decoding.profile import render_profile, run_profile
 
     df = run_profile(model=model, heads=heads, sizes=sizes, context=context, repeats=repeats, device=device,
-                     dtype=dtype, out=out, progress=sys.stderr.isatty(), threads=threads, compiled=compiled)
+                     dtype=dtype, out=out, progress=sys.stderr.isatty(), threads=threads, device_map=device_map,
+                     max_memory=max_memory, batch_sizes=batch_sizes, compiled=compiled)
     typer.echo(render_profile(df))
     typer.echo(f"wrote {out}", err=True)
 

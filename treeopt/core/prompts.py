@@ -31,16 +31,19 @@ def default_prompts() -> str:
 def load_instructions(source: str = ALPACA_EVAL, limit: int | None = None, offset: int = 0) -> list[str]:
     """Instructions from `source`: `alpaca_eval`, a .json/.jsonl file whose records have an `instruction`
     or `prompt` field, or a Hugging Face dataset id. `offset`/`limit` take a slice."""
-    path = Path(source).expanduser()
-    if path.suffix in (".json", ".jsonl") or path.exists():
-        records = _read_file(path)
-    else:
-        records = _read_hub(source)
-    instructions = [_field(r, source, n) for n, r in enumerate(records)]
+    instructions = [_field(r, source, n) for n, r in enumerate(read_records(source))]
     if not instructions:
         raise TreeoptError(f"{source} holds no records: pass a file with at least one instruction")
     end = None if limit is None else offset + limit
     return instructions[offset:end]
+
+
+def read_records(source: str) -> list:
+    """The records of a .json/.jsonl file, or of a Hugging Face dataset id (its eval split, else its first)."""
+    path = Path(source).expanduser()
+    if path.suffix in (".json", ".jsonl") or path.exists():
+        return _read_file(path)
+    return _read_hub(source)
 
 
 def _field(record, source, n) -> str:

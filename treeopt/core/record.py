@@ -13,6 +13,11 @@ A calibration run writes into DIR:
 - ``continuations.parquet``: prompt_id, instruction, prompt_ids, tokens (the continuation's ids), stopped
   (True when it ended at EOS rather than at max_new_tokens).
 - ``calibration.json``: model, heads, dataset, counts, top_k, max_new_tokens, seed, wall time, versions.
+
+A teacher-forced calibration (``treeopt calibrate --teacher-forced DATA``, ``teacher_forced: true`` in
+calibration.json) has the same files with a chat dataset's assistant turns in place of prompts and
+continuations: a "prompt" is one assistant turn, its tokens the data's answer (not the base model's
+greedy tokens, so its replay predicts decoding only as far as the data resembles the model's output).
 """
 
 from __future__ import annotations

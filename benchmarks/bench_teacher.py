@@ -1,0 +1,88 @@
+"""Teacher-forced calibration against generated calibration: tokens/s, and the trees each one finds.
+
+    nice -n 10 .venv/bin/python benchmarks/bench_teacher.py [--limit 16] [--max-new-tokens 128]
+        [--batch-size 8] [--nodes 16,64] [--threads 1] [--out runs/bench-teacher]
+
+1. generated: `treeopt calibrate` on the first --limit AlpacaEval instructions (the base model's own
+   greedy answers, generated token by token).
+2. The chat data: a ShareGPT-style file (OUT/chat.json) of those instructions with those answers as
+   the assistant turns (AlpacaEval instructions are used for evaluation only, never to train heads).
+3. teacher-forced: `treeopt calibrate --teacher-forced OUT/chat.json`: one batched forward per
+   conversation, no generation.
+Both rank the same heads on the same tokens; tokens/s counts ranked positions over each run's wall
+time, both in this process, one after the other. Then a tree of each size is searched from each
+calibration and replayed exactly on the generated one (the base model's own tokens: what a greedy
+decoding step accepts). Target: teacher-forced >= 10x the generated tokens/s. Reruns reuse OUT's
+calibrations (delete OUT to time again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--heads", default=None, help="heads directory or `random` (default: the shipped ones)")
+    p.add_argument("--prompts", default=None, help="prompt source (default: the local AlpacaEval copy)")
+    p.add_argument("--limit", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--nodes", default="16,64")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="runs/bench-teacher")
+    args = p.parse_args()
+
+    from calibrate.run import CalibrationConfig, calibrate
+    from calibrate.teacher import calibrate_teacher_forced
+    from decoding.heads import resolve_heads
+    from decoding.models import load_model, set_threads
+    from search.grow import search
+    from treeopt.core.fileio import write_text
+    from treeopt.core.prompts import default_prompts
+    from treeopt.core.record import load_calibration
+    from treeopt.core.replay import replay
+    from treeopt.core.tables import render_table
+
+    set_threads(args.threads)
+    out = Path(args.out)
+    loaded = load_model(args.model, device=args.device)
+    heads = resolve_heads(args.heads, loaded.model)
+    common = {"model": args.model, "heads": args.heads, "limit": args.limit, "max_new_tokens": args.max_new_tokens,
+              "top_k": args.top_k, "batch_size": args.batch_size, "shard_size": args.limit, "progress": False}
+    gen = load_calibration(calibrate(CalibrationConfig(out=out / "generated", prompts=args.prompts or default_prompts(),
+                                                       **common), loaded=loaded, heads=heads))
+    conts = gen.continuations()
+    chat = [{"conversations": [{"from": "human", "value": i},
+                               {"from": "gpt", "value": loaded.tokenizer.decode(t, skip_special_tokens=True)}]}
+            for i, t in zip(conts["instruction"], conts["tokens"])]
+    write_text(out / "chat.json", json.dumps(chat, indent=1) + "\n")
+    tf = load_calibration(calibrate_teacher_forced(CalibrationConfig(out=out / "teacher-forced",
+                                                                     teacher_forced=str(out / "chat.json"), **common),
+                                                   loaded=loaded, heads=heads))
+
+    rows = []
+    for name, cal in (("generated", gen), ("teacher-forced", tf)):
+        row = {"calibration": name, "positions": cal.num_positions, "seconds": cal.meta["wall_time_s"],
+               "tokens/s": cal.meta["tokens_per_s"], "speed": cal.meta["tokens_per_s"] / gen.meta["tokens_per_s"]}
+        for n in map(int, args.nodes.split(",")):
+            row[f"replayed tokens/step, {n} nodes"] = replay(search(cal, n).tree, gen).tokens_per_step
+        rows.append(row)
+    print(f"{args.model} on {loaded.model.device.type}, {args.limit} AlpacaEval prompts x {args.max_new_tokens} tokens, "
+          f"batch {args.batch_size}, {heads.num_heads} heads, top-{args.top_k}; trees searched on each calibration, "
+          "replayed on the generated one")
+    print(render_table(__import__("pandas").DataFrame(rows)))
+    print(f"teacher-forced / generated tokens/s = {rows[1]['speed']:.1f}x (target >= 10x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -33,6 +33,7 @@ from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write, check_writable
 from treeopt.core.stage import Stage, differences
 from treeopt.core.env import versions
+from decoding.generate import Continuation
 from decoding.models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ class CalibrationConfig:
     heads: str | None = None  # a directory, `random`, or None for the heads shipped for the bundled model
     prompts: str | None = None  # `alpaca_eval`, a .json/.jsonl path; None: the local AlpacaEval copy, else the hub's
     teacher_forced: str | None = None  # chat data for calibrate/teacher.py (instead of prompts and generation)
-    limit: int | None = None
+    limit: int | None = None  # N prompts drawn across the sources, seeded by `seed` (`select_prompts`)
+    first: int | None = None  # or the first N prompts, in file order
     max_new_tokens: int = 256
     top_k: int = 10
     batch_size: int = 8
@@ -60,7 +62,10 @@ class CalibrationConfig:
     progress: bool = True
 
     def check(self) -> None:
-        for name, lo in (("max_new_tokens", 1), ("top_k", 1), ("batch_size", 1), ("shard_size", 1), ("limit", 1)):
+        if self.limit is not None and self.first is not None:
+            raise TreeoptError("--limit and --first both choose the prompts: pass one of them")
+        for name, lo in (("max_new_tokens", 1), ("top_k", 1), ("batch_size", 1), ("shard_size", 1), ("limit", 1),
+                         ("first", 1)):
             value = getattr(self, name)
             if value is not None and value < lo:
                 raise TreeoptError(f"--{name.replace('_', '-')} is {value}: pass a number >= {lo}")
@@ -75,11 +80,11 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
     `loaded` (decoding.models.LoadedModel) and `heads` (MedusaHeads) skip loading them; `on_shard(i)` is
     called after shard i is written (progress hooks, tests)."""
     from decoding.models import chat_prompt, stop_token_ids
-    from treeopt.core.prompts import default_prompts, load_instructions
+    from treeopt.core.prompts import default_prompts
 
     config.check()
     source = config.prompts or default_prompts()
-    instructions = load_instructions(source, limit=config.limit)
+    instructions, sources = select_prompts(source, config.limit, config.first, config.seed)
     check_writable(config.out, directory=True, fix="pass another --out")
     procs = processes()
     loaded, heads = load(config, procs, loaded, heads)
@@ -108,13 +113,25 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
     merged = run_shards(Path(config.out), settings, n, shard_size, shard, heads, lm_head, config.top_k, procs,
                         config.progress, on_shard)
     if merged is not None:  # the main process writes the final files
+        merged[1]["source"] = [sources[i] for i in merged[1]["prompt_id"]]
         write_merged(config.out, merged, {
             "model": loaded.name, "model_source": loaded.source, "heads": config.heads or "default",
-            "num_heads": heads.num_heads, "prompts": str(source), "limit": config.limit, "num_prompts": n,
+            "num_heads": heads.num_heads, "prompts": str(source), "limit": config.limit, "first": config.first, "num_prompts": n,
             "top_k": config.top_k, "max_new_tokens": config.max_new_tokens, "batch_size": B, "seed": config.seed,
             "dtype": settings["dtype"], "device": str(lm_head.weight.device.type), "settings": settings})
     procs.wait()  # the others return once the files are there
     return Path(config.out)
+
+
+def select_prompts(source: str, limit: int | None = None, first: int | None = None,
+                   seed: int = 0) -> tuple[list[str], list[str]]:
+    """(instructions, sources) to calibrate on: `limit` drawn at random across the file's sources
+    (`treeopt.core.prompts.stratified_sample`, seeded), or the `first` ones, or all."""
+    from treeopt.core.prompts import load_prompts, stratified_sample
+
+    instructions, sources = load_prompts(source)
+    keep = stratified_sample(sources, limit, seed) if limit is not None else range(min(first or len(sources), len(sources)))
+    return [instructions[i] for i in keep], [sources[i] for i in keep]
 
 
 # ---- shards, split over processes, and their merge (shared with calibrate/teacher.py) --------
@@ -144,7 +161,7 @@ class Unit:
 
     prompt_id: int
     instruction: str
-    continuation: "Continuation"  # decoding.generate.Continuation: prompt_ids, tokens, stopped, hidden [T, H]
+    continuation: Continuation  # prompt_ids, tokens, stopped, hidden [T, H]
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,9 @@ tokens_per_s (new tokens ÷ decoding time), speedup (tokens_per_s ÷ plain's), p
 prompt), match_rate (fraction of prompts whose output equals plain's token for token: 1 in float32;
 in bfloat16 a tree's wider GEMMs round differently, so a near-tie between two tokens can flip),
 first_divergence (the earliest token index at which some prompt's output differs from plain's; empty
-when all match), predicted_tokens_per_step (with --calibration: `search.acceptance.expected_tokens_per_step`),
-replay_tokens_per_step (with --calibration: exact replay on its continuations), forward_ms (the
+when all match), predicted_tokens_per_step (with --calibration: the tree's exact greedy replay on the
+calibration's continuations; a tree searched on that calibration gets its cross-validated figure from
+`treeopt search`, this one is in-sample), forward_ms (the
 model's work per step — tree forward + heads — timed inside the decoding steps; for plain, as
 profiled), loop_efficiency (tokens_per_s ÷ (tokens_per_step ÷ forward_ms) = forward_ms ÷ step_ms:
 the share of a step spent in the model), profiled_forward_ms (median of separate forwards at this
@@ -49,7 +50,7 @@ CSV = "bench.csv"
 JSON = "bench.json"
 RECORDS = ".bench-records"  # the resumable stage of an unfinished run
 COLUMNS = ["method", "nodes", "depth", "tokens_per_step", "step_ms", "overhead", "speedup", "tokens_per_s",
-           "prefill_ms", "match_rate", "first_divergence", "predicted_tokens_per_step", "replay_tokens_per_step", "forward_ms",
+           "prefill_ms", "match_rate", "first_divergence", "predicted_tokens_per_step", "forward_ms",
            "loop_efficiency", "profiled_forward_ms", "prompts", "new_tokens", "steps"]
 
 
@@ -176,7 +177,7 @@ def bench_decoding(model, heads, trees: dict[str, Tree], prompts: list[list[int]
                "step_ms": step_ms, "tokens_per_s": new / decode_s if decode_s > 0 else float("nan"),
                "prefill_ms": sum(r.prefill_s for r in recs) / len(recs) * 1e3,
                "match_rate": 1 - len(diverge) / len(recs), "first_divergence": min(diverge, default=float("nan")),
-               "predicted_tokens_per_step": float("nan"), "replay_tokens_per_step": float("nan"),
+               "predicted_tokens_per_step": float("nan"),
                "forward_ms": forward, "loop_efficiency": forward / step_ms if steps else float("nan"),
                "profiled_forward_ms": profiled[method],
                "prompts": len(recs), "new_tokens": new, "steps": steps}
@@ -192,16 +193,14 @@ def bench_decoding(model, heads, trees: dict[str, Tree], prompts: list[list[int]
 
 
 def _predicted(tree: Tree, calibration) -> dict:
-    """Calibration-based predictions of tokens/step, for the ranks the calibration covers."""
+    """The tree's tokens/step replayed on the calibration, for the ranks the calibration covers."""
     from treeopt.core.replay import replay
-    from search.acceptance import expected_tokens_per_step
     from treeopt.core.tree import truncate
 
     fit = truncate(tree, calibration.num_heads, calibration.top_k)
     if fit.num_nodes != tree.num_nodes:  # the calibration cannot see some nodes: no honest prediction
         return {}
-    return {"predicted_tokens_per_step": expected_tokens_per_step(tree, calibration),
-            "replay_tokens_per_step": replay(tree, calibration).tokens_per_step}
+    return {"predicted_tokens_per_step": replay(tree, calibration).tokens_per_step}
 
 
 def torch_threads() -> int:
@@ -262,6 +261,10 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
     result = bench_decoding(loaded.model, medusa, methods, ids, max_new_tokens, stops, cal, repeats=repeats,
                             progress=progress, done=done, on_record=save, compiled=compiled)
     result.settings = {**settings, **result.settings, "versions": versions()}
+    if cal is not None:
+        from treeopt.core.prompts import overlap
+
+        result.settings["calibration_overlap"] = overlap(instructions, cal.continuations()["instruction"].tolist())
     if stage is not None:
         write_bench(result, out)
         shutil.rmtree(stage.directory)  # the records are in bench.json now
@@ -294,6 +297,7 @@ def write_bench(result: BenchResult, out: str | Path) -> tuple[Path, Path]:
 
 
 def render(result: BenchResult) -> str:
+    from treeopt.core.prompts import overlap_warning
     from treeopt.core.tables import render_table
 
     cols = ["method", "nodes", "tokens_per_step", "step_ms", "overhead", "speedup", "tokens_per_s", "prefill_ms",
@@ -306,4 +310,7 @@ def render(result: BenchResult) -> str:
     head = (f"{s.get('model', '')} on {s.get('device', '')} {s.get('dtype', '')}"
             f"{f', compiled ({compile_s:.0f} s compiling)' if s.get('compiled') else ', eager'}: "
             f"{result.table['prompts'].iloc[0]} prompts, up to {s.get('max_new_tokens')} new tokens, heads {s.get('heads', '')}")
-    return head + "\n" + render_table(t)
+    lines = [head, render_table(t)]
+    if s.get("calibration_overlap"):
+        lines.append(overlap_warning(s["calibration_overlap"], int(result.table["prompts"].iloc[0]), "bench"))
+    return "\n".join(lines)

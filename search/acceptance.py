@@ -13,8 +13,14 @@ node values, and the predicted tokens/step = 1 + that sum. Two models:
   decoder, which cannot accept tokens past the end either. So this is the mean number of tokens a
   step accepts when it starts at a uniformly drawn position (replay weighs positions by where steps
   actually start; `treeopt.core.replay` gives that exact figure).
+- ``smoothed`` (the default): the empirical counts shrunk toward the product model, one level at a
+  time: value(p) = value(parent) * (hits(p) + s * b_d^(i)) / (hits(parent) + s), where hits counts
+  the positions whose ranks start with the path, b_d^(i) is head d's rank-i accuracy with half a
+  pseudo-count per rank (so no node has value 0 and `--nodes N` always gets N nodes) and s, the
+  strength in pseudo-positions, is chosen by cross-validation over prompts (`choose_strength`):
+  s = 0 is the empirical model, s = inf the product model. Written ``smoothed:S`` for a fixed S.
 
-In both models value(child) <= value(parent). Greedy search (add the frontier node of highest
+In all models value(child) <= value(parent). Greedy search (add the frontier node of highest
 value, ties broken by (depth, path)) therefore picks the n largest values of all nodes, a set that
 is closed under parents: no tree of n nodes has a larger sum, and the greedy order makes every
 prefix tree[:m] optimal for m nodes, so one search to 256 answers the whole sweep.
@@ -23,17 +29,45 @@ prefix tree[:m] optimal for m nodes, so one search to 256 answers the whole swee
 from __future__ import annotations
 
 import heapq
+import math
 from functools import cached_property
 
 import numpy as np
 
 from treeopt.core.errors import TreeoptError
 from treeopt.core.record import Calibration
-from treeopt.core.replay import node_hits
+from treeopt.core.replay import node_hits, positions, replay_prefixes
 from treeopt.core.tree import Path as RankPath
 from treeopt.core.tree import Tree
 
-MODELS = ("empirical", "independent")
+MODELS = ("smoothed", "empirical", "independent")
+DEFAULT_MODEL = "smoothed"
+STRENGTHS = (0.0, 1.0, 4.0, 16.0, 64.0, math.inf)  # the candidates `choose_strength` cross-validates
+STRENGTH_SIZES = (16, 64)  # tree sizes whose mean held-out replay chooses the strength
+TIE = 0.001  # scores within 0.1 % of the best are a tie (noise), won by the stronger smoothing
+FALLBACK_STRENGTH = 16.0  # for a calibration of one prompt, where there is nothing to cross-validate
+
+
+def prefix_levels(ranks: np.ndarray, max_depth: int, top_k: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Every rank prefix that occurs, level by level: codes[d] [U_d] (sorted) and counts[d] [U_d] of the
+    prefixes of length d+1. A prefix's id is its index in codes[d]; code = parent id * top_k + rank
+    (the root's id is 0), so a parent's children are the codes id * top_k + 0..top_k-1."""
+    alive = np.arange(len(ranks))  # rows whose prefix so far is a valid path
+    uid = np.zeros(len(alive), np.int64)  # [alive] id of that prefix at the previous depth
+    codes, counts = [], []
+    for d in range(max_depth):
+        r = ranks[alive, d].astype(np.int64)
+        ok = (r >= 0) & (r < top_k)
+        alive = alive[ok]
+        if alive.size == 0:
+            break
+        row_code = uid[ok] * top_k + r[ok]  # [alive]
+        count = np.bincount(row_code)  # [all codes] dense, no sort: O(rows)
+        code = np.flatnonzero(count)
+        uid = (np.cumsum(count > 0) - 1)[row_code]
+        codes.append(code)
+        counts.append(count[code])
+    return codes, counts
 
 
 class Empirical:
@@ -53,24 +87,11 @@ class Empirical:
         return node_hits(tree, self.ranks, self.top_k) / self.total  # [n]
 
     def greedy(self, nodes: int, max_depth: int, top_k: int) -> tuple[list[RankPath], np.ndarray]:
-        # Every rank prefix that occurs, level by level. At depth d a prefix's id is its rank among
-        # the depth-d prefixes in lexicographic order: code = parent id * top_k + rank, np.unique sorts.
-        alive = np.arange(len(self.ranks))  # rows whose prefix so far is a valid path
-        uid = np.zeros(len(alive), np.int64)  # [alive] id of that prefix at the previous depth
-        codes, counts, depths = [], [], []
-        for d in range(max_depth):
-            r = self.ranks[alive, d].astype(np.int64)
-            ok = (r >= 0) & (r < top_k)
-            alive = alive[ok]
-            if alive.size == 0:
-                break
-            code, uid, count = np.unique(uid[ok] * top_k + r[ok], return_inverse=True, return_counts=True)
-            codes.append(code)
-            counts.append(count)
-            depths.append(np.full(len(code), d))
+        codes, counts = prefix_levels(self.ranks, max_depth, top_k)
         if not codes or nodes == 0:
             return [], np.zeros(0)
-        count, depth = np.concatenate(counts), np.concatenate(depths)
+        count = np.concatenate(counts)
+        depth = np.concatenate([np.full(len(c), d) for d, c in enumerate(codes)])
         lex = np.concatenate([np.arange(len(c)) for c in codes])
         # Keep the n largest counts (with all ties at the threshold) before the exact sort.
         if len(count) > nodes:
@@ -151,20 +172,162 @@ class Independent:
         return mass, lambda k: mass[k - 1]
 
 
-def acceptance_model(calibration: Calibration, model: str = "empirical") -> Empirical | Independent:
+class Smoothed:
+    """value(p) = value(parent) * (hits(p) + s * b[d, i]) / (hits(parent) + s) (module docstring)."""
+
+    def __init__(self, ranks: np.ndarray, top_k: int, strength: float):
+        self.top_k, self.strength = top_k, float(strength)
+        self.total = len(ranks)  # the root's hits
+        self.codes, self.counts = prefix_levels(ranks, ranks.shape[1], top_k)
+        valid = ranks >= 0  # [N, K]
+        hits = np.stack([np.bincount(ranks[valid[:, k], k], minlength=top_k + 1)[: top_k + 1]
+                         for k in range(ranks.shape[1])]) if ranks.shape[1] else np.zeros((0, top_k + 1))
+        self.prior = (hits[:, :top_k] + 0.5) / (valid.sum(0)[:, None] + 0.5 * (top_k + 1))  # [K, top_k]
+
+    @property
+    def name(self) -> str:
+        return f"smoothed:{self.strength:g}"
+
+    @property
+    def num_heads(self) -> int:
+        return self.prior.shape[0]
+
+    def with_strength(self, strength: float) -> "Smoothed":
+        """The same counts under another strength (no recount)."""
+        other = object.__new__(Smoothed)
+        other.__dict__.update(self.__dict__, strength=float(strength))
+        return other
+
+    def children(self, d: int, ids: np.ndarray, hits: np.ndarray, values: np.ndarray, k: int):
+        """Ranks 0..k-1 below S nodes at depth d-1, given their prefix ids (-1: never observed), hits
+        and values [S]: the children's ids, hits and values, each [S, k]."""
+        want = ids[:, None] * self.top_k + np.arange(k)  # [S, k] the children's codes
+        child_hits, child_ids = np.zeros(want.shape, np.int64), np.full(want.shape, -1)
+        if d < len(self.codes):
+            j = np.minimum(np.searchsorted(self.codes[d], want), len(self.codes[d]) - 1)  # [S, k]
+            found = (ids[:, None] >= 0) & (self.codes[d][j] == want)
+            child_hits[found], child_ids[found] = self.counts[d][j[found]], j[found]
+        prior = self.prior[d, :k] if d < self.num_heads else np.zeros(k)  # [k]
+        den = hits[:, None] + self.strength  # [S, 1]
+        q = np.broadcast_to(prior, want.shape)  # s = inf, or nothing seen at s = 0
+        if not math.isinf(self.strength):
+            q = np.divide(child_hits + self.strength * prior, den, out=q.copy(), where=den > 0)
+        return child_ids, child_hits, values[:, None] * q
+
+    def _root(self):
+        return np.zeros(1, np.int64), np.array([self.total]), np.ones(1)  # ids, hits, values [1]
+
+    def values(self, tree: Tree) -> np.ndarray:
+        node = {(): tuple(a[0] for a in self._root())}  # path -> (id, hits, value)
+
+        def visit(p: RankPath):
+            if p not in node:
+                i, h, v = visit(p[:-1])
+                if len(p) > self.num_heads or p[-1] >= self.top_k:
+                    node[p] = (-1, 0, 0.0)
+                else:
+                    ci, ch, cv = self.children(len(p) - 1, np.array([i]), np.array([h]), np.array([v]), p[-1] + 1)
+                    node[p] = (int(ci[0, -1]), int(ch[0, -1]), float(cv[0, -1]))
+            return node[p]
+
+        return np.array([visit(p)[2] for p in tree.paths], dtype=np.float64)
+
+    def greedy(self, nodes: int, max_depth: int, top_k: int) -> tuple[list[RankPath], np.ndarray]:
+        heap = []  # (-value, depth, path, id, hits)
+
+        def push(d: int, path: RankPath, i: int, h: int, v: float):
+            ci, ch, cv = (a[0].tolist() for a in self.children(d, np.array([i]), np.array([h]), np.array([v]), top_k))
+            for r in range(top_k):
+                heapq.heappush(heap, (-cv[r], d + 1, path + (r,), ci[r], ch[r]))
+
+        push(0, (), 0, self.total, 1.0)
+        paths, values = [], []
+        while heap and len(paths) < nodes:
+            neg, depth, p, i, h = heapq.heappop(heap)
+            if neg == 0:  # only zero-value nodes remain: they add nothing
+                break
+            paths.append(p)
+            values.append(-neg)
+            if depth < max_depth:
+                push(depth, p, i, h, -neg)
+        return paths, np.array(values, dtype=np.float64)
+
+    def cartesian_step(self, state, d: int, kmax: int):
+        """As Empirical's; the state is the (ids, hits, values) of the nodes that meet the constraints above."""
+        ci, ch, cv = self.children(d, *(self._root() if state is None else state), kmax)  # [S, kmax] each
+        mass = np.cumsum(cv.sum(0))  # [kmax]
+        return mass, lambda k: (ci[:, :k].ravel(), ch[:, :k].ravel(), cv[:, :k].ravel())
+
+
+def choose_strength(calibration: Calibration, folds: int = 4, seed: int = 0) -> float:
+    """The smoothing strength (of `STRENGTHS`) whose trees replay best on held-out prompts: K-fold
+    over prompts, fit on K-1 folds, greedy trees of `STRENGTH_SIZES` nodes replayed on the held-out
+    fold, mean tokens/step over those sizes. Strengths within `TIE` of the best score count as tied
+    and the strongest of them wins: the simpler model, unless the data clearly say otherwise."""
+    groups = calibration.folds(min(folds, len(calibration.prompts)), seed)
+    if len(groups) < 2:
+        return FALLBACK_STRENGTH
+    tokens = np.zeros((len(STRENGTHS), len(STRENGTH_SIZES)))
+    steps = np.zeros_like(tokens)
+    for held in groups:
+        fit = calibration.subset(np.setdiff1d(calibration.prompts, held))
+        rows = positions(calibration.subset(held))
+        for j, s in enumerate(STRENGTHS):
+            paths, _ = acceptance_model(fit, f"smoothed:{s:g}").greedy(max(STRENGTH_SIZES), calibration.num_heads,
+                                                                        calibration.top_k)
+            for m, r in enumerate(replay_prefixes(Tree(tuple(paths)), rows, STRENGTH_SIZES)):
+                tokens[j, m] += r.tokens.sum()
+                steps[j, m] += r.steps.sum()
+    score = (tokens / np.maximum(steps, 1)).mean(1)  # [strengths]
+    near_best = np.flatnonzero(score >= score.max() * (1 - TIE))
+    return STRENGTHS[int(near_best[-1])]  # STRENGTHS ascend: the strongest smoothing among the near-best
+
+
+def resolve_model(calibration: Calibration, model: str = DEFAULT_MODEL) -> str:
+    """The model name with its strength fixed: `smoothed` becomes `smoothed:S` (S cross-validated on
+    this calibration, once); other names are returned as they are. Resolve once, then fit on subsets."""
+    if model != "smoothed":
+        return model
+    if "strength" not in calibration.memo:
+        calibration.memo["strength"] = choose_strength(calibration)
+    return f"smoothed:{calibration.memo['strength']:g}"
+
+
+def acceptance_model(calibration: Calibration, model: str = DEFAULT_MODEL) -> Empirical | Independent | Smoothed:
+    """The fitted model called `model` (see `MODELS`), cached on the calibration."""
+    key = ("acceptance_model", model)
+    if key not in calibration.memo:
+        calibration.memo[key] = _fit(calibration, model)
+    return calibration.memo[key]
+
+
+def _fit(calibration: Calibration, model: str) -> Empirical | Independent | Smoothed:
     if model == "empirical":
         return Empirical(calibration.ranks, calibration.top_k)
     if model == "independent":
         return Independent(calibration.accuracy)
-    raise TreeoptError(f"unknown acceptance model {model!r}: use --acceptance-model empirical or independent")
+    if model.split(":")[0] == "smoothed":
+        name = resolve_model(calibration, model)
+        try:
+            strength = float(name.split(":", 1)[1])
+        except ValueError:
+            strength = -1.0
+        if not strength >= 0:
+            raise TreeoptError(f"acceptance model {model!r}: write smoothed:S with a strength S >= 0 (or inf), "
+                               "or plain smoothed to cross-validate it")
+        if strength == 0:
+            return Smoothed(calibration.ranks, calibration.top_k, 0.0)
+        return acceptance_model(calibration, "smoothed:0").with_strength(strength)  # counts once per calibration
+    raise TreeoptError(f"unknown acceptance model {model!r}: use --acceptance-model smoothed, empirical or independent")
 
 
-def node_values(tree: Tree, calibration: Calibration, model: str = "empirical") -> np.ndarray:
+def node_values(tree: Tree, calibration: Calibration, model: str = DEFAULT_MODEL) -> np.ndarray:
     """[n] acceptance probability of each node of `tree` (0 for nodes the calibration cannot see:
     depth beyond its heads, rank beyond its top-k)."""
     return acceptance_model(calibration, model).values(tree)
 
 
-def expected_tokens_per_step(tree: Tree, calibration: Calibration, model: str = "empirical") -> float:
-    """Predicted tokens/step = 1 + sum of node values."""
+def expected_tokens_per_step(tree: Tree, calibration: Calibration, model: str = DEFAULT_MODEL) -> float:
+    """The uniform expectation: 1 + sum of node values (see the module docstring; the headline
+    prediction is the cross-validated replay, `search.crossval`)."""
     return 1.0 + float(node_values(tree, calibration, model).sum())

@@ -8,18 +8,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from search.acceptance import DEFAULT_MODEL, resolve_model
 from search.baselines import baseline_trees
 from search.budget import best_chain_length, read_latencies, read_latency, search_auto
+from search.crossval import FOLDS, calibration_curve, cross_validated, prediction
 from search.evaluate import compare, evaluate
 from search.grow import SearchResult, search
 from search.schedule import batch_schedule, write_schedule
 from search.sweep import sweep
+from search.targets import Target, export_targets, get_target, require
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write, check_writable
+from treeopt.core.prompts import overlap, overlap_warning
 from treeopt.core.published import BASELINES, PUBLISHED
 from treeopt.core.record import Calibration, load_calibration
 from treeopt.core.tables import render_table
-from treeopt.core.treefile import read_tree, write_tree
+from treeopt.core.tree import Tree
+from treeopt.core.treefile import file_format, read_tree_meta, write_tree
 
 
 def _header(calibration: Calibration) -> str:
@@ -28,84 +33,164 @@ def _header(calibration: Calibration) -> str:
             f"{calibration.num_heads} heads, top-{calibration.top_k}")
 
 
-def search_report(calibration: str | Path, nodes: int | str = 64, model: str = "empirical",
+def search_report(calibration: str | Path, nodes: int | str = 64, model: str = DEFAULT_MODEL,
                   max_depth: int | None = None, top_k: int | None = None, latency: str | Path | None = None,
                   max_nodes: int = 256, out: str | Path | None = None, format: str | None = None,
-                  batch_size: int = 1) -> tuple[SearchResult, pd.DataFrame, str]:
-    """`treeopt search`: search, compare with the baselines, write the tree file; returns the result,
-    the comparison table and the text to print. `batch_size` picks the latency file's rows (tokens/s
-    of that many sequences decoded together)."""
+                  batch_size: int = 1, target: str | None = None) -> tuple[SearchResult, pd.DataFrame, str]:
+    """`treeopt search`: search (within `target`'s rules, see `search.targets`), compare with the
+    baselines, write the tree file; returns the result, the comparison table and the text to print.
+    The headline prediction is the cross-validated replay (`search.crossval`); `batch_size` picks the
+    latency file's rows (tokens/s of that many sequences decoded together)."""
     cal = load_calibration(calibration)
     lat = read_latency(latency, batch_size) if latency is not None else None
+    tgt = get_target(target)
     if out is not None:
         check_writable(out, fix="pass another --out")
+    model = resolve_model(cal, model)
     if str(nodes) == "auto":
         if lat is None:
             raise TreeoptError("--nodes auto needs --latency FILE (forward time vs tree size, from `treeopt profile`)")
-        result = search_auto(cal, lat, model, max_nodes, max_depth, top_k)
+        result = search_auto(cal, lat, model, max_nodes, max_depth, top_k, tgt)
     else:
         try:
             n = int(nodes)
         except ValueError:
             raise TreeoptError(f"--nodes {nodes!r} is not a number: pass e.g. --nodes 64, or --nodes auto") from None
-        result = search(cal, n, model, max_depth, top_k)
+        result = search(cal, n, model, max_depth, top_k, tgt)
     tree = result.tree
     chain = best_chain_length(cal, model, lat)
-    trees = {f"searched ({model})": tree}
+    name = f"searched ({model})"
+    trees = {name: tree}
     published = len(PUBLISHED[BASELINES[0]])
     if tree.num_nodes != published:  # the searched tree at the published trees' size, for a like-for-like row
-        trees[f"searched, {published} nodes"] = search(cal, published, model, max_depth, top_k).tree
+        trees[f"searched, {published} nodes"] = search(cal, published, model, max_depth, top_k, tgt).tree
+    cv = dict(zip(trees, cross_validated(cal, [t.num_nodes for t in trees.values()], model, max_depth=max_depth,
+                                         top_k=top_k, target=tgt)))
     trees.update(baseline_trees(cal, tree.num_nodes, model, max_depth, top_k))
-    table = compare(trees, cal, model, latency=lat)
-    meta = {"predicted_tokens_per_step": result.tokens_per_step, "replayed_tokens_per_step": float(table["replayed"][0]),
-            "acceptance_model": model, "calibration": str(cal.directory), "calibration_positions": cal.num_positions,
+    table = compare(trees, cal, model, latency=lat, held_out=cv)
+    fields, sources = prediction(cal, tree, result.tokens_per_step, cv[name], model, max_depth=max_depth,
+                                 top_k=top_k, target=tgt)
+    meta = {**fields, "acceptance_model": model, "calibration": str(cal.directory),
+            "calibration_positions": cal.num_positions, "calibration_prompts": len(cal.prompts),
             "num_heads": cal.num_heads, "calibration_top_k": cal.top_k, "max_depth": result.meta["max_depth"],
             "top_k": result.meta["top_k"], "nodes_requested": str(nodes) if str(nodes) == "auto" else result.requested,
-            "best_chain_length": chain, "node_values": result.values.round(6).tolist()}
+            "best_chain_length": chain, "node_values": result.values.round(6).tolist(),
+            **({"target": tgt.name} if tgt is not None else {})}
+    if len(sources):
+        meta["per_source"] = sources.round(4).to_dict("records")
     if lat is not None:
         meta.update({"latency": lat.source, "batch_size": lat.batch_size, "forward_ms": float(table["forward_ms"][0]),
-                     "predicted_tokens_per_s": float(lat.tokens_per_second(result.tokens_per_step, tree.num_nodes))})
+                     "predicted_tokens_per_s": float(table["tokens_per_s"][0])})
     lines = [_header(cal),
              f"searched tree: {tree.num_nodes} nodes, depth {tree.depth}, max rank {tree.max_rank - 1}, "
-             f"{model} model" + (f" (--nodes auto: best predicted tokens/s of sizes 1..{min(max_nodes, int(lat.nodes[-1]))}"
-                                 f" at batch size {lat.batch_size})" if str(nodes) == "auto" else "")]
+             f"{model} model"
+             + (f", within {tgt.consumer}'s rules (--target {tgt.name})" if tgt is not None else "")
+             + (f" (--nodes auto: best predicted tokens/s of sizes 1..{result.meta['auto_max']}"
+                f" at batch size {lat.batch_size})" if str(nodes) == "auto" else ""),
+             predicted_line(fields)]
     if tree.num_nodes < result.requested:
         lines.append(f"note: only {tree.num_nodes} nodes have a nonzero acceptance probability; the tree stops there")
-    lines += ["", render_table(table), "",
-              "predicted: 1 + sum of node values under the model; replayed: exact greedy decoding replayed on the "
-              "logged continuations (95 % bootstrap interval over prompts)",
-              f"best top-1 chain length for vLLM num_speculative_tokens / TGI --speculate: {chain}"
-              + ("" if lat is not None else " (pass --latency for the length with the best tokens/s)")]
+    lines += ["", render_table(table), "", EXPLAIN]
+    if len(sources):
+        lines += ["", "per source of the calibration's prompts (cross-validated; leave_one_source_out: the tree "
+                      "searched on the other sources):", render_table(sources)]
+    lines.append(f"best top-1 chain length for vLLM num_speculative_tokens / TGI --speculate: {chain}"
+                 + ("" if lat is not None else " (pass --latency for the length with the best tokens/s)"))
     if out is not None:
-        path = write_tree(tree, out, format, **meta)
+        path = export(tree, out, format, cal.num_heads, tgt, meta)
         lines.append(f"wrote {path}")
     return result, table, "\n".join(lines)
 
 
-def evaluate_report(trees: list[str], calibration: str | Path, model: str = "empirical", split: float | None = None,
+EXPLAIN = ("predicted: tokens/step of exact greedy decoding replayed on prompts the tree was not searched on "
+           f"({FOLDS}-fold cross-validation over the calibration's prompts; fixed trees: replayed on all of them), "
+           "95 % bootstrap interval over prompts (ci_low..ci_high); replayed: the replay on the calibration's "
+           "own prompts (in-sample); uniform_tokens_per_step: 1 + the sum of node values, the expectation at a "
+           "uniformly drawn position, which runs above what decoding gives")
+
+
+def predicted_line(fields: dict) -> str:
+    """The headline sentence of a searched tree's figures (`search.crossval.prediction`)."""
+    lo, hi = fields["predicted_interval"]
+    line = (f"predicted {fields['predicted_tokens_per_step']:.3f} tokens/step (95 % interval {lo:.3f}-{hi:.3f}; "
+            f"{fields['cv_folds']}-fold cross-validated replay over prompts); in-sample replay "
+            f"{fields['in_sample_tokens_per_step']:.3f}, uniform expectation {fields['uniform_tokens_per_step']:.3f}")
+    if "leave_one_source_out_tokens_per_step" in fields:
+        line += (f"; on other kinds of prompts (leave one source out) "
+                 f"{fields['leave_one_source_out_tokens_per_step']:.3f}: calibrate on your own traffic")
+    return line
+
+
+def export(tree: Tree, out: str | Path, format: str | None = None, num_heads: int | None = None,
+           target: Target | None = None, meta: dict | None = None) -> Path:
+    """Write `tree` for the consumer of `format` (and `target`), or a one-line error naming the rule
+    of theirs that it breaks (`search.targets.require`)."""
+    for t in export_targets(file_format(out, format), target):
+        require(tree, t, num_heads, where=f"the tree for {out}")
+    return write_tree(tree, out, format, **(meta or {}))
+
+
+def export_report(tree: str | Path, out: str | Path, format: str | None = None, target: str | None = None) -> str:
+    """`treeopt export`: write a tree (file, published name or list string) in a consumer's format,
+    after that consumer's check (and `target`'s); the depth rule uses the heads the tree file records."""
+    t, meta = read_tree_meta(tree)
+    tgt = get_target(target)
+    check_writable(out, fix="pass another --out")
+    path = export(t, out, format, meta.get("num_heads"), tgt, {**meta, **({"target": tgt.name} if tgt else {})})
+    checked = " and ".join(t.consumer for t in export_targets(file_format(out, format), tgt))
+    return f"wrote {path}" + (f" (checked against {checked}'s rules)" if checked else "")
+
+
+def evaluate_report(trees: list[str], calibration: str | Path, model: str = DEFAULT_MODEL, split: float | None = None,
                     seed: int = 0, latency: str | Path | None = None) -> tuple[pd.DataFrame, str]:
-    """`treeopt evaluate`: replay tree files (and the baselines) on a calibration."""
+    """`treeopt evaluate`: replay tree files (and the baselines) on a calibration, with how the
+    cross-validated prediction grows with the number of calibration prompts."""
     cal = load_calibration(calibration)
     lat = read_latency(latency) if latency is not None else None
-    named = {spec: read_tree(spec) for spec in trees}
-    table = evaluate(named, cal, model, split, seed, lat)
+    model = resolve_model(cal, model)
+    named = {spec: read_tree_meta(spec) for spec in trees}
+    table = evaluate({k: t for k, (t, _) in named.items()}, cal, model, split, seed, lat)
     how = (f"predicted on a {split:.0%} fit split, replayed on the other {1 - split:.0%} of prompts (seed {seed})"
-           if split is not None else "predicted and replayed on the whole calibration")
-    return table, "\n".join([_header(cal), how, "", render_table(table)])
+           if split is not None else "given trees replayed on the whole calibration; the tree searched here "
+                                     f"predicted by {FOLDS}-fold cross-validation")
+    lines = [_header(cal), how]
+    lines += [w for spec, (_, meta) in named.items() if (w := _overlap(spec, meta, cal))]
+    lines += ["", render_table(table), "", EXPLAIN]
+    if table["nodes"].iloc[0] > 0:
+        curve = calibration_curve(cal, int(table["nodes"].iloc[0]), model, seed=seed)
+        lines += ["", f"how much calibration is enough: the {int(table['nodes'].iloc[0])}-node tree searched on "
+                      f"fit_prompts prompts, replayed on held-out folds ({model} model)", render_table(curve)]
+    return table, "\n".join(lines)
 
 
-def sweep_report(calibration: str | Path, max_nodes: int = 256, model: str = "empirical",
+def _overlap(spec: str, meta: dict, cal: Calibration) -> str:
+    """A warning when a tree file's own calibration shares prompts with the one it is evaluated on."""
+    own = meta.get("calibration")
+    if not own or cal.directory is None or Path(own).resolve() == cal.directory.resolve() or not Path(own).is_dir():
+        return ""
+    try:
+        theirs = load_calibration(own).continuations()["instruction"].tolist()
+    except TreeoptError:
+        return ""
+    measured = cal.continuations()["instruction"].tolist()
+    return overlap_warning(overlap(measured, theirs), len(measured), f"evaluation (tree {spec} was searched on {own})")
+
+
+def sweep_report(calibration: str | Path, max_nodes: int = 256, model: str = DEFAULT_MODEL,
                  latency: str | Path | None = None, max_depth: int | None = None, top_k: int | None = None,
                  replayed: bool = False, out: str | Path | None = None) -> tuple[pd.DataFrame, str]:
     """`treeopt sweep`: the optimal tree's tokens/step (and tokens/s) for every size 0..max_nodes."""
     cal = load_calibration(calibration)
+    model = resolve_model(cal, model)
     lats = list(read_latencies(latency).values()) if latency is not None else []
     lat = lats[0] if lats else None  # the smallest batch size's, for the baselines
     if out is not None:
         check_writable(out, fix="pass another --out")
     df = sweep(cal, max_nodes, model, lats or None, max_depth, top_k, replayed)
-    lines = [_header(cal), f"{model} model; row N = the first N nodes of one greedy search"
-             + ("; one block of rows per batch size of the latency file" if len(lats) > 1 else ""), "", render_table(df)]
+    lines = [_header(cal), f"{model} model; row N = the first N nodes of one greedy search; tokens_per_step: "
+                           f"{FOLDS}-fold cross-validated replay over prompts (uniform_tokens_per_step: 1 + sum of "
+                           "node values)" + ("; one block of rows per batch size of the latency file" if len(lats) > 1 else ""),
+             "", render_table(df)]
     for size, rows in (df[df["nodes"] > 0].groupby("batch_size") if lats else []):
         if rows["tokens_per_s"].notna().any():
             best = rows["tokens_per_s"].idxmax()
@@ -123,11 +208,12 @@ def sweep_report(calibration: str | Path, max_nodes: int = 256, model: str = "em
 
 
 def schedule_report(calibration: str | Path, latency: str | Path, batch_sizes: list[int] | None = None,
-                    model: str = "empirical", max_depth: int | None = None, top_k: int | None = None,
+                    model: str = DEFAULT_MODEL, max_depth: int | None = None, top_k: int | None = None,
                     max_nodes: int = 256, out: str | Path | None = None) -> tuple[list[dict], str]:
     """`treeopt search --batch-sizes 1,4,16 --latency FILE`: the best tree at each batch size (all of the
     latency file's when `batch_sizes` is None), written as one schedule file (search/schedule.py)."""
     cal = load_calibration(calibration)
+    model = resolve_model(cal, model)
     lats = read_latencies(latency)
     if batch_sizes:
         lats = {b: read_latency(latency, b) for b in batch_sizes}

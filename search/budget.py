@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from search.acceptance import node_values
+from search.acceptance import DEFAULT_MODEL, node_values, resolve_model
+from search.crossval import cross_validated_curve, sweep_sizes
 from search.grow import SearchResult, search
+from search.targets import Target
 from treeopt.core.errors import TreeoptError
 from treeopt.core.record import Calibration
 from treeopt.core.tree import Tree
@@ -77,25 +79,34 @@ def read_latencies(path: str | Path) -> dict[int, Latency]:
             for b, t in ((b, g.groupby("nodes")["ms"].median()) for b, g in table.groupby("batch"))}
 
 
-def choose_nodes(result: SearchResult, latency: Latency) -> int:
-    """The prefix size m >= 1 of a greedy search that maximizes predicted tokens/s."""
-    tps = latency.tokens_per_second(result.curve, np.arange(len(result.curve)))  # [n+1]
-    if len(tps) < 2 or not np.isfinite(tps[1:]).any():
-        raise TreeoptError(f"latency file {latency.source} covers no tree size from 1 to {len(tps) - 1}: "
+def choose_nodes(sizes: np.ndarray, tokens_per_step: np.ndarray, latency: Latency) -> int:
+    """The size >= 1 of `sizes` that maximizes predicted tokens/s, given tokens/step at those sizes."""
+    sizes = np.asarray(sizes)
+    tps = np.where(sizes >= 1, latency.tokens_per_second(tokens_per_step, sizes), np.nan)  # [S]
+    if not np.isfinite(tps).any():
+        raise TreeoptError(f"latency file {latency.source} covers no tree size from 1 to {sizes.max()}: "
                            "profile the sizes you search (`treeopt profile`)")
-    return int(np.nanargmax(tps[1:])) + 1
+    return int(sizes[np.nanargmax(tps)])
 
 
-def search_auto(calibration: Calibration, latency: Latency, model: str = "empirical", max_nodes: int = 256,
-                max_depth: int | None = None, top_k: int | None = None) -> SearchResult:
-    """`--nodes auto`: the greedy tree whose size maximizes predicted tokens/s (sizes the latency
-    file covers, up to `max_nodes`)."""
-    full = search(calibration, min(max_nodes, int(latency.nodes[-1])), model, max_depth, top_k)
-    n = choose_nodes(full, latency)
-    return SearchResult(full.tree[:n], full.values[:n], model, n, {**full.meta, "nodes": "auto"})
+def search_auto(calibration: Calibration, latency: Latency, model: str = DEFAULT_MODEL, max_nodes: int = 256,
+                max_depth: int | None = None, top_k: int | None = None, target: Target | None = None) -> SearchResult:
+    """`--nodes auto`: the greedy tree whose size (of `search.crossval.sweep_sizes`, as far as the
+    latency file, `max_nodes` and the target's node cap go) maximizes predicted tokens/s, tokens/step
+    by cross-validated replay."""
+    if target is not None and target.cartesian:
+        raise TreeoptError(f"--nodes auto cannot size a tree for --target {target.name} (its Cartesian trees are "
+                           "not prefixes of one another): pass --nodes N")
+    model = resolve_model(calibration, model)
+    caps = [max_nodes, int(latency.nodes[-1])] + ([target.max_nodes] if target is not None and target.max_nodes else [])
+    full = search(calibration, min(caps), model, max_depth, top_k, target)
+    sizes = sweep_sizes(len(full.tree))
+    curve = cross_validated_curve(calibration, sizes, model, max_depth=max_depth, top_k=top_k, target=target)
+    n = choose_nodes(sizes, curve, latency)
+    return SearchResult(full.tree[:n], full.values[:n], model, n, {**full.meta, "nodes": "auto", "auto_max": min(caps)})
 
 
-def best_chain_length(calibration: Calibration, model: str = "empirical", latency: Latency | None = None,
+def best_chain_length(calibration: Calibration, model: str = DEFAULT_MODEL, latency: Latency | None = None,
                       max_length: int | None = None) -> int:
     """Chain length to give servers that draft a top-1 chain (vLLM `num_speculative_tokens`, TGI
     `--speculate`). With a latency file: the length that maximizes predicted tokens/s. Without one:

@@ -1,5 +1,6 @@
 """The greedy grower: one search to N nodes whose every prefix is the best tree of its size
-(see `search.acceptance` for why greedy is optimal), and the limits a calibration puts on it."""
+(see `search.acceptance` for why greedy is optimal), and the limits a calibration puts on it. With a
+deployment target the growth keeps that consumer's rules (`search.targets.grow`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from search.acceptance import acceptance_model
+from search.acceptance import DEFAULT_MODEL, acceptance_model
+from search.targets import Target, bounds, grow
 from treeopt.core.errors import TreeoptError
 from treeopt.core.record import Calibration
 from treeopt.core.tree import Tree
@@ -28,7 +30,7 @@ class SearchResult:
     """A greedily grown tree: every prefix tree[:m] is the optimal m-node tree under `model`."""
 
     tree: Tree
-    values: np.ndarray  # [n] node values, in tree order (non-increasing)
+    values: np.ndarray  # [n] node values, in tree order (non-increasing without a target)
     model: str
     requested: int  # nodes asked for (the tree is smaller only when no other node has value > 0)
     meta: dict = field(default_factory=dict)
@@ -46,12 +48,19 @@ class SearchResult:
         return SearchResult(self.tree[item], self.values[item], self.model, len(self.tree[item]), self.meta)
 
 
-def search(calibration: Calibration, nodes: int, model: str = "empirical", max_depth: int | None = None,
-           top_k: int | None = None) -> SearchResult:
-    """The optimal `nodes`-node tree under `model`, grown greedily (see the module docstring)."""
+def search(calibration: Calibration, nodes: int, model: str = DEFAULT_MODEL, max_depth: int | None = None,
+           top_k: int | None = None, target: Target | None = None) -> SearchResult:
+    """The optimal `nodes`-node tree under `model`, grown greedily (see the module docstring); with a
+    `target`, grown within that consumer's rules (`search.targets.grow`)."""
     if nodes < 0:
         raise TreeoptError(f"--nodes {nodes} must be 0 or more (or `auto` with --latency)")
     depth, k = limits(calibration, max_depth, top_k)
-    paths, values = acceptance_model(calibration, model).greedy(nodes, depth, k)
+    m = acceptance_model(calibration, model)
+    if target is None:
+        paths, values = m.greedy(nodes, depth, k)
+    else:
+        depth, k = bounds(target, nodes, depth, k)
+        paths, values = grow(m, nodes, depth, k, target)
     return SearchResult(Tree(tuple(paths)), values, model, nodes,
-                        {"max_depth": depth, "top_k": k, "positions": calibration.num_positions})
+                        {"max_depth": depth, "top_k": k, "positions": calibration.num_positions,
+                         "target": target.name if target is not None else None})

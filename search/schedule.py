@@ -5,7 +5,7 @@ Every entry is the prefix of one greedy search whose size maximizes B x tokens/s
 that batch size (search.budget.choose_nodes), so the trees nest: a larger batch takes a prefix of a
 smaller batch's tree. The file (`treeopt search --batch-sizes ... -o schedule.json`):
 
-    {"acceptance_model": "empirical", "calibration": "cal", "latency": "latency.csv", "schedule": [
+    {"acceptance_model": "smoothed:inf", "calibration": "cal", "latency": "latency.csv", "schedule": [
       {"batch_size": 1, "nodes": 24, "medusa_choices": [[0], [0, 0], ...], "predicted_tokens_per_step": 1.9,
        "forward_ms": 31.0, "plain_forward_ms": 25.0, "predicted_tokens_per_s": 61.3, "predicted_speedup": 1.53},
       ...]}
@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from search.acceptance import DEFAULT_MODEL, resolve_model
 from search.budget import Latency, choose_nodes
+from search.crossval import cross_validated_curve, sweep_sizes
 from search.grow import search
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import write_text
@@ -26,17 +28,22 @@ from treeopt.core.record import Calibration
 from treeopt.core.tree import Tree
 
 
-def batch_schedule(calibration: Calibration, latencies: dict[int, Latency], model: str = "empirical",
+def batch_schedule(calibration: Calibration, latencies: dict[int, Latency], model: str = DEFAULT_MODEL,
                    max_nodes: int = 256, max_depth: int | None = None, top_k: int | None = None) -> list[dict]:
-    """One entry per batch size (ascending): its best tree and predicted figures (see the module doc)."""
+    """One entry per batch size (ascending): its best tree and predicted figures (see the module doc);
+    tokens/step by cross-validated replay, as `--nodes auto` chooses."""
+    model = resolve_model(calibration, model)
     largest = min(max_nodes, max(int(lat.nodes[-1]) for lat in latencies.values()))
     full = search(calibration, largest, model, max_depth, top_k)
+    sizes = sweep_sizes(len(full.tree))  # [S]
+    curve = cross_validated_curve(calibration, sizes, model, max_depth=max_depth, top_k=top_k)  # [S]
     entries = []
     for b, lat in sorted(latencies.items()):
-        n = choose_nodes(full, lat)
-        tps, plain = float(lat.tokens_per_second(full.curve[n], n)), float(lat.tokens_per_second(1.0, 0))
+        n = choose_nodes(sizes, curve, lat)
+        step = float(curve[list(sizes).index(n)])
+        tps, plain = float(lat.tokens_per_second(step, n)), float(lat.tokens_per_second(1.0, 0))
         entries.append({"batch_size": b, "nodes": n, "medusa_choices": full.tree[:n].choices,
-                        "predicted_tokens_per_step": float(full.curve[n]), "forward_ms": float(lat.forward(n)),
+                        "predicted_tokens_per_step": step, "forward_ms": float(lat.forward(n)),
                         "plain_forward_ms": float(lat.forward(0)), "predicted_tokens_per_s": tps,
                         "predicted_speedup": tps / plain})
     return entries

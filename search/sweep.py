@@ -1,31 +1,37 @@
-"""The tree-size sweep: the best tree's tokens/step (and tokens/s) at every size 0..N."""
+"""The tree-size sweep: the best tree's tokens/step (and tokens/s) at sizes 0..N."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import pandas as pd
 
+from search.acceptance import DEFAULT_MODEL, resolve_model
+from search.crossval import cross_validated_curve, sweep_sizes
 from search.budget import Latency
 from search.grow import search
 from treeopt.core.record import Calibration
-from treeopt.core.replay import positions, replay
+from treeopt.core.replay import replay_prefixes
 
 
-def sweep(calibration: Calibration, max_nodes: int = 256, model: str = "empirical",
+def sweep(calibration: Calibration, max_nodes: int = 256, model: str = DEFAULT_MODEL,
           latency: Latency | Sequence[Latency] | None = None, max_depth: int | None = None, top_k: int | None = None,
           replayed: bool = False) -> pd.DataFrame:
-    """Predicted tokens/step of the optimal tree for every size 0..max_nodes (one greedy search: its
-    prefixes), and the replayed tokens/step if `replayed`. Stops early when no further node has nonzero
-    value. Given latencies (one per batch size), one block of rows per batch size (column batch_size)
-    adds forward_ms, tokens/s (all the batch's sequences) and speedup over plain decoding at that batch size."""
+    """Tokens/step of the optimal tree at the sizes of `search.crossval.sweep_sizes` up to max_nodes
+    (one greedy search: its prefixes): `tokens_per_step` is the cross-validated replay
+    (`search.crossval`), `uniform_tokens_per_step` the uniform expectation 1 + sum of node values, and
+    the in-sample replay if `replayed`. Stops early when no further node has nonzero value. Given
+    latencies (one per batch size), one block of rows per batch size (column batch_size) adds
+    forward_ms, tokens/s (all the batch's sequences, from the cross-validated figure) and speedup over
+    plain decoding at that batch size."""
+    model = resolve_model(calibration, model)
     result = search(calibration, max_nodes, model, max_depth, top_k)
-    n = np.arange(len(result.curve))
-    df = pd.DataFrame({"nodes": n, "tokens_per_step": result.curve})
+    n = sweep_sizes(len(result.tree))
+    df = pd.DataFrame({"nodes": n,
+                       "tokens_per_step": cross_validated_curve(calibration, n, model, max_depth=max_depth, top_k=top_k),
+                       "uniform_tokens_per_step": result.curve[n]})
     if replayed:
-        rows = positions(calibration)
-        df["replayed_tokens_per_step"] = [replay(result.tree[:m], rows).tokens_per_step for m in n]
+        df["in_sample_tokens_per_step"] = [r.tokens_per_step for r in replay_prefixes(result.tree, calibration, n)]
     if latency is None:
         return df
     blocks = []

@@ -78,21 +78,23 @@ def random_ranks(lengths, num_heads: int, top_k: int, seed: int = 0, miss: float
 
 @pytest.fixture
 def make_calibration(tmp_path):
-    """make(ranks_by_prompt, top_k) writes a calibration directory with treeopt.core.record's
-    write_calibration (continuations are placeholders) and returns it loaded."""
+    """make(ranks_by_prompt, top_k, sources=None, instructions=None) writes a calibration directory
+    with treeopt.core.record's write_calibration (continuations are placeholders but for the given
+    per-prompt sources and instructions) and returns it loaded."""
     import numpy as np
     import pandas as pd
 
     from treeopt.core.record import load_calibration, rank_columns, write_calibration
 
-    def make(ranks_by_prompt, top_k: int, name: str = "calibration"):
+    def make(ranks_by_prompt, top_k: int, name: str = "calibration", sources=None, instructions=None):
         K = ranks_by_prompt[0].shape[1]
         ranks = pd.DataFrame(np.concatenate(ranks_by_prompt), columns=rank_columns(K))
         ranks.insert(0, "position", np.concatenate([np.arange(len(r)) for r in ranks_by_prompt]).astype(np.int32))
         ranks.insert(0, "prompt_id", np.repeat(np.arange(len(ranks_by_prompt)), [len(r) for r in ranks_by_prompt]).astype(np.int32))
-        continuations = pd.DataFrame({"prompt_id": np.arange(len(ranks_by_prompt)), "instruction": "x",
+        continuations = pd.DataFrame({"prompt_id": np.arange(len(ranks_by_prompt)), "instruction": instructions or "x",
                                       "prompt_ids": [[1]] * len(ranks_by_prompt),
-                                      "tokens": [[3] * len(r) for r in ranks_by_prompt], "stopped": True})
+                                      "tokens": [[3] * len(r) for r in ranks_by_prompt], "stopped": True,
+                                      "source": sources or ""})
         write_calibration(tmp_path / name, ranks, continuations, {"top_k": top_k, "model": "test"})
         return load_calibration(tmp_path / name)
 

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from treeopt.core.record import ACCURACY, CONTINUATIONS, META, MISSING, RANKS, load_calibration
 from calibrate.ranks import count_above, head_ranks, head_targets
-from calibrate.run import SHARDS, TIMING, CalibrationConfig, calibrate
+from calibrate.run import SHARDS, TIMING, CalibrationConfig, calibrate, select_prompts
 from treeopt.cli import app
 from treeopt.core.errors import TreeoptError
 from decoding.heads import random_heads
@@ -110,6 +110,7 @@ def test_ranks_equal_slow_reference(tmp_path, tiny, prompts_file, heads_dir, bat
     conts = cal.continuations()
     heads = MedusaHeads.load(heads_dir, tiny.model)
     assert list(conts["prompt_id"]) == list(range(5)) and cal.num_heads == 3
+    assert (conts["source"] == "").all() and cal.sources is None  # the prompts file names no sources
     assert ((cal.ranks >= 0) & (cal.ranks < 40)).any() and (cal.ranks == 40).any()  # hits and misses
     for row in conts.itertuples():
         tokens, prompt_ids = row.tokens.tolist(), row.prompt_ids.tolist()
@@ -197,6 +198,18 @@ def test_cli_bad_inputs_one_line(tmp_path, tiny_model_dir, heads_dir, content, h
     code, _, stderr = cli("--model", tiny_model_dir, "--heads", heads_dir, "--prompts", tmp_path / "p.json",
                           "--out", tmp_path / "c")
     assert code == 2 and one_line_error(stderr, match)
+
+
+def test_limit_draws_across_sources_and_first_keeps_the_order(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps([{"instruction": f"i{n}", "dataset": "b" if n < 6 else "a"} for n in range(10)]))
+    assert select_prompts(str(path), first=3) == (["i0", "i1", "i2"], ["b", "b", "b"])
+    ins, src = select_prompts(str(path), limit=5, seed=1)
+    assert sorted(src) == ["a", "a", "b", "b", "b"] and ins == sorted(ins, key=lambda s: int(s[1:]))  # shares, file order
+    assert select_prompts(str(path), limit=5, seed=1) == (ins, src) != select_prompts(str(path), limit=5, seed=2)
+    assert len(select_prompts(str(path))[0]) == 10
+    with pytest.raises(TreeoptError, match="--limit and --first"):
+        CalibrationConfig(limit=2, first=2).check()
 
 
 def test_bad_numbers(tmp_path, tiny_model_dir, prompts_file):

@@ -13,6 +13,8 @@ from treeopt.core.record import Calibration
 from treeopt.cli import app
 from treeopt.core.errors import TreeoptError
 from treeopt.core.replay import replay
+from search.acceptance import resolve_model
+from search.crossval import cross_validated
 from search.evaluate import evaluate, split_prompts
 from search.grow import search
 from treeopt.core.tree import Tree
@@ -83,9 +85,17 @@ def test_prediction_tracks_replay_and_held_out_split(make_calibration):
     rows = table.set_index("tree")
     assert {"mine", "searched on fit split (16)", "best_cartesian", "top1_chain", "mc_sim_7b_63"} <= set(rows.index)
     searched = rows.loc["searched on fit split (16)"]
-    assert searched["replayed"] == pytest.approx(replay(search(fit, 16).tree, held).tokens_per_step)
+    model = resolve_model(cal)  # the smoothing strength is chosen on the whole calibration, then fixed
+    assert searched["replayed"] == pytest.approx(replay(search(fit, 16, model).tree, held).tokens_per_step)
+    assert searched["predicted"] == searched["replayed"]  # held out already
     assert searched["ci_low"] <= searched["replayed"] <= searched["ci_high"]
     assert (rows["ci_low"] < rows["ci_high"]).all()
+    # without a split: the tree searched on the calibration, predicted by cross-validation
+    rows = evaluate({"mine": tree}, cal).set_index("tree")
+    here = rows.loc["searched here (16), cross-validated"]
+    assert here["predicted"] == pytest.approx(cross_validated(cal, [16], model)[0].tokens_per_step)
+    assert here["replayed"] == pytest.approx(replay(search(cal, 16, model).tree, cal).tokens_per_step)
+    assert rows.loc["mine", "predicted"] == rows.loc["mine", "replayed"]  # a given tree: its replay
     with pytest.raises(TreeoptError, match="--split"):
         split_prompts(cal, 1.0)
 
@@ -96,6 +106,6 @@ def test_evaluate_command(make_calibration, tmp_path):
     r = CliRunner().invoke(app, ["evaluate", str(tmp_path / "t.py"), "mc_sim_7b_63", "[[0], [0, 0]]",
                                  "-c", str(cal.directory), "--split", "0.5", "--seed", "3"])
     assert r.exit_code == 0, r.output
-    assert "replayed" in r.output and "only 30 of its nodes fit 3 heads x top-4" in r.output  # mc_sim_7b_63
+    assert "replayed" in r.output and "how much calibration is enough" in r.output and "only 30 of its nodes fit 3 heads x top-4" in r.output  # mc_sim_7b_63
     r = CliRunner().invoke(app, ["evaluate", "nope.json", "-c", str(cal.directory)])
     assert r.exit_code == 2 and "not found" in r.output

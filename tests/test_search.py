@@ -1,5 +1,5 @@
-"""Greedy search is optimal for both acceptance models (brute force on small cases), baselines,
-latency files, the sweep and the `search`/`sweep` commands."""
+"""Greedy search is optimal for every acceptance model (brute force on small cases), the smoothed
+model's shrinkage, baselines, latency files, the sweep and the `search`/`sweep` commands."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from typer.testing import CliRunner
 from treeopt.core.record import Calibration
 from treeopt.cli import app
 from treeopt.core.errors import TreeoptError
-from treeopt.core.replay import accepted_depths
-from search.acceptance import expected_tokens_per_step, node_values
+from treeopt.core.replay import accepted_depths, replay
+from search.acceptance import Smoothed, choose_strength, expected_tokens_per_step, node_values, resolve_model
+from search.crossval import cross_validated_curve, sweep_sizes
 from search.baselines import baseline_trees, best_cartesian
 from search.budget import Latency, best_chain_length, choose_nodes, read_latency, search_auto
 from search.grow import search
@@ -57,7 +58,8 @@ def brute_force_best(cal: Calibration, n: int, model: str, depth: int, top_k: in
 
 
 @settings(max_examples=40, deadline=None)
-@given(small_calibrations(), st.sampled_from(["empirical", "independent"]), st.integers(1, 2), st.integers(1, 3))
+@given(small_calibrations(), st.sampled_from(["empirical", "independent", "smoothed:0", "smoothed:3", "smoothed:inf"]),
+       st.integers(1, 2), st.integers(1, 3))
 def test_greedy_is_optimal_against_brute_force(cal, model, depth, top_k):
     depth, top_k = min(depth, cal.num_heads), min(top_k, cal.top_k)
     full = search(cal, 64, model, depth, top_k)
@@ -71,7 +73,7 @@ def test_greedy_is_optimal_against_brute_force(cal, model, depth, top_k):
 
 def test_greedy_is_optimal_on_a_deeper_case():
     cal = in_memory(random_ranks([30, 25, 40], 3, 2, seed=3), 2)  # 14 candidate nodes, depth 3
-    for model in ("empirical", "independent"):
+    for model in ("empirical", "independent", "smoothed:2"):
         for n in (3, 5, 7):
             assert search(cal, n, model).tokens_per_step - 1 == pytest.approx(brute_force_best(cal, n, model, 3, 2))
 
@@ -85,16 +87,19 @@ def test_models_on_a_hand_made_case(make_calibration):
     # independent: head 1 is valid at 3 rows (a = 2/3, 1/3), head 2 at 2 rows (a = 1/2, 1/2)
     np.testing.assert_allclose(node_values(Tree(((0,), (0, 0), (1,))), cal, "independent"), [2 / 3, 1 / 3, 1 / 3])
     # the empirical prediction is the mean accepted length over all positions
-    tree = search(cal, 3).tree
-    assert expected_tokens_per_step(tree, cal) == pytest.approx(1 + accepted_depths(tree, cal.ranks, cal.top_k).mean())
-    with pytest.raises(TreeoptError, match="--acceptance-model empirical"):
+    tree = search(cal, 3, "empirical").tree
+    assert expected_tokens_per_step(tree, cal, "empirical") == pytest.approx(
+        1 + accepted_depths(tree, cal.ranks, cal.top_k).mean())
+    with pytest.raises(TreeoptError, match="--acceptance-model smoothed, empirical"):
         search(cal, 3, "joint")
+    with pytest.raises(TreeoptError, match="strength S >= 0"):
+        search(cal, 3, "smoothed:x")
     with pytest.raises(TreeoptError, match="between 1 and"):
         search(cal, 3, top_k=5)
 
 
 @settings(max_examples=25, deadline=None)
-@given(small_calibrations(), st.sampled_from(["empirical", "independent"]), st.integers(1, 12))
+@given(small_calibrations(), st.sampled_from(["empirical", "independent", "smoothed:2"]), st.integers(1, 12))
 def test_best_cartesian_against_brute_force(cal, model, nodes):
     K, k = cal.num_heads, cal.top_k
     shapes = [ks for d in range(1, K + 1) for ks in itertools.product(range(1, k + 1), repeat=d)
@@ -128,10 +133,14 @@ def test_latency_file_and_auto_nodes(make_calibration, tmp_path):
     lat = read_latency(f)
     assert lat.nodes.tolist() == [0, 8, 64] and lat.forward_ms.tolist() == [10, 13, 40] and lat.meta == {"device": "cpu"}
     assert lat.forward(36) == pytest.approx(26.5) and np.isnan(lat.forward(65))
-    full = search(cal, 64)
-    tps = full.curve / lat.forward(np.arange(65)) * 1000
-    n = choose_nodes(full, lat)
-    assert n == int(np.argmax(tps[1:])) + 1
+    model = resolve_model(cal)
+    full = search(cal, 64, model)
+    sizes = sweep_sizes(64)
+    assert sizes.tolist() == list(range(33)) + [40, 48, 56, 64]
+    curve = cross_validated_curve(cal, sizes, model)
+    tps = curve / lat.forward(sizes) * 1000
+    n = choose_nodes(sizes, curve, lat)
+    assert n == sizes[int(np.argmax(tps[1:])) + 1]
     assert search_auto(cal, lat).tree == full.tree[:n]
     for text, match in [("nodes,ms\n1,2\n", "lacks the columns"), ("nodes,forward_ms\n1,-2\n", "positive"),
                         ("nodes,forward_ms\n1.5,2\n", "integer"), ("", "not a readable CSV")]:
@@ -145,10 +154,13 @@ def test_sweep_is_the_prefix_curve(make_calibration, tmp_path):
     f = tmp_path / "latency.csv"
     f.write_text("nodes,forward_ms\n0,10\n30,20\n")
     df = sweep(cal, 30, latency=read_latency(f), replayed=True)
-    tree = search(cal, 30).tree
+    model = resolve_model(cal)
+    tree = search(cal, 30, model).tree
     assert df["nodes"].tolist() == list(range(31))
+    np.testing.assert_allclose(df["tokens_per_step"], cross_validated_curve(cal, range(31), model))
     for m in (0, 1, 7, 30):
-        assert df["tokens_per_step"][m] == pytest.approx(expected_tokens_per_step(tree[:m], cal))
+        assert df["uniform_tokens_per_step"][m] == pytest.approx(expected_tokens_per_step(tree[:m], cal, model))
+        assert df["in_sample_tokens_per_step"][m] == pytest.approx(replay(tree[:m], cal).tokens_per_step)
     assert df["speedup"][0] == pytest.approx(1.0)
     assert df["tokens_per_s"][30] == pytest.approx(df["tokens_per_step"][30] / 20 * 1000)
 
@@ -161,9 +173,14 @@ def test_search_and_sweep_commands(make_calibration, tmp_path):
     assert r.exit_code == 0, r.output
     assert "best_cartesian" in r.output and "mc_sim_7b_63" in r.output and "top1_chain" in r.output
     tree, meta = read_tree_meta(out)
-    assert tree == search(cal, 12).tree and meta["nodes"] == 12
-    assert meta["predicted_tokens_per_step"] == pytest.approx(expected_tokens_per_step(tree, cal))
-    assert meta["acceptance_model"] == "empirical" and meta["best_chain_length"] == 3
+    model = resolve_model(cal)
+    assert tree == search(cal, 12, model).tree and meta["nodes"] == 12
+    assert meta["predicted_tokens_per_step"] == pytest.approx(cross_validated_curve(cal, [12], model)[0])
+    assert meta["uniform_tokens_per_step"] == pytest.approx(expected_tokens_per_step(tree, cal, model))
+    assert meta["in_sample_tokens_per_step"] == pytest.approx(replay(tree, cal).tokens_per_step)
+    lo, hi = meta["predicted_interval"]
+    assert lo <= meta["predicted_tokens_per_step"] <= hi
+    assert meta["acceptance_model"] == model and model.startswith("smoothed:") and meta["best_chain_length"] == 3
     r = runner.invoke(app, ["search", "-c", str(cal.directory), "--nodes", "5", "--acceptance-model", "independent",
                             "-o", str(tmp_path / "t.txt"), "--format", "python"])
     assert r.exit_code == 0 and (tmp_path / "t.txt").read_text().count("medusa_choices = ") == 1
@@ -228,3 +245,32 @@ def test_batch_sizes_in_latency_files_sweep_and_schedule(make_calibration, tmp_p
     assert r.exit_code == 0 and read_tree_meta(tmp_path / "t.json")[0].num_nodes == picks[2]
     r = runner.invoke(app, ["sweep", "-c", str(cal.directory), "--latency", str(f), "--max-nodes", "64"])
     assert r.exit_code == 0 and "at batch size 16: N = " + str(picks[2]) in r.output
+
+
+def test_smoothed_shrinks_counts_toward_the_product_model(make_calibration):
+    # one prompt, 4 positions, 2 heads, top-2 (the hand-made case above)
+    ranks = np.array([[0, 1], [0, 0], [1, -1], [-1, -1]], np.int16)
+    cal = make_calibration([ranks], top_k=2)
+    tree = Tree(((0,), (0, 0), (0, 1), (1,), (1, 0)))
+    b = Smoothed(cal.ranks, 2, 0.0).prior  # head accuracies with half a pseudo-count per rank (and the miss)
+    np.testing.assert_allclose(b, [[2.5 / 4.5, 1.5 / 4.5], [1.5 / 3.5, 1.5 / 3.5]])
+    # strength 0 is the empirical model, strength inf the product of the prior accuracies
+    np.testing.assert_allclose(node_values(tree, cal, "smoothed:0"), node_values(tree, cal, "empirical"))
+    np.testing.assert_allclose(node_values(tree, cal, "smoothed:inf"),
+                               [b[0, 0], b[0, 0] * b[1, 0], b[0, 0] * b[1, 1], b[0, 1], b[0, 1] * b[1, 0]])
+    # s = 2: value(p) = value(parent) * (hits(p) + 2 b) / (hits(parent) + 2); hits: (0,) 2 of 4, (0, 0) 1, (1,) 1, (1, 0) 0
+    v0 = (2 + 2 * b[0, 0]) / (4 + 2)
+    v1 = (1 + 2 * b[0, 1]) / (4 + 2)
+    expect = [v0, v0 * (1 + 2 * b[1, 0]) / (2 + 2), v0 * (1 + 2 * b[1, 1]) / (2 + 2), v1, v1 * (0 + 2 * b[1, 0]) / (1 + 2)]
+    np.testing.assert_allclose(node_values(tree, cal, "smoothed:2"), expect)
+
+
+def test_smoothed_fills_every_budget_and_its_strength_is_cross_validated(make_calibration):
+    cal = make_calibration(random_ranks([20, 15], 3, 4, seed=8), top_k=4)  # 35 positions: few observed paths
+    assert len(search(cal, 60, "empirical").tree) < 60  # the empirical model stops at the paths it saw
+    assert len(search(cal, 60, "smoothed:4").tree) == 60
+    assert len(search(cal, 200, "smoothed:4").tree) == 4 + 16 + 64  # every node up to depth 3 x top-4
+    # the chosen strength is the candidate with the best held-out replay; a calibration of one prompt cannot choose
+    from search.acceptance import FALLBACK_STRENGTH, STRENGTHS
+    assert choose_strength(cal) in STRENGTHS and resolve_model(cal) == f"smoothed:{choose_strength(cal):g}"
+    assert choose_strength(cal.subset(np.array([0]))) == FALLBACK_STRENGTH

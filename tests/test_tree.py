@@ -51,14 +51,19 @@ def test_prefixes_are_trees_and_parents_come_first(tree):
 
 
 @settings(max_examples=60, deadline=None)
-@given(trees(), st.sampled_from(FORMATS))
+@given(trees() | st.integers(0, 5).map(Tree.chain), st.sampled_from(FORMATS))
 def test_every_format_round_trips(tmp_path_factory, tree, fmt):
-    path = tmp_path_factory.mktemp("t") / {"json": "tree.json", "python": "tree.py", "trtllm": "tree.txt"}[fmt]
+    path = tmp_path_factory.mktemp("t") / {"python": "tree.py", "trtllm": "tree.txt"}.get(fmt, "tree.json")
+    if fmt == "chain" and tree != Tree.chain(len(tree)):
+        one_line_error(write_tree, tree, path, fmt, match="--target chain")
+        return
     write_tree(tree, path, fmt, predicted_tokens_per_step=2.5, acceptance_model="empirical")
     back, meta = read_tree_meta(path)
     assert back == tree and back.paths == tree.paths  # same paths, same (greedy) order
-    if fmt != "trtllm":
+    if fmt in ("json", "python", "chain"):
         assert meta["predicted_tokens_per_step"] == 2.5 and meta["acceptance_model"] == "empirical"
+    if fmt == "vllm":
+        assert meta == {"num_speculative_tokens": len(tree)}
 
 
 @settings(max_examples=60, deadline=None)
@@ -117,6 +122,8 @@ def test_published_trees_and_named_lists(tmp_path):
     ("x = 1", ".py", "no `medusa_choices"),
     ("[[0], [0, 0", ".txt", "not a literal list"),
     ("[[0], 'a']", ".txt", "not a list of integer ranks"),
+    ('{"speculative_token_tree": "[(0,), (0, 0"}', ".json", "not a literal list"),
+    ('{"chain_length": 2.5}', ".json", "not a whole number"),
 ])
 def test_malformed_files_give_one_line_errors(tmp_path, text, suffix, match):
     f = tmp_path / f"tree{suffix}"

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+
+import numpy as np
 
 from treeopt.core.env import DATA_DIR
 from treeopt.core.errors import TreeoptError
 
 ALPACA_EVAL = "alpaca_eval"  # tatsu-lab/alpaca_eval on the Hugging Face hub
 FIELDS = ("instruction", "prompt")
+SOURCE_FIELDS = ("dataset", "source")  # a record's source (AlpacaEval: helpful_base, koala, oasst, ...)
 OFFLINE_PROMPTS = DATA_DIR / "prompts" / "offline.json"  # general instructions for the demo offline
 
 
@@ -31,11 +35,51 @@ def default_prompts() -> str:
 def load_instructions(source: str = ALPACA_EVAL, limit: int | None = None, offset: int = 0) -> list[str]:
     """Instructions from `source`: `alpaca_eval`, a .json/.jsonl file whose records have an `instruction`
     or `prompt` field, or a Hugging Face dataset id. `offset`/`limit` take a slice."""
-    instructions = [_field(r, source, n) for n, r in enumerate(read_records(source))]
+    end = None if limit is None else offset + limit
+    return load_prompts(source)[0][offset:end]
+
+
+def load_prompts(source: str = ALPACA_EVAL) -> tuple[list[str], list[str]]:
+    """All (instructions, sources) of `source` (see `load_instructions`); a record's source is its
+    `dataset` or `source` field, "" where it has neither."""
+    records = read_records(source)
+    instructions = [_field(r, source, n) for n, r in enumerate(records)]
     if not instructions:
         raise TreeoptError(f"{source} holds no records: pass a file with at least one instruction")
-    end = None if limit is None else offset + limit
-    return instructions[offset:end]
+    sources = [next((str(r[f]) for f in SOURCE_FIELDS if isinstance(r, dict) and r.get(f)), "") for r in records]
+    return instructions, sources
+
+
+def stratified_sample(sources: list[str], n: int, seed: int = 0) -> list[int]:
+    """Indices of `n` records drawn at random (seeded) so that each source gets its share of `n`
+    (largest remainders round it), in file order. Without sources: a plain random draw."""
+    rng = np.random.default_rng(seed)
+    groups = {s: np.flatnonzero(np.array(sources) == s) for s in dict.fromkeys(sources)}  # source -> indices
+    n = min(n, len(sources))
+    quota = np.array([len(g) for g in groups.values()]) * n / len(sources)
+    take = np.floor(quota).astype(int)
+    take[np.argsort(take - quota, kind="stable")[: n - take.sum()]] += 1  # largest remainders first
+    picked = [rng.choice(g, k, replace=False) for g, k in zip(groups.values(), take)]
+    return sorted(int(i) for i in np.concatenate(picked))
+
+
+def normalized(text: str) -> str:
+    """Prompt text for overlap checks: lower case, whitespace collapsed."""
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def overlap(measured: list[str], calibrated: list[str]) -> int:
+    """How many of the `measured` prompts appear (normalized exact text) among the `calibrated` ones."""
+    seen = {normalized(t) for t in calibrated}
+    return sum(normalized(t) in seen for t in measured)
+
+
+def overlap_warning(n: int, total: int, what: str) -> str:
+    """The warning line for `n` of `total` `what` prompts that were also calibrated on ("" when none)."""
+    if not n:
+        return ""
+    return (f"warning: {n} of the {total} {what} prompts are also in the calibration (same text): those "
+            "figures are not held out; measure on prompts the calibration has not seen")
 
 
 def read_records(source: str) -> list:

@@ -11,7 +11,8 @@ A calibration run writes into DIR:
   r1..rd at t equal i1..id. No independence between heads is assumed.
 - ``accuracy.csv``: a_k^(i), long form: head, rank, hits, positions, accuracy, cumulative.
 - ``continuations.parquet``: prompt_id, instruction, prompt_ids, tokens (the continuation's ids), stopped
-  (True when it ended at EOS rather than at max_new_tokens).
+  (True when it ended at EOS rather than at max_new_tokens), source (the prompt's source in the prompt
+  file, e.g. AlpacaEval's ``dataset`` field; "" where it has none).
 - ``calibration.json``: model, heads, dataset, counts, top_k, max_new_tokens, seed, wall time, versions.
 
 A teacher-forced calibration (``treeopt calibrate --teacher-forced DATA``, ``teacher_forced: true`` in
@@ -68,6 +69,8 @@ class Calibration:
     top_k: int
     meta: dict = field(default_factory=dict)
     directory: Path | None = None
+    sources: np.ndarray | None = None  # [N] each row's prompt source; None when not recorded
+    memo: dict = field(default_factory=dict, compare=False, repr=False)  # derived data cached by other layers
 
     @property
     def num_heads(self) -> int:
@@ -83,11 +86,31 @@ class Calibration:
         t = accuracy_table(self.ranks, self.top_k)
         return t["accuracy"].to_numpy().reshape(self.num_heads, self.top_k)
 
+    @property
+    def prompts(self) -> np.ndarray:
+        """[P] the distinct prompt ids, sorted."""
+        return np.unique(self.prompt_ids)
+
     def subset(self, prompts: np.ndarray) -> "Calibration":
-        """The rows of the given prompt ids (for held-out splits)."""
-        keep = np.isin(self.prompt_ids, prompts)
-        return Calibration(self.ranks[keep], self.prompt_ids[keep], self.positions[keep], self.top_k,
-                           self.meta, self.directory)
+        """The rows of the given prompt ids (for held-out splits); the same object for the same ids, so
+        what is cached on it (`memo`) is shared by every cross-validation over these folds."""
+        key = ("subset", np.unique(prompts).tobytes())
+        if key not in self.memo:
+            keep = np.isin(self.prompt_ids, prompts)
+            self.memo[key] = Calibration(self.ranks[keep], self.prompt_ids[keep], self.positions[keep], self.top_k,
+                                         self.meta, self.directory, None if self.sources is None else self.sources[keep])
+        return self.memo[key]
+
+    def folds(self, k: int, seed: int = 0) -> list[np.ndarray]:
+        """The prompt ids of `k` folds (k <= number of prompts): a seeded shuffle dealt round-robin."""
+        perm = np.random.default_rng(seed).permutation(self.prompts)
+        return [np.sort(perm[i::k]) for i in range(k)]
+
+    def source_groups(self) -> dict[str, np.ndarray]:
+        """source -> its prompt ids (sorted by source); empty when sources were not recorded."""
+        if self.sources is None:
+            return {}
+        return {str(s): np.unique(self.prompt_ids[self.sources == s]) for s in np.unique(self.sources)}
 
     def continuations(self) -> pd.DataFrame:
         if self.directory is None or not (self.directory / CONTINUATIONS).is_file():
@@ -108,9 +131,27 @@ def load_calibration(directory: str | Path) -> Calibration:
     cols = sorted((c for c in df.columns if c.startswith("r") and c[1:].isdigit()), key=lambda c: int(c[1:]))
     if not cols or cols != rank_columns(len(cols)) or "top_k" not in meta:
         raise TreeoptError(f"{directory / RANKS} lacks columns r1..rK or top_k: re-run `treeopt calibrate`")
-    return Calibration(ranks=df[cols].to_numpy(np.int16), prompt_ids=df["prompt_id"].to_numpy(np.int32),
+    prompt_ids = df["prompt_id"].to_numpy(np.int32)
+    return Calibration(ranks=df[cols].to_numpy(np.int16), prompt_ids=prompt_ids,
                        positions=df["position"].to_numpy(np.int32), top_k=int(meta["top_k"]), meta=meta,
-                       directory=directory)
+                       directory=directory, sources=_row_sources(directory, prompt_ids))
+
+
+def _row_sources(directory: Path, prompt_ids: np.ndarray) -> np.ndarray | None:
+    """[N] the `source` of each row's prompt, from continuations.parquet; None where it has no sources."""
+    path = directory / CONTINUATIONS
+    if not path.is_file():
+        return None
+    import pyarrow.parquet as pq
+
+    if "source" not in pq.read_schema(path).names:
+        return None
+    conts = pd.read_parquet(path, columns=["prompt_id", "source"])
+    if not conts["source"].astype(bool).any():
+        return None
+    by_prompt = dict(zip(conts["prompt_id"].to_numpy(), conts["source"].astype(str)))
+    prompts, row = np.unique(prompt_ids, return_inverse=True)
+    return np.array([by_prompt.get(p, "") for p in prompts.tolist()] or [""])[row]
 
 
 def write_calibration(directory: str | Path, ranks: pd.DataFrame, continuations: pd.DataFrame, meta: dict) -> Path:

@@ -1,5 +1,6 @@
-"""Tree files: read and write a `Tree` as JSON, as a Python file for the Medusa repo, or as
-TensorRT-LLM's `--medusa_choices` string. All three round-trip (paths and their order).
+"""Tree files: read and write a `Tree` as JSON, as a Python file for the Medusa repo, as
+TensorRT-LLM's `--medusa_choices` string, as vLLM's `--speculative-config` snippet, or as a top-1
+chain length. All round-trip (paths and their order).
 
 - ``json``: ``{"medusa_choices": [[0], [0, 0], ...], "nodes": N, "predicted_tokens_per_step": x,
   "acceptance_model": ..., "calibration": ..., "best_chain_length": c, ...}``.
@@ -7,6 +8,13 @@ TensorRT-LLM's `--medusa_choices` string. All three round-trip (paths and their 
   plus ``treeopt_meta = {...}``. Read with `ast.literal_eval`, never executed.
 - ``trtllm``: one line ``[[0], [0, 0], [1]]``, for ``--medusa_choices``. TensorRT-LLM sorts the
   paths itself and accepts leaf-only lists: the reader adds missing ancestors.
+- ``vllm``: ``{"num_speculative_tokens": N, "speculative_token_tree": "[(0,), (0, 0), (1,)]"}``, the
+  keys to add to vLLM's ``--speculative-config`` (the tree is the string vLLM reads with
+  `ast.literal_eval`; vLLM sorts it breadth-first itself).
+- ``chain``: ``{"chain_length": L, "predicted_tokens_per_step": x, ...}`` for servers that draft a
+  top-1 chain (TGI ``--speculate L``, llama.cpp ``--draft-max L``); only a chain can be written so.
+
+Which consumer accepts which tree is `search.targets`' business; these writers only format.
 
 A tree spec (`read_tree`) is a file path, ``file.py:name`` for one list of a Python file, the name
 of a published Medusa tree (``mc_sim_7b_63``, see `treeopt.core.published`), or a literal list string.
@@ -23,7 +31,7 @@ from treeopt.core.fileio import write_text
 from treeopt.core.published import PUBLISHED
 from treeopt.core.tree import Tree
 
-FORMATS = ("json", "python", "trtllm")
+FORMATS = ("json", "python", "trtllm", "vllm", "chain")
 SUFFIX_FORMAT = {".json": "json", ".py": "python", ".txt": "trtllm"}
 FIX = "write medusa_choices as a list of rank paths, e.g. [[0], [0, 0], [1]]"
 
@@ -87,6 +95,14 @@ def parse_json(text: str, source: str = "json file") -> tuple[Tree, dict]:
                            "`treeopt search -o tree.json` or fix the syntax") from None
     if isinstance(obj, list):  # a bare medusa_choices list
         return Tree.from_choices(_choices(obj, source)), {}
+    if isinstance(obj, dict) and isinstance(obj.get("speculative_token_tree"), str):  # vLLM's snippet
+        meta = {k: v for k, v in obj.items() if k != "speculative_token_tree"}
+        return Tree.from_choices(_choices(_literal(obj["speculative_token_tree"], source), source)), meta
+    if isinstance(obj, dict) and "chain_length" in obj:
+        length = obj["chain_length"]
+        if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+            raise TreeoptError(f"{source}: chain_length {length!r} is not a whole number: write e.g. 3")
+        return Tree.chain(length), {k: v for k, v in obj.items() if k != "chain_length"}
     if not isinstance(obj, dict) or "medusa_choices" not in obj:
         raise TreeoptError(f"{source} has no \"medusa_choices\" key: {FIX}")
     meta = {k: v for k, v in obj.items() if k != "medusa_choices"}
@@ -133,14 +149,23 @@ def _plain(meta: dict) -> dict:
     return json.loads(json.dumps(meta, default=default))
 
 
+def _json_lines(obj: dict) -> str:
+    """One key per line, lists kept on one line: readable and still plain JSON."""
+    return "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in obj.items()) + "\n}\n"
+
+
 def format_tree(tree: Tree, format: str = "json", **meta) -> str:
-    """The text of a tree file in `format` (json, python or trtllm)."""
+    """The text of a tree file in `format` (see FORMATS and the module docstring)."""
     choices = json.dumps(tree.choices)
     meta = _plain(meta)
     if format == "json":
-        obj = {"medusa_choices": tree.choices, "nodes": tree.num_nodes, "depth": tree.depth, **meta}
-        # one key per line, lists kept on one line: readable and still plain JSON
-        return "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in obj.items()) + "\n}\n"
+        return _json_lines({"medusa_choices": tree.choices, "nodes": tree.num_nodes, "depth": tree.depth, **meta})
+    if format == "vllm":
+        return _json_lines({"num_speculative_tokens": tree.num_nodes, "speculative_token_tree": str(list(tree.paths))})
+    if format == "chain":
+        if tree != Tree.chain(tree.num_nodes):
+            raise TreeoptError("only a top-1 chain can be written as a chain length: search with --target chain")
+        return _json_lines({"chain_length": tree.num_nodes, **meta})
     if format == "python":
         info = ", ".join(f"{k.replace('_', ' ')} {v:.3g}" if isinstance(v, float) else f"{k.replace('_', ' ')} {v}"
                          for k, v in meta.items() if k in ("predicted_tokens_per_step", "acceptance_model", "calibration"))
@@ -151,10 +176,14 @@ def format_tree(tree: Tree, format: str = "json", **meta) -> str:
                 f"treeopt_meta = {meta!r}\n")
     if format == "trtllm":
         return choices + "\n"
-    raise TreeoptError(f"unknown tree format {format!r}: use --format json, python or trtllm")
+    raise TreeoptError(f"unknown tree format {format!r}: use --format {', '.join(FORMATS)}")
+
+
+def file_format(path: str | Path, format: str | None = None) -> str:
+    """`format`, or the one the suffix implies (.json, .py, else trtllm)."""
+    return format or SUFFIX_FORMAT.get(Path(path).suffix.lower(), "trtllm")
 
 
 def write_tree(tree: Tree, path: str | Path, format: str | None = None, **meta) -> Path:
-    """Write `tree` atomically; `format` defaults from the suffix (.json, .py, else trtllm)."""
-    path = Path(path)
-    return write_text(path, format_tree(tree, format or SUFFIX_FORMAT.get(path.suffix.lower(), "trtllm"), **meta))
+    """Write `tree` atomically in `format` (default: from the suffix, see `file_format`)."""
+    return write_text(Path(path), format_tree(tree, file_format(path, format), **meta))

@@ -1,7 +1,10 @@
 """Pictures of a run: the tree diagram and the charts the report shows. Matplotlib (Agg) + networkx.
 
-Every function takes plain values (a Tree, arrays, DataFrames) and writes one file whose format
-follows its suffix (.png or .svg); none of them loads a model or reads a run directory.
+Every `*_figure` function takes plain values (a Tree, arrays, DataFrames) and returns a matplotlib
+Figure; `save(fig, out)` writes it as .png or .svg. None of them loads a model or reads a run
+directory. Readability rules every figure keeps (checked by tests/test_plots.py): axes fitted to the
+data, no two texts overlapping (`place_labels` finds each point label a free spot), colour bars
+labelled with their (linear) scale.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib
+import matplotlib.font_manager
 import matplotlib.ticker
 
 matplotlib.use("Agg")
@@ -18,8 +22,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import networkx as nx  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib.colors import PowerNorm  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
+from matplotlib.transforms import Bbox  # noqa: E402
 
 from treeopt.core.errors import TreeoptError  # noqa: E402
 from treeopt.core.fileio import atomic_write  # noqa: E402
@@ -35,15 +40,17 @@ FAMILY_COLORS = {"searched": "#d62728", "cartesian": "#1f77b4", "medusa": "#2ca0
                  "plain": "#7f7f7f", "other": "#8c564b"}
 
 
-def save(fig, out: str | Path, dpi: int = 150) -> Path:
-    """Write `fig` to `out` (.png or .svg) atomically and close it."""
-    out = Path(out)
-    if out.suffix.lower() not in FORMATS:
-        raise TreeoptError(f"cannot write a picture to {out}: name it .png or .svg")
-    fmt = out.suffix.lower()[1:]
-    atomic_write(out, lambda p: fig.savefig(p, format=fmt, dpi=dpi, bbox_inches="tight"))
+def save(fig, *outs: str | Path, dpi: int = 150) -> Path:
+    """Write `fig` to each of `outs` (.png or .svg) atomically, close it; returns the first path."""
+    outs = tuple(Path(o) for o in outs)
+    for out in outs:
+        if out.suffix.lower() not in FORMATS:
+            plt.close(fig)
+            raise TreeoptError(f"cannot write a picture to {out}: name it .png or .svg")
+    for out in outs:
+        atomic_write(out, lambda p: fig.savefig(p, format=out.suffix.lower()[1:], dpi=dpi, bbox_inches="tight"))
     plt.close(fig)
-    return out
+    return outs[0]
 
 
 # ---- the tree diagram ------------------------------------------------------------------------
@@ -115,11 +122,11 @@ def most_likely_path(g: nx.DiGraph) -> list[int]:
 
 
 def _colors(g: nx.DiGraph, nodes: list[int], values) -> tuple[list, object]:
-    """Fill colour per node and the norm for the colour bar (None without values). A square-root
-    scale: acceptance probabilities fall geometrically with depth, so a linear one hides the tail."""
+    """Fill colour per node and the norm for the colour bar (None without values): linear from 0 to
+    the largest value, so equal colour steps are equal steps in probability."""
     if values is None:
         return [PLAIN_NODE] * len(nodes), None
-    norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=max(1e-9, float(np.max(values))))
+    norm = Normalize(vmin=0.0, vmax=max(1e-9, float(np.max(values))))
     cmap = plt.get_cmap(CMAP)
     return [cmap(norm(g.nodes[n]["value"])) for n in nodes], norm
 
@@ -130,13 +137,13 @@ def _ink(rgba) -> str:
     return "white" if 0.299 * r + 0.587 * gr + 0.114 * b < 0.5 else "black"
 
 
-def plot_tree(tree: Tree, out: str | Path, values: Sequence[float] | None = None, title: str | None = None,
-              value_label: str = "acceptance probability of the node", max_link_leaves: int = 70) -> Path:
+def tree_figure(tree: Tree, values: Sequence[float] | None = None, title: str | None = None,
+                value_label: str = "P(a decoding step accepts the node)", max_link_leaves: int = 70):
     """The tree diagram: one level per head, each node labelled with its rank within its head and
     coloured by its acceptance probability (`values`, one per node of `tree`, e.g. its path's value
-    under the empirical model), the most likely path in red. Trees with at most `max_link_leaves`
-    leaves are drawn as a node-link diagram growing downwards; wider ones as a compact left-to-right
-    icicle (each node a block spanning its descendants), labels only where they fit."""
+    under the empirical model; a linear colour bar), the most likely path in red. Trees with at most
+    `max_link_leaves` leaves are drawn as a node-link diagram growing downwards; wider ones as a compact
+    left-to-right icicle (each node a block spanning its descendants), labels only where they fit."""
     if tree.num_nodes == 0:
         raise TreeoptError("the tree is empty: nothing to draw")
     if values is not None and len(values) != tree.num_nodes:
@@ -149,13 +156,13 @@ def plot_tree(tree: Tree, out: str | Path, values: Sequence[float] | None = None
     if mappable_norm is not None:
         sm = matplotlib.cm.ScalarMappable(norm=mappable_norm, cmap=CMAP)
         cbar = fig.colorbar(sm, ax=ax, fraction=0.025, pad=0.01, aspect=30)
-        cbar.set_label(value_label, fontsize=9)
+        cbar.set_label(f"{value_label}, linear scale", fontsize=9)
         cbar.ax.tick_params(labelsize=8)
     head = title or "tree"
     red = "the most likely path" if values is not None else "the top-1 path"
     ax.set_title(f"{head}: {tree.num_nodes} nodes, depth {tree.depth}\nlabel = the node's rank in its head's "
                  f"top-k; red = {red}", fontsize=10, loc="left")
-    return save(fig, out)
+    return fig
 
 
 def _draw_links(g: nx.DiGraph, depth: int, values):
@@ -229,11 +236,81 @@ def _draw_icicle(g: nx.DiGraph, depth: int, values):
     return fig, ax, norm
 
 
+# ---- labels --------------------------------------------------------------------------------
+
+
+def _overlaps(a, b, slack: float = 0.5) -> bool:
+    """Whether two display-space boxes overlap by more than `slack` pixels each way."""
+    return a.x0 < b.x1 - slack and b.x0 < a.x1 - slack and a.y0 < b.y1 - slack and b.y0 < a.y1 - slack
+
+
+# Candidate label offsets (points), nearest first: right, left, above, below, then farther out.
+_OFFSETS = [(dx * r, dy * r) for r in (1, 2, 3, 4) for dx, dy in
+            ((7, 3), (7, -10), (-7, 3), (-7, -10), (0, 9), (0, -16), (12, 12), (-12, 12), (12, -18), (-12, -18))]
+
+
+def place_labels(ax, points: Sequence[tuple[float, float]], texts: Sequence[str], fontsize: float = 7,
+                 marker_pt: float = 8.0) -> list:
+    """Annotate each data point with its text at the first candidate offset (nearest first) whose box
+    stays inside the axes and covers no other label, no point's marker and not the legend; a leader
+    line joins labels placed farther out. Call after the axes limits and the layout are final."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    fig.draw_without_rendering()  # settle the layout, so display coordinates are final
+    frame = ax.get_window_extent(renderer)
+    scale = fig.dpi / 72.0
+    half = 0.5 * marker_pt * scale
+    marks = [ax.transData.transform(p) for p in points]
+    taken = [Bbox([[x - half, y - half], [x + half, y + half]]) for x, y in marks]
+    if ax.get_legend() is not None:
+        taken.append(ax.get_legend().get_window_extent(renderer))
+    prop = matplotlib.font_manager.FontProperties(size=fontsize)
+    placed = []
+    for (x, y), text in zip(marks, texts):
+        w, h, _ = renderer.get_text_width_height_descent(text, prop, ismath=False)
+        best = None
+        for dx, dy in _OFFSETS:
+            x0 = x + dx * scale - (w if dx < 0 else w / 2 if dx == 0 else 0)
+            y0 = y + dy * scale - (h if dy < 0 else 0)
+            box = Bbox([[x0 - 1, y0 - 1], [x0 + w + 1, y0 + h + 1]])
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            score = (not inside, sum(_overlaps(box, t) for t in taken), abs(dx) + abs(dy))
+            if best is None or score < best[0]:
+                best = (score, dx, dy, box)
+            if score[:2] == (False, 0):
+                break
+        _, dx, dy, box = best
+        far = abs(dx) > 14 or abs(dy) > 20
+        placed.append(ax.annotate(text, ax.transData.inverted().transform((x, y)), xytext=(dx, dy),
+                                  textcoords="offset points", fontsize=fontsize,
+                                  ha="left" if dx > 0 else "right" if dx < 0 else "center",
+                                  va="bottom" if dy > 0 else "top",
+                                  arrowprops=dict(arrowstyle="-", color="#888888", lw=0.6) if far else None))
+        taken.append(box)
+    return placed
+
+
+def _fit_axis(ax, values, axis: str = "x", pad: float = 0.05, floor: float | None = None, log: bool = False):
+    """Axis limits fitted to the data: its range plus `pad` of it each side (a factor on a log axis),
+    never below `floor`."""
+    v = np.asarray([x for x in values if pd.notna(x)], dtype=float)
+    if not len(v):
+        return
+    lo, hi = float(v.min()), float(v.max())
+    if log:
+        lo, hi = lo / (1 + 3 * pad), hi * (1 + 3 * pad)
+    else:
+        span = max(hi - lo, 1e-9 + 0.1 * abs(hi))
+        lo, hi = lo - pad * span, hi + pad * span
+    if floor is not None:
+        lo = max(lo, floor)
+    (ax.set_xlim if axis == "x" else ax.set_ylim)(lo, hi)
+
+
 # ---- charts --------------------------------------------------------------------------------
 
 
-def plot_accuracy_heatmap(accuracy: np.ndarray, out: str | Path, show: int | None = None,
-                          title: str = "head accuracy $a_k^{(i)}$") -> Path:
+def accuracy_figure(accuracy: np.ndarray, show: int | None = None, title: str = "head accuracy $a_k^{(i)}$"):
     """a_k^(i) as a heatmap: rows = heads k, columns = ranks i (0 = top-1), each cell annotated."""
     accuracy = np.asarray(accuracy, dtype=float)  # [K, top_k]
     if accuracy.ndim != 2 or accuracy.size == 0:
@@ -253,9 +330,10 @@ def plot_accuracy_heatmap(accuracy: np.ndarray, out: str | Path, show: int | Non
     ax.set_xticks(range(R), [str(i) for i in range(R)], fontsize=8)
     ax.set_yticks(range(K), [f"head {k + 1}" for k in range(K)], fontsize=8)
     ax.set_xlabel("rank i (0 = the head's top-1 token)")
-    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02).set_label("P(rank-i token is the base model's)", fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02).set_label("P(rank-i token is the base model's), linear",
+                                                                fontsize=8)
     ax.set_title(title, fontsize=10, loc="left")
-    return save(fig, out)
+    return fig
 
 
 def family(method: str) -> str:
@@ -266,71 +344,84 @@ def family(method: str) -> str:
             return key
     if m.startswith(("mc_", "vicuna", "zephyr")):
         return "medusa"
-    if "search" in m or "greedy" in m or "tree" in m or "found" in m:
+    if "search" in m or "greedy" in m or "tree" in m or "found" in m or "ceiling" in m:
         return "searched"
     return "other"
 
 
-def plot_budget_curves(curves: pd.DataFrame, out: str | Path, measured: pd.DataFrame | None = None,
-                       title: str = "tokens per step vs node budget") -> Path:
+def budget_figure(curves: pd.DataFrame, measured: pd.DataFrame | None = None,
+                  title: str = "tokens per step vs node budget"):
     """Predicted tokens/step vs nodes (log scale), one line per `method` of `curves` (columns method,
-    nodes, tokens_per_step), single trees as filled markers; `measured` (method, nodes,
-    tokens_per_step, e.g. a bench table) adds hollow markers."""
+    nodes, tokens_per_step); a method whose rows all have one size is drawn as markers (e.g. Medusa's
+    published trees); `measured` (method, nodes, tokens_per_step, e.g. a bench table) adds hollow
+    markers. Every series is named in the legend, so no label sits on the plot."""
     need = {"method", "nodes", "tokens_per_step"}
     if not need <= set(curves.columns):
         raise TreeoptError(f"budget curves need columns {sorted(need)}, got {list(curves.columns)}")
     curves = curves[curves["nodes"] > 0]
+    measured = measured[measured["nodes"] > 0] if measured is not None else curves.iloc[:0]
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     markers = iter("osD^v<>ph*" * 3)
     for method, df in curves.groupby("method", sort=False):
         df = df.sort_values("nodes")
         color = FAMILY_COLORS[family(method)]
-        if len(df) > 1:
+        if df["nodes"].nunique() > 1:
             ax.plot(df["nodes"], df["tokens_per_step"], "-", color=color, lw=2.2 if family(method) == "searched" else 1.2,
                     label=str(method), marker="." if len(df) < 40 else None)
         else:
-            ax.plot(df["nodes"], df["tokens_per_step"], next(markers), color=color, ms=7, ls="none", label=str(method))
-    if measured is not None and len(measured):
-        for method, df in measured[measured["nodes"] > 0].groupby("method", sort=False):
-            ax.plot(df["nodes"], df["tokens_per_step"], "o", mfc="none", mec=FAMILY_COLORS[family(method)], mew=1.8,
-                    ms=11, ls="none", label=f"{method} (measured)")
+            ax.plot(df["nodes"], df["tokens_per_step"], next(markers), color=color, ms=7, ls="none", label=str(method),
+                    alpha=0.8)
+    for method, df in measured.groupby("method", sort=False):
+        ax.plot(df["nodes"], df["tokens_per_step"], "o", mfc="none", mec=FAMILY_COLORS[family(method)], mew=1.8,
+                ms=11, ls="none", label=f"{method} (measured)")
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    _fit_axis(ax, list(curves["nodes"]) + list(measured["nodes"]), "x", log=True)
+    _fit_axis(ax, list(curves["tokens_per_step"]) + list(measured["tokens_per_step"]), "y")
     ax.set_xlabel("nodes (candidate tokens verified per step, log scale)")
     ax.set_ylabel("tokens per decoding step")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", ncol=1 if len(ax.lines) <= 7 else 2)
-    ax.set_title(title + (": lines and filled marks predicted from the calibration, hollow marks measured"
-                          if measured is not None and len(measured) else " (predicted from the calibration)"),
-                 fontsize=9, loc="left")
-    return save(fig, out)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    ax.set_title(title + (":\nlines and filled marks predicted from the calibration, hollow marks measured"
+                          if len(measured) else "\n(predicted from the calibration)"), fontsize=9, loc="left")
+    fig.tight_layout()
+    return fig
 
 
-def plot_speed(out: str | Path, bench: pd.DataFrame | None = None, latency: pd.DataFrame | None = None,
-               predicted: pd.DataFrame | None = None, title: str | None = None) -> Path:
+def _latency_panel(ax, latency: pd.DataFrame):
+    """Forward ms vs tree size, one line per device/dtype (and batch size, where profiled)."""
+    keys = [c for c in ("device", "dtype", "batch_size") if c in latency.columns]
+    groups = latency.groupby(keys, sort=False) if keys else [((), latency)]
+    for key, df in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        label = " ".join(f"batch {v}" if k == "batch_size" else str(v) for k, v in zip(keys, key))
+        df = df.sort_values("nodes")
+        ax.plot(df["nodes"], df["forward_ms"], "o-", ms=3, label=label or None)
+    _fit_axis(ax, latency["nodes"], "x", pad=0.03)
+    ax.set_ylim(0, 1.08 * float(latency["forward_ms"].max()))
+    ax.set_xlabel("tree nodes (0 = plain decoding)")
+    ax.set_ylabel("forward pass (ms)")
+    ax.set_title("latency of one decoding step's forward pass", fontsize=10, loc="left")
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+
+
+def speed_figure(bench: pd.DataFrame | None = None, latency: pd.DataFrame | None = None,
+                 predicted: pd.DataFrame | None = None, title: str | None = None):
     """Left: forward-pass latency vs tree size (`latency`: nodes, forward_ms, from a profile). Right:
-    speedup over plain decoding vs nodes: one dot per `bench` row labelled with its tokens/s, over the
-    searched tree's `predicted` curve (nodes, speedup: a sweep with a latency file). Panels without
-    data are left out."""
+    speedup over plain decoding vs nodes: one dot per `bench` row labelled with its name and tokens/s,
+    over the searched tree's `predicted` curve (nodes, speedup: a sweep with a latency file). Panels
+    without data are left out; axes span the data."""
     has = lambda df: df is not None and len(df) > 0  # noqa: E731
     panels = (["latency"] if has(latency) else []) + (["speedup"] if has(bench) or has(predicted) else [])
     if not panels:
         raise TreeoptError("no bench or latency table to plot: run `treeopt bench` or `treeopt profile` first")
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.4), squeeze=False)
+    labels = None
     for ax, panel in zip(axes[0], panels):
         if panel == "latency":
-            keys = [c for c in ("device", "dtype", "batch_size") if c in latency.columns]
-            for key, df in (latency.groupby(keys, sort=False) if keys else [((), latency)]):
-                df = df.sort_values("nodes")
-                label = " ".join(f"batch {v}" if k == "batch_size" else str(v) for k, v in zip(keys, key))
-                ax.plot(df["nodes"], df["forward_ms"], "o-", ms=3, label=label or None)
-            ax.set_xlabel("tree nodes (0 = plain decoding)")
-            ax.set_ylabel("forward pass (ms)")
-            ax.set_ylim(bottom=0)
-            ax.set_title("latency of one decoding step's forward pass", fontsize=10, loc="left")
-            if ax.get_legend_handles_labels()[1]:
-                ax.legend(fontsize=8)
-            ax.grid(alpha=0.3)
+            _latency_panel(ax, latency)
             continue
         rows = bench if has(bench) else pd.DataFrame(columns=["method", "nodes", "speedup"])
         is_plain = rows["method"].map(family) == "plain"  # a Series mask: also right on an empty table
@@ -338,7 +429,7 @@ def plot_speed(out: str | Path, bench: pd.DataFrame | None = None, latency: pd.D
         tps = lambda r: f", {r['tokens_per_s']:.0f} tok/s" if pd.notna(r.get("tokens_per_s")) else ""  # noqa: E731
         ax.axhline(1.0, color=FAMILY_COLORS["plain"], ls="--", lw=1,
                    label="plain decoding" + (tps(plain.iloc[0]) if len(plain) else ""))
-        xs, ys = list(dots["nodes"]), list(dots["speedup"])
+        xs, ys = [0] + list(dots["nodes"]), [1.0] + list(dots["speedup"])
         if has(predicted):  # one curve per batch size (a sweep's batch_size column; none: batch 1)
             p = predicted.dropna(subset=["speedup"])
             curves = list(p.groupby("batch_size")) if "batch_size" in p.columns else [(1, p)]
@@ -348,27 +439,25 @@ def plot_speed(out: str | Path, bench: pd.DataFrame | None = None, latency: pd.D
                         alpha=0.6 if len(curves) == 1 else 0.3 + 0.7 * (i + 1) / len(curves),
                         label="searched tree, predicted (calibration x latency)" + (f", batch {b}" if len(curves) > 1 else ""))
                 xs, ys = xs + list(p["nodes"]), ys + list(p["speedup"])
-        seen: dict = {}  # labels of points at the same tree size go one under the other
-        for _, r in dots.sort_values("speedup", ascending=False).iterrows():
-            i = seen[r["nodes"]] = seen.get(r["nodes"], -1) + 1
-            ax.plot(r["nodes"], r["speedup"], "o", color=FAMILY_COLORS[family(r["method"])], ms=8)
-            ax.annotate(f"{r['method']}{tps(r)}", (r["nodes"], r["speedup"]), textcoords="offset points",
-                        xytext=(7, 6 - 11 * i), fontsize=7, va="bottom" if i == 0 else "top")
+        for _, r in dots.iterrows():
+            ax.plot(r["nodes"], r["speedup"], "o", color=FAMILY_COLORS[family(r["method"])], ms=7)
+        _fit_axis(ax, xs, "x", pad=0.04)
+        _fit_axis(ax, ys + [0.0], "y", pad=0.12, floor=0.0)
         ax.set_xlabel("tree nodes")
         ax.set_ylabel("speedup over plain decoding (tokens/s ratio)")
-        ax.set_ylim(0, max([1.5] + [1.2 * y for y in ys if pd.notna(y)]))
-        ax.set_xlim(-2, max([10] + [1.3 * x + 5 for x in xs]))
         ax.set_title("speedup over plain decoding" + (": measured (dots)" if len(dots) else ""), fontsize=10, loc="left")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="lower left" if dots["nodes"].max() > 0.5 * ax.get_xlim()[1] else "lower right")
         ax.grid(alpha=0.3)
+        labels = (ax, list(zip(dots["nodes"], dots["speedup"])), [f"{r['method']}{tps(r)}" for _, r in dots.iterrows()])
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return save(fig, out)
+    if labels is not None:
+        place_labels(*labels)
+    return fig
 
 
-def plot_predicted_vs_measured(bench: pd.DataFrame, out: str | Path,
-                               title: str = "predicted vs measured tokens per step") -> Path:
+def predicted_vs_measured_figure(bench: pd.DataFrame, title: str = "predicted vs measured tokens per step"):
     """One point per benched tree: the calibration's prediction against the decoder's measurement."""
     df = bench.dropna(subset=["predicted_tokens_per_step", "tokens_per_step"])
     df = df[df["method"].map(family) != "plain"]
@@ -376,22 +465,22 @@ def plot_predicted_vs_measured(bench: pd.DataFrame, out: str | Path,
         raise TreeoptError("the bench has no predicted tokens/step: bench trees searched from a calibration")
     fig, ax = plt.subplots(figsize=(5.2, 5.0))
     both = pd.concat([df["predicted_tokens_per_step"], df["tokens_per_step"]]).astype(float)
-    pad = 0.1 * max(float(both.max() - both.min()), 0.2)
+    pad = 0.12 * max(float(both.max() - both.min()), 0.2)
     lo, hi = max(1.0, float(both.min()) - pad), float(both.max()) + pad
     ax.plot([lo, hi], [lo, hi], "--", color="#999999", lw=1, label="measured = predicted")
     for _, r in df.iterrows():
-        ax.plot(r["predicted_tokens_per_step"], r["tokens_per_step"], "o", ms=8, color=FAMILY_COLORS[family(r["method"])])
-        ax.annotate(str(r["method"]), (r["predicted_tokens_per_step"], r["tokens_per_step"]),
-                    textcoords="offset points", xytext=(6, -10), fontsize=7)
+        ax.plot(r["predicted_tokens_per_step"], r["tokens_per_step"], "o", ms=7, color=FAMILY_COLORS[family(r["method"])])
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
     ax.set_aspect("equal")
     ax.set_xlabel("predicted tokens/step (calibration)")
-    ax.set_ylabel("measured tokens/step (decoder)")
+    ax.set_ylabel("measured tokens/step (decoder, held-out prompts)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     ax.set_title(title, fontsize=10, loc="left")
-    return save(fig, out)
+    fig.tight_layout()
+    place_labels(ax, list(zip(df["predicted_tokens_per_step"], df["tokens_per_step"])), list(df["method"].astype(str)))
+    return fig
 
 
 # ---- the CLI's twin ------------------------------------------------------------------------
@@ -413,5 +502,5 @@ def draw_tree(spec: str | Path, out: str | Path, calibration: str | Path | None 
         cal = load_calibration(calibration)
         values = node_values(tree, cal, model)
         title = f"{name}, predicted {1 + values.sum():.2f} tokens/step ({model} model on {Path(calibration).name})"
-    return plot_tree(tree, out, values=values, title=title,
-                     value_label=f"P(node accepted), {model} model" if values is not None else "")
+    return save(tree_figure(tree, values=values, title=title,
+                            value_label=f"P(node accepted), {model} model" if values is not None else ""), out)

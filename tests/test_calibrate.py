@@ -161,7 +161,7 @@ def test_other_settings_into_same_dir_is_an_error(tmp_path, tiny, prompts_file, 
 
 
 def cli(*args):
-    result = CliRunner().invoke(app, ["calibrate", "--no-progress", *map(str, args)])
+    result = CliRunner().invoke(app, ["calibrate", "--quiet", *map(str, args)])
     return result.exit_code, result.stdout, result.stderr
 
 

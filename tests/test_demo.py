@@ -39,14 +39,21 @@ def test_demo_writes_every_stage(tiny_demo):
     assert fit == ["w4 w5 w6", "w5 w6 w7", "w6 w7 w8"] and held == ["w7 w8 w9", "w8 w9 w10"]
 
     bench = pd.read_csv(out / "bench" / "bench.csv")
-    assert list(bench["method"][:3]) == ["plain", "hf-generate", "searched-8"]
-    assert "mc_sim_7b_63" in set(bench["method"])
-    assert any(m.startswith("cartesian-") for m in bench["method"])  # the best Cartesian tree of 8 nodes
+    methods = list(bench["method"])
+    assert methods[:2] == ["plain", "hf-generate"] and {"searched-8", "mc_sim_7b_63"} <= set(methods)
+    assert any(m.startswith("cartesian-") for m in methods) and any(m.startswith("chain-") for m in methods)
+    for _, row in bench[bench["nodes"] > 0].iterrows():  # every baseline beside a searched tree of its node count
+        assert f"searched-{row['nodes']}" in methods, row["method"]
+    assert list(bench["nodes"][1:]) == sorted(bench["nodes"][1:])
     assert (bench["match_rate"] == 1.0).all()  # tree decoding is lossless under greedy decoding
     assert (bench["prompts"] == 2).all()  # benched on the held-out prompts only
+    held_cal = pd.read_parquet(out / "calibration-heldout" / "continuations.parquet")
+    assert list(held_cal["instruction"]) == held  # the ceiling's calibration is of the held-out prompts
+    assert json.loads((out / "prompts" / "source.json").read_text())["source"] == cfg.prompts
 
     report = (out / "report.md").read_text()
-    assert "## Benchmark (measured)" in report and "Not in this run" not in report
+    assert "## Like for like on held-out prompts" in report and "ceiling-8" in report
+    assert "is missing" not in report and "unreadable" not in report
     demo = json.loads((out / "demo.json").read_text())
     assert demo["settings"]["nodes"] == 8 and set(demo["stages"]) >= {"calibrate", "search", "bench", "report"}
 
@@ -54,7 +61,7 @@ def test_demo_writes_every_stage(tiny_demo):
 def test_demo_resumes_and_guards_settings(tiny_demo):
     cfg, result, _ = tiny_demo
     again = run_demo(result.out, cfg, log=lambda s: None)
-    assert all(again.stages[s] == 0.0 for s in ("prompts", "calibrate", "profile", "search", "bench"))
+    assert all(again.stages[s] == 0.0 for s in ("prompts", "calibrate", "heldout", "profile", "search", "bench"))
     with pytest.raises(TreeoptError, match="other settings.*nodes"):
         run_demo(result.out, replace(cfg, nodes=4), log=lambda s: None)
 
@@ -83,7 +90,7 @@ def test_demo_needs_enough_prompts(tmp_path, tiny_demo):
 def test_demo_prompts_offline_without_a_local_copy(monkeypatch):
     """No ../shared copy and no hub: the demo takes the bundled instructions instead of failing."""
     import treeopt.core.prompts
-    from treeopt.demo import DemoConfig, split_prompts
+    from treeopt.demo import DemoConfig, prompt_source, split_prompts
 
     monkeypatch.setattr(treeopt.core.prompts, "local_alpaca_eval", lambda: None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -91,5 +98,7 @@ def test_demo_prompts_offline_without_a_local_copy(monkeypatch):
     fit, held = split_prompts(DemoConfig(), log=said.append)
     assert len(fit) == 24 and len(held) == 8 and not set(fit) & set(held)
     assert "offline.json" in said[0]
+    source, note = prompt_source(DemoConfig(), log=said.append)
+    assert source.endswith("offline.json") and "not AlpacaEval" in note  # the report shows this note
     with pytest.raises(TreeoptError, match="--prompts PATH"):  # calibrate itself still says so
         treeopt.core.prompts.load_instructions(treeopt.core.prompts.default_prompts())

@@ -54,7 +54,7 @@ def tiny(tiny_model_dir) -> list[str]:
 def calibration(tmp_path_factory, tiny, prompts) -> Path:
     out = tmp_path_factory.mktemp("cal") / "cal"
     r = cli("calibrate", *tiny, "-p", prompts, "--limit", 4, "--max-new-tokens", 6, "--top-k", 97, "-o", out,
-            "--no-progress")
+            "--quiet")
     assert r.exit_code == 0, r.stderr
     return out
 
@@ -283,7 +283,7 @@ def test_calibrate_killed_resumes_byte_identical(tmp_path, tiny, prompts, caplog
     from treeopt.core.record import ACCURACY, CONTINUATIONS, RANKS
 
     args = ["calibrate", *tiny, "-p", prompts, "--limit", 6, "--max-new-tokens", 6, "--batch-size", 2,
-            "--shard-size", 2, "--no-progress"]
+            "--shard-size", 2, "--quiet"]
     assert cli(*args, "-o", tmp_path / "whole").exit_code == 0
     out = tmp_path / "killed"
     # renames: the manifest, shard 0's two parquets and marker, shard 1's ranks; killed writing its continuations

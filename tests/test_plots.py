@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,6 @@ from treeopt.core.record import write_calibration
 from reports import plots
 from treeopt.core.errors import TreeoptError
 from treeopt.core.published import mc_sim_7b_63
-from search.acceptance import node_values
 from search.grow import search
 from treeopt.core.tree import Tree
 from treeopt.core.treefile import write_tree
@@ -22,7 +20,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def synthetic_calibration(directory: Path, prompts: int = 30, length: int = 60, heads: int = 4, top_k: int = 10,
-                          seed: int = 0) -> Path:
+                          seed: int = 0, name: str = "q") -> Path:
     """Ranks drawn geometric per head (deeper heads worse), -1 past each continuation's end."""
     rng = np.random.default_rng(seed)
     rows = []
@@ -32,7 +30,7 @@ def synthetic_calibration(directory: Path, prompts: int = 30, length: int = 60, 
                      for k in range(1, heads + 1)}
             rows.append({"prompt_id": p, "position": t, **ranks})
     ranks = pd.DataFrame(rows)
-    conts = pd.DataFrame({"prompt_id": range(prompts), "instruction": [f"q{p}" for p in range(prompts)],
+    conts = pd.DataFrame({"prompt_id": range(prompts), "instruction": [f"{name}{p}" for p in range(prompts)],
                           "prompt_ids": [[1, 2]] * prompts, "tokens": [list(range(length))] * prompts,
                           "stopped": [False] * prompts})
     meta = {"model": "synthetic", "heads": "synthetic", "top_k": top_k, "max_new_tokens": length, "seed": seed}
@@ -60,7 +58,7 @@ def test_tree_diagram_renders_small_and_large(tmp_path, calibration, nodes):
     found = search(calibration, nodes)
     assert len(found.tree) == nodes
     for suffix in (".png", ".svg"):
-        assert_picture(plots.plot_tree(found.tree, tmp_path / f"t{suffix}", values=found.values, title="t"))
+        assert_picture(plots.save(plots.tree_figure(found.tree, values=found.values, title="t"), tmp_path / f"t{suffix}"))
 
 
 def test_tree_layout_is_hierarchical_without_crossings():
@@ -90,9 +88,9 @@ def test_most_likely_path_follows_values():
 def test_plot_tree_rejects_bad_input(tmp_path):
     tree = Tree.chain(3)
     with pytest.raises(TreeoptError, match="node values"):
-        plots.plot_tree(tree, tmp_path / "t.png", values=[0.5])
+        plots.tree_figure(tree, values=[0.5])
     with pytest.raises(TreeoptError, match=r"\.png or \.svg"):
-        plots.plot_tree(tree, tmp_path / "t.jpg")
+        plots.save(plots.tree_figure(tree), tmp_path / "t.jpg")
 
 
 def test_draw_tree_from_spec_with_calibration(tmp_path, calibration):
@@ -105,31 +103,129 @@ def test_draw_tree_from_spec_with_calibration(tmp_path, calibration):
 # ---- charts ----------------------------------------------------------------------------------
 
 
-def test_heatmap_and_charts_render(tmp_path, calibration, monkeypatch):
-    assert_picture(plots.plot_accuracy_heatmap(calibration.accuracy, tmp_path / "a.png"))
-    curves = pd.DataFrame({"method": ["searched"] * 3 + ["cartesian-2x3", "mc_sim_7b_63"],
-                           "nodes": [8, 16, 32, 8, 63], "tokens_per_step": [1.8, 2.0, 2.2, 1.6, 2.1]})
-    bench = pd.DataFrame({"method": ["plain", "searched-64", "cartesian-2x3"], "nodes": [0, 64, 8],
-                          "tokens_per_step": [1.0, 2.1, 1.7], "speedup": [1.0, 1.5, 1.3],
-                          "tokens_per_s": [50.0, 75.0, 65.0], "predicted_tokens_per_step": [np.nan, 2.2, 1.6]})
-    latency = pd.DataFrame({"nodes": [1, 16, 64], "forward_ms": [10.0, 11.0, 15.0], "device": "cpu",
-                            "dtype": "float32", "model": "m"})
-    assert_picture(plots.plot_budget_curves(curves, tmp_path / "b.png", measured=bench))
-    assert_picture(plots.plot_speed(tmp_path / "s.png", bench=bench, latency=latency))
-    assert_picture(plots.plot_speed(tmp_path / "s1.png", latency=latency))
-    predicted = pd.DataFrame({"nodes": [0, 8, 64], "speedup": [1.0, 1.2, 0.8]})  # a sweep with latency, no bench
-    assert_picture(plots.plot_speed(tmp_path / "s2.png", latency=latency, predicted=predicted))
-    assert_picture(plots.plot_speed(tmp_path / "s3.png", predicted=predicted))
+def demo_like_tables():
+    """Tables shaped like the demo's: six trees at three sizes, labels that crowd, a 64-node sweep."""
+    names = ["searched-4", "chain-4", "searched-16", "cartesian-8x1", "searched-63", "mc_sim_7b_63"]
+    bench = pd.DataFrame({"method": ["plain"] + names, "nodes": [0, 4, 4, 16, 16, 63, 63],
+                          "tokens_per_step": [1.0, 1.55, 1.45, 1.74, 1.69, 1.90, 1.87],
+                          "speedup": [1.0, 0.80, 0.78, 0.71, 0.69, 0.47, 0.46],
+                          "tokens_per_s": [19.4, 15.5, 15.1, 13.8, 13.4, 9.1, 8.9],
+                          "predicted_tokens_per_step": [np.nan, 1.57, 1.44, 1.85, 1.75, 2.05, 2.02]})
+    latency = pd.DataFrame({"nodes": [0, 1, 2, 4, 8, 16, 32, 64], "forward_ms": [52, 100, 133, 108, 132, 130, 165, 221.0],
+                            "device": "cpu", "dtype": "float32", "model": "m"})
+    n = np.arange(65)
+    predicted = pd.DataFrame({"nodes": n, "speedup": (1 + 0.3 * np.log1p(n)) / np.interp(n, latency["nodes"],
+                                                                                         latency["forward_ms"]) * 52})
+    curves = pd.concat([pd.DataFrame({"method": "searched (sweep.csv)", "nodes": n[1:], "tokens_per_step": 1 + 0.25 * np.log2(1 + n[1:])}),
+                        pd.DataFrame({"method": "best Cartesian", "nodes": [2, 4, 8, 16, 32, 64, 128, 256],
+                                      "tokens_per_step": [1.4, 1.5, 1.6, 1.75, 1.85, 1.93, 1.99, 2.06]}),
+                        pd.DataFrame({"method": "Medusa's published trees", "nodes": [63] * 4,
+                                      "tokens_per_step": [2.025, 2.022, 2.013, 2.028]})])
+    return bench, latency, predicted, curves
+
+
+def drawn_texts(fig) -> list[tuple[str, object]]:
+    """(text, display box) of every text the renderer draws: tick labels inside their axis' view only."""
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ticks, shown = set(), []
+    for ax in fig.axes:
+        for axis, (lo, hi), i in ((ax.xaxis, ax.get_xlim(), 0), (ax.yaxis, ax.get_ylim(), 1)):
+            lo, hi = sorted((lo, hi))
+            for t in axis.get_ticklabels(which="both"):
+                ticks.add(id(t))
+                if ax.axison and lo - 1e-9 <= t.get_position()[i] <= hi + 1e-9:
+                    shown.append(t)
+    shown += [t for t in fig.findobj(Text) if id(t) not in ticks]
+    return [(t.get_text(), t.get_window_extent(renderer)) for t in shown if t.get_visible() and t.get_text().strip()]
+
+
+def assert_readable(fig):
+    """No two drawn texts overlap; every data axis spans its lines' data with at most 25 % to spare
+    on each side (a lower limit of 0 is allowed: ratios and times start there)."""
+    texts = drawn_texts(fig)
+    for i, (a, box_a) in enumerate(texts):
+        for b, box_b in texts[i + 1:]:
+            assert not plots._overlaps(box_a, box_b, slack=1.0), f"{a!r} overlaps {b!r}"
+    for ax in fig.axes:
+        lines = [l for l in ax.get_lines() if l.get_transform() == ax.transData and len(l.get_xdata())]
+        if not lines or not ax.axison:
+            continue
+        for axis, get in (("x", ax.get_xlim), ("y", ax.get_ylim)):
+            log = (ax.get_xscale() if axis == "x" else ax.get_yscale()) == "log"
+            f = np.log2 if log else (lambda v: np.asarray(v, float))
+            data = f(np.concatenate([np.asarray(l.get_xdata() if axis == "x" else l.get_ydata(), float) for l in lines]))
+            data = data[np.isfinite(data)]
+            lo, hi = get()
+            span = max(data.max() - data.min(), 1e-9)
+            assert (f(lo) <= data.min() or np.isclose(f(lo), data.min())) and f(hi) >= data.max() - 1e-9, (axis, lo, hi)
+            assert f(hi) - data.max() <= 0.25 * span, f"{axis} axis runs to {hi} for data up to {data.max()}"
+            assert lo == 0 or data.min() - f(lo) <= 0.25 * span, f"{axis} axis starts at {lo} for data from {data.min()}"
+
+
+def figures(calibration):
+    bench, latency, predicted, curves = demo_like_tables()
+    found = search(calibration, 63)
+    return {"tree-16": lambda: plots.tree_figure(found.tree[:16], values=found.values[:16], title="searched-16"),
+            "tree-63": lambda: plots.tree_figure(found.tree, values=found.values, title="searched-63"),
+            "tree-250": lambda: plots.tree_figure(search(calibration, 250).tree, title="wide"),
+            "accuracy": lambda: plots.accuracy_figure(calibration.accuracy),
+            "budget": lambda: plots.budget_figure(curves, measured=bench),
+            "speed": lambda: plots.speed_figure(bench=bench, latency=latency, predicted=predicted),
+            "speed-latency-only": lambda: plots.speed_figure(latency=latency),
+            "speed-predicted-only": lambda: plots.speed_figure(predicted=predicted),
+            "predicted_vs_measured": lambda: plots.predicted_vs_measured_figure(bench)}
+
+
+@pytest.mark.parametrize("name", ["tree-16", "tree-63", "tree-250", "accuracy", "budget", "speed", "speed-latency-only",
+                                  "speed-predicted-only", "predicted_vs_measured"])
+def test_figures_are_readable(tmp_path, calibration, name):
+    fig = figures(calibration)[name]()
+    assert_readable(fig)
+    assert_picture(plots.save(fig, tmp_path / f"{name}.png", tmp_path / f"{name}.svg"), min_bytes=5_000)
+    assert_picture(tmp_path / f"{name}.svg", min_bytes=5_000)
+
+
+def test_speed_axis_fits_the_sweep():
+    """The issue's case: a 64-node sweep must not stretch the x axis to 88."""
+    bench, latency, predicted, _ = demo_like_tables()
+    ax = plots.speed_figure(bench=bench, latency=latency, predicted=predicted).axes[1]
+    assert 64 <= ax.get_xlim()[1] <= 64 * 1.1
+    labels = [t.get_text() for t in ax.texts]
+    assert sorted(labels) == sorted(f"{m}, {v:.0f} tok/s" for m, v in zip(bench["method"][1:], bench["tokens_per_s"][1:]))
+
+
+def test_tree_colour_bar_is_linear_and_labelled(calibration):
+    found = search(calibration, 16)
+    bar = plots.tree_figure(found.tree, values=found.values).axes[-1]
+    assert "linear scale" in bar.get_ylabel()
+    assert bar.get_yscale() == "linear"  # a PowerNorm's colour bar gets a 'function' scale
+    assert bar.get_ylim() == pytest.approx((0.0, found.values.max()))
+
+
+def test_place_labels_avoids_each_other_on_one_spot():
+    fig, ax = plots.plt.subplots(figsize=(4, 3))
+    ax.plot([0, 10], [0, 10], "o")
+    ax.set_xlim(-1, 11)
+    ax.set_ylim(-1, 11)
+    plots.place_labels(ax, [(5, 5)] * 4, [f"label number {i}" for i in range(4)])
+    assert_readable(fig)
+
+
+def test_speed_curves_per_batch_size():
+    latency = pd.DataFrame({"nodes": [0, 16, 64], "forward_ms": [10.0, 11.0, 15.0], "device": "cpu", "dtype": "float32"})
+    predicted = pd.DataFrame({"nodes": [0, 8, 64], "speedup": [1.0, 1.2, 0.8]})
     by_batch = pd.concat([predicted.assign(batch_size=b, speedup=predicted["speedup"] / b) for b in (1, 4, 16)])
-    figures = []
-    with monkeypatch.context() as m:
-        m.setattr(plots, "save", lambda fig, out: figures.append(fig) or Path(out))
-        plots.plot_speed(tmp_path / "s4.png", latency=pd.concat([latency.assign(batch_size=b) for b in (1, 4)]),
-                         predicted=by_batch)
-    labels = [[line.get_label() for line in ax.lines] for ax in figures[0].axes]
+    fig = plots.speed_figure(latency=pd.concat([latency.assign(batch_size=b) for b in (1, 4)]), predicted=by_batch)
+    labels = [[line.get_label() for line in ax.lines] for ax in fig.axes]
     assert labels[0] == ["cpu float32 batch 1", "cpu float32 batch 4"]
     assert [x for x in labels[1] if "predicted" in x] == [f"searched tree, predicted (calibration x latency), batch {b}"
                                                          for b in (1, 4, 16)]
-    assert_picture(plots.plot_predicted_vs_measured(bench, tmp_path / "p.png"))
+    assert_readable(fig)
+
+
+def test_plot_speed_needs_data():
     with pytest.raises(TreeoptError, match="treeopt bench"):
-        plots.plot_speed(tmp_path / "none.png")
+        plots.speed_figure()

@@ -96,8 +96,11 @@ def write_shard(path: Path, conts, prompts: list[str]) -> None:
     atomic_write(path, lambda p: save_file({"hidden": hidden, "tokens": tokens, "offsets": offsets}, p, meta))
 
 
-def generate_data(cfg: TrainConfig, loaded=None, log=print) -> list[Path]:
-    """Stage 1: write the shards that are missing under work/data/; return all of them, in order."""
+def generate_data(cfg: TrainConfig, loaded=None, log=print, progress: bool = False) -> list[Path]:
+    """Stage 1: write the shards that are missing under work/data/; return all of them, in order.
+    `progress`: a progress bar over the shards (the log then goes through it)."""
+    from tqdm.auto import tqdm
+
     from decoding.generate import greedy_continuations
     from decoding.models import chat_prompt, load_model, stop_token_ids
 
@@ -120,7 +123,10 @@ def generate_data(cfg: TrainConfig, loaded=None, log=print) -> list[Path]:
     pad = tok.pad_token_id if tok.pad_token_id is not None else sorted(stops)[0]
     seen: set[str] = set()
     start, made, tokens = time.time(), 0, 0
-    for i, path in enumerate(paths):
+    bar = tqdm(paths, desc="data", unit="shard", disable=not progress)
+    if progress:
+        log = bar.write
+    for i, path in enumerate(bar):
         if path.is_file():
             seen.update(_key(p) for p in read_shard(path)[3])
             continue

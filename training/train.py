@@ -256,7 +256,7 @@ def train_heads(cfg: TrainConfig, stage: str = "all", log=print, progress: bool 
     loaded = load_model(cfg.model, device=cfg.device, dtype="float32")  # training and its data: the exact reference
     t0 = time.time()
     if stage in ("all", "data"):
-        paths = generate_data(cfg, loaded, log=log)
+        paths = generate_data(cfg, loaded, log=log, progress=progress)
     gen_s = time.time() - t0
     result = {"config": asdict(cfg), "num_shards": len(paths), "generation_s_this_run": gen_s}
     if stage == "data":

@@ -76,6 +76,12 @@ PromptsOpt = typer.Option(None, "--prompts", "-p", help="Prompt source: alpaca_e
 CalibrationOpt = typer.Option(..., "--calibration", "-c", help="Calibration directory (from `treeopt calibrate`).")
 AcceptanceModelOpt = typer.Option("smoothed", "--acceptance-model", help="How node acceptance is estimated from the calibration: smoothed (joint rank counts shrunk toward the product of accuracies, strength cross-validated; smoothed:S fixes it), empirical (joint rank counts) or independent (Medusa paper's product of accuracies).")
 LatencyOpt = typer.Option(None, "--latency", help="Latency CSV (nodes,forward_ms) from `treeopt profile`: adds tokens/s.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars (they are also off when stderr is not a terminal).")
+
+
+def _progress(quiet: bool) -> bool:
+    """Progress bars on long stages: on a terminal, unless --quiet."""
+    return not quiet and sys.stderr.isatty()
 
 
 @command()
@@ -117,6 +123,7 @@ def train_heads_cmd(
     max_train_minutes: Optional[float] = typer.Option(None, "--max-train-minutes", help="Stop training after this long, checkpointed (re-run to continue)."),
     model: str = ModelOpt,
     device: str = DeviceOpt,
+    quiet: bool = QuietOpt,
 ):
     """Train Medusa-1 heads (backbone frozen) on the model's own greedy continuations, and save them."""
     from training.train import TrainConfig, train_heads
@@ -128,7 +135,7 @@ def train_heads_cmd(
                       device=device, eval_prompts=eval_prompts,
                       max_gen_s=None if max_gen_minutes is None else max_gen_minutes * 60,
                       max_train_s=None if max_train_minutes is None else max_train_minutes * 60)
-    train_heads(cfg, stage=stage, log=lambda s: typer.echo(s, err=True))
+    train_heads(cfg, stage=stage, log=lambda s: typer.echo(s, err=True), progress=_progress(quiet))
 
 
 # --- calibrate (calibrate/) ---
@@ -150,7 +157,7 @@ def calibrate(
     dtype: str = DtypeOpt,
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemoryOpt,
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with tokens/s."),
+    quiet: bool = QuietOpt,
 ):
     """Record where every head ranks the base model's greedy tokens (ranks.parquet, accuracy.csv, ...)."""
     from treeopt.core.record import load_calibration
@@ -162,7 +169,7 @@ def calibrate(
                                limit=limit, first=first,
                                max_new_tokens=max_new_tokens, top_k=top_k, batch_size=batch_size,
                                shard_size=shard_size, seed=seed, device=device, dtype=dtype, device_map=device_map,
-                               max_memory=max_memory, progress=progress)
+                               max_memory=max_memory, progress=_progress(quiet))
     cal = load_calibration(run_calibration(config))
     top = ", ".join(f"head {k + 1} {a:.3f}" for k, a in enumerate(cal.accuracy.sum(1)))
     typer.echo(f"wrote {out}: {cal.meta['num_prompts']} {'assistant turns' if teacher_forced else 'prompts'}, "
@@ -301,6 +308,7 @@ def bench(
     compiled: bool = CompileOpt,
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemoryOpt,
+    quiet: bool = QuietOpt,
 ):
     """Plain greedy vs tree decoding on the same prompts: tokens/step, overhead, speedup, lossless match."""
     from reports.bench import render, run_bench
@@ -308,7 +316,7 @@ def bench(
     result = run_bench(model=model, heads=heads, trees=trees or (), cartesian=cartesian or (), prompts=prompts,
                        limit=limit, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
                        calibration=str(calibration) if calibration else None, out=out, repeats=repeats,
-                       progress=sys.stderr.isatty(), threads=threads, compiled=compiled, device_map=device_map,
+                       progress=_progress(quiet), threads=threads, compiled=compiled, device_map=device_map,
                        max_memory=max_memory)
     typer.echo(render(result))
     if out is not None:
@@ -330,12 +338,13 @@ def profile(
     compiled: bool = CompileOpt,
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemoryOpt,
+    quiet: bool = QuietOpt,
 ):
     """Time one decoding step vs tree size on this device, beside the machine's roofline, into a CSV."""
     from decoding.profile import render_profile, run_profile
 
     df = run_profile(model=model, heads=heads, sizes=sizes, context=context, repeats=repeats, device=device,
-                     dtype=dtype, out=out, progress=sys.stderr.isatty(), threads=threads, device_map=device_map,
+                     dtype=dtype, out=out, progress=_progress(quiet), threads=threads, device_map=device_map,
                      max_memory=max_memory, batch_sizes=batch_sizes, compiled=compiled)
     typer.echo(render_profile(df))
     typer.echo(f"wrote {out}", err=True)
@@ -377,8 +386,9 @@ def demo(
     max_new_tokens: int = typer.Option(96, "--max-new-tokens", help="New tokens per prompt (calibration and bench)."),
     nodes: str = typer.Option("16", "--nodes", help="Size of the searched tree (16 keeps a CPU demo short; 64 on a GPU), or `auto`: the size of best predicted tokens/s on this machine (uses the profile)."),
     top_k: int = typer.Option(10, "--top-k", help="Ranks per head recorded by the calibration."),
-    cartesian: str = typer.Option("best,2x3", "--cartesian", help="Cartesian baselines: `best` (the best one as large as the searched tree) and/or e.g. 2x3."),
-    published: str = typer.Option("", "--published", help="Medusa's published trees to bench too, comma-separated (e.g. mc_sim_7b_63)."),
+    cartesian: str = typer.Option("best", "--cartesian", help="Cartesian baselines: `best` (the best one as large as the searched tree) and/or e.g. 2x3; each is benched beside a searched tree of its size."),
+    published: str = typer.Option("mc_sim_7b_63", "--published", help="Medusa's published trees to bench (beside a searched tree of their size), comma-separated; '' for none."),
+    chain: bool = typer.Option(True, "--chain/--no-chain", help="Bench the top-1 chain (what vLLM and TGI draft) beside a searched tree of its size."),
     profile_sizes: str = typer.Option("0,1,2,4,8,16,32,64", "--profile-sizes", help="Tree sizes to time (latency.csv); '' to skip."),
     prompts: Optional[str] = PromptsOpt,
     model: str = ModelOpt,
@@ -387,9 +397,10 @@ def demo(
     dtype: str = DtypeOpt,
     compiled: bool = CompileOpt,
     threads: Optional[int] = ThreadsOpt,
+    quiet: bool = QuietOpt,
 ):
-    """The main job, small: calibrate on a slice of AlpacaEval, search the tree, bench it against
-    Cartesian trees and plain decoding on held-out prompts, write the report."""
+    """The main job, small: calibrate on a slice of AlpacaEval, search the tree, bench each baseline
+    (Cartesian, published, chain) beside a searched tree of its size on held-out prompts, write the report."""
     from treeopt.demo import DemoConfig, run_demo
 
     split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
@@ -398,9 +409,9 @@ def demo(
     config = DemoConfig(model=model, heads=heads, prompts=prompts, offset=offset, fit_prompts=limit,
                         bench_prompts=bench_prompts, max_new_tokens=max_new_tokens, top_k=top_k,
                         nodes=nodes if nodes == "auto" else int(nodes),
-                        cartesian=split(cartesian), published=split(published), profile_sizes=profile_sizes,
-                        device=device, dtype=dtype, compiled=compiled, threads=threads)
-    run_demo(out, config, log=typer.echo)
+                        cartesian=split(cartesian), published=split(published), chain=chain,
+                        profile_sizes=profile_sizes, device=device, dtype=dtype, compiled=compiled, threads=threads)
+    run_demo(out, config, log=typer.echo, progress=_progress(quiet))
 
 
 def main():

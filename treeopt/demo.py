@@ -5,12 +5,16 @@ Stages, each writing into OUT (a run directory, see reports/report.py):
 1. prompts   OUT/prompts/fit.json and OUT/prompts/bench.json: a slice of the prompt set, split in
              two disjoint parts: the first `fit_prompts` to calibrate on, the next `bench_prompts`
              held out for the benchmark (never evaluate on what the tree was fitted to).
+             OUT/prompts/source.json says where they came from.
 2. calibrate OUT/calibration/ (calibrate/: the heads' rank of each true token, per position).
-3. profile   OUT/latency.csv (decoding/profile.py: forward ms vs tree size on this machine).
-4. search    OUT/tree.json and OUT/sweep.csv (treeopt/search.py: the greedy optimal tree).
-5. bench     OUT/bench/ (decoding/bench.py: plain greedy vs the searched tree vs Cartesian trees on
-             the held-out prompts, same stop rules, outputs checked equal to plain greedy).
-6. report    OUT/report.md and OUT/report.html.
+3. heldout   OUT/calibration-heldout/: the same on the held-out prompts, for the report's ceiling
+             (the best tree fit on them) and an exact replay of every tree there.
+4. profile   OUT/latency.csv (decoding/profile.py: forward ms vs tree size on this machine).
+5. search    OUT/tree.json and OUT/sweep.csv (search/: the greedy optimal tree).
+6. bench     OUT/bench/ (reports/bench.py: plain greedy vs each baseline (the best Cartesian tree,
+             Medusa's published trees, the top-1 chain) beside a searched tree of the same node count,
+             OUT/trees/*.json, on the held-out prompts; outputs checked equal to plain greedy).
+7. report    OUT/report.md and OUT/report.html.
 
 Re-running skips a stage only when OUT/stages/NAME/ says the same settings made its outputs from the
 same inputs (sha256) and its outputs are still what it wrote (parsed, rows counted, bytes compared:
@@ -48,13 +52,17 @@ class DemoConfig:
     max_new_tokens: int = 96  # per prompt, in calibration and bench
     top_k: int = 10  # ranks the calibration records per head
     nodes: int | str = 16  # searched tree size (64 on a GPU), or "auto": best predicted tokens/s (needs the profile)
-    cartesian: tuple[str, ...] = ("best", "2x3")  # Cartesian baselines: "best" = the best one as large as the searched tree
-    published: tuple[str, ...] = ()  # Medusa's trees to bench too, e.g. ("mc_sim_7b_63",)
+    cartesian: tuple[str, ...] = ("best",)  # Cartesian baselines: "best" = the best one as large as the searched tree, or e.g. "2x3"
+    published: tuple[str, ...] = ("mc_sim_7b_63",)  # Medusa's published trees to bench
+    chain: bool = True  # bench the top-1 chain (what vLLM and TGI draft) too
     profile_sizes: str = "0,1,2,4,8,16,32,64"  # latency profile sizes ("" to skip the profile)
     device: str = "auto"
     dtype: str = "auto"
     compiled: bool = False  # torch.compile the decoding steps (profile and bench)
     threads: int | None = None  # torch CPU threads (None: torch's default); 1 is best on a shared machine
+
+
+HELDOUT = "calibration-heldout"
 
 
 @dataclass
@@ -104,27 +112,32 @@ def _check_inputs(cfg: DemoConfig) -> None:
         checked_sizes(parse_sizes(cfg.profile_sizes), cfg.max_new_tokens + 64)
 
 
-def _default_source(log: Callable[[str], None]) -> str:
-    """AlpacaEval (the copy beside the checkout, else the hub's); offline with no copy, the general
-    instructions bundled for this case, so the demo runs on any machine."""
+def prompt_source(cfg: DemoConfig, log: Callable[[str], None] = print) -> tuple[str, str]:
+    """(source, note): --prompts, else AlpacaEval (the copy beside the checkout, else the hub's);
+    offline with no copy, the general instructions bundled for this case, so the demo runs on any
+    machine, with a note that says so (the report shows it)."""
     from treeopt.core.env import hub_reachable
     from treeopt.core.prompts import ALPACA_EVAL, OFFLINE_PROMPTS, default_prompts
 
+    if cfg.prompts:
+        return cfg.prompts, ""
     source = default_prompts()
     if source == ALPACA_EVAL and not hub_reachable():
         log(f"AlpacaEval: no local copy and the hub is unreachable; using the bundled {OFFLINE_PROMPTS} "
             "(--prompts FILE for others)")
-        return str(OFFLINE_PROMPTS)
-    return source
+        return str(OFFLINE_PROMPTS), ("bundled general instructions, not AlpacaEval: no local AlpacaEval copy and "
+                                      "the hub was unreachable")
+    return source, ""
 
 
-def split_prompts(cfg: DemoConfig, log: Callable[[str], None] = print) -> tuple[list[str], list[str]]:
+def split_prompts(cfg: DemoConfig, log: Callable[[str], None] = print,
+                  source: str | None = None) -> tuple[list[str], list[str]]:
     """(fit, held-out) instructions: consecutive, disjoint slices of the prompt set."""
     from treeopt.core.prompts import load_instructions
 
     if cfg.fit_prompts < 1 or cfg.bench_prompts < 1:
         raise TreeoptError("--limit and --bench-prompts must both be at least 1")
-    source = cfg.prompts or _default_source(log)
+    source = source or prompt_source(cfg, log)[0]
     instructions = load_instructions(source, cfg.fit_prompts + cfg.bench_prompts, cfg.offset)
     if len(instructions) < cfg.fit_prompts + cfg.bench_prompts:
         raise TreeoptError(f"{source} has only {len(instructions)} prompts from offset {cfg.offset}: "
@@ -133,8 +146,9 @@ def split_prompts(cfg: DemoConfig, log: Callable[[str], None] = print) -> tuple[
 
 
 def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None,
-             log: Callable[[str], None] = print) -> DemoResult:
-    """Run (or resume) every stage of the demo into `out`; returns where the report is."""
+             log: Callable[[str], None] = print, progress: bool = False) -> DemoResult:
+    """Run (or resume) every stage of the demo into `out`; returns where the report is. `progress`
+    shows progress bars on the long stages (calibrations, profile, bench)."""
     from decoding.models import set_threads
 
     cfg = config or DemoConfig()
@@ -171,28 +185,36 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None,
 
     fit_file, bench_file = out / "prompts" / "fit.json", out / "prompts" / "bench.json"
     cal_file, latency, tree_file = out / "calibration" / META, out / "latency.csv", out / "tree.json"
+    held_file = out / HELDOUT / META
 
     def prompts():
-        fit, held = split_prompts(cfg, log)
+        source, note = prompt_source(cfg, log)
+        fit, held = split_prompts(cfg, log, source)
         write_text(fit_file, json.dumps([{"instruction": s} for s in fit], indent=1) + "\n")
         write_text(bench_file, json.dumps([{"instruction": s} for s in held], indent=1) + "\n")
+        write_text(out / "prompts" / "source.json", json.dumps({"source": source, "note": note, "offset": cfg.offset,
+                                                                "fit": len(fit), "held_out": len(held)}, indent=1) + "\n")
 
     c = _settings(cfg)
     model = {k: c[k] for k in ("model", "heads", "device", "dtype")}
     stage("prompts", {k: c[k] for k in ("prompts", "offset", "fit_prompts", "bench_prompts")}, [],
-          [fit_file, bench_file], prompts)
-    stage("calibrate", {**model, "max_new_tokens": c["max_new_tokens"], "top_k": c["top_k"]}, [fit_file],
-          [cal_file.parent / f for f in (RANKS, CONTINUATIONS, ACCURACY, META)], lambda: _calibrate(cfg, out, fit_file))
+          [fit_file, bench_file, out / "prompts" / "source.json"], prompts)
+    calibration = {**model, "max_new_tokens": c["max_new_tokens"], "top_k": c["top_k"]}
+    files = lambda d: [d / f for f in (RANKS, CONTINUATIONS, ACCURACY, META)]  # noqa: E731  a calibration's files
+    stage("calibrate", calibration, [fit_file], files(cal_file.parent),
+          lambda: _calibrate(cfg, fit_file, cal_file.parent, progress))
+    stage("heldout", calibration, [bench_file], files(held_file.parent),
+          lambda: _calibrate(cfg, bench_file, held_file.parent, progress))
     if cfg.profile_sizes:
         stage("profile", {**model, "sizes": c["profile_sizes"], "context": cfg.max_new_tokens + 64,
                           "compiled": c["compiled"]}, [], [latency],
-              lambda: _profile(cfg, out))
+              lambda: _profile(cfg, out, progress))
     stage("search", {"nodes": c["nodes"]}, [cal_file] + ([latency] if cfg.profile_sizes else []),
           [tree_file, out / "sweep.csv"], lambda: _search(cfg, out, log))
     stage("bench", {**model, "max_new_tokens": c["max_new_tokens"], "cartesian": c["cartesian"],
-                    "published": c["published"], "compiled": c["compiled"]}, [bench_file, cal_file, tree_file],
-          [out / "bench" / f for f in ("bench.csv", "bench.json")],
-          lambda: _bench(cfg, out, bench_file, log))
+                    "published": c["published"], "chain": c["chain"], "compiled": c["compiled"]},
+          [bench_file, cal_file, tree_file],
+          [out / "bench" / f for f in ("bench.csv", "bench.json")], lambda: _bench(cfg, out, bench_file, log, progress))
 
     from reports.report import write_report
 
@@ -205,29 +227,47 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None,
     return result
 
 
+def machine() -> dict:
+    """The machine the timings come from: CPU model, cores, torch threads, platform."""
+    import os
+    import platform
+
+    import torch
+
+    cpu = platform.processor()
+    try:
+        names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                 if l.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "platform": platform.platform(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""}
+
+
 def _save(out: Path, cfg: DemoConfig, stages: dict, old: dict, wall_s: float | None = None):
     import torch
 
-    doc = {"settings": _settings(cfg), "stages": stages, "threads": torch.get_num_threads(),
+    doc = {"settings": _settings(cfg), "stages": stages, "threads": torch.get_num_threads(), "machine": machine(),
            "total_stage_s": round(sum(stages.values()), 2)}
     if wall_s is not None:
         doc["last_wall_s"] = wall_s
     write_text(out / DEMO, json.dumps(doc, indent=1) + "\n")
 
 
-def _calibrate(cfg: DemoConfig, out: Path, fit_file: Path):
+def _calibrate(cfg: DemoConfig, prompts: Path, out: Path, progress: bool):
     from calibrate.run import CalibrationConfig, calibrate
 
-    calibrate(CalibrationConfig(out=out / "calibration", model=cfg.model, heads=cfg.heads, prompts=str(fit_file),
+    calibrate(CalibrationConfig(out=out, model=cfg.model, heads=cfg.heads, prompts=str(prompts),
                                 max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, device=cfg.device,
-                                dtype=cfg.dtype, progress=False))
+                                dtype=cfg.dtype, progress=progress))
 
 
-def _profile(cfg: DemoConfig, out: Path):
+def _profile(cfg: DemoConfig, out: Path, progress: bool):
     from decoding.profile import run_profile
 
     run_profile(model=cfg.model, heads=cfg.heads, sizes=cfg.profile_sizes, context=cfg.max_new_tokens + 64,
-                device=cfg.device, dtype=cfg.dtype, out=out / "latency.csv", progress=False, threads=cfg.threads,
+                device=cfg.device, dtype=cfg.dtype, out=out / "latency.csv", progress=progress, threads=cfg.threads,
                 compiled=cfg.compiled)
 
 
@@ -258,32 +298,46 @@ def cartesian_specs(cfg: DemoConfig, calibration, nodes: int) -> list[str]:
 
 
 def bench_trees(cfg: DemoConfig, out: Path, calibration) -> list[str]:
-    """Tree files for the bench, named as its table will show them: OUT/trees/searched-N.json and
-    Medusa's published trees cut to the calibration's heads (a 3-head run cannot draft 4 deep)."""
-    from treeopt.core.tree import truncate
+    """Tree files for the bench, named as its table will show them, in OUT/trees/: each baseline (the
+    Cartesian trees, Medusa's published trees cut to the calibration's heads (a 3-head run cannot
+    draft 4 deep), the top-1 chain) after a searched tree of its node count (every prefix of one
+    greedy search is the best tree of its size; none where the calibration holds no tree that large
+    of nonzero value), smallest first."""
+    from search.grow import search
+    from treeopt.core.tree import Tree, truncate
     from treeopt.core.treefile import read_tree, read_tree_meta, write_tree
 
     tree, meta = read_tree_meta(out / "tree.json")
-    files = [write_tree(tree, out / "trees" / f"searched-{len(tree)}.json", **meta)]
+    baselines: dict[str, tuple[Tree, dict]] = {}
+    for spec in cartesian_specs(cfg, calibration, len(tree)):
+        baselines[f"cartesian-{spec}"] = (Tree.cartesian([int(k) for k in spec.split("x")]), {})
     for name in cfg.published:
         full = read_tree(name)
         cut = truncate(full, calibration.num_heads, full.max_rank)
-        files.append(write_tree(cut, out / "trees" / f"{name}.json", source=f"published Medusa tree {name}",
-                                note="" if len(cut) == len(full) else f"cut to {calibration.num_heads} heads"))
+        baselines[name] = (cut, {"source": f"published Medusa tree {name}",
+                                 "note": "" if len(cut) == len(full) else f"cut to {calibration.num_heads} heads"})
+    if cfg.chain:
+        baselines[f"chain-{calibration.num_heads}"] = (Tree.chain(calibration.num_heads), {"source": "top-1 chain"})
+    sizes = sorted({len(tree)} | {len(t) for t, _ in baselines.values()})
+    found = search(calibration, max(sizes), meta.get("acceptance_model", "empirical"))
+    files = []
+    for n in sizes:
+        if n == len(tree):
+            files.append(write_tree(tree, out / "trees" / f"searched-{n}.json", **meta))
+        elif n <= len(found.tree):  # a small calibration may hold no n-node tree of nonzero value
+            files.append(write_tree(found.tree[:n], out / "trees" / f"searched-{n}.json",
+                                    source=f"searched on {calibration.directory}"))
+        files += [write_tree(t, out / "trees" / f"{name}.json", **m) for name, (t, m) in baselines.items() if len(t) == n]
     return [str(f) for f in files]
 
 
-def _bench(cfg: DemoConfig, out: Path, bench_file: Path, log):
-    from treeopt.core.record import load_calibration
+def _bench(cfg: DemoConfig, out: Path, bench_file: Path, log, progress: bool):
     from reports.bench import render, run_bench
-    from treeopt.core.treefile import read_tree
+    from treeopt.core.record import load_calibration
 
-    cal = load_calibration(out / "calibration")
-    trees = bench_trees(cfg, out, cal)
-    searched = read_tree(trees[0])
-    result = run_bench(model=cfg.model, heads=cfg.heads, trees=trees,
-                       cartesian=[",".join(cartesian_specs(cfg, cal, len(searched)))], prompts=str(bench_file), limit=None,
+    trees = bench_trees(cfg, out, load_calibration(out / "calibration"))
+    result = run_bench(model=cfg.model, heads=cfg.heads, trees=trees, prompts=str(bench_file), limit=None,
                        max_new_tokens=cfg.max_new_tokens, device=cfg.device, dtype=cfg.dtype,
-                       calibration=str(out / "calibration"), out=out / "bench", progress=False,
+                       calibration=str(out / "calibration"), out=out / "bench", progress=progress,
                        threads=cfg.threads, compiled=cfg.compiled)
     log(render(result))

@@ -56,7 +56,7 @@ class CalibrationConfig:
     shard_size: int = 32  # prompts per shard, rounded up to a multiple of batch_size
     seed: int = 0
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"
     device_map: str | None = None  # `auto`: spread the model over the GPUs (accelerate), within max_memory
     max_memory: str | None = None  # e.g. "0=20GiB,1=20GiB"
     progress: bool = True

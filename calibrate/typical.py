@@ -68,11 +68,15 @@ def probe_walk(dec: TreeDecoder, probe: Tree, prompt_ids, max_new_tokens: int) -
     parent = torch.tensor([row[p[:-1]] for p in probe.paths], device=dec.device)  # [n]
     candidate = torch.tensor([(len(p) - 1) * top_k + p[-1] for p in probe.paths], device=dec.device)  # [n]
     prompt = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=dec.device)
-    root, hidden = dec.prefill(prompt, max_new_tokens)
+    dec._prepare(prompt.shape[0] + max_new_tokens + dec.buf.num_nodes)  # as TreeDecoder.generate starts
+    dec.generator.manual_seed(dec.acceptance.seed)
+    hidden = dec.prefill(prompt)  # [H]
+    root = dec.next_root(dec.lm_head(hidden))
     topk = dec.candidates(hidden, probe.depth)  # [D, top_k]
     tokens, flags = [], []
     while True:
-        _, hidden, logits = dec.tree_forward(root, topk)  # [I+1, H], [I+1, V]: root + internal nodes
+        internal_tokens = torch.cat([root.view(1), topk.flatten()[dec.buf.candidate_index]])  # [I+1]
+        logits, hidden = dec.tree_forward(internal_tokens)  # [I+1, V], [I+1, H]: root + internal nodes
         ok, _ = dec.flags(topk.flatten()[candidate], logits, parent)  # [n] each probe node's test
         dec.cache.commit(torch.zeros(1, dtype=torch.long, device=dec.device))  # keep the root only
         dec.bias[:, dec.cache.length - 1] = 0

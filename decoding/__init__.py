@@ -2,12 +2,15 @@
 generation and the latency profile. Imports only `treeopt.core`.
 
 - `decoding.models.load_model(name, device_map=, max_memory=)`: the bundled GGUF, a local directory or a hub id,
-  on one device or spread over GPUs by accelerate; `chat_prompt`, `stop_token_ids`, `layer_devices`.
+  on one device or spread over GPUs by accelerate (`--dtype auto`: bfloat16 where the device computes it
+  natively); `chat_prompt`, `stop_token_ids`, `layer_devices`.
 - `decoding.heads.resolve_heads(spec, model)`: Medusa heads in either published layout.
 - `decoding.buffers.tree_buffers(tree)`: the tree's mask, depths, candidate indices, root-to-leaf paths.
-- `decoding.cache.TreeCache` / `SlotCache`: preallocated KV caches (transformers `Cache` subclasses).
-- `decoding.decoder.TreeDecoder(model, heads, tree, Acceptance(...)).generate(prompt_ids, max_new_tokens)`,
-  `decode(...)`, `greedy_reference(...)` (plain `model.generate`), `run_decode(...)` (`treeopt decode`).
+- `decoding.cache.TreeCache` (static) / `SlotCache`: preallocated KV caches (transformers `Cache` subclasses).
+- `decoding.decoder.TreeDecoder(model, heads, tree, Acceptance(...), compiled=...).generate(prompt_ids, max_new_tokens)`
+  (an empty tree is plain greedy decoding on the same path), `decode(...)`, `greedy_reference(...)` (plain
+  `model.generate`), `run_decode(...)` (`treeopt decode`).
 - `decoding.generate.greedy_continuations(...)`: the batched greedy loop calibration and training use.
-- `decoding.profile.run_profile(...)` (`treeopt profile`), `profile_latency(...)` (per tree size and batch size).
+- `decoding.profile.run_profile(...)` (`treeopt profile`), `profile_latency(...)` (per tree size and batch size);
+  `decoding.roofline`: the machine's bandwidth and GEMM peaks, and the least time a step can take.
 """

@@ -1,10 +1,13 @@
-"""A preallocated KV cache that the tree decoder owns, plugged into transformers' public Cache API.
+"""Preallocated KV caches that the decoders own, plugged into transformers' public Cache API.
 
 The layers on one device share one buffer [layers there, 2, kvH, max_len, D] (one device, one
-buffer, unless the model is spread over GPUs with a device map). A forward of q tokens writes them at
-slots length..length+q of every layer and attends over slots 0..length+q (the caller's 4D mask says
-which of those each query sees). Nothing is committed until `commit`: it moves the accepted slots to
-the contiguous ones after the prefix, in one indexed copy per device, and advances `length`.
+buffer, unless the model is spread over GPUs with a device map). `TreeCache` (tree decoding, batch 1)
+is static: before a forward the caller `place`s its q tokens at slots [q] (a tensor); every layer
+writes them there and attends over all `max_len` slots (the caller's 4D mask [1, 1, q, max_len] says
+which of them each query sees), so every shape is fixed per tree size and a compiled verification
+step runs without recompiling as the text grows. Nothing is committed until `commit`: it moves the
+accepted slots to the contiguous ones after the prefix, in one indexed copy per device, and advances
+`length`.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ class _PerDevice:
 
 class _Layer(CacheLayerMixin):
     is_sliding = False
-    is_compileable = False
+    is_compileable = True
 
     def __init__(self, owner: "TreeCache", index: int):
         super().__init__()
@@ -49,20 +52,19 @@ class _Layer(CacheLayerMixin):
         pass  # the owner allocates at the first update
 
     def update(self, key_states, value_states, *args, **kwargs):
+        """key/value_states [1, kvH, q, D] -> the whole buffer's keys, values [1, kvH, max_len, D]."""
         o = self.owner
-        start, end = o.length, o.length + key_states.shape[-2]
-        if end > o.max_len:
-            raise ValueError(f"TreeCache holds {o.max_len} tokens, asked to write up to {end}")
         _, kvH, _, D = key_states.shape
         kv = o.kv.layer(self.index, key_states, (kvH, o.max_len, D))  # [2, kvH, max_len, D]
-        kv[0, :, start:end] = key_states[0]
-        kv[1, :, start:end] = value_states[0]
-        self.keys, self.values = kv[0, None, :, :end], kv[1, None, :, :end]  # [1, kvH, end, D]
+        slots = o.slots.to(kv.device)  # [q]
+        kv[0].index_copy_(1, slots, key_states[0])
+        kv[1].index_copy_(1, slots, value_states[0])
+        self.keys, self.values = kv[0, None], kv[1, None]
         self.is_initialized = True
         return self.keys, self.values
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.owner.length + query_length, 0
+    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
+        return self.owner.max_len, 0
 
     def get_seq_length(self) -> int:
         return self.owner.length
@@ -79,7 +81,12 @@ class TreeCache(Cache):
         self.max_len = max_len
         self.num_layers = num_layers
         self.kv = _PerDevice(num_layers, devices)  # per device: [layers, 2, kvH, max_len, D]
+        self.slots: torch.Tensor | None = None  # [q] where the next forward writes
         super().__init__(layers=[_Layer(self, i) for i in range(num_layers)])
+
+    def place(self, slots: torch.Tensor) -> None:
+        """The next forward writes its q tokens at `slots` [q]."""
+        self.slots = slots
 
     def reset(self) -> None:
         self.length = 0

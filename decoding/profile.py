@@ -1,10 +1,14 @@
 """`treeopt profile`: the model's work in one decoding step vs tree size (and batch size), on this device.
 
-forward_ms(n) = base_ms + heads_ms, where base_ms is one forward of the root + n tree nodes over a
-KV cache holding `context` tokens (the base model with its lm_head on all n+1 positions, exactly the
-decoder's call) and heads_ms is the Medusa heads' top-k at one node (0 for n = 0: plain decoding).
-Everything else a decoding step does (candidates, acceptance, KV compaction, Python) is the loop,
-which `treeopt bench` measures against this figure (loop_efficiency).
+forward_ms(n) = base_ms + heads_ms, where base_ms is the decoder's verification step (one forward of
+the root + n tree nodes over a KV cache holding `context` tokens, with the lm_head on all n+1
+positions) and heads_ms is the Medusa heads' top-k at one node (0 for n = 0: plain decoding), both on
+the path the decoder runs (compiled or eager; compile_s is the one-off compile time, apart).
+roofline_ms is the step's bytes / read bandwidth or FLOPs / peak GEMM rate, whichever is larger
+(`decoding.roofline`, the machine measured once per profile), and roofline_ratio = forward_ms /
+roofline_ms (1 = as fast as the machine allows). Everything else a decoding step does (acceptance,
+KV compaction, Python) is the loop, which `treeopt bench` measures against this figure
+(loop_efficiency).
 
 With batch sizes B > 1 (`--batch-sizes 1,4,16`), a row times the same step for B sequences at once,
 as a batched server runs it: one forward of B x (n+1) tokens over B cached contexts (a transformers
@@ -23,12 +27,14 @@ import pandas as pd
 import torch
 
 from decoding.decoder import TreeDecoder, additive_mask, synchronize
+from decoding.roofline import Machine, measure_machine, step_cost
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write, check_writable
 from treeopt.core.tree import Tree
 
 DEFAULT_SIZES = (0, 1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-COLUMNS = ["batch_size", "nodes", "forward_ms", "base_ms", "heads_ms", "context", "device", "dtype", "model"]
+COLUMNS = ["batch_size", "nodes", "forward_ms", "base_ms", "heads_ms", "roofline_ms", "roofline_ratio", "compile_s",
+           "context", "device", "dtype", "compiled", "model"]
 
 
 def profile_tree(n: int, num_heads: int) -> Tree:
@@ -45,35 +51,27 @@ def profile_tree(n: int, num_heads: int) -> Tree:
 @torch.inference_mode()
 def time_step_forward(decoder: TreeDecoder, context: int, repeats: int = 5, warmup: int = 2,
                       seed: int = 0) -> tuple[float, float]:
-    """Median (base_ms, heads_ms) of the decoder's tree forward over a `context`-token prefix."""
+    """Median (base_ms, heads_ms) of the decoder's verification and heads steps over a `context`-token prefix."""
     N, dev = decoder.buf.num_nodes, decoder.device
     vocab = decoder.lm_head.weight.shape[0]
     g = torch.Generator().manual_seed(seed)
     prefix = torch.randint(0, vocab, (context,), generator=g).to(dev)
     tokens = torch.randint(0, vocab, (N,), generator=g).to(dev)
     decoder._prepare(context + N)
-    causal = additive_mask(torch.ones(context, context, dtype=torch.bool, device=dev).tril(), decoder.dtype)
-    decoder.forward(prefix, causal, torch.arange(context, device=dev))
-    decoder.cache.commit(torch.arange(context, device=dev))
-    bias = decoder.bias
-    bias[:, :context] = 0
-    bias[:, context : context + N] = decoder.tree_bias
-    positions = decoder.buf.depth + context
+    decoder.prefill(prefix)
     base, heads = [], []
     for i in range(warmup + repeats):
         synchronize(dev)
         t0 = time.perf_counter()
-        hidden = decoder.forward(tokens, bias[:, : context + N], positions)  # writes slots context.., uncommitted
-        decoder.lm_head(hidden)
+        _, hidden = decoder.tree_forward(tokens)  # writes slots context.., uncommitted
         synchronize(dev)
         t1 = time.perf_counter()
-        if decoder.tree.num_nodes:
-            decoder.candidates(hidden[0])
+        decoder.candidates(hidden[0])
         synchronize(dev)
         t2 = time.perf_counter()
         if i >= warmup:
             base.append((t1 - t0) * 1e3)
-            heads.append((t2 - t1) * 1e3 if decoder.tree.num_nodes else 0.0)
+            heads.append((t2 - t1) * 1e3 if decoder.tree.depth else 0.0)
     return statistics.median(base), statistics.median(heads)
 
 
@@ -121,22 +119,40 @@ def time_batch_forward(decoder: TreeDecoder, batch: int, context: int, repeats: 
 
 
 def profile_latency(model, heads, sizes=DEFAULT_SIZES, context: int = 256, repeats: int = 5,
-                    model_name: str = "", progress: bool = False, batch_sizes=(1,)) -> pd.DataFrame:
-    """One row per batch size and tree size: batch_size, nodes, forward_ms (median), base_ms, heads_ms,
-    context, device, dtype, model."""
+                    model_name: str = "", progress: bool = False, batch_sizes=(1,), compiled: bool = False,
+                    machine: Machine | None = None) -> pd.DataFrame:
+    """One row per batch size and tree size (see the module docstring). `machine`: measured here when None."""
     sizes, batch_sizes = checked_sizes(sizes, context), checked_batch_sizes(batch_sizes)
     weight = model.get_output_embeddings().weight
+    machine = machine or measure_machine(weight.device)
     rows = []
     bar = _progress([(b, n) for b in batch_sizes for n in sizes], progress, "profile")
     for b, n in bar:
         tree = profile_tree(n, heads.num_heads)
-        decoder = TreeDecoder(model, heads if n else None, tree)
+        decoder = TreeDecoder(model, heads if n else None, tree, compiled=compiled and b == 1)
         base_ms, heads_ms = (time_step_forward(decoder, context, repeats) if b == 1 else
                              time_batch_forward(decoder, b, context, repeats))
+        roofline = step_cost(model, n, context, heads, tree.depth, batch=b).ms(machine, weight.dtype)
         rows.append({"batch_size": b, "nodes": n, "forward_ms": base_ms + heads_ms, "base_ms": base_ms,
-                     "heads_ms": heads_ms, "context": context, "device": str(weight.device),
-                     "dtype": str(weight.dtype).removeprefix("torch."), "model": model_name})
-    return pd.DataFrame(rows, columns=COLUMNS)
+                     "heads_ms": heads_ms, "roofline_ms": roofline, "roofline_ratio": (base_ms + heads_ms) / roofline,
+                     "compile_s": decoder.compile_s, "context": context, "device": str(weight.device),
+                     "dtype": str(weight.dtype).removeprefix("torch."), "compiled": compiled and b == 1,
+                     "model": model_name})
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df.attrs["machine"] = machine
+    return df
+
+
+def render_profile(df: pd.DataFrame) -> str:
+    """The machine's limits, then the table."""
+    from treeopt.core.tables import render_table
+
+    m = df.attrs["machine"]
+    peaks = ", ".join(f"{k} {v:.0f}" for k, v in m.peak_gflops.items())
+    head = (f"{m.device}, {m.threads} threads: read {m.bandwidth_gbs:.1f} GB/s, GEMM peak GFLOP/s {peaks}; "
+            f"{df['dtype'].iloc[0]}, {'compiled' if df['compiled'].iloc[0] else 'eager'}, context {df['context'].iloc[0]}")
+    cols = ["nodes", "forward_ms", "base_ms", "heads_ms", "roofline_ms", "roofline_ratio", "compile_s"]
+    return head + "\n" + render_table(df[(["batch_size"] if df["batch_size"].nunique() > 1 else []) + cols])
 
 
 def _progress(items, enabled: bool, desc: str):
@@ -174,10 +190,10 @@ def parse_sizes(text: str | None, default=DEFAULT_SIZES, option: str = "--sizes"
 
 
 def run_profile(model: str = "smollm2-135m", heads: str | None = None, sizes: str | None = None,
-                context: int = 256, repeats: int = 5, device: str = "auto", dtype: str = "float32",
+                context: int = 256, repeats: int = 5, device: str = "auto", dtype: str = "auto",
                 out: str | Path = "latency.csv", progress: bool = True, threads: int | None = None,
                 device_map: str | None = None, max_memory: str | None = None,
-                batch_sizes: str | None = None) -> pd.DataFrame:
+                batch_sizes: str | None = None, compiled: bool = False) -> pd.DataFrame:
     """The CLI's twin: load the model and heads, profile, write the CSV atomically."""
     from decoding.heads import resolve_heads
     from decoding.models import load_model, set_threads
@@ -189,6 +205,6 @@ def run_profile(model: str = "smollm2-135m", heads: str | None = None, sizes: st
     loaded = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
     medusa = resolve_heads(heads, loaded.model)
     df = profile_latency(loaded.model, medusa, tree_sizes, context, repeats, model_name=model, progress=progress,
-                         batch_sizes=batches)
+                         batch_sizes=batches, compiled=compiled)
     atomic_write(out, lambda p: df.to_csv(p, index=False, float_format="%.4f"))
     return df

@@ -1,16 +1,21 @@
-"""`treeopt bench`: plain HF greedy vs tree decoding on the same prompts, in the Medusa paper's terms.
+"""`treeopt bench`: plain greedy vs tree decoding on the same prompts, in the Medusa paper's terms.
 
-Per prompt, every method runs in turn (interleaved, so machine load drifts hit all alike), after a
-warm-up, under the same stop rules (max new tokens, the model's EOS ids). Prefill is timed apart;
-decoding time is everything after the first new token is known.
+The baseline, `plain`, is greedy decoding through the same engine as the trees (the decoder with an
+empty tree: same dtype, same static cache, same compiled step), so the speedup is the tree's alone;
+`hf-generate` (plain `model.generate`) is a second reference. Per prompt, every method runs in turn
+(interleaved, so machine load drifts hit all alike), after a warm-up (which also compiles), under the
+same stop rules (max new tokens, the model's EOS ids). Prefill is timed apart; decoding time is
+everything after the first new token is known.
 
 Columns (one row per method; plain first): method, nodes, depth, tokens_per_step (new tokens ÷ steps;
 1 for plain), step_ms (decoding time ÷ forwards after prefill), overhead (step_ms ÷ plain step_ms),
 tokens_per_s (new tokens ÷ decoding time), speedup (tokens_per_s ÷ plain's), prefill_ms (mean per
-prompt), match_rate (fraction of prompts whose output equals plain greedy's token for token),
-predicted_tokens_per_step (with --calibration: the tree's exact greedy replay on the calibration's
-continuations; a tree searched on that calibration gets its cross-validated figure from `treeopt
-search`, this one is in-sample), forward_ms (the
+prompt), match_rate (fraction of prompts whose output equals plain's token for token: 1 in float32;
+in bfloat16 a tree's wider GEMMs round differently, so a near-tie between two tokens can flip),
+first_divergence (the earliest token index at which some prompt's output differs from plain's; empty
+when all match), predicted_tokens_per_step (with --calibration: the tree's exact greedy replay on the
+calibration's continuations; a tree searched on that calibration gets its cross-validated figure from
+`treeopt search`, this one is in-sample), forward_ms (the
 model's work per step — tree forward + heads — timed inside the decoding steps; for plain, as
 profiled), loop_efficiency (tokens_per_s ÷ (tokens_per_step ÷ forward_ms) = forward_ms ÷ step_ms:
 the share of a step spent in the model), profiled_forward_ms (median of separate forwards at this
@@ -40,11 +45,12 @@ from treeopt.core.tree import Tree
 
 log = logging.getLogger(__name__)
 PLAIN = "plain"
+HF = "hf-generate"
 CSV = "bench.csv"
 JSON = "bench.json"
 RECORDS = ".bench-records"  # the resumable stage of an unfinished run
 COLUMNS = ["method", "nodes", "depth", "tokens_per_step", "step_ms", "overhead", "speedup", "tokens_per_s",
-           "prefill_ms", "match_rate", "predicted_tokens_per_step", "forward_ms",
+           "prefill_ms", "match_rate", "first_divergence", "predicted_tokens_per_step", "forward_ms",
            "loop_efficiency", "profiled_forward_ms", "prompts", "new_tokens", "steps"]
 
 
@@ -104,25 +110,33 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="bench", disable=not enabled, leave=False)
 
 
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    """The first index at which two token lists differ (a length if one is a prefix of the other), None if equal."""
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def bench_decoding(model, heads, trees: dict[str, Tree], prompts: list[list[int]], max_new_tokens: int = 128,
                    stop_ids=None, calibration=None, warmup_tokens: int = 16, repeats: int = 5,
                    progress: bool = False, done: list[Record] | None = None, on_record=None,
-                   acceptance: Acceptance = GREEDY) -> BenchResult:
-    """Run plain greedy and every tree on every prompt; return the table (see the module docstring).
-    `done` holds records of an earlier, interrupted run (skipped); `on_record(record)` is called after
-    each new one (to save progress). Trees decode under `acceptance`: with typical acceptance (seeded,
-    so reruns give the same tokens) match_rate is NaN, as outputs are samples, not plain greedy's."""
+                   compiled: bool = False, acceptance: Acceptance = GREEDY) -> BenchResult:
+    """Run plain greedy (the engine's and HF generate's) and every tree on every prompt; return the
+    table (see the module docstring). `done` holds records of an earlier, interrupted run (skipped);
+    `on_record(record)` is called after each new one (to save progress). Trees decode under `acceptance`:
+    with typical acceptance (seeded, so reruns give the same tokens) outputs are samples, not plain greedy's."""
     if not prompts:
         raise TreeoptError("no prompts to benchmark: check --prompts and --limit")
     for name, tree in trees.items():
         if tree.num_nodes and heads is None:
             raise TreeoptError("bench needs Medusa heads for its trees: pass --heads DIR or --heads random")
-    decoders = {name: TreeDecoder(model, heads, tree, acceptance, stop_ids=stop_ids, time_model=True)
-                for name, tree in trees.items()}
-    methods = [PLAIN, *decoders]
+    decoders = {name: TreeDecoder(model, heads, tree, acceptance if tree.num_nodes else GREEDY, stop_ids=stop_ids,
+                                   time_model=True, compiled=compiled)
+                for name, tree in {PLAIN: Tree(()), **trees}.items()}
+    methods = [PLAIN, HF, *trees]
 
     def run(method: str, prompt, limit: int) -> DecodeResult:
-        if method == PLAIN:
+        if method == HF:
             return greedy_reference(model, prompt, limit, stop_ids)
         return decoders[method].generate(prompt, limit)
 
@@ -146,9 +160,8 @@ def bench_decoding(model, heads, trees: dict[str, Tree], prompts: list[list[int]
     # the model's work per step at each tree size, at a typical context length of this run
     plain = [records[(PLAIN, p)] for p in range(len(prompts))]
     context = int(statistics.median(len(prompts[p]) + len(r.tokens) // 2 for p, r in enumerate(plain)))
-    profiled = {PLAIN: sum(time_step_forward(TreeDecoder(model, None, Tree(())), context, repeats))}
-    for name, dec in decoders.items():
-        profiled[name] = sum(time_step_forward(dec, context, repeats))
+    profiled = {name: sum(time_step_forward(dec, context, repeats)) for name, dec in decoders.items()}
+    profiled[HF] = float("nan")
 
     rows = []
     for method in methods:
@@ -158,13 +171,14 @@ def bench_decoding(model, heads, trees: dict[str, Tree], prompts: list[list[int]
         steps = sum(r.steps for r in recs)
         decode_s = sum(r.decode_s for r in recs)
         step_ms = decode_s / max(steps, 1) * 1e3
-        match = sum(r.tokens == plain[r.prompt].tokens for r in recs) / len(recs) if acceptance.mode == "greedy" else float("nan")
-        # the model's work per step: timed inside the decoder's steps; plain (HF generate): as profiled
-        forward = sum(r.model_s for r in recs) / max(steps, 1) * 1e3 if method != PLAIN else profiled[PLAIN]
+        diverge = [d for r in recs if (d := first_divergence(r.tokens, plain[r.prompt].tokens)) is not None]
+        # the model's work per step: timed inside the decoder's steps (not inside HF generate)
+        forward = sum(r.model_s for r in recs) / max(steps, 1) * 1e3 if method != HF else float("nan")
         row = {"method": method, "nodes": tree.num_nodes, "depth": tree.depth,
-               "tokens_per_step": 1.0 if method == PLAIN else new / max(steps, 1),
+               "tokens_per_step": new / max(steps, 1) if tree.num_nodes else 1.0,
                "step_ms": step_ms, "tokens_per_s": new / decode_s if decode_s > 0 else float("nan"),
-               "prefill_ms": sum(r.prefill_s for r in recs) / len(recs) * 1e3, "match_rate": match,
+               "prefill_ms": sum(r.prefill_s for r in recs) / len(recs) * 1e3,
+               "match_rate": 1 - len(diverge) / len(recs), "first_divergence": min(diverge, default=float("nan")),
                "predicted_tokens_per_step": float("nan"),
                "forward_ms": forward, "loop_efficiency": forward / step_ms if steps else float("nan"),
                "profiled_forward_ms": profiled[method],
@@ -175,7 +189,8 @@ def bench_decoding(model, heads, trees: dict[str, Tree], prompts: list[list[int]
     table = pd.DataFrame(rows)
     table["overhead"] = table["step_ms"] / table["step_ms"].iloc[0]
     table["speedup"] = table["tokens_per_s"] / table["tokens_per_s"].iloc[0]
-    settings = {"max_new_tokens": max_new_tokens, "context_for_forward_ms": context, "warmup_tokens": warmup_tokens}
+    settings = {"max_new_tokens": max_new_tokens, "context_for_forward_ms": context, "warmup_tokens": warmup_tokens,
+                "compiled": compiled, "compile_s": {name: dec.compile_s for name, dec in decoders.items()}}
     return BenchResult(table[COLUMNS], settings, [records[k] for k in sorted(records, key=lambda k: (k[1], methods.index(k[0])))])
 
 
@@ -206,9 +221,9 @@ def torch_threads() -> int:
 
 def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), cartesian=(),
               prompts: str | None = None, limit: int | None = 20, max_new_tokens: int = 128,
-              device: str = "auto", dtype: str = "float32", calibration: str | None = None,
+              device: str = "auto", dtype: str = "auto", calibration: str | None = None,
               out: str | Path | None = None, repeats: int = 5, progress: bool = True,
-              threads: int | None = None, device_map: str | None = None,
+              threads: int | None = None, compiled: bool = False, device_map: str | None = None,
               max_memory: str | None = None, acceptance: Acceptance = GREEDY) -> BenchResult:
     """The CLI's twin: load everything, benchmark, write bench.csv and bench.json into `out`.
     An interrupted run with the same settings resumes from `out`/.bench-records/. A calibration must
@@ -249,7 +264,7 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
                 "device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch."),
                 "prompts_source": str(source), "limit": limit, "max_new_tokens": max_new_tokens,
                 "calibration": str(calibration) if calibration else "", "stop_ids": sorted(stops),
-                "threads": torch_threads(), "acceptance": asdict(acceptance),
+                "threads": torch_threads(), "compiled": compiled, "acceptance": asdict(acceptance),
                 "trees": {k: v.choices for k, v in methods.items()}}
 
     done, save, stage = [], None, None
@@ -261,7 +276,8 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
             stage.finish(f"{rec.method.replace('/', '_')}.{rec.prompt:05d}", asdict(rec))
 
     result = bench_decoding(loaded.model, medusa, methods, ids, max_new_tokens, stops, cal, repeats=repeats,
-                            progress=progress, done=done, on_record=save, acceptance=acceptance)
+                            progress=progress, done=done, on_record=save, compiled=compiled,
+                            acceptance=acceptance)
     result.settings = {**settings, **result.settings, "versions": versions()}
     if cal is not None and acceptance.mode == "greedy":  # (a typical record keeps no instructions)
         from treeopt.core.prompts import overlap
@@ -303,13 +319,15 @@ def render(result: BenchResult) -> str:
     from treeopt.core.tables import render_table
 
     cols = ["method", "nodes", "tokens_per_step", "step_ms", "overhead", "speedup", "tokens_per_s", "prefill_ms",
-            "match_rate", "predicted_tokens_per_step", "forward_ms", "loop_efficiency", "profiled_forward_ms"]
+            "match_rate", "first_divergence", "predicted_tokens_per_step", "forward_ms", "loop_efficiency", "profiled_forward_ms"]
     t = result.table[cols].copy()
     if t["predicted_tokens_per_step"].isna().all():
         t = t.drop(columns="predicted_tokens_per_step")
     s = result.settings
-    head = (f"{s.get('model', '')} on {s.get('device', '')} {s.get('dtype', '')}: {result.table['prompts'].iloc[0]} "
-            f"prompts, up to {s.get('max_new_tokens')} new tokens, heads {s.get('heads', '')}")
+    compile_s = sum(s.get("compile_s", {}).values())
+    head = (f"{s.get('model', '')} on {s.get('device', '')} {s.get('dtype', '')}"
+            f"{f', compiled ({compile_s:.0f} s compiling)' if s.get('compiled') else ', eager'}: "
+            f"{result.table['prompts'].iloc[0]} prompts, up to {s.get('max_new_tokens')} new tokens, heads {s.get('heads', '')}")
     rule = s.get("acceptance") or {}
     if rule.get("mode") == "typical":
         head += (f"; trees under typical acceptance (temperature {rule['temperature']}, posterior_threshold "

@@ -181,7 +181,7 @@ CALIBRATION_FIELDS = ("model", "heads", "dataset", "prompts", "num_stopped", "ma
                       "device", "dtype", "wall_time_s", "tokens_per_s")
 BENCH_FIELDS = ("model", "heads", "device", "dtype", "threads", "max_new_tokens", "prompts_source")
 BENCH_COLUMNS = ("method", "nodes", "tokens_per_step", "predicted_tokens_per_step", "step_ms", "overhead", "speedup",
-                 "tokens_per_s", "match_rate", "loop_efficiency", "prompts", "new_tokens")
+                 "tokens_per_s", "match_rate", "first_divergence", "loop_efficiency", "prompts", "new_tokens")
 
 
 def calibration_summary(cal) -> pd.DataFrame:

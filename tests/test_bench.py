@@ -33,22 +33,23 @@ def test_bench_cli_writes_csv_and_json(tiny_model_dir, prompts_file, tmp_path):
     out = tmp_path / "bench"
     args = ["bench", "--model", str(tiny_model_dir), "--heads", "random", "--trees", str(tree),
             "--cartesian", "8x3,2x2", "--prompts", str(prompts_file), "--limit", "2", "--max-new-tokens", "12",
-            "--device", "cpu", "--repeats", "1", "-o", str(out)]
+            "--device", "cpu", "--dtype", "float32", "--repeats", "1", "-o", str(out)]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     df = pd.read_csv(out / "bench.csv")
     assert list(df.columns) == COLUMNS
-    assert df["method"].tolist() == ["plain", "chain3", "cartesian-8x3", "cartesian-2x2"]
-    assert df["nodes"].tolist() == [0, 3, 8 + 24, 2 + 4]
-    assert (df["match_rate"] == 1.0).all()  # fp32 greedy tree decoding is lossless
+    assert df["method"].tolist() == ["plain", "hf-generate", "chain3", "cartesian-8x3", "cartesian-2x2"]
+    assert df["nodes"].tolist() == [0, 0, 3, 8 + 24, 2 + 4]
+    assert (df["match_rate"] == 1.0).all() and df["first_divergence"].isna().all()  # fp32 greedy is lossless
     assert df.loc[0, "overhead"] == 1.0 and df.loc[0, "speedup"] == 1.0 and df.loc[0, "tokens_per_step"] == 1.0
     assert (df["tokens_per_step"] >= 1.0).all() and (df["prompts"] == 2).all()
     assert (df["new_tokens"] == df.loc[0, "new_tokens"]).all()
-    assert (df["loop_efficiency"] > 0).all() and df["predicted_tokens_per_step"].isna().all()
+    engine = df[df["method"] != "hf-generate"]
+    assert (engine["loop_efficiency"] > 0).all() and df["predicted_tokens_per_step"].isna().all()
     doc = json.loads((out / "bench.json").read_text())
     assert doc["dtype"] == "float32" and doc["device"] == "cpu" and "torch" in doc["versions"]
     assert [row["method"] for row in doc["rows"]] == df["method"].tolist()
-    assert len(doc["per_prompt"]) == 2 * 4
+    assert len(doc["per_prompt"]) == 2 * 5
     assert not (out / ".bench-records").exists()
     assert "cartesian-8x3" in r.output and "loop_efficiency" in r.output
 
@@ -74,12 +75,12 @@ def test_bench_resumes_from_partial_records(tiny_model_dir, prompts_file, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         bench.run_bench(**kw)
     saved = list((out / ".bench-records").glob("*.done.json"))
-    assert len(saved) == 2  # prompt 0: plain and 2x2
+    assert len(saved) == 2  # prompt 0: plain and hf-generate
     monkeypatch.setattr(bench, "bench_decoding", real)
     ran = []
     monkeypatch.setattr(bench, "greedy_reference", lambda *a, **k: ran.append(1) or real_greedy(*a, **k))
     result = bench.run_bench(**kw)
-    assert result.table["prompts"].tolist() == [2, 2]
+    assert result.table["prompts"].tolist() == [2, 2, 2]
     assert len(ran) == 1 + 1  # the warm-up + the plain run left (prompt 1); prompt 0 is not re-run
 
 
@@ -119,7 +120,8 @@ def test_profile_cli_writes_a_latency_csv_search_reads(tiny_model_dir, tmp_path)
     assert r.exit_code == 0, r.output
     df = pd.read_csv(out)
     assert df["nodes"].tolist() == [0, 1, 4, 16]
-    assert {"forward_ms", "device", "dtype", "model"} <= set(df.columns)
+    assert {"forward_ms", "roofline_ms", "roofline_ratio", "compile_s", "device", "dtype", "model"} <= set(df.columns)
+    assert (df["roofline_ms"] > 0).all() and (df["roofline_ms"].diff()[1:] > 0).all()  # more nodes, more work
     assert (df["forward_ms"] > 0).all() and df.loc[0, "heads_ms"] == 0 and (df["heads_ms"][1:] > 0).all()
     assert read_latency(out).nodes.tolist() == [0, 1, 4, 16]
     r = runner.invoke(app, ["profile", "--model", str(tiny_model_dir), "--heads", "random", "--sizes", "a,b",
@@ -164,3 +166,11 @@ def test_bench_predicts_tokens_per_step_from_a_calibration(tiny_llama):
     assert "warning" not in render(r)
     r.settings["calibration_overlap"] = 1  # run_bench counts the bench prompts the calibration also holds
     assert "warning: 1 of the 1 bench prompts are also in the calibration" in render(r)
+
+
+def test_first_divergence():
+    from reports.bench import first_divergence
+
+    assert first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert first_divergence([1, 2, 3], [1, 5, 3]) == 1
+    assert first_divergence([1, 2], [1, 2, 3]) == 2

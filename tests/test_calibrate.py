@@ -29,7 +29,7 @@ def prompts_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    return load_model(str(tiny_model_dir), device="cpu")
+    return load_model(str(tiny_model_dir), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from decoding.buffers import tree_buffers
-from decoding.decoder import Acceptance, TreeDecoder, additive_mask, decode, greedy_reference
+from decoding.decoder import Acceptance, TreeDecoder, decode, greedy_reference
 from treeopt.core.errors import TreeoptError
 from decoding.heads import random_heads
 from treeopt.core.tree import Tree
@@ -86,12 +86,8 @@ def test_tree_forward_equals_each_path_alone(tiny_llama, heads, tree, context, s
     tokens = torch.randint(0, 97, (N,), generator=g)  # [N] any token per node
     with torch.inference_mode():
         dec._prepare(context + N)
-        causal = additive_mask(torch.ones(context, context, dtype=torch.bool).tril(), torch.float32)
-        dec.forward(prefix, causal, torch.arange(context))
-        dec.cache.commit(torch.arange(context))
-        dec.bias[:, :context] = 0
-        dec.bias[:, context : context + N] = dec.tree_bias
-        logits = dec.lm_head(dec.forward(tokens, dec.bias[:, : context + N], dec.buf.depth + context))  # [N, V]
+        dec.prefill(prefix)
+        logits, _ = dec.tree_forward(tokens)  # [N, V]
         for i in range(N):
             chain, j = [i], i
             while j != 0:
@@ -127,6 +123,22 @@ def test_greedy_is_lossless_vs_generate(tiny_llama, heads, name):
         accepted += sum(got.accepted)
     if name == "wide":
         assert accepted > 10  # the acceptance and KV-compaction paths were really exercised
+
+
+@pytest.mark.slow  # compiling takes a minute or more on a busy CPU
+def test_compiled_greedy_is_lossless_vs_plain(tiny_llama, heads):
+    """fp32, compiled: the tree's output equals plain greedy decoding's (compiled too and HF generate's),
+    with one compile per step and shape, none while decoding."""
+    plain = TreeDecoder(tiny_llama, heads, Tree(()), stop_ids={EOS}, compiled=True)
+    tree = TreeDecoder(tiny_llama, heads, TREES["wide"], stop_ids={EOS}, compiled=True)
+    for s in range(3):
+        p = prompt(s, 5 + s)
+        want = greedy_reference(tiny_llama, p, 32, {EOS}).tokens
+        assert plain.generate(p, 32).tokens == want
+        assert tree.generate(p, 32).tokens == want, f"prompt {s}"
+        if s == 0:
+            compile_s = tree.compile_s
+    assert compile_s > 0 and tree.compile_s == compile_s  # compiled at the first text only
 
 
 def test_stop_token_and_max_new_tokens_match_generate(tiny_llama, heads):

@@ -49,3 +49,32 @@ def test_bundled_model_generates(smollm2):
     ids = torch.tensor([chat_prompt(smollm2.tokenizer, "What is the capital of France?")])
     out = smollm2.model.generate(ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in smollm2.tokenizer.decode(out[0, ids.shape[1]:])
+
+
+def test_auto_dtype_is_bfloat16_only_where_native(monkeypatch):
+    import decoding.models as models
+
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == (torch.bfloat16 if models.native_bf16(cpu) else torch.float32)
+    monkeypatch.setattr(models, "native_bf16", lambda device: False)
+    assert resolve_dtype("auto", cpu) == torch.float32
+    monkeypatch.setattr(models, "native_bf16", lambda device: True)
+    assert resolve_dtype("auto", cpu) == torch.bfloat16
+
+
+def test_cache_argument_follows_the_model_signature(tiny_llama, caplog):
+    from decoding.decoder import TreeDecoder
+    from decoding.models import cache_argument
+    from treeopt.core.tree import Tree
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None):
+            return input_ids
+
+        def get_decoder(self):
+            return self
+
+    assert cache_argument(Old()) == "past_key_values"
+    with caplog.at_level("WARNING"):
+        TreeDecoder(tiny_llama, None, Tree(()), stop_ids=()).generate([5, 6, 7], 3)
+    assert "deprecated" not in caplog.text

@@ -34,7 +34,7 @@ def chat_model_dir(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def chat(chat_model_dir):
-    return load_model(str(chat_model_dir), device="cpu")
+    return load_model(str(chat_model_dir), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from training.train import head_accuracy, head_loss, loss_weights, train_heads, 
 def tiny(tiny_model_dir):
     from decoding.models import load_model
 
-    return load_model(str(tiny_model_dir), device="cpu")
+    return load_model(str(tiny_model_dir), device="cpu", dtype="float32")
 
 
 @pytest.fixture

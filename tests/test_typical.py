@@ -205,7 +205,7 @@ def test_bench_typical_is_seeded_and_predicted(typical_dir, tiny_model_dir, tmp_
         assert r.exit_code == 0, r.output
         runs.append(pd.read_csv(tmp_path / out / "bench.csv").set_index("method"))
     tree = runs[0].loc["[[0], [1], [0, 0]]"]
-    assert np.isfinite(tree["predicted_tokens_per_step"]) and np.isnan(tree["match_rate"])
+    assert np.isfinite(tree["predicted_tokens_per_step"])
     assert runs[0]["steps"].tolist() == runs[1]["steps"].tolist()  # same seed, same numbers
     r = CliRunner().invoke(app, [*args[:-2], "-c", str(cal), "--temperature", "0.5", "-o", str(tmp_path / "c")])
     assert r.exit_code == 2 and "temperature" in r.output

@@ -117,7 +117,7 @@ def generate_data(cfg: TrainConfig, loaded=None, log=print, progress: bool = Fal
         from treeopt.core.prompts import load_instructions
 
         source = load_instructions(cfg.prompts, limit=cfg.num_prompts)
-    lm = loaded or load_model(cfg.model, device=cfg.device)
+    lm = loaded or load_model(cfg.model, device=cfg.device, dtype="float32")
     model, tok = lm.model, lm.tokenizer
     stops = stop_token_ids(model, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else sorted(stops)[0]

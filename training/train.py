@@ -253,7 +253,7 @@ def train_heads(cfg: TrainConfig, stage: str = "all", log=print, progress: bool 
         paths = sorted((work / "data").glob("shard-*.safetensors"))
         if not paths:
             raise TreeoptError(f"{work / 'data'} holds no shards: run with --stage data (or all) first")
-    loaded = load_model(cfg.model, device=cfg.device)
+    loaded = load_model(cfg.model, device=cfg.device, dtype="float32")  # training and its data: the exact reference
     t0 = time.time()
     if stage in ("all", "data"):
         paths = generate_data(cfg, loaded, log=log, progress=progress)

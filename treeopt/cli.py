@@ -68,7 +68,8 @@ ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="smollm2-135m (bun
 HeadsOpt = typer.Option(None, "--heads", help="Medusa heads directory; default: the heads shipped for the bundled model; `random` for untrained ones.")
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto.")
 ThreadsOpt = typer.Option(None, "--threads", help="torch CPU threads; 1 is best on a machine shared with other jobs.")
-DtypeOpt = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16.")
+DtypeOpt = typer.Option("auto", "--dtype", help="auto (bfloat16 where the device computes it natively, else float32), float32 (exact reference), bfloat16 or float16.")
+CompileOpt = typer.Option(False, "--compile/--eager", help="torch.compile the decoding steps, once per tree size and cache capacity (minutes each on a busy CPU; cached across runs; eager when compiling fails, with a note).")
 DeviceMapOpt = typer.Option(None, "--device-map", help="auto (or balanced, sequential): spread a large model over the GPUs with accelerate (--device is then unused).")
 MaxMemoryOpt = typer.Option(None, "--max-memory", help="With --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB.")
 PromptsOpt = typer.Option(None, "--prompts", "-p", help="Prompt source: alpaca_eval (hub, via `datasets`), a .json/.jsonl file with an `instruction` or `prompt` field, or a Hugging Face dataset id; default: ../shared/data/alpaca_eval.json if present, else alpaca_eval.")
@@ -297,6 +298,7 @@ def decode(
     heads: Optional[str] = HeadsOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    compiled: bool = CompileOpt,
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemoryOpt,
 ):
@@ -304,7 +306,8 @@ def decode(
     from decoding.decoder import Acceptance, run_decode
 
     rule = Acceptance(acceptance, temperature, posterior_threshold, posterior_alpha, seed)
-    text, r = run_decode(instruction, tree, model, heads, max_new_tokens, rule, device, dtype, device_map, max_memory)
+    text, r = run_decode(instruction, tree, model, heads, max_new_tokens, rule, device, dtype, compiled, device_map,
+                         max_memory)
     typer.echo(text)
     typer.echo(f"{len(r.tokens)} tokens in {r.steps} steps: {r.tokens_per_step:.2f} tokens/step, "
                f"{len(r.tokens) / max(r.decode_s, 1e-9):.1f} tokens/s decoding, prefill {r.prefill_s * 1e3:.0f} ms", err=True)
@@ -330,6 +333,7 @@ def bench(
     heads: Optional[str] = HeadsOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    compiled: bool = CompileOpt,
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemoryOpt,
     quiet: bool = QuietOpt,
@@ -342,8 +346,8 @@ def bench(
     result = run_bench(model=model, heads=heads, trees=trees or (), cartesian=cartesian or (), prompts=prompts,
                        limit=limit, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
                        calibration=str(calibration) if calibration else None, out=out, repeats=repeats,
-                       progress=_progress(quiet), threads=threads, device_map=device_map, max_memory=max_memory,
-                       acceptance=rule)
+                       progress=_progress(quiet), threads=threads, compiled=compiled, device_map=device_map,
+                       max_memory=max_memory, acceptance=rule)
     typer.echo(render(result))
     if out is not None:
         typer.echo(f"wrote {out / 'bench.csv'} and {out / 'bench.json'}", err=True)
@@ -361,18 +365,18 @@ def profile(
     heads: Optional[str] = HeadsOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    compiled: bool = CompileOpt,
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemoryOpt,
     quiet: bool = QuietOpt,
 ):
-    """Time one decoding step's forward vs tree size on this device, into a CSV."""
-    from decoding.profile import run_profile
-    from treeopt.core.tables import render_table
+    """Time one decoding step vs tree size on this device, beside the machine's roofline, into a CSV."""
+    from decoding.profile import render_profile, run_profile
 
     df = run_profile(model=model, heads=heads, sizes=sizes, context=context, repeats=repeats, device=device,
                      dtype=dtype, out=out, progress=_progress(quiet), threads=threads, device_map=device_map,
-                     max_memory=max_memory, batch_sizes=batch_sizes)
-    typer.echo(render_table(df[["batch_size", "nodes", "forward_ms", "base_ms", "heads_ms"]]))
+                     max_memory=max_memory, batch_sizes=batch_sizes, compiled=compiled)
+    typer.echo(render_profile(df))
     typer.echo(f"wrote {out}", err=True)
 
 
@@ -421,6 +425,7 @@ def demo(
     heads: Optional[str] = HeadsOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    compiled: bool = CompileOpt,
     threads: Optional[int] = ThreadsOpt,
     quiet: bool = QuietOpt,
 ):
@@ -435,7 +440,7 @@ def demo(
                         bench_prompts=bench_prompts, max_new_tokens=max_new_tokens, top_k=top_k,
                         nodes=nodes if nodes == "auto" else int(nodes),
                         cartesian=split(cartesian), published=split(published), chain=chain,
-                        profile_sizes=profile_sizes, device=device, dtype=dtype, threads=threads)
+                        profile_sizes=profile_sizes, device=device, dtype=dtype, compiled=compiled, threads=threads)
     run_demo(out, config, log=typer.echo, progress=_progress(quiet))
 
 

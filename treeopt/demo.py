@@ -57,7 +57,8 @@ class DemoConfig:
     chain: bool = True  # bench the top-1 chain (what vLLM and TGI draft) too
     profile_sizes: str = "0,1,2,4,8,16,32,64"  # latency profile sizes ("" to skip the profile)
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"
+    compiled: bool = False  # torch.compile the decoding steps (profile and bench)
     threads: int | None = None  # torch CPU threads (None: torch's default); 1 is best on a shared machine
 
 
@@ -205,12 +206,14 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None,
     stage("heldout", calibration, [bench_file], files(held_file.parent),
           lambda: _calibrate(cfg, bench_file, held_file.parent, progress))
     if cfg.profile_sizes:
-        stage("profile", {**model, "sizes": c["profile_sizes"], "context": cfg.max_new_tokens + 64}, [], [latency],
+        stage("profile", {**model, "sizes": c["profile_sizes"], "context": cfg.max_new_tokens + 64,
+                          "compiled": c["compiled"]}, [], [latency],
               lambda: _profile(cfg, out, progress))
     stage("search", {"nodes": c["nodes"]}, [cal_file] + ([latency] if cfg.profile_sizes else []),
           [tree_file, out / "sweep.csv"], lambda: _search(cfg, out, log))
     stage("bench", {**model, "max_new_tokens": c["max_new_tokens"], "cartesian": c["cartesian"],
-                    "published": c["published"], "chain": c["chain"]}, [bench_file, cal_file, tree_file],
+                    "published": c["published"], "chain": c["chain"], "compiled": c["compiled"]},
+          [bench_file, cal_file, tree_file],
           [out / "bench" / f for f in ("bench.csv", "bench.json")], lambda: _bench(cfg, out, bench_file, log, progress))
 
     from reports.report import write_report
@@ -264,7 +267,8 @@ def _profile(cfg: DemoConfig, out: Path, progress: bool):
     from decoding.profile import run_profile
 
     run_profile(model=cfg.model, heads=cfg.heads, sizes=cfg.profile_sizes, context=cfg.max_new_tokens + 64,
-                device=cfg.device, dtype=cfg.dtype, out=out / "latency.csv", progress=progress, threads=cfg.threads)
+                device=cfg.device, dtype=cfg.dtype, out=out / "latency.csv", progress=progress, threads=cfg.threads,
+                compiled=cfg.compiled)
 
 
 def _search(cfg: DemoConfig, out: Path, log):
@@ -335,5 +339,5 @@ def _bench(cfg: DemoConfig, out: Path, bench_file: Path, log, progress: bool):
     result = run_bench(model=cfg.model, heads=cfg.heads, trees=trees, prompts=str(bench_file), limit=None,
                        max_new_tokens=cfg.max_new_tokens, device=cfg.device, dtype=cfg.dtype,
                        calibration=str(out / "calibration"), out=out / "bench", progress=progress,
-                       threads=cfg.threads)
+                       threads=cfg.threads, compiled=cfg.compiled)
     log(render(result))

@@ -6,7 +6,7 @@ from treeopt.core.env import versions
 from treeopt.core.errors import TreeoptError
 
 
-def describe(model: str = "smollm2-135m", heads: str | None = None, device: str = "auto", dtype: str = "float32") -> str:
+def describe(model: str = "smollm2-135m", heads: str | None = None, device: str = "auto", dtype: str = "auto") -> str:
     import torch
 
     from decoding.heads import resolve_heads

@@ -1,0 +1,87 @@
+"""The machine's limits and the least time a decoding step can take on it (the roofline).
+
+`measure_machine` times, once, the read bandwidth (a sum over a tensor far larger than the caches)
+and the peak GEMM rate per dtype (a large square matmul). `step_cost` counts what one step must do:
+read every weight it uses once (the base model without its embedding table, the lm_head, the heads)
+plus the committed KV cache, and multiply each of its M = nodes + 1 rows through those weights plus
+the attention over the context. roofline_ms = max(bytes / bandwidth, FLOPs / peak): a step can go no
+faster, whatever its kernels.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Machine:
+    device: str
+    threads: int
+    bandwidth_gbs: float  # read bandwidth, GB/s
+    peak_gflops: dict  # dtype name -> GEMM GFLOP/s
+
+
+@dataclass(frozen=True)
+class StepCost:
+    bytes: float
+    flops: float
+
+    def ms(self, machine: Machine, dtype: torch.dtype) -> float:
+        peak = machine.peak_gflops[str(dtype).removeprefix("torch.")]
+        return max(self.bytes / machine.bandwidth_gbs, self.flops / peak) / 1e6
+
+
+def _median_s(fn, device: torch.device, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def measure_machine(device: torch.device, dtypes=(torch.float32, torch.bfloat16), repeats: int = 5,
+                    read_mb: int = 512, gemm: int = 2048) -> Machine:
+    """Read bandwidth (sum over `read_mb` MB of fp32) and GEMM peak ([gemm, gemm] @ [gemm, gemm]) per dtype."""
+    x = torch.ones(read_mb * 2**20 // 4, dtype=torch.float32, device=device)
+    bandwidth = x.numel() * 4 / _median_s(x.sum, device, repeats) / 1e9
+    del x
+    peaks = {}
+    for dt in dtypes:
+        a = torch.randn(gemm, gemm, device=device).to(dt)
+        peaks[str(dt).removeprefix("torch.")] = 2 * gemm**3 / _median_s(lambda: a @ a, device, repeats) / 1e9
+    return Machine(str(device), torch.get_num_threads(), bandwidth, peaks)
+
+
+def step_cost(model, nodes: int, context: int, heads=None, depth: int = 0, batch: int = 1) -> StepCost:
+    """Bytes read and FLOPs of one decoding step of `batch` sequences: a forward of `nodes` + 1 tokens
+    each over `context` committed ones with the lm_head on every row, then (with `heads`) `depth`
+    heads at one node each. The weights are read once for the whole batch."""
+    c = model.config.get_text_config()
+    weight = model.get_output_embeddings().weight  # [V, H]
+    size = weight.element_size()
+    M = nodes + 1
+    embed = model.get_input_embeddings().weight
+    layer_params = sum(p.numel() for p in model.get_decoder().parameters()) - embed.numel()
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    kv_bytes = 2 * c.num_hidden_layers * kv_heads * head_dim * context * size
+    attn_flops = 2 * 2 * M * (context + M) * c.num_hidden_layers * c.num_attention_heads * head_dim
+    nbytes = (layer_params + weight.numel()) * size + batch * kv_bytes
+    flops = batch * (2 * M * (layer_params + weight.numel()) + attn_flops)
+    if heads is not None and depth:
+        block_params = sum(p.numel() for h in heads.heads[:depth] for p in h.parameters())
+        vocab = 0 if heads.config.own_lm_head else weight.numel()  # the shared lm_head, read again
+        nbytes += (block_params + vocab) * size
+        flops += batch * 2 * (block_params + depth * vocab)
+    return StepCost(nbytes, flops)

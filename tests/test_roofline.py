@@ -1,0 +1,22 @@
+"""The roofline's step cost, counted by hand on the tiny model."""
+
+from __future__ import annotations
+
+from decoding.heads import random_heads
+from decoding.roofline import Machine, step_cost
+
+
+def test_step_cost_counts_weights_kv_and_heads(tiny_llama):
+    c = tiny_llama.config
+    weights = sum(p.numel() for p in tiny_llama.parameters()) - tiny_llama.get_input_embeddings().weight.numel()
+    plain = step_cost(tiny_llama, nodes=0, context=0)
+    assert plain.bytes == weights * 4 and plain.flops == 2 * weights + 2 * 2 * 1 * 1 * c.num_hidden_layers * c.hidden_size
+    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 10 * 4
+    assert step_cost(tiny_llama, nodes=0, context=10).bytes == plain.bytes + kv
+    heads = random_heads(tiny_llama, num_heads=4)
+    tree = step_cost(tiny_llama, nodes=3, context=0, heads=heads, depth=2)
+    blocks = 2 * (c.hidden_size ** 2 + c.hidden_size)  # two heads' ResBlocks
+    vocab = tiny_llama.get_output_embeddings().weight.numel()
+    assert tree.bytes == plain.bytes + (blocks + vocab) * 4  # the shared lm_head read a second time
+    machine = Machine("cpu", 1, bandwidth_gbs=1.0, peak_gflops={"float32": 1e9})
+    assert tree.ms(machine, tiny_llama.dtype) == tree.bytes / 1e6  # memory-bound at this peak

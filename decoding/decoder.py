@@ -179,6 +179,7 @@ class TreeDecoder:
                 heads = copy.deepcopy(heads).to(device=last, dtype=self.dtype)
         self.heads = heads
         self.tree = tree
+        self.depth = tree.depth  # a plain int: the compiled heads step reads it (dynamo breaks on Tree.depth's generator)
         self.buf: TreeBuffers = tree_buffers(tree, top_k, self.device)
         self.tree_bias = additive_mask(self.buf.mask, self.dtype)  # [N, N]
         self.acceptance = acceptance
@@ -214,7 +215,7 @@ class TreeDecoder:
     def _propose(self, hidden: torch.Tensor, depth: int | None = None) -> torch.Tensor:
         """hidden [H] at the last accepted node -> the first D heads' top-k tokens [D, top_k], D = `depth`
         (default: the tree's)."""
-        D = self.tree.depth if depth is None else depth
+        D = self.depth if depth is None else depth
         if self.heads.config.own_lm_head:
             logits = self.heads(hidden)[:D]  # [D, V]
         else:

@@ -267,16 +267,13 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
                 "threads": torch_threads(), "compiled": compiled, "acceptance": asdict(acceptance),
                 "trees": {k: v.choices for k, v in methods.items()}}
 
-    done, save, stage = [], None, None
-    if out is not None:  # each (method, prompt) record is a part of a resumable stage
-        stage = Stage(Path(out) / RECORDS, settings, what="bench").open(restart=True)
-        done = _saved_records(stage)
-
-        def save(rec: Record):
-            stage.finish(f"{rec.method.replace('/', '_')}.{rec.prompt:05d}", asdict(rec))
-
+    # each (method, prompt) record is a part of a resumable stage
+    stage = Stage(Path(out) / RECORDS, settings, what="bench").open(restart=True) if out is not None else None
+    save = None if stage is None else (
+        lambda rec: stage.finish(f"{rec.method.replace('/', '_')}.{rec.prompt:05d}", asdict(rec)))
     result = bench_decoding(loaded.model, medusa, methods, ids, max_new_tokens, stops, cal, repeats=repeats,
-                            progress=progress, done=done, on_record=save, compiled=compiled,
+                            progress=progress, done=_saved_records(stage) if stage else [], on_record=save,
+                            compiled=compiled,
                             acceptance=acceptance)
     result.settings = {**settings, **result.settings, "versions": versions()}
     if cal is not None and acceptance.mode == "greedy":  # (a typical record keeps no instructions)

@@ -1,19 +1,20 @@
 """Trees for Medusa's typical acceptance, from a typical record (calibrate/typical.py): the estimator,
-replay, the search and the reports of `treeopt search|evaluate|sweep --acceptance typical`.
+the search and the reports of `treeopt search|evaluate|sweep --acceptance typical`.
 
-At a logged position t (a step with root y_t), a probe node is *open* when its token and all its
-ancestors' pass the typical test (`TypicalRecord.open`). A tree S inside the probe accepts
-d_S(t) = the depth of its deepest open node: the decoder takes the longest path of passing nodes,
-and which of several equally long ones it takes (the most likely) changes the tokens, not how many.
-Nodes outside the probe (deeper than the heads, rank >= its top-k, or under a probe leaf) are never
-open: the record cannot see them.
+The record's rows are the steps of a decode with a large probe tree. In a logged step, a probe node
+is *open* when its token and all its ancestors' pass the typical test (`TypicalRecord.open`). A tree
+S inside the probe accepts d_S(t) = the depth of its deepest open node in step t (exact: the
+decoder takes the longest path of passing nodes, and which of several equally long ones it takes,
+the most likely, changes the tokens, not how many). Nodes outside the probe (deeper than the heads,
+rank >= its top-k, or under a probe leaf) are never open: the record cannot see them.
 
-- predicted tokens/step = 1 + mean of d_S(t) over all logged positions.
-- replayed tokens/step: steps walk each logged text, t -> t + 1 + d_S(t) (`treeopt.core.replay
-  .walk_steps`), an estimate of where S's own decode starts its steps (calibrate/typical.py).
-- the value of node v, added to a tree after the nodes before it: the probability (over positions)
-  that it is open and no node before it at its depth or deeper is, i.e. that it lengthens the
-  accepted path by one. In tree order the values sum to mean d_S, so predicted = 1 + sum of values.
+- predicted tokens/step = 1 + mean of d_S(t) over the logged steps (the estimate: S's own steps are
+  taken to start where the probe's did; calibrate/typical.py).
+- replay: the same estimate per prompt (tokens = sum of 1 + d_S, steps = the prompt's logged steps),
+  for bootstrap intervals over prompts and held-out splits.
+- the value of node v, added to a tree after the nodes before it: the probability (over steps) that
+  it is open and no node before it at its depth or deeper is, i.e. that it lengthens the accepted
+  path by one. In tree order the values sum to mean d_S, so predicted = 1 + sum of values.
 
 Unlike greedy acceptance, where at most one node per depth can match and a node's value does not
 depend on the rest of the tree, siblings can both pass here: the objective is a maximum, not a sum.
@@ -33,7 +34,7 @@ from search.grow import SearchResult
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write
 from treeopt.core.record import TypicalRecord, load_typical
-from treeopt.core.replay import ReplayResult, walk_steps
+from treeopt.core.replay import ReplayResult
 from treeopt.core.tables import render_table
 from treeopt.core.tree import Tree
 from treeopt.core.treefile import read_tree, write_tree
@@ -47,13 +48,13 @@ def node_index(record: TypicalRecord, tree: Tree) -> np.ndarray:
 
 
 def _open(record: TypicalRecord, tree: Tree) -> np.ndarray:
-    """[N, m] bool: node j of `tree` is open at each position (never for nodes outside the probe)."""
+    """[N, m] bool: node j of `tree` is open in each step (never for nodes outside the probe)."""
     idx = node_index(record, tree)
     return np.where(idx >= 0, record.open[:, np.maximum(idx, 0)], False)
 
 
 def depths(record: TypicalRecord, tree: Tree) -> np.ndarray:
-    """[N] d_S(t): the depth `tree` accepts at each logged position."""
+    """[N] d_S(t): the depth `tree` accepts in each logged step."""
     depth = np.array([len(p) for p in tree.paths], np.int64)  # [m]
     return (_open(record, tree) * depth).max(1, initial=0)
 
@@ -61,23 +62,23 @@ def depths(record: TypicalRecord, tree: Tree) -> np.ndarray:
 def node_values(record: TypicalRecord, tree: Tree) -> np.ndarray:
     """[m] each node's value in tree order (module docstring); they sum to the mean of d_S."""
     depth = np.array([len(p) for p in tree.paths], np.int64)
-    reached = np.zeros(record.num_positions, np.int64)  # [N] depth accepted by the nodes so far
+    reached = np.zeros(record.num_steps, np.int64)  # [N] depth accepted by the nodes so far
     values = np.zeros(len(tree))
     for j, col in enumerate(_open(record, tree).T):
-        values[j] = (col & (reached < depth[j])).mean() if record.num_positions else 0.0
+        values[j] = (col & (reached < depth[j])).mean() if record.num_steps else 0.0
         reached = np.where(col, np.maximum(reached, depth[j]), reached)
     return values
 
 
 def expected_tokens_per_step(record: TypicalRecord, tree: Tree) -> float:
-    return 1.0 + float(depths(record, tree).mean()) if record.num_positions else 1.0
+    return 1.0 + float(depths(record, tree).mean()) if record.num_steps else 1.0
 
 
 def replay(record: TypicalRecord, tree: Tree) -> ReplayResult:
-    """Steps of `tree` walked over the record's texts (module docstring)."""
-    prompts, starts = np.unique(record.prompt_ids, return_index=True)
-    ends = np.append(starts[1:], record.num_positions)
-    return walk_steps(prompts, starts, ends, depths(record, tree))
+    """The estimate per prompt (module docstring): tokens = sum of 1 + d_S over its logged steps."""
+    prompts, which = np.unique(record.prompt_ids, return_inverse=True)
+    tokens = np.bincount(which, 1 + depths(record, tree), len(prompts)).astype(np.int64)
+    return ReplayResult(prompts, tokens, np.bincount(which, minlength=len(prompts)))
 
 
 def search(record: TypicalRecord, nodes: int, max_depth: int | None = None, top_k: int | None = None) -> SearchResult:
@@ -93,24 +94,24 @@ def search(record: TypicalRecord, nodes: int, max_depth: int | None = None, top_
     priority = np.empty(len(probe), np.int64)  # rank in (depth, path) order: the tie-break
     priority[sorted(range(len(probe)), key=lambda i: (depth[i], probe.paths[i]))] = np.arange(len(probe))
     frontier = allowed & (parent < 0)
-    reached = np.zeros(record.num_positions, np.int64)  # [N]
+    reached = np.zeros(record.num_steps, np.int64)  # [N]
     chosen, values = [], []
     while len(chosen) < nodes:
         cand = np.flatnonzero(frontier)
         if cand.size == 0:
             break
-        gain = (opened[:, cand] & (reached[:, None] < depth[cand])).sum(0)  # [c] positions it lengthens
+        gain = (opened[:, cand] & (reached[:, None] < depth[cand])).sum(0)  # [c] steps it lengthens
         if gain.max() == 0:  # no node left lengthens any accepted path
             break
         best = cand[np.lexsort((priority[cand], -gain))[0]]
         chosen.append(int(best))
-        values.append(gain.max() / record.num_positions)
+        values.append(gain.max() / record.num_steps)
         reached = np.where(opened[:, best], np.maximum(reached, depth[best]), reached)
         frontier[best] = False
         frontier |= allowed & (parent == best)
     tree = Tree(tuple(probe.paths[i] for i in chosen))
     return SearchResult(tree, np.array(values), NAME, nodes,
-                        {"max_depth": depth_limit, "top_k": k, "positions": record.num_positions})
+                        {"max_depth": depth_limit, "top_k": k, "steps": record.num_steps})
 
 
 def best_cartesian(record: TypicalRecord, nodes: int) -> Tree:
@@ -133,8 +134,8 @@ def best_cartesian(record: TypicalRecord, nodes: int) -> Tree:
 
 def compare(trees: dict[str, Tree], record: TypicalRecord, fit: TypicalRecord | None = None,
             latency: Latency | None = None) -> pd.DataFrame:
-    """One row per tree: predicted on `fit` (default: the same record), replayed on `record` with a 95 %
-    bootstrap interval over prompts, and tokens/s from the replayed figure given a latency file."""
+    """One row per tree: predicted on `fit` (default: the same record), the estimate on `record` with a
+    95 % bootstrap interval over prompts, and tokens/s from that figure given a latency file."""
     fit = fit if fit is not None else record
     rows = []
     for name, tree in trees.items():
@@ -162,14 +163,14 @@ def rule_meta(record: TypicalRecord) -> dict:
 
 def _header(record: TypicalRecord) -> str:
     r = record.rule
-    return (f"typical calibration {record.directory}: {record.num_positions} positions, "
+    return (f"typical calibration {record.directory}: {record.num_steps} probe steps, "
             f"{len(np.unique(record.prompt_ids))} prompts, probe of {len(record.probe)} nodes "
             f"({record.num_heads} heads, top-{record.top_k}); temperature {r['temperature']}, "
             f"posterior_threshold {r['posterior_threshold']}, posterior_alpha {r['posterior_alpha']}, seed {r['seed']}")
 
 
-NOTE = ("predicted: 1 + mean accepted depth over all logged positions; replayed: steps walked over the "
-        "logged texts (95 % bootstrap interval over prompts)")
+NOTE = ("predicted: 1 + mean accepted depth over the probe decode's logged steps; replayed: the same on "
+        "the record's (or the held-out) prompts, with a 95 % bootstrap interval over prompts")
 
 
 def search_report(calibration: str | Path, nodes: int | str = 64, max_depth: int | None = None,
@@ -193,7 +194,7 @@ def search_report(calibration: str | Path, nodes: int | str = 64, max_depth: int
     table = compare({"searched (typical)": tree, **baselines(record, tree.num_nodes)}, record, latency=lat)
     meta = {"predicted_tokens_per_step": result.tokens_per_step, "replayed_tokens_per_step": float(table["replayed"][0]),
             **rule_meta(record), "acceptance_model": NAME, "calibration": str(record.directory),
-            "calibration_positions": record.num_positions, "num_heads": record.num_heads,
+            "calibration_steps": record.num_steps, "num_heads": record.num_heads,
             "max_depth": result.meta["max_depth"], "top_k": result.meta["top_k"],
             "nodes_requested": str(nodes), "node_values": result.values.round(6).tolist()}
     lines = [_header(record), f"searched tree: {tree.num_nodes} nodes, depth {tree.depth}, "

@@ -1,4 +1,4 @@
-"""Typical acceptance: the probe walk against the decoder (the record's exact part), the estimator and
+"""Typical acceptance: the probe decode against the decoder (the record's exact part), the estimator and
 search on hand-made records, and `calibrate|search|evaluate|sweep|bench --acceptance typical`."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
-from calibrate.typical import probe_tree, probe_walk
+from calibrate.typical import ProbeDecoder, probe_tree
 from decoding.decoder import Acceptance, TreeDecoder
 from decoding.heads import random_heads
 from search import typical
@@ -36,13 +37,13 @@ def record_of(tables: list[pd.DataFrame], probe: Tree) -> TypicalRecord:
 
 
 @pytest.fixture(scope="module")
-def walked(tiny_llama):
+def probed(tiny_llama):
     heads = random_heads(tiny_llama, num_heads=3, seed=0)
     probe = probe_tree(INTERNAL, TOP_K, 3)
     prompts = [np.random.default_rng(i).integers(3, 97, size=4 + i).tolist() for i in range(4)]
-    dec = TreeDecoder(tiny_llama, heads, INTERNAL, RULE, stop_ids=(), top_k=TOP_K)
-    tables = [probe_walk(dec, probe, p, 40) for p in prompts]
-    return heads, probe, prompts, tables, record_of(tables, probe)
+    dec = ProbeDecoder(tiny_llama, heads, probe, RULE, stop_ids=(), top_k=TOP_K)
+    tables, results = zip(*(dec.probe_decode(p, 40) for p in prompts))
+    return heads, probe, prompts, tables, results, record_of(list(tables), probe)
 
 
 def test_probe_tree_holds_every_child_of_the_internal_nodes():
@@ -50,14 +51,15 @@ def test_probe_tree_holds_every_child_of_the_internal_nodes():
     assert probe.paths == ((0,), (1,), (0, 0), (0, 1), (1, 0), (1, 1), (0, 0, 0), (0, 0, 1))
 
 
-def test_walk_text_is_typical_sampling(tiny_llama, walked):
-    """The walk's text is the no-tree decoder's (a sampled root every step, same seed), and its tests
-    are not trivial."""
-    heads, probe, prompts, tables, record = walked
-    for i, prompt in enumerate(prompts):
-        ref = TreeDecoder(tiny_llama, None, Tree(()), RULE, stop_ids=()).generate(prompt, 40)
-        assert tables[i]["token"].tolist() == ref.tokens
+def test_probe_decode_is_the_decoders_and_logs_its_steps(tiny_llama, probed):
+    """The record's steps are the decoder's own with the probe tree (same seed, same tokens): its roots
+    and accepted depths, and its tests are not trivial."""
+    heads, probe, prompts, tables, results, record = probed
     depth = typical.depths(record, probe)
+    for i, prompt in enumerate(prompts):
+        ref = TreeDecoder(tiny_llama, heads, probe, RULE, stop_ids=(), top_k=TOP_K).generate(prompt, 40)
+        assert results[i].tokens == ref.tokens and depth[record.prompt_ids == i].tolist() == ref.accepted
+        assert tables[i]["token"].tolist() == [ref.tokens[p] for p in tables[i]["position"]]  # the roots
     assert 0 < depth.mean() < probe.depth and 0 < record.flags.mean() < 1
 
 
@@ -72,18 +74,30 @@ def closed_subtrees(probe: Tree, count: int, seed: int = 0):
         yield Tree(tuple(p for p in probe.paths if p in keep))
 
 
-def test_any_subtree_accepts_what_the_decoder_accepts(tiny_llama, walked):
-    """The exact part: at a state both reach (the first step after the prompt, same seed), a subtree's
-    decoder accepts the depth the record gives it."""
-    heads, probe, prompts, _, record = walked
-    first = np.flatnonzero(record.positions == 0)  # [prompts] each prompt's first row
+def accepted_from(dec: TreeDecoder, prefix: list[int], root: int) -> int:
+    """The depth `dec` accepts in one step with `root` after `prefix` (prompt + output so far), as
+    `generate` takes a step: candidates from the heads at the prefix's last token."""
+    dec._prepare(len(prefix) + dec.buf.num_nodes)
+    hidden = dec.prefill(torch.tensor(prefix))  # [H]
+    tokens = torch.cat([torch.tensor([root]), dec.candidates(hidden).flatten()[dec.buf.candidate_index]])  # [N]
+    logits, _ = dec.tree_forward(tokens)
+    return len(dec.accept(tokens, logits)) - 1
+
+
+@torch.inference_mode()
+def test_any_subtree_accepts_what_the_decoder_accepts(tiny_llama, probed):
+    """The exact part: in every logged step (its prefix and root), a subtree's decoder accepts the
+    depth the record gives it."""
+    heads, probe, prompts, _, results, record = probed
     checked = set()
-    for tree in closed_subtrees(probe, 12):
-        got = typical.depths(record, tree)[first]
-        for i, prompt in enumerate(prompts):
-            dec = TreeDecoder(tiny_llama, heads, tree, RULE, stop_ids=())
-            assert dec.generate(prompt, 8).accepted[0] == got[i]
-            checked.add(int(got[i]))
+    for tree in closed_subtrees(probe, 4):
+        dec = TreeDecoder(tiny_llama, heads, tree, RULE, stop_ids=(), top_k=TOP_K)
+        got = typical.depths(record, tree)
+        for row in range(0, record.num_steps, 3):
+            i, pos = record.prompt_ids[row], record.positions[row]
+            out = results[i].tokens
+            assert accepted_from(dec, prompts[i] + out[:pos], out[pos]) == got[row]
+            checked.add(int(got[row]))
     assert len(checked) > 1  # the case is not trivial
 
 
@@ -142,13 +156,15 @@ def test_greedy_step_beats_every_other_single_addition():
         assert best >= base
 
 
-def test_replay_walks_the_logged_texts():
+def test_replay_is_the_estimate_per_prompt():
     record = synthetic()
     assert typical.replay(record, Tree(())).tokens_per_step == 1.0
     tree = Tree.chain(3)
     r = typical.replay(record, tree)
-    assert 1.0 < r.tokens_per_step <= 4.0
-    assert r.tokens.sum() == record.num_positions
+    assert r.tokens_per_step == pytest.approx(typical.expected_tokens_per_step(record, tree))
+    assert r.steps.tolist() == np.bincount(record.prompt_ids).tolist()
+    first = record.subset(np.array([0]))
+    assert r.per_prompt["tokens_per_step"][0] == pytest.approx(typical.expected_tokens_per_step(first, tree))
 
 
 # ---- the commands ----------------------------------------------------------------------------------
@@ -174,7 +190,8 @@ def test_calibrate_typical_writes_the_record(typical_dir):
     assert meta["acceptance"] == "typical" and meta["temperature"] == 1.0 and meta["posterior_alpha"] == 1.1
     assert meta["seed"] == 3 and meta["probe_internal"] == [[0], [1], [0, 0]]
     df = pd.read_parquet(cal / "typical.parquet")
-    assert {"prompt_id", "position", "token"} <= set(df.columns)
+    assert {"prompt_id", "step", "position", "token"} <= set(df.columns)
+    assert meta["num_steps"] == len(df) and meta["probe_tokens_per_step"] >= 1
     assert len(meta["probe"]) == len([c for c in df.columns if c.startswith("a")])
 
 

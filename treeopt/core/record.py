@@ -24,16 +24,16 @@ greedy tokens, so its replay predicts decoding only as far as the data resembles
 A *typical* calibration (``treeopt calibrate --acceptance typical``, written by calibrate/typical.py,
 which says what in it is exact and what is estimated) models Medusa's typical acceptance instead:
 
-- ``typical.parquet``: one row per (prompt, position) of the text y_0..y_{T-1} sampled under the rule
-  (every token a root drawn from the typical-truncated distribution): prompt_id, position t, token
-  y_t, and ``a{i}`` (i = 0..n-1) for probe node i (``probe[i]`` in calibration.json): True when, in a
-  step with root y_t after y_<t, node i's token passes the typical test under its parent's
-  distribution, p > min(posterior_threshold, posterior_alpha * exp(-entropy)) at ``temperature``.
+- ``typical.parquet``: one row per step of the decoder with the probe tree under the rule, per
+  prompt: prompt_id, step, position (of the step's root in the output), token (the root), and
+  ``a{i}`` (i = 0..n-1) for probe node i (``probe[i]`` in calibration.json): True when, in that step,
+  node i's token passes the typical test under its parent's distribution,
+  p > min(posterior_threshold, posterior_alpha * exp(-entropy)) at ``temperature``.
   A step accepts a node when it and all its ancestors pass.
 - ``calibration.json``: as above, with ``acceptance: typical``, ``temperature``,
   ``posterior_threshold`` (epsilon), ``posterior_alpha`` (delta), ``seed`` (of the sampled roots),
-  ``probe`` (the probe tree's rank paths, in column order) and ``probe_internal`` (its nodes that have
-  children, the only ones the walk forwards).
+  ``probe`` (the probe tree's rank paths, in column order), ``probe_internal`` (its nodes that have
+  children) and ``probe_tokens_per_step`` (the probe decode's own).
 """
 
 from __future__ import annotations
@@ -213,17 +213,17 @@ def write_calibration(directory: str | Path, ranks: pd.DataFrame, continuations:
 
 @dataclass(frozen=True)
 class TypicalRecord:
-    """A typical calibration, loaded (see the module docstring); rows in (prompt, position) order."""
+    """A typical calibration, loaded (see the module docstring); rows in (prompt, step) order."""
 
-    flags: np.ndarray  # [N, n] bool: probe node i passes the typical test at the row's position
+    flags: np.ndarray  # [N, n] bool: probe node i passes the typical test in the row's step
     prompt_ids: np.ndarray  # [N]
-    positions: np.ndarray  # [N]
+    positions: np.ndarray  # [N] the step's root position
     probe: Tree
     meta: dict = field(default_factory=dict)
     directory: Path | None = None
 
     @property
-    def num_positions(self) -> int:
+    def num_steps(self) -> int:
         return self.flags.shape[0]
 
     @property
@@ -266,10 +266,10 @@ def load_typical(directory: str | Path) -> TypicalRecord:
         df = pd.read_parquet(directory / TYPICAL)
         probe = Tree(tuple(map(tuple, meta["probe"])))
         flags = df[flag_columns(len(probe))].to_numpy(bool)
+        order = np.lexsort((df["step"].to_numpy(), df["prompt_id"].to_numpy()))  # no step: a record of an older design
     except Exception as e:  # pyarrow, KeyError, TreeoptError: a damaged or partial record
         raise TreeoptError(f"{directory} has an unreadable typical record ({type(e).__name__}): "
                            "re-run `treeopt calibrate --acceptance typical`") from None
-    order = np.lexsort((df["position"].to_numpy(), df["prompt_id"].to_numpy()))
     return TypicalRecord(flags[order], df["prompt_id"].to_numpy(np.int32)[order],
                          df["position"].to_numpy(np.int32)[order],
                          probe, meta, directory)

@@ -9,9 +9,9 @@ AlpacaEval prompts 0..fit-1 calibrate twice: greedy (`treeopt calibrate`) and ty
 temperature with the default thresholds (`treeopt calibrate --acceptance typical`; its probe's internal
 nodes are the default top-4 x top-2 x top-1 plus the greedy-searched trees' own, so every tree compared
 lies inside the probe). At each size the greedy-searched and the typical-searched tree are benched with
-`treeopt bench --acceptance typical` on the next held-out prompts (measured tokens/step), beside the
-typical record's prediction (1 + mean accepted depth over logged positions) and replay (steps walked
-over the logged texts). A second decode of the first held-out prompt with every tree checks that the same
+`treeopt bench --acceptance typical` on the next held-out prompts (measured tokens/step, with a 95 %
+bootstrap interval over prompts), beside the typical record's prediction (1 + mean accepted depth
+over the probe decode's logged steps). A second decode of the first held-out prompt with every tree checks that the same
 seed gives the same tokens. Every stage resumes (run the same command again); --part greedy / typical
 run the two halves' heavy work in separate processes, then --part all prints the table (--partial:
 of the held-out prompts every tree has run so far, running nothing more).
@@ -56,7 +56,9 @@ def main() -> None:
     from search.grow import search
     from treeopt.core.prompts import default_prompts, load_instructions
     from treeopt.core.record import load_calibration, load_typical
+    from treeopt.core.replay import ReplayResult
     from treeopt.core.tables import render_table
+    import numpy as np
     import pandas as pd
 
     from treeopt.core.tree import Tree
@@ -127,16 +129,15 @@ def main() -> None:
         new, steps = (sum(measured[name][i][j] for i in common) for j in (0, 1))
         tps[name] = new / steps
         predicted = typical.expected_tokens_per_step(record, tree)
-        replayed = typical.replay(record, tree).tokens_per_step
+        lo, hi = ReplayResult(np.array(common), *(np.array([measured[name][i][j] for i in common]) for j in (0, 1))).interval()
         again = TreeDecoder(model, heads, tree, rule, stops).generate(first, args.max_new_tokens)
         rows.append({"tree": name, "nodes": tree.num_nodes, "depth": tree.depth, "predicted": predicted,
-                     "replayed": replayed, "measured": tps[name],
-                     "predicted_err_%": 100 * (predicted / tps[name] - 1),
-                     "replayed_err_%": 100 * (replayed / tps[name] - 1), "steps": steps, "new_tokens": new,
+                     "measured": tps[name], "measured_ci": f"{lo:.3f}-{hi:.3f}",
+                     "predicted_err_%": 100 * (predicted / tps[name] - 1), "steps": steps, "new_tokens": new,
                      "rerun_same": (len(again.tokens), again.steps) == measured[name][common[0]]})
     print(f"smollm2-135m + shipped heads, typical acceptance T = {args.temperature} (posterior_threshold "
           f"{rule.posterior_threshold}, posterior_alpha {rule.posterior_alpha}), seed {args.seed}; calibrated on "
-          f"prompts 0-{args.fit - 1} (typical: {record.num_positions} positions), measured on {len(common)} held-out prompts "
+          f"prompts 0-{args.fit - 1} (typical: {record.num_steps} probe steps), measured on {len(common)} held-out prompts "
           f"from {args.fit}, {args.max_new_tokens} new tokens; probe {len(record.probe)} nodes "
           f"({len(probe_internal)} internal)")
     print(render_table(pd.DataFrame(rows)))

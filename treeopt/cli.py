@@ -169,7 +169,8 @@ def calibrate(
     quiet: bool = QuietOpt,
 ):
     """Record where every head ranks the base model's greedy tokens (ranks.parquet, accuracy.csv, ...);
-    with --acceptance typical, every probe node's typical test along a seeded sampled text (typical.parquet)."""
+    with --acceptance typical, every probe node's typical test in each step of a seeded decode with
+    the probe tree (typical.parquet)."""
     from treeopt.core.record import load_calibration
     from calibrate.run import CalibrationConfig, calibrate as generated
     from calibrate.teacher import calibrate_teacher_forced

@@ -14,14 +14,14 @@ every child, of rank < top_k, of the root and of each internal node, down to the
 
 Exact: at every logged step, the nodes any subtree S of P accepts from that step's prefix and root
 (the longest path of S whose nodes and ancestors all pass), so the depth d_S it accepts there;
-tests/test_typical.py checks this against the decoder at every logged step.
+tests/test_typical.py checks this against the decoder at logged steps.
 Estimated: S's tokens/step = 1 + mean of d_S over the logged steps, i.e. S's own steps are taken to
-start where P's did. They do not: S accepts less, so its steps start inside P's runs, after texts S
-chose. Measured (benchmarks/bench_typical.py, README): on the calibration prompts, a record of a
-sampled walk (every position a step with a sampled root, replayed t -> t + 1 + d_S) and this record
-agree with the decoder per step (272 of 276 steps of a 16-node tree, the rest bf16 ties), and the
-gap between estimate and a single seeded decode of 8 prompts x 64 tokens is dominated by the decode's
-own sampling noise (the same tree measures 1.83 to 1.98 tokens/step over seeds 0-3).
+start where P's did. They do not: S accepts less, so its steps start inside P's runs, after text S
+chose. Measured (benchmarks/bench_typical.py, README "Typical acceptance"): within 5 % on held-out
+prompts for trees not searched on the record; trees searched on it are over-predicted (selection).
+A first design logged a sampled walk (a step with a sampled root at every position of a sampled text)
+and replayed S over it; its test agreed with the decoder's at the decoder's own step starts, but the
+sampled text is not the decoder's, and it over-predicted more.
 """
 
 from __future__ import annotations

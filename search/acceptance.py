@@ -259,14 +259,10 @@ class Smoothed:
         return mass, lambda k: (ci[:, :k].ravel(), ch[:, :k].ravel(), cv[:, :k].ravel())
 
 
-def choose_strength(calibration: Calibration, folds: int = 4, seed: int = 0) -> float:
-    """The smoothing strength (of `STRENGTHS`) whose trees replay best on held-out prompts: K-fold
-    over prompts, fit on K-1 folds, greedy trees of `STRENGTH_SIZES` nodes replayed on the held-out
-    fold, mean tokens/step over those sizes. Strengths within `TIE` of the best score count as tied
-    and the strongest of them wins: the simpler model, unless the data clearly say otherwise."""
-    groups = calibration.folds(min(folds, len(calibration.prompts)), seed)
-    if len(groups) < 2:
-        return FALLBACK_STRENGTH
+def strength_scores(calibration: Calibration, folds: int = 4, seed: int = 0) -> np.ndarray:
+    """[len(STRENGTHS)] each strength's held-out score: K-fold over prompts, fit on K-1 folds, greedy
+    trees of `STRENGTH_SIZES` nodes replayed on the held-out fold, mean tokens/step over those sizes."""
+    groups = calibration.folds(folds, seed)
     tokens = np.zeros((len(STRENGTHS), len(STRENGTH_SIZES)))
     steps = np.zeros_like(tokens)
     for held in groups:
@@ -278,8 +274,18 @@ def choose_strength(calibration: Calibration, folds: int = 4, seed: int = 0) -> 
             for m, r in enumerate(replay_prefixes(Tree(tuple(paths)), rows, STRENGTH_SIZES)):
                 tokens[j, m] += r.tokens.sum()
                 steps[j, m] += r.steps.sum()
-    score = (tokens / np.maximum(steps, 1)).mean(1)  # [strengths]
-    near_best = np.flatnonzero(score >= score.max() * (1 - TIE))
+    return (tokens / np.maximum(steps, 1)).mean(1)
+
+
+def choose_strength(calibration: Calibration, folds: int = 4, seed: int = 0, tie: float = TIE) -> float:
+    """The smoothing strength (of `STRENGTHS`) whose trees replay best on held-out prompts
+    (`strength_scores`). Strengths within `tie` of the best score count as tied and the strongest of
+    them wins: the simpler model, unless the data clearly say otherwise."""
+    k = min(folds, len(calibration.prompts))
+    if k < 2:
+        return FALLBACK_STRENGTH
+    score = strength_scores(calibration, k, seed)
+    near_best = np.flatnonzero(score >= score.max() * (1 - tie))
     return STRENGTHS[int(near_best[-1])]  # STRENGTHS ascend: the strongest smoothing among the near-best
 
 

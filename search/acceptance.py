@@ -16,9 +16,10 @@ node values, and the predicted tokens/step = 1 + that sum. Two models:
 - ``smoothed`` (the default): the empirical counts shrunk toward the product model, one level at a
   time: value(p) = value(parent) * (hits(p) + s * b_d^(i)) / (hits(parent) + s), where hits counts
   the positions whose ranks start with the path, b_d^(i) is head d's rank-i accuracy with half a
-  pseudo-count per rank (so no node has value 0 and `--nodes N` always gets N nodes) and s, the
-  strength in pseudo-positions, is chosen by cross-validation over prompts (`choose_strength`):
-  s = 0 is the empirical model, s = inf the product model. Written ``smoothed:S`` for a fixed S.
+  pseudo-count per rank, and s, the strength in pseudo-positions, is chosen by cross-validation
+  over prompts (`choose_strength`) among values > 0 (so no node has value 0 and `--nodes N` always
+  gets N nodes): s = 0 would be the empirical model, s = inf is the product model. Written
+  ``smoothed:S`` for a fixed S.
 
 In all models value(child) <= value(parent). Greedy search (add the frontier node of highest
 value, ties broken by (depth, path)) therefore picks the n largest values of all nodes, a set that
@@ -42,7 +43,9 @@ from treeopt.core.tree import Tree
 
 MODELS = ("smoothed", "empirical", "independent")
 DEFAULT_MODEL = "smoothed"
-STRENGTHS = (0.0, 1.0, 4.0, 16.0, 64.0, math.inf)  # the candidates `choose_strength` cross-validates
+# The candidates `choose_strength` cross-validates: all > 0, so every node the heads can reach has a
+# nonzero value and `--nodes N` always gets N nodes (s = 0, the empirical model, gives unseen nodes 0).
+STRENGTHS = (1.0, 4.0, 16.0, 64.0, math.inf)
 STRENGTH_SIZES = (16, 64)  # tree sizes whose mean held-out replay chooses the strength
 TIE = 0.001  # scores within 0.1 % of the best are a tie (noise), won by the stronger smoothing
 FALLBACK_STRENGTH = 16.0  # for a calibration of one prompt, where there is nothing to cross-validate

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from search.acceptance import STRENGTH_SIZES, STRENGTHS, TIE, choose_strength, resolve_model
+from search.acceptance import STRENGTH_SIZES, STRENGTHS, TIE, choose_strength, resolve_model, strength_scores
 from search.crossval import calibration_curve, cross_validated, leave_one_source_out, per_source
 from search.grow import search
 from treeopt.cli import app
@@ -94,6 +94,8 @@ def test_strength_is_the_best_cross_validated_candidate(cal):
     chosen = STRENGTHS.index(choose_strength(cal))
     assert scores[chosen] >= scores.max() * (1 - TIE)  # the best, or tied with it
     assert (scores[chosen + 1:] < scores.max() * (1 - TIE)).all()  # no stronger smoothing ties the best
+    np.testing.assert_allclose(strength_scores(cal), scores)
+    assert choose_strength(cal, tie=0.0) == STRENGTHS[np.flatnonzero(scores == scores.max())[-1]]  # no tie rule
 
 
 @settings(max_examples=25, deadline=None)

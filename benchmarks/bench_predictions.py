@@ -130,8 +130,9 @@ def strengths(calibration: Calibration) -> dict[str, str]:
     """The models compared: smoothed (the default: the strength of the best cross-validated score), the
     same with a tie rule (scores within `TIE_RULE` of the best tie, won by the stronger smoothing), and
     the two ends."""
-    return {"smoothed": resolve_model(calibration), "smoothed, tie rule":
-            f"smoothed:{choose_strength(calibration, tie=TIE_RULE):g}", "empirical": "empirical", "independent": "independent"}
+    tie_rule = f"smoothed:{choose_strength(calibration, tie=TIE_RULE):g}"
+    return {"smoothed": resolve_model(calibration), "smoothed, tie rule": tie_rule, "empirical": "empirical",
+            "independent": "independent"}
 
 
 def models(fit: Calibration, test: Calibration, rest: Calibration) -> list[dict]:
@@ -149,7 +150,8 @@ def small(fit: Calibration, rest: Calibration) -> list[dict]:
         part = fit.subset(fit.prompts[:m])
         for name, model in strengths(part).items():
             tree = search(part, 64, model).tree
-            rows.append({"fit prompts": m, "model": name, "nodes": len(tree), "replay on the rest": replay(tree, rest).tokens_per_step})
+            rows.append({"fit prompts": m, "model": name, "nodes": len(tree),
+                         "replay on the rest": replay(tree, rest).tokens_per_step})
     return rows
 
 

@@ -2,10 +2,10 @@
 
 No generation: each conversation goes through the base model in one forward, and every head ranks the
 data's next tokens at the hidden states of the assistant turns. A shard's sequences are batched by
-length (`forward_groups`: little padding) and run causally without an attention mask (a token never
-sees the padding after its sequence), then ranked together. A row of
-the record is an assistant turn (its `prompt_id`), its tokens are the turn's answer as the chat
-template writes it (cut after the first stop token, and at --max-new-tokens), and its prompt is the
+length (`forward_groups`: little padding), run causally without an attention mask (a token never
+sees the padding after its sequence), then ranked all at once (calibrate/ranks.py). A row of the
+record is an assistant turn (its `prompt_id`), its tokens are the turn's answer as the chat template
+writes it (cut after the first stop token, and at --max-new-tokens), and its prompt is the
 conversation before the turn, with the generation prompt. The record says `teacher_forced: true`:
 its ranks measure the heads against the data's text, not the base model's own greedy tokens (the
 ones a decoding step accepts), which is what the generated calibration (calibrate/run.py) measures.
@@ -112,7 +112,8 @@ def forward_groups(lengths: list[int], size: int, padding: float = PADDING) -> l
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         group = groups[-1] if groups else []
         width = len(group) + 1
-        if group and width <= size and sum(lengths[j] for j in group) + lengths[i] >= (1 - padding) * width * lengths[group[0]]:
+        tokens = sum(lengths[j] for j in group) + lengths[i]
+        if group and width <= size and tokens >= (1 - padding) * width * lengths[group[0]]:
             group.append(i)
         else:
             groups.append([i])
@@ -167,8 +168,9 @@ def calibrate_teacher_forced(config: CalibrationConfig, *, loaded=None, heads=No
     }
 
     def shard(ids: range) -> Iterator[list[Unit]]:
+        # (sequence, id of its first turn) of the shard's conversations
         work = [(s, first[c] + sum(len(x.spans) for x in seqs[c][:j])) for c in ids for j, s in enumerate(seqs[c])]
-        units = []  # work: (sequence, id of its first turn)
+        units = []
         for group in forward_groups([len(s.ids) for s, _ in work], B):
             hidden = hidden_states(model, [work[w][0].ids for w in group], pad)  # [G, L, H]
             units += [Unit(turn + j, s.instructions[j], Continuation(s.ids[:a], s.ids[a:e], s.ids[e - 1] in stop,

@@ -410,9 +410,9 @@ def report(
 @command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run directory (re-running resumes it)."),
-    limit: int = typer.Option(24, "--limit", help="Prompts to calibrate on (the first of the slice)."),
-    bench_prompts: int = typer.Option(8, "--bench-prompts", help="Held-out prompts to benchmark on (the next ones)."),
-    offset: int = typer.Option(0, "--offset", help="First prompt of the slice."),
+    limit: int = typer.Option(24, "--limit", help="Prompts to calibrate on, drawn at random across the prompt file's sources (seeded by --seed)."),
+    bench_prompts: int = typer.Option(8, "--bench-prompts", help="Held-out prompts to benchmark on, drawn the same way among the others."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the prompt draw."),
     max_new_tokens: int = typer.Option(96, "--max-new-tokens", help="New tokens per prompt (calibration and bench)."),
     nodes: str = typer.Option("16", "--nodes", help="Size of the searched tree (16 keeps a CPU demo short; 64 on a GPU), or `auto`: the size of best predicted tokens/s on this machine (uses the profile)."),
     top_k: int = typer.Option(10, "--top-k", help="Ranks per head recorded by the calibration."),
@@ -429,14 +429,14 @@ def demo(
     threads: Optional[int] = ThreadsOpt,
     quiet: bool = QuietOpt,
 ):
-    """The main job, small: calibrate on a slice of AlpacaEval, search the tree, bench each baseline
+    """The main job, small: calibrate on a random sample of AlpacaEval, search the tree, bench each baseline
     (Cartesian, published, chain) beside a searched tree of its size on held-out prompts, write the report."""
     from treeopt.demo import DemoConfig, run_demo
 
     split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
     if nodes != "auto" and not nodes.isdigit():
         raise TreeoptError(f"--nodes {nodes!r}: pass a number of nodes, e.g. 64, or auto")
-    config = DemoConfig(model=model, heads=heads, prompts=prompts, offset=offset, fit_prompts=limit,
+    config = DemoConfig(model=model, heads=heads, prompts=prompts, seed=seed, fit_prompts=limit,
                         bench_prompts=bench_prompts, max_new_tokens=max_new_tokens, top_k=top_k,
                         nodes=nodes if nodes == "auto" else int(nodes),
                         cartesian=split(cartesian), published=split(published), chain=chain,

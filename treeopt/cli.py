@@ -153,7 +153,7 @@ def calibrate(
     first: Optional[int] = typer.Option(None, "--first", help="Use the first N prompts (conversations), in file order (instead of --limit)."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Greedy continuation length cap (stops earlier at EOS); teacher-forced: the cap on each assistant turn."),
     top_k: int = typer.Option(10, "--top-k", help="Ranks >= top-k are recorded as a miss."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generation batch (1: exactly unbatched greedy); teacher-forced: sequences per forward."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generation batch (1: exactly unbatched greedy); teacher-forced: at most that many sequences per forward, batched by length."),
     shard_size: int = typer.Option(32, "--shard-size", help="Prompts per resumable shard (rounded up to whole batches)."),
     seed: int = typer.Option(0, "--seed", help="typical: the seed of the sampled roots."),
     out: Path = typer.Option(Path("calibration"), "--out", "-o", help="Output directory; rerun the same command to resume."),

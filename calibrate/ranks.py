@@ -42,7 +42,8 @@ def count_above(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor
         logits = F.linear(x, weight[start:start + block], None if bias is None else bias[start:start + block])  # [N, b]
         own = (target >= start) & (target < start + block)  # the true token never beats itself
         logits[rows[own], target[own] - start] = float("-inf")
-        count += (logits > true[:, None]).sum(1, dtype=torch.int32)
+        beaten = (logits.amax(1) > true).nonzero().squeeze(1)  # [n] rows with any entry above (a hit: few blocks)
+        count[beaten] += (logits[beaten] > true[beaten, None]).sum(1, dtype=torch.int32)
     return count
 
 

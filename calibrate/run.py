@@ -38,7 +38,7 @@ from decoding.models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 SHARDS = "shards"
-TIMING = ("wall_time_s", "ranks_time_s", "tokens_per_s")  # the only fields of calibration.json that differ between reruns
+TIMING = ("wall_time_s", "cpu_time_s", "ranks_time_s", "tokens_per_s")  # the only fields of calibration.json that differ between reruns
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,7 @@ def run_shards(out: Path, settings: dict, n: int, shard_size: int, shard: Callab
     bar = _progress(progress and procs.index == 0, sum(map(len, mine)), sum(map(len, mine)) - sum(map(len, todo)))
     done_tokens, t0 = 0, time.perf_counter()
     for ids in todo:
-        t_shard, ranks, conts, ranks_time = time.perf_counter(), [], [], 0.0
+        t_shard, cpu_shard, ranks, conts, ranks_time = time.perf_counter(), time.process_time(), [], [], 0.0
         for batch in shard(ids):
             t_ranks = time.perf_counter()
             r = batch_ranks(heads, lm_head, [u.continuation.hidden for u in batch], [u.continuation.tokens for u in batch], top_k)
@@ -217,7 +217,8 @@ def run_shards(out: Path, settings: dict, n: int, shard_size: int, shard: Callab
         ranks = pd.concat(ranks, ignore_index=True)
         _write_shard(stage, ids.start, ranks, pd.DataFrame(conts).astype({"prompt_id": "int32"}),
                      {"prompts": [ids.start, ids.stop], "tokens": len(ranks), "process": procs.index,
-                      "wall_time_s": time.perf_counter() - t_shard, "ranks_time_s": ranks_time})
+                      "wall_time_s": time.perf_counter() - t_shard, "cpu_time_s": time.process_time() - cpu_shard,
+                      "ranks_time_s": ranks_time})
         if on_shard is not None:
             on_shard(ids.start // shard_size)
     bar.close()
@@ -306,7 +307,8 @@ def write_merged(out: str | Path, merged: tuple[pd.DataFrame, pd.DataFrame, list
     wall = sum(i["wall_time_s"] for i in infos)
     return fmt.write_calibration(out, ranks, conts, {
         **meta, "num_tokens": len(ranks), "num_stopped": int(conts["stopped"].sum()),
-        "wall_time_s": round(wall, 3), "ranks_time_s": round(sum(i["ranks_time_s"] for i in infos), 3),
+        "wall_time_s": round(wall, 3), "cpu_time_s": round(sum(i.get("cpu_time_s", 0.0) for i in infos), 3),
+        "ranks_time_s": round(sum(i["ranks_time_s"] for i in infos), 3),
         "tokens_per_s": round(len(ranks) / max(wall, 1e-9), 2), "versions": versions()})
 
 

@@ -1,9 +1,11 @@
 """`treeopt calibrate --teacher-forced DATA`: rank the heads on a chat dataset's own assistant turns.
 
-No generation: each conversation goes through the base model in one forward (batched, right-padded),
-and every head ranks the data's next tokens at the hidden states of the assistant turns. A row of
-the record is an assistant turn (its `prompt_id`), its tokens are the turn's answer as the chat
-template writes it (cut after the first stop token, and at --max-new-tokens), and its prompt is the
+No generation: each conversation goes through the base model in one forward, and every head ranks the
+data's next tokens at the hidden states of the assistant turns. A shard's sequences are batched by
+length (`forward_groups`: little padding), run causally without an attention mask (a token never
+sees the padding after its sequence), then ranked all at once (calibrate/ranks.py). A row of the
+record is an assistant turn (its `prompt_id`), its tokens are the turn's answer as the chat template
+writes it (cut after the first stop token, and at --max-new-tokens), and its prompt is the
 conversation before the turn, with the generation prompt. The record says `teacher_forced: true`:
 its ranks measure the heads against the data's text, not the base model's own greedy tokens (the
 ones a decoding step accepts), which is what the generated calibration (calibrate/run.py) measures.
@@ -28,6 +30,7 @@ from calibrate.run import (CalibrationConfig, Unit, _fingerprint, load, processe
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import check_writable
 
+PADDING = 1 / 16  # the most of a forward's tokens that may be padding (forward_groups)
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
          "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system"}
 
@@ -102,23 +105,38 @@ def sequences(tokenizer, messages: list[dict], stops: set[int], max_tokens: int)
     return out
 
 
+def forward_groups(lengths: list[int], size: int, padding: float = PADDING) -> list[list[int]]:
+    """Indices of sequences grouped into forwards: longest first, at most `size` a forward, and a
+    forward's padding (up to its first, longest sequence) at most `padding` of its tokens."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        group = groups[-1] if groups else []
+        width = len(group) + 1
+        tokens = sum(lengths[j] for j in group) + lengths[i]
+        if group and width <= size and tokens >= (1 - padding) * width * lengths[group[0]]:
+            group.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 @torch.inference_mode()
 def hidden_states(model, batch: list[list[int]], pad: int) -> torch.Tensor:
-    """Final hidden states [B, L, H] of right-padded sequences, in one forward."""
+    """Final hidden states [B, L, H] of right-padded sequences, in one causal forward: a token only sees
+    those before it, so no attention mask is needed (the fast causal attention path) and the states
+    of a sequence's own tokens do not depend on the padding after it."""
     device = model.get_input_embeddings().weight.device
-    L = max(map(len, batch))
-    ids = torch.full((len(batch), L), pad, dtype=torch.long)  # [B, L]
-    mask = torch.zeros((len(batch), L), dtype=torch.long)
+    ids = torch.full((len(batch), max(map(len, batch))), pad, dtype=torch.long)  # [B, L]
     for b, s in enumerate(batch):
-        ids[b, : len(s)], mask[b, : len(s)] = torch.tensor(s), 1
-    return model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+        ids[b, : len(s)] = torch.tensor(s)
+    return model.get_decoder()(input_ids=ids.to(device), use_cache=False).last_hidden_state
 
 
 def calibrate_teacher_forced(config: CalibrationConfig, *, loaded=None, heads=None,
                              on_shard: Callable[[int], None] | None = None) -> Path:
     """Run a teacher-forced calibration of `config.teacher_forced` into `config.out` (see the module doc);
     `config.prompts`, `seed` are unused, `limit` takes the first conversations, `max_new_tokens` caps
-    each answer, `batch_size` counts sequences per forward."""
+    each answer, `batch_size` caps the sequences per forward."""
     from decoding.generate import Continuation
     from decoding.models import stop_token_ids
 
@@ -150,13 +168,15 @@ def calibrate_teacher_forced(config: CalibrationConfig, *, loaded=None, heads=No
     }
 
     def shard(ids: range) -> Iterator[list[Unit]]:
+        # (sequence, id of its first turn) of the shard's conversations
         work = [(s, first[c] + sum(len(x.spans) for x in seqs[c][:j])) for c in ids for j, s in enumerate(seqs[c])]
-        for start in range(0, len(work), B):
-            batch = work[start:start + B]  # (sequence, id of its first turn)
-            hidden = hidden_states(model, [s.ids for s, _ in batch], pad)  # [B, L, H]
-            yield [Unit(turn + j, s.instructions[j],
-                        Continuation(s.ids[:a], s.ids[a:e], s.ids[e - 1] in stop, hidden[b, a - 1:e - 1]))
-                   for b, (s, turn) in enumerate(batch) for j, (a, e) in enumerate(s.spans)]
+        units = []
+        for group in forward_groups([len(s.ids) for s, _ in work], B):
+            hidden = hidden_states(model, [work[w][0].ids for w in group], pad)  # [G, L, H]
+            units += [Unit(turn + j, s.instructions[j], Continuation(s.ids[:a], s.ids[a:e], s.ids[e - 1] in stop,
+                                                                       hidden[g, a - 1:e - 1]))
+                      for g, (s, turn) in enumerate(work[w] for w in group) for j, (a, e) in enumerate(s.spans)]
+        yield sorted(units, key=lambda u: u.prompt_id)  # ranked at once, in turn order
 
     merged = run_shards(Path(config.out), settings, len(conversations), config.shard_size, shard, heads, lm_head,
                         config.top_k, procs, config.progress, on_shard)

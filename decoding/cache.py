@@ -1,13 +1,16 @@
 """Preallocated KV caches that the decoders own, plugged into transformers' public Cache API.
 
-The layers on one device share one buffer [layers there, 2, kvH, max_len, D] (one device, one
-buffer, unless the model is spread over GPUs with a device map). `TreeCache` (tree decoding, batch 1)
-is static: before a forward the caller `place`s its q tokens at slots [q] (a tensor); every layer
-writes them there and attends over all `max_len` slots (the caller's 4D mask [1, 1, q, max_len] says
-which of them each query sees), so every shape is fixed per tree size and a compiled verification
-step runs without recompiling as the text grows. Nothing is committed until `commit`: it moves the
-accepted slots to the contiguous ones after the prefix, in one indexed copy per device, and advances
-`length`.
+`TreeCache` (tree decoding, batch 1) is static: every layer has its own key and value tensors
+[1, kvH, max_len, D], allocated at its first write (dtype, device of the key states). Before a forward
+the caller `place`s its q tokens at slots [q] (a tensor); every layer writes them there and attends over
+all `max_len` slots (the caller's 4D mask [1, 1, q, max_len] says which of them each query sees), so
+every shape is fixed per tree size and a compiled verification step runs without recompiling as the
+text grows. (Separate tensors, not views of one buffer: a compiled graph then writes each in place,
+where a write into a view makes it copy the whole buffer per layer.) Nothing is committed until
+`commit`: it moves the accepted slots to the contiguous ones after the prefix and advances `length`.
+
+`SlotCache` (batched generation) keeps the layers on one device in one buffer [layers, 2, B, kvH,
+max_len, D] (one buffer per device with a device map).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ class _Layer(CacheLayerMixin):
     is_sliding = False
     is_compileable = True
 
-    def __init__(self, owner: "TreeCache", index: int):
+    def __init__(self, owner, index: int):
         super().__init__()
         self.owner, self.index = owner, index
 
@@ -52,14 +55,14 @@ class _Layer(CacheLayerMixin):
         pass  # the owner allocates at the first update
 
     def update(self, key_states, value_states, *args, **kwargs):
-        """key/value_states [1, kvH, q, D] -> the whole buffer's keys, values [1, kvH, max_len, D]."""
-        o = self.owner
-        _, kvH, _, D = key_states.shape
-        kv = o.kv.layer(self.index, key_states, (kvH, o.max_len, D))  # [2, kvH, max_len, D]
-        slots = o.slots.to(kv.device)  # [q]
-        kv[0].index_copy_(1, slots, key_states[0])
-        kv[1].index_copy_(1, slots, value_states[0])
-        self.keys, self.values = kv[0, None], kv[1, None]
+        """key/value_states [1, kvH, q, D] -> this layer's whole keys, values [1, kvH, max_len, D]."""
+        if self.keys is None:
+            _, kvH, _, D = key_states.shape
+            self.keys = key_states.new_zeros(1, kvH, self.owner.max_len, D)
+            self.values = value_states.new_zeros(1, kvH, self.owner.max_len, D)
+        slots = self.owner.slots.to(self.keys.device)  # [q]
+        self.keys.index_copy_(2, slots, key_states)
+        self.values.index_copy_(2, slots, value_states)
         self.is_initialized = True
         return self.keys, self.values
 
@@ -74,15 +77,18 @@ class _Layer(CacheLayerMixin):
 
 
 class TreeCache(Cache):
-    """Batch size 1. `length` = committed tokens; `devices`: each layer's device (None: all one)."""
+    """Batch size 1. `length` = committed tokens."""
 
-    def __init__(self, num_layers: int, max_len: int, devices=None):
+    def __init__(self, num_layers: int, max_len: int):
         self.length = 0
         self.max_len = max_len
         self.num_layers = num_layers
-        self.kv = _PerDevice(num_layers, devices)  # per device: [layers, 2, kvH, max_len, D]
         self.slots: torch.Tensor | None = None  # [q] where the next forward writes
         super().__init__(layers=[_Layer(self, i) for i in range(num_layers)])
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every allocated key and value tensor [1, kvH, max_len, D]."""
+        return [t for layer in self.layers for t in (layer.keys, layer.values) if t is not None]
 
     def place(self, slots: torch.Tensor) -> None:
         """The next forward writes its q tokens at `slots` [q]."""
@@ -93,10 +99,11 @@ class TreeCache(Cache):
 
     def commit(self, slots: torch.Tensor) -> None:
         """Keep the uncommitted slots `length + slots` [m] (ascending), moved to length..length+m."""
-        m = slots.shape[0]
-        for kv in self.kv.allocated():  # [layers, 2, kvH, max_len, D]
-            src = slots.to(kv.device) + self.length
-            kv[:, :, :, self.length : self.length + m] = kv.index_select(3, src)
+        m, src = slots.shape[0], {}
+        for t in self.tensors():  # [1, kvH, max_len, D]
+            if t.device not in src:
+                src[t.device] = slots.to(t.device) + self.length
+            t[:, :, self.length : self.length + m] = t.index_select(2, src[t.device])
         self.length += m
 
 

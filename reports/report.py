@@ -412,15 +412,12 @@ def inputs_table(run: Run) -> pd.DataFrame:
     held = _instructions(run, run.heldout, HELD_PROMPTS)
     n_held = int(run.bench["prompts"].iloc[0]) if run.bench is not None and "prompts" in run.bench.columns else \
         (len(held) if held is not None else None)
-    first, n_fit = src.get("offset"), len(fit) if fit is not None else 0
-
-    def items(lo, n):  # where a prompt set sits in the source, where the demo recorded its slice
-        return f", items {lo}-{lo + n - 1} of the source" if isinstance(first, int) and n_fit and n else ""
-
+    n_fit = len(fit) if fit is not None else 0
+    drawn = f", a random draw across the source (seed {src['seed']})" if "seed" in src else ""
     rows.append(("calibration prompts (fit)", (f"{n_fit}" if fit is not None else "not recorded")
-                 + items(first, n_fit) + _by_source(cal)))
+                 + (drawn if n_fit else "") + _by_source(cal)))
     rows.append(("held-out prompts (bench, ceiling)", (f"{n_held}" if n_held is not None else "none")
-                 + items((first or 0) + n_fit, n_held) + _by_source(run.heldout)))
+                 + (drawn if n_held else "") + _by_source(run.heldout)))
     if fit is not None and held is not None:
         norm = lambda s: " ".join(s.lower().split())  # noqa: E731
         both = len({norm(s) for s in fit} & {norm(s) for s in held})

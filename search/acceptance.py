@@ -16,9 +16,10 @@ node values, and the predicted tokens/step = 1 + that sum. Two models:
 - ``smoothed`` (the default): the empirical counts shrunk toward the product model, one level at a
   time: value(p) = value(parent) * (hits(p) + s * b_d^(i)) / (hits(parent) + s), where hits counts
   the positions whose ranks start with the path, b_d^(i) is head d's rank-i accuracy with half a
-  pseudo-count per rank (so no node has value 0 and `--nodes N` always gets N nodes) and s, the
-  strength in pseudo-positions, is chosen by cross-validation over prompts (`choose_strength`):
-  s = 0 is the empirical model, s = inf the product model. Written ``smoothed:S`` for a fixed S.
+  pseudo-count per rank, and s, the strength in pseudo-positions, is chosen by cross-validation
+  over prompts (`choose_strength`) among values > 0 (so no node has value 0 and `--nodes N` always
+  gets N nodes): s = 0 would be the empirical model, s = inf is the product model. Written
+  ``smoothed:S`` for a fixed S.
 
 In all models value(child) <= value(parent). Greedy search (add the frontier node of highest
 value, ties broken by (depth, path)) therefore picks the n largest values of all nodes, a set that
@@ -42,9 +43,10 @@ from treeopt.core.tree import Tree
 
 MODELS = ("smoothed", "empirical", "independent")
 DEFAULT_MODEL = "smoothed"
-STRENGTHS = (0.0, 1.0, 4.0, 16.0, 64.0, math.inf)  # the candidates `choose_strength` cross-validates
+# The candidates `choose_strength` cross-validates: all > 0, so every node the heads can reach has a
+# nonzero value and `--nodes N` always gets N nodes (s = 0, the empirical model, gives unseen nodes 0).
+STRENGTHS = (1.0, 4.0, 16.0, 64.0, math.inf)
 STRENGTH_SIZES = (16, 64)  # tree sizes whose mean held-out replay chooses the strength
-TIE = 0.001  # scores within 0.1 % of the best are a tie (noise), won by the stronger smoothing
 FALLBACK_STRENGTH = 16.0  # for a calibration of one prompt, where there is nothing to cross-validate
 
 
@@ -259,14 +261,10 @@ class Smoothed:
         return mass, lambda k: (ci[:, :k].ravel(), ch[:, :k].ravel(), cv[:, :k].ravel())
 
 
-def choose_strength(calibration: Calibration, folds: int = 4, seed: int = 0) -> float:
-    """The smoothing strength (of `STRENGTHS`) whose trees replay best on held-out prompts: K-fold
-    over prompts, fit on K-1 folds, greedy trees of `STRENGTH_SIZES` nodes replayed on the held-out
-    fold, mean tokens/step over those sizes. Strengths within `TIE` of the best score count as tied
-    and the strongest of them wins: the simpler model, unless the data clearly say otherwise."""
-    groups = calibration.folds(min(folds, len(calibration.prompts)), seed)
-    if len(groups) < 2:
-        return FALLBACK_STRENGTH
+def strength_scores(calibration: Calibration, folds: int = 4, seed: int = 0) -> np.ndarray:
+    """[len(STRENGTHS)] each strength's held-out score: K-fold over prompts, fit on K-1 folds, greedy
+    trees of `STRENGTH_SIZES` nodes replayed on the held-out fold, mean tokens/step over those sizes."""
+    groups = calibration.folds(folds, seed)
     tokens = np.zeros((len(STRENGTHS), len(STRENGTH_SIZES)))
     steps = np.zeros_like(tokens)
     for held in groups:
@@ -278,9 +276,20 @@ def choose_strength(calibration: Calibration, folds: int = 4, seed: int = 0) -> 
             for m, r in enumerate(replay_prefixes(Tree(tuple(paths)), rows, STRENGTH_SIZES)):
                 tokens[j, m] += r.tokens.sum()
                 steps[j, m] += r.steps.sum()
-    score = (tokens / np.maximum(steps, 1)).mean(1)  # [strengths]
-    near_best = np.flatnonzero(score >= score.max() * (1 - TIE))
-    return STRENGTHS[int(near_best[-1])]  # STRENGTHS ascend: the strongest smoothing among the near-best
+    return (tokens / np.maximum(steps, 1)).mean(1)
+
+
+def choose_strength(calibration: Calibration, folds: int = 4, seed: int = 0, tie: float = 0.0) -> float:
+    """The smoothing strength (of `STRENGTHS`) whose trees replay best on held-out prompts
+    (`strength_scores`); equal scores go to the stronger smoothing. With `tie` > 0, scores within
+    that fraction of the best count as equal (benchmarks/bench_predictions.py measures 0.1 %: no
+    better on held-out prompts than the plain best)."""
+    k = min(folds, len(calibration.prompts))
+    if k < 2:
+        return FALLBACK_STRENGTH
+    score = strength_scores(calibration, k, seed)
+    near_best = np.flatnonzero(score >= score.max() * (1 - tie))
+    return STRENGTHS[int(near_best[-1])]  # STRENGTHS ascend: the strongest smoothing among the best
 
 
 def resolve_model(calibration: Calibration, model: str = DEFAULT_MODEL) -> str:

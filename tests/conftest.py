@@ -60,6 +60,24 @@ def smollm2():
     return load_model("smollm2-135m", device="cpu", dtype="float32")
 
 
+def slow_ranks(model, heads, prompt_ids, tokens, top_k):
+    """Reference ranks [T, K] of a continuation: a forward of prompt + continuation alone, every head's
+    full argsort of its logits."""
+    import numpy as np
+
+    from treeopt.core.record import MISSING
+
+    P, T, K = len(prompt_ids), len(tokens), heads.num_heads
+    hidden = model.model(torch.tensor([prompt_ids + tokens])).last_hidden_state[0, P - 1:P - 1 + T]  # [T, H]
+    order = heads(hidden, model.lm_head).argsort(-1, descending=True)  # [K, T, V]
+    out = np.full((T, K), MISSING)
+    for t in range(T):
+        for k in range(1, K + 1):
+            if t + k < T:
+                out[t, k - 1] = min((order[k - 1, t] == tokens[t + k]).nonzero().item(), top_k)
+    return out
+
+
 def random_ranks(lengths, num_heads: int, top_k: int, seed: int = 0, miss: float = 0.3):
     """Correlated rank matrices, one [T, K] int16 array per prompt: a per-position easiness drives
     every head (so heads are not independent), misses are top_k, -1 past the continuation's end."""

@@ -6,6 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import slow_ranks
 from treeopt.core.record import ACCURACY, CONTINUATIONS, META, MISSING, RANKS, load_calibration
 from calibrate.ranks import count_above, head_ranks, head_targets
 from calibrate.run import SHARDS, TIMING, CalibrationConfig, calibrate, select_prompts
@@ -53,19 +54,6 @@ def files(directory):
     meta = json.loads((directory / META).read_text())
     return {f: (directory / f).read_bytes() for f in (RANKS, ACCURACY, CONTINUATIONS)} | {
         META: {k: v for k, v in meta.items() if k not in TIMING}}
-
-
-def slow_ranks(model, heads, prompt_ids, tokens, top_k):
-    """Reference: teacher-forced forward of prompt + continuation, every head's full argsort."""
-    P, T, K = len(prompt_ids), len(tokens), heads.num_heads
-    hidden = model.model(torch.tensor([prompt_ids + tokens])).last_hidden_state[0, P - 1:P - 1 + T]  # [T, H]
-    order = heads(hidden, model.lm_head).argsort(-1, descending=True)  # [K, T, V]
-    out = np.full((T, K), MISSING)
-    for t in range(T):
-        for k in range(1, K + 1):
-            if t + k < T:
-                out[t, k - 1] = min((order[k - 1, t] == tokens[t + k]).nonzero().item(), top_k)
-    return out
 
 
 def test_head_targets():

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from search.acceptance import STRENGTH_SIZES, STRENGTHS, TIE, choose_strength, resolve_model
+from search.acceptance import STRENGTH_SIZES, STRENGTHS, choose_strength, resolve_model, strength_scores
 from search.crossval import calibration_curve, cross_validated, leave_one_source_out, per_source
 from search.grow import search
 from treeopt.cli import app
@@ -91,9 +91,12 @@ def test_calibration_curve_ends_at_the_cross_validated_figure(cal):
 def test_strength_is_the_best_cross_validated_candidate(cal):
     scores = np.array([np.mean([r.tokens_per_step for r in cross_validated(cal, STRENGTH_SIZES, f"smoothed:{s:g}")])
                        for s in STRENGTHS])
+    np.testing.assert_allclose(strength_scores(cal), scores)
     chosen = STRENGTHS.index(choose_strength(cal))
-    assert scores[chosen] >= scores.max() * (1 - TIE)  # the best, or tied with it
-    assert (scores[chosen + 1:] < scores.max() * (1 - TIE)).all()  # no stronger smoothing ties the best
+    assert scores[chosen] == pytest.approx(scores.max()) and (scores[chosen + 1:] < scores.max() - 1e-12).all()
+    tie = 0.01  # scores within 1 % of the best tie, and the strongest of them wins
+    chosen = STRENGTHS.index(choose_strength(cal, tie=tie))
+    assert scores[chosen] >= scores.max() * (1 - tie) and (scores[chosen + 1:] < scores.max() * (1 - tie)).all()
 
 
 @settings(max_examples=25, deadline=None)

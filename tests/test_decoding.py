@@ -191,7 +191,7 @@ def test_half_precision_runs(dtype):
     heads = random_heads(model, num_heads=4, seed=1)  # fp32: the decoder casts a copy
     dec = TreeDecoder(model, heads, TREES["wide"], stop_ids={EOS})
     got = dec.generate(prompt(0), 24)
-    assert dec.cache.kv.allocated()[0].dtype == dtype and dec.tree_bias.dtype == dtype
+    assert dec.cache.tensors()[0].dtype == dtype and dec.tree_bias.dtype == dtype
     assert 1 <= len(got.tokens) <= 24 and all(0 <= t < 97 for t in got.tokens)
     want = greedy_reference(model, prompt(0), 24, {EOS}).tokens
     assert got.tokens[:3] == want[:3]  # a flip can come later; the first tokens agree

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pandas as pd
 import pytest
 
-from treeopt.demo import DemoConfig, run_demo
+from treeopt.demo import DemoConfig, run_demo, split_prompts
 from treeopt.core.errors import TreeoptError
 
 
@@ -18,7 +18,7 @@ def tiny_demo(tmp_path_factory, tiny_model_dir):
     prompts = d / "prompts.json"
     prompts.write_text(json.dumps([{"instruction": f"w{i} w{i + 1} w{i + 2}"} for i in range(3, 10)]))
     # top-k = the whole vocabulary: every rank prefix is seen, so the search fills its node budget
-    cfg = DemoConfig(model=str(tiny_model_dir), heads="random", prompts=str(prompts), offset=1, fit_prompts=3,
+    cfg = DemoConfig(model=str(tiny_model_dir), heads="random", prompts=str(prompts), seed=1, fit_prompts=3,
                      bench_prompts=2, max_new_tokens=8, top_k=97, nodes=8, cartesian=("best",),
                      published=("mc_sim_7b_63",), profile_sizes="0,8", device="cpu", dtype="float32")
     logs: list[str] = []
@@ -36,7 +36,8 @@ def test_demo_writes_every_stage(tiny_demo):
 
     fit = [r["instruction"] for r in json.loads((out / "prompts" / "fit.json").read_text())]
     held = [r["instruction"] for r in json.loads((out / "prompts" / "bench.json").read_text())]
-    assert fit == ["w4 w5 w6", "w5 w6 w7", "w6 w7 w8"] and held == ["w7 w8 w9", "w8 w9 w10"]
+    assert [fit, held] == [[r["instruction"] for r in part] for part in split_prompts(cfg)]
+    assert len(fit) == 3 and len(held) == 2 and not set(fit) & set(held)
 
     bench = pd.read_csv(out / "bench" / "bench.csv")
     methods = list(bench["method"])
@@ -87,6 +88,28 @@ def test_demo_needs_enough_prompts(tmp_path, tiny_demo):
         run_demo(tmp_path / "r", replace(cfg, fit_prompts=100), log=lambda s: None)
 
 
+def test_demo_draws_held_out_prompts_across_sources(tmp_path):
+    """A seeded draw across the sources; the bench never holds a fit prompt's text, even repeated."""
+    from treeopt.core.prompts import normalized
+
+    records = [{"instruction": f"Question {i}?", "dataset": "ab"[i % 2]} for i in range(20)]
+    records += [{"instruction": "  question 0? "}, {"instruction": "QUESTION 2?", "dataset": "b"}]  # repeats
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(records))
+    cfg = DemoConfig(prompts=str(path), fit_prompts=10, bench_prompts=10)
+    for seed in range(5):
+        fit, held = split_prompts(replace(cfg, seed=seed))
+        assert len(fit) == 10 and len(held) == 10
+        assert [r["dataset"] for r in fit].count("a") == 5  # each source its share
+        assert not {normalized(r["instruction"]) for r in fit} & {normalized(r["instruction"]) for r in held}
+        assert {json.dumps(r) for r in fit + held} <= {json.dumps(r) for r in records}
+        assert split_prompts(replace(cfg, seed=seed)) == (fit, held)  # seeded
+    draws = {json.dumps(split_prompts(replace(cfg, seed=seed))[0]) for seed in range(5)}
+    assert len(draws) > 1
+    with pytest.raises(TreeoptError, match="besides the fit ones"):
+        split_prompts(replace(cfg, bench_prompts=13))
+
+
 def test_demo_prompts_offline_without_a_local_copy(monkeypatch):
     """No ../shared copy and no hub: the demo takes the bundled instructions instead of failing."""
     import treeopt.core.prompts
@@ -96,7 +119,8 @@ def test_demo_prompts_offline_without_a_local_copy(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     said = []
     fit, held = split_prompts(DemoConfig(), log=said.append)
-    assert len(fit) == 24 and len(held) == 8 and not set(fit) & set(held)
+    texts = [{r["instruction"] for r in part} for part in (fit, held)]
+    assert len(fit) == 24 and len(held) == 8 and not texts[0] & texts[1]
     assert "offline.json" in said[0]
     source, note = prompt_source(DemoConfig(), log=said.append)
     assert source.endswith("offline.json") and "not AlpacaEval" in note  # the report shows this note

@@ -59,7 +59,6 @@ def test_tree_decoding_over_two_devices_equals_one(tiny_llama, monkeypatch):
     two_devices(monkeypatch)
     split = TreeDecoder(tiny_llama, heads, TREE, stop_ids=())
     out = split.generate(PROMPTS[2], 24)
-    assert [len(d.cache.kv.allocated()) for d in (one, split)] == [1, 2]
     assert out.tokens == ref.tokens and out.accepted == ref.accepted
 
 

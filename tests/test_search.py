@@ -270,6 +270,8 @@ def test_smoothed_fills_every_budget_and_its_strength_is_cross_validated(make_ca
     assert len(search(cal, 60, "empirical").tree) < 60  # the empirical model stops at the paths it saw
     assert len(search(cal, 60, "smoothed:4").tree) == 60
     assert len(search(cal, 200, "smoothed:4").tree) == 4 + 16 + 64  # every node up to depth 3 x top-4
+    for prompts in ([0], [0, 1]):  # the default model, whatever strength it chooses, fills the budget
+        assert len(search(cal.subset(np.array(prompts)), 60, "smoothed").tree) == 60
     # the chosen strength is the candidate with the best held-out replay; a calibration of one prompt cannot choose
     from search.acceptance import FALLBACK_STRENGTH, STRENGTHS
     assert choose_strength(cal) in STRENGTHS and resolve_model(cal) == f"smoothed:{choose_strength(cal):g}"

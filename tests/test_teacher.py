@@ -5,11 +5,17 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from conftest import slow_ranks
+
 from calibrate.run import CalibrationConfig, calibrate
-from calibrate.teacher import calibrate_teacher_forced, read_conversations, sequences
-from decoding.heads import random_heads
+from calibrate.teacher import (PADDING, calibrate_teacher_forced, forward_groups, hidden_states, read_conversations,
+                               sequences)
+from decoding.heads import MedusaHeads, random_heads
 from decoding.models import load_model
 from treeopt.cli import app
 from treeopt.core.errors import TreeoptError
@@ -69,6 +75,44 @@ def test_one_forward_per_conversation_when_the_template_appends(chat, tiny_model
     other = load_model(str(tiny_model_dir), device="cpu").tokenizer
     seqs = sequences(other, messages, {2}, max_tokens=64)
     assert [other.convert_ids_to_tokens(s.ids[s.spans[0][0]:]) for s in seqs] == [["w7", "w8", "w9"], ["w11"]]
+
+
+@given(st.lists(st.integers(1, 300), max_size=40), st.integers(1, 9))
+def test_forward_groups_batch_by_length_with_little_padding(lengths, size):
+    groups = forward_groups(lengths, size)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    order = [lengths[i] for g in groups for i in g]
+    assert order == sorted(lengths, reverse=True)  # longest first: each group pads up to its first
+    for g in groups:
+        assert len(g) <= size
+        assert len(g) * lengths[g[0]] - sum(lengths[i] for i in g) <= PADDING * len(g) * lengths[g[0]]
+
+
+def test_hidden_states_ignore_the_padding_after_a_sequence(chat):
+    long, short = list(range(3, 40)), list(range(50, 60))
+    both = hidden_states(chat.model, [long, short], pad=0)  # [2, 37, H], the short one right-padded
+    torch.testing.assert_close(both[1, :10], hidden_states(chat.model, [short], pad=0)[0])
+    torch.testing.assert_close(both[0], hidden_states(chat.model, [long], pad=0)[0])
+
+
+def test_teacher_forced_ranks_equal_a_reference(tmp_path, chat, heads_dir):
+    """Multi-turn conversations of many lengths, batched by length with padding: every turn's ranks are
+    those of a forward of that turn's prompt + answer alone, ranked over the whole vocabulary."""
+    data = tmp_path / "chat.json"
+    turns = lambda i: [{"from": "human", "value": WORDS[i]}, {"from": "gpt", "value": " ".join(WORDS[i:])},
+                       {"from": "human", "value": "w9"}, {"from": "gpt", "value": WORDS[(i + 1) % 6] * (1 + i % 3)}]
+    data.write_text(json.dumps([{"conversations": turns(i)[: 2 + 2 * (i % 2)]} for i in range(6)]))
+    cal = load_calibration(calibrate_teacher_forced(CalibrationConfig(
+        out=tmp_path / "tf", teacher_forced=str(data), heads=str(heads_dir), max_new_tokens=12, top_k=30,
+        batch_size=3, shard_size=4, progress=False), loaded=chat))
+    conts = cal.continuations()
+    heads = MedusaHeads.load(heads_dir, chat.model)
+    assert list(conts["prompt_id"]) == list(range(9)) and len({len(t) for t in conts["tokens"]}) > 3
+    assert ((cal.ranks >= 0) & (cal.ranks < 30)).any() and (cal.ranks == 30).any()  # hits and misses
+    for row in conts.itertuples():
+        mine = cal.ranks[cal.prompt_ids == row.prompt_id]
+        np.testing.assert_array_equal(mine, slow_ranks(chat.model, heads, row.prompt_ids.tolist(),
+                                                       row.tokens.tolist(), 30))
 
 
 def test_teacher_forced_on_the_models_own_answers_equals_generated(tmp_path, chat, heads_dir):

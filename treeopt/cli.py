@@ -153,7 +153,7 @@ def calibrate(
     first: Optional[int] = typer.Option(None, "--first", help="Use the first N prompts (conversations), in file order (instead of --limit)."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Greedy continuation length cap (stops earlier at EOS); teacher-forced: the cap on each assistant turn."),
     top_k: int = typer.Option(10, "--top-k", help="Ranks >= top-k are recorded as a miss."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generation batch (1: exactly unbatched greedy); teacher-forced: sequences per forward."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generation batch (1: exactly unbatched greedy); teacher-forced: at most that many sequences per forward, batched by length."),
     shard_size: int = typer.Option(32, "--shard-size", help="Prompts per resumable shard (rounded up to whole batches)."),
     seed: int = typer.Option(0, "--seed", help="typical: the seed of the sampled roots."),
     out: Path = typer.Option(Path("calibration"), "--out", "-o", help="Output directory; rerun the same command to resume."),
@@ -411,9 +411,9 @@ def report(
 @command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run directory (re-running resumes it)."),
-    limit: int = typer.Option(24, "--limit", help="Prompts to calibrate on (the first of the slice)."),
-    bench_prompts: int = typer.Option(8, "--bench-prompts", help="Held-out prompts to benchmark on (the next ones)."),
-    offset: int = typer.Option(0, "--offset", help="First prompt of the slice."),
+    limit: int = typer.Option(24, "--limit", help="Prompts to calibrate on, drawn at random across the prompt file's sources (seeded by --seed)."),
+    bench_prompts: int = typer.Option(8, "--bench-prompts", help="Held-out prompts to benchmark on, drawn the same way among the others."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the prompt draw."),
     max_new_tokens: int = typer.Option(96, "--max-new-tokens", help="New tokens per prompt (calibration and bench)."),
     nodes: str = typer.Option("16", "--nodes", help="Size of the searched tree (16 keeps a CPU demo short; 64 on a GPU), or `auto`: the size of best predicted tokens/s on this machine (uses the profile)."),
     top_k: int = typer.Option(10, "--top-k", help="Ranks per head recorded by the calibration."),
@@ -430,14 +430,14 @@ def demo(
     threads: Optional[int] = ThreadsOpt,
     quiet: bool = QuietOpt,
 ):
-    """The main job, small: calibrate on a slice of AlpacaEval, search the tree, bench each baseline
+    """The main job, small: calibrate on a random sample of AlpacaEval, search the tree, bench each baseline
     (Cartesian, published, chain) beside a searched tree of its size on held-out prompts, write the report."""
     from treeopt.demo import DemoConfig, run_demo
 
     split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
     if nodes != "auto" and not nodes.isdigit():
         raise TreeoptError(f"--nodes {nodes!r}: pass a number of nodes, e.g. 64, or auto")
-    config = DemoConfig(model=model, heads=heads, prompts=prompts, offset=offset, fit_prompts=limit,
+    config = DemoConfig(model=model, heads=heads, prompts=prompts, seed=seed, fit_prompts=limit,
                         bench_prompts=bench_prompts, max_new_tokens=max_new_tokens, top_k=top_k,
                         nodes=nodes if nodes == "auto" else int(nodes),
                         cartesian=split(cartesian), published=split(published), chain=chain,

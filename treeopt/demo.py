@@ -2,9 +2,10 @@
 
 Stages, each writing into OUT (a run directory, see reports/report.py):
 
-1. prompts   OUT/prompts/fit.json and OUT/prompts/bench.json: a slice of the prompt set, split in
-             two disjoint parts: the first `fit_prompts` to calibrate on, the next `bench_prompts`
-             held out for the benchmark (never evaluate on what the tree was fitted to).
+1. prompts   OUT/prompts/fit.json and OUT/prompts/bench.json: `fit_prompts` to calibrate on and
+             `bench_prompts` held out for the benchmark, each a seeded random draw across the prompt
+             set's sources (AlpacaEval's `dataset`), the bench among prompts whose text is not in
+             the fit set (never evaluate on what the tree was fitted to).
              OUT/prompts/source.json says where they came from.
 2. calibrate OUT/calibration/ (calibrate/: the heads' rank of each true token, per position).
 3. heldout   OUT/calibration-heldout/: the same on the held-out prompts, for the report's ceiling
@@ -46,7 +47,7 @@ class DemoConfig:
     model: str = "smollm2-135m"
     heads: str | None = None  # None: the heads shipped for the bundled model
     prompts: str | None = None  # None: treeopt.core.prompts.default_prompts() (AlpacaEval)
-    offset: int = 0  # first prompt of the slice
+    seed: int = 0  # of the random draw of the fit and bench prompts
     fit_prompts: int = 24  # calibrate on these
     bench_prompts: int = 8  # and bench on the next ones
     max_new_tokens: int = 96  # per prompt, in calibration and bench
@@ -131,18 +132,27 @@ def prompt_source(cfg: DemoConfig, log: Callable[[str], None] = print) -> tuple[
 
 
 def split_prompts(cfg: DemoConfig, log: Callable[[str], None] = print,
-                  source: str | None = None) -> tuple[list[str], list[str]]:
-    """(fit, held-out) instructions: consecutive, disjoint slices of the prompt set."""
-    from treeopt.core.prompts import load_instructions
+                  source: str | None = None) -> tuple[list[dict], list[dict]]:
+    """(fit, held-out) prompt records ({"instruction", "dataset"}, "dataset" where the source is
+    known): `fit_prompts` drawn at random across the prompt set's sources
+    (`treeopt.core.prompts.stratified_sample`, seeded by `seed`), then `bench_prompts` drawn the same
+    way among the other prompts whose text (normalized) is not in the fit set, so the bench is held
+    out even where the file repeats a prompt."""
+    from treeopt.core.prompts import load_prompts, normalized, stratified_sample
 
     if cfg.fit_prompts < 1 or cfg.bench_prompts < 1:
         raise TreeoptError("--limit and --bench-prompts must both be at least 1")
     source = source or prompt_source(cfg, log)[0]
-    instructions = load_instructions(source, cfg.fit_prompts + cfg.bench_prompts, cfg.offset)
-    if len(instructions) < cfg.fit_prompts + cfg.bench_prompts:
-        raise TreeoptError(f"{source} has only {len(instructions)} prompts from offset {cfg.offset}: "
+    instructions, sources = load_prompts(source)
+    fit = stratified_sample(sources, cfg.fit_prompts, cfg.seed)
+    seen = {normalized(instructions[i]) for i in fit}
+    rest = [i for i, text in enumerate(instructions) if normalized(text) not in seen]
+    if len(fit) < cfg.fit_prompts or len(rest) < cfg.bench_prompts:
+        raise TreeoptError(f"{source} has only {len(instructions)} prompts ({len(rest)} besides the fit ones): "
                            f"lower --limit ({cfg.fit_prompts}) or --bench-prompts ({cfg.bench_prompts})")
-    return instructions[: cfg.fit_prompts], instructions[cfg.fit_prompts:]
+    held = [rest[j] for j in stratified_sample([sources[i] for i in rest], cfg.bench_prompts, cfg.seed)]
+    record = lambda i: {"instruction": instructions[i], **({"dataset": sources[i]} if sources[i] else {})}  # noqa: E731
+    return [record(i) for i in fit], [record(i) for i in held]
 
 
 def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None,
@@ -190,14 +200,14 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None,
     def prompts():
         source, note = prompt_source(cfg, log)
         fit, held = split_prompts(cfg, log, source)
-        write_text(fit_file, json.dumps([{"instruction": s} for s in fit], indent=1) + "\n")
-        write_text(bench_file, json.dumps([{"instruction": s} for s in held], indent=1) + "\n")
-        write_text(out / "prompts" / "source.json", json.dumps({"source": source, "note": note, "offset": cfg.offset,
+        write_text(fit_file, json.dumps(fit, indent=1) + "\n")
+        write_text(bench_file, json.dumps(held, indent=1) + "\n")
+        write_text(out / "prompts" / "source.json", json.dumps({"source": source, "note": note, "seed": cfg.seed,
                                                                 "fit": len(fit), "held_out": len(held)}, indent=1) + "\n")
 
     c = _settings(cfg)
     model = {k: c[k] for k in ("model", "heads", "device", "dtype")}
-    stage("prompts", {k: c[k] for k in ("prompts", "offset", "fit_prompts", "bench_prompts")}, [],
+    stage("prompts", {k: c[k] for k in ("prompts", "seed", "fit_prompts", "bench_prompts")}, [],
           [fit_file, bench_file, out / "prompts" / "source.json"], prompts)
     calibration = {**model, "max_new_tokens": c["max_new_tokens"], "top_k": c["top_k"]}
     files = lambda d: [d / f for f in (RANKS, CONTINUATIONS, ACCURACY, META)]  # noqa: E731  a calibration's files

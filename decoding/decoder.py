@@ -4,8 +4,8 @@ One step, with N = tree nodes + 1 and the committed prefix of `cur` tokens in th
 
 1. tokens [N] = the root (the base model's token at the last accepted position) + each tree node's
    head top-k token; positions = cur + node depth.
-2. One forward of the N tokens (the verification step, compiled once per tree size with
-   `compiled=True`): they are written to cache slots cur..cur+N-1 and a 4D additive mask
+2. One forward of the N tokens (the verification step; with `compiled=True` one compiled graph
+   serves every tree size): they are written to cache slots cur..cur+N-1 and a 4D additive mask
    [1, 1, N, capacity] over the static cache lets node i see the prefix, its ancestors and itself only.
 3. Acceptance picks the longest valid root-to-leaf prefix (greedy: each node's token equals its
    parent's argmax; typical: Medusa's posterior threshold). The step emits the root + accepted nodes.
@@ -106,21 +106,28 @@ def _max_window(config) -> int | None:
     return None
 
 
+def compiles_by_default(model) -> bool:
+    """`--compile` unset: compile where the fast path is, a CPU in bfloat16 (what `--dtype auto` picks where
+    the CPU computes bf16 natively); eager elsewhere (float32 is the exact reference; CUDA untested here)."""
+    weight = model.get_output_embeddings().weight
+    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+
+
 def compile_step(fn, device: torch.device):
-    """torch.compile for a step of fixed shapes: inductor with weight freezing on CPU. Every decoder
-    compiles the same methods (one graph per tree size and capacity), so dynamo may keep many."""
+    """torch.compile for a decoding step: inductor, with weight freezing on CPU. Shapes are dynamic, so
+    one graph serves every tree size and cache capacity (dynamo specializes the one-token plain step
+    apart, and the heads step per tree depth)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if device.type == "cpu":
         # Freezing folds the weights into the graph as constants, prepacked for oneDNN (bf16 linears run
         # ~2x faster packed). Dynamo reads this global flag while tracing to take the weights as constants,
         # so `options=` (read by inductor only, after tracing) is not enough.
         torch._inductor.config.freezing = True
-    return torch.compile(fn, dynamic=False)
+    return torch.compile(fn, dynamic=True)
 
 
 class _Step:
-    """A step function, compiled (when asked) at its first call per shape; `compile_s` sums those
-    first calls. When compiling fails (no C++ compiler, an unsupported op), it runs eagerly from then
+    """A step function, compiled (when asked) at its first call; `compile_s` sums the calls that compiled. When compiling fails (no C++ compiler, an unsupported op), it runs eagerly from then
     on, after a one-line note."""
 
     def __init__(self, fn, device: torch.device, compiled: bool):
@@ -156,7 +163,8 @@ class TreeDecoder:
 
     The verification step (tree forward + lm_head) and the heads' step have fixed shapes per tree size
     (the static TreeCache holds `capacity` slots, grown in multiples of `CAPACITY_STEP`); with
-    `compiled=True` each is compiled once per shape, before any timing starts (`compile_s`).
+    `compiled=True` each is compiled at its first call, before any timing starts (`compile_s`), with
+    dynamic shapes: one graph for all tree sizes and capacities (a second for plain decoding).
     """
 
     CAPACITY_STEP = 256
@@ -199,7 +207,7 @@ class TreeDecoder:
 
     @property
     def compile_s(self) -> float:
-        """Seconds spent compiling (the first call of each step per shape)."""
+        """Seconds spent compiling (the calls that compiled a graph)."""
         return self.verify.compile_s + self.propose.compile_s
 
     # ---- the pieces of a step ---------------------------------------------------------------------
@@ -428,7 +436,7 @@ def greedy_reference(model, prompt_ids, max_new_tokens: int, stop_ids=None) -> D
 
 def run_decode(instruction: str, tree: str | None = None, model: str = "smollm2-135m", heads: str | None = None,
                max_new_tokens: int = 128, acceptance: Acceptance = GREEDY, device: str = "auto",
-               dtype: str = "auto", compiled: bool = False, device_map: str | None = None,
+               dtype: str = "auto", compiled: bool | None = None, device_map: str | None = None,
                max_memory: str | None = None) -> tuple[str, DecodeResult]:
     """The CLI's twin: decode one instruction (as a chat turn) with a tree spec (file, published name
     or list string; None = plain decoding) and return the reply text and the result."""
@@ -437,9 +445,11 @@ def run_decode(instruction: str, tree: str | None = None, model: str = "smollm2-
     from treeopt.core.treefile import read_tree
 
     shape = read_tree(tree) if tree else Tree(())
-    loaded = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
+    loaded = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                        attention="decode")
     medusa = resolve_heads(heads, loaded.model) if shape.num_nodes else None
     stops = stop_token_ids(loaded.model, loaded.tokenizer)
     ids = chat_prompt(loaded.tokenizer, instruction)
+    compiled = compiles_by_default(loaded.model) if compiled is None else compiled
     result = TreeDecoder(loaded.model, medusa, shape, acceptance, stops, compiled=compiled).generate(ids, max_new_tokens)
     return loaded.tokenizer.decode(result.tokens, skip_special_tokens=True), result

@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from decoding.decoder import TreeDecoder, additive_mask, synchronize
+from decoding.decoder import TreeDecoder, additive_mask, compiles_by_default, synchronize
 from decoding.roofline import Machine, measure_machine, step_cost
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write, check_writable
@@ -193,7 +193,7 @@ def run_profile(model: str = "smollm2-135m", heads: str | None = None, sizes: st
                 context: int = 256, repeats: int = 5, device: str = "auto", dtype: str = "auto",
                 out: str | Path = "latency.csv", progress: bool = True, threads: int | None = None,
                 device_map: str | None = None, max_memory: str | None = None,
-                batch_sizes: str | None = None, compiled: bool = False) -> pd.DataFrame:
+                batch_sizes: str | None = None, compiled: bool | None = None) -> pd.DataFrame:
     """The CLI's twin: load the model and heads, profile, write the CSV atomically."""
     from decoding.heads import resolve_heads
     from decoding.models import load_model, set_threads
@@ -202,8 +202,10 @@ def run_profile(model: str = "smollm2-135m", heads: str | None = None, sizes: st
     tree_sizes = checked_sizes(parse_sizes(sizes), context)
     batches = checked_batch_sizes(parse_sizes(batch_sizes, (1,), "--batch-sizes"))
     check_writable(out, fix="pass another --out")
-    loaded = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
+    loaded = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                        attention="decode")
     medusa = resolve_heads(heads, loaded.model)
+    compiled = compiles_by_default(loaded.model) if compiled is None else compiled
     df = profile_latency(loaded.model, medusa, tree_sizes, context, repeats, model_name=model, progress=progress,
                          batch_sizes=batches, compiled=compiled)
     atomic_write(out, lambda p: df.to_csv(p, index=False, float_format="%.4f"))

@@ -35,7 +35,7 @@ from pathlib import Path
 import pandas as pd
 
 from decoding.models import set_threads
-from decoding.decoder import GREEDY, Acceptance, DecodeResult, TreeDecoder, greedy_reference
+from decoding.decoder import GREEDY, Acceptance, DecodeResult, TreeDecoder, compiles_by_default, greedy_reference
 from decoding.profile import time_step_forward
 from treeopt.core.env import versions
 from treeopt.core.errors import TreeoptError
@@ -223,7 +223,7 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
               prompts: str | None = None, limit: int | None = 20, max_new_tokens: int = 128,
               device: str = "auto", dtype: str = "auto", calibration: str | None = None,
               out: str | Path | None = None, repeats: int = 5, progress: bool = True,
-              threads: int | None = None, compiled: bool = False, device_map: str | None = None,
+              threads: int | None = None, compiled: bool | None = None, device_map: str | None = None,
               max_memory: str | None = None, acceptance: Acceptance = GREEDY) -> BenchResult:
     """The CLI's twin: load everything, benchmark, write bench.csv and bench.json into `out`.
     An interrupted run with the same settings resumes from `out`/.bench-records/. A calibration must
@@ -253,8 +253,10 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
     instructions = load_instructions(source, limit)
     if out is not None:
         check_writable(out, directory=True, fix="pass another --out")
-    loaded = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
+    loaded = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                        attention="decode")
     medusa = resolve_heads(heads, loaded.model)
+    compiled = compiles_by_default(loaded.model) if compiled is None else compiled
     for tree in methods.values():
         tree.check(num_heads=medusa.num_heads)
     ids = [chat_prompt(loaded.tokenizer, s) for s in instructions]

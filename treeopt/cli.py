@@ -69,7 +69,7 @@ HeadsOpt = typer.Option(None, "--heads", help="Medusa heads directory; default: 
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto.")
 ThreadsOpt = typer.Option(None, "--threads", help="torch CPU threads; 1 is best on a machine shared with other jobs.")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (bfloat16 where the device computes it natively, else float32), float32 (exact reference), bfloat16 or float16.")
-CompileOpt = typer.Option(False, "--compile/--eager", help="torch.compile the decoding steps, once per tree size and cache capacity (minutes each on a busy CPU; cached across runs; eager when compiling fails, with a note).")
+CompileOpt = typer.Option(None, "--compile/--eager", help="torch.compile the decoding steps (default: on a CPU in bfloat16, the fast path; one graph for all tree sizes, a minute or two to compile, apart from the timings; eager when compiling fails, with a note).")
 DeviceMapOpt = typer.Option(None, "--device-map", help="auto (or balanced, sequential): spread a large model over the GPUs with accelerate (--device is then unused).")
 MaxMemoryOpt = typer.Option(None, "--max-memory", help="With --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB.")
 PromptsOpt = typer.Option(None, "--prompts", "-p", help="Prompt source: alpaca_eval (hub, via `datasets`), a .json/.jsonl file with an `instruction` or `prompt` field, or a Hugging Face dataset id; default: ../shared/data/alpaca_eval.json if present, else alpaca_eval.")
@@ -299,7 +299,7 @@ def decode(
     heads: Optional[str] = HeadsOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
-    compiled: bool = CompileOpt,
+    compiled: Optional[bool] = CompileOpt,
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemoryOpt,
 ):
@@ -334,7 +334,7 @@ def bench(
     heads: Optional[str] = HeadsOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
-    compiled: bool = CompileOpt,
+    compiled: Optional[bool] = CompileOpt,
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemoryOpt,
     quiet: bool = QuietOpt,
@@ -366,7 +366,7 @@ def profile(
     heads: Optional[str] = HeadsOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
-    compiled: bool = CompileOpt,
+    compiled: Optional[bool] = CompileOpt,
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemoryOpt,
     quiet: bool = QuietOpt,
@@ -426,7 +426,7 @@ def demo(
     heads: Optional[str] = HeadsOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
-    compiled: bool = CompileOpt,
+    compiled: Optional[bool] = CompileOpt,
     threads: Optional[int] = ThreadsOpt,
     quiet: bool = QuietOpt,
 ):

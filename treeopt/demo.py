@@ -59,7 +59,7 @@ class DemoConfig:
     profile_sizes: str = "0,1,2,4,8,16,32,64"  # latency profile sizes ("" to skip the profile)
     device: str = "auto"
     dtype: str = "auto"
-    compiled: bool = False  # torch.compile the decoding steps (profile and bench)
+    compiled: bool | None = None  # torch.compile the decoding steps (profile and bench); None: on the CPU bf16 fast path
     threads: int | None = None  # torch CPU threads (None: torch's default); 1 is best on a shared machine
 
 

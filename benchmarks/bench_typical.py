@@ -48,7 +48,7 @@ def main() -> None:
 
     from calibrate.run import CalibrationConfig, calibrate
     from calibrate.typical import DEFAULT_INTERNAL, calibrate_typical
-    from decoding.decoder import Acceptance, TreeDecoder
+    from decoding.decoder import Acceptance, TreeDecoder, compiles_by_default
     from decoding.heads import resolve_heads
     from decoding.models import chat_prompt, load_model, set_threads, stop_token_ids
     from reports.bench import run_bench
@@ -75,7 +75,7 @@ def main() -> None:
         files[name].write_text(json.dumps([{"instruction": s} for s in part]))
     sizes = [int(n) for n in args.nodes.split(",")]
     rule = Acceptance("typical", args.temperature, seed=args.seed)
-    loaded = load_model("smollm2-135m", device="cpu")
+    loaded = load_model("smollm2-135m", device="cpu", attention="decode")  # as `treeopt bench` decodes
     heads = resolve_heads(None, loaded.model)
     config = CalibrationConfig(out=work / "greedy", prompts=str(files["fit"]), max_new_tokens=args.max_new_tokens, seed=args.seed,
                                device="cpu", progress=False)
@@ -130,7 +130,8 @@ def main() -> None:
         tps[name] = new / steps
         predicted = typical.expected_tokens_per_step(record, tree)
         lo, hi = ReplayResult(np.array(common), *(np.array([measured[name][i][j] for i in common]) for j in (0, 1))).interval()
-        again = TreeDecoder(model, heads, tree, rule, stops).generate(first, args.max_new_tokens)
+        again = TreeDecoder(model, heads, tree, rule, stops, compiled=compiles_by_default(model)).generate(
+            first, args.max_new_tokens)
         rows.append({"tree": name, "nodes": tree.num_nodes, "depth": tree.depth, "predicted": predicted,
                      "measured": tps[name], "measured_ci": f"{lo:.3f}-{hi:.3f}",
                      "predicted_err_%": 100 * (predicted / tps[name] - 1), "steps": steps, "new_tokens": new,

@@ -89,7 +89,7 @@ def calibrate_typical(config: CalibrationConfig, rule: Acceptance, internal: Tre
         raise TreeoptError("calibrate_typical needs --acceptance typical")
     source = config.prompts or default_prompts()
     instructions, _ = select_prompts(source, config.limit, config.first, config.seed)
-    loaded = loaded or load_model(config.model, device=config.device, dtype=config.dtype)
+    loaded = loaded or load_model(config.model, device=config.device, dtype=config.dtype, attention="decode")
     model, tokenizer = loaded.model, loaded.tokenizer
     heads = heads if heads is not None else resolve_heads(config.heads, model)
     if internal is None:

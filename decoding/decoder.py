@@ -168,6 +168,7 @@ class TreeDecoder:
     """
 
     CAPACITY_STEP = 256
+    FUSED_ROWS = 12  # project the heads inside the verification step when they add at most this many rows
 
     def __init__(self, model, heads, tree: Tree, acceptance: Acceptance = GREEDY, stop_ids=None,
                  top_k: int | None = None, time_model: bool = False, compiled: bool = False):
@@ -202,6 +203,13 @@ class TreeDecoder:
         self.bias: torch.Tensor | None = None  # [N, capacity] the mask rows of a step
         self.generator = torch.Generator(device=self.device)
         self.time_model = time_model
+        # The heads' candidates need a second pass over the vocabulary matrix after acceptance; for small
+        # trees it is cheaper to project every tree row's head features inside the verification product
+        # (one pass, N x (1 + D) rows: the extra rows cost less than a pass while the product is
+        # memory-bound). `benchmarks/bench_heads.py` measures both.
+        self.fused = (heads is not None and not heads.config.own_lm_head and self.depth > 0
+                      and self.buf.num_nodes * self.depth <= self.FUSED_ROWS)
+        self.row_topk: torch.Tensor | None = None  # [N, D, top_k] fused: each row's candidates, last step
         self.verify = _Step(self._verify, self.device, compiled)
         self.propose = _Step(self._propose, self.device, compiled)
 
@@ -220,9 +228,16 @@ class TreeDecoder:
         return out.last_hidden_state[0]
 
     def _verify(self, tokens: torch.Tensor, bias: torch.Tensor, positions: torch.Tensor):
-        """The tree forward: tokens [N] -> (logits [N, V], hidden [N, H])."""
-        hidden = self.forward(tokens, bias, positions)
-        return self.lm_head(hidden), hidden
+        """The tree forward: tokens [N] -> (logits [N, V], hidden [N, H], fused: the heads' top-k at every
+        row [N, D, top_k], else None)."""
+        hidden = self.forward(tokens, bias, positions)  # [N, H]
+        if not self.fused:
+            return self.lm_head(hidden), hidden, None
+        N, D = hidden.shape[0], self.depth
+        rows = torch.cat([hidden[None], self.heads.features(hidden)[:D]])  # [1 + D, N, H]
+        logits = self.lm_head(rows)  # [1 + D, N, V]: one pass over the vocabulary matrix
+        topk = torch.topk(logits[1:], self.buf.top_k, dim=-1).indices  # [D, N, top_k]
+        return logits[0], hidden, topk.transpose(0, 1)
 
     def _propose(self, hidden: torch.Tensor, depth: int | None = None) -> torch.Tensor:
         """hidden [H] at the last accepted node -> the first D heads' top-k tokens [D, top_k], D = `depth`
@@ -235,13 +250,16 @@ class TreeDecoder:
             logits = self.lm_head(self.heads.features(hidden)[:D, 0])  # [D, V]
         return torch.topk(logits, self.buf.top_k, dim=-1).indices.to(self.device)
 
-    def candidates(self, hidden: torch.Tensor, depth: int | None = None) -> torch.Tensor:
-        """hidden [H] at the last accepted node -> the first D heads' top-k tokens [D, top_k], D = `depth`
-        (default: the tree's; another depth runs eagerly)."""
+    def candidates(self, hidden: torch.Tensor, depth: int | None = None, row: int | None = None) -> torch.Tensor:
+        """hidden [H] at the last accepted node (`row` of the last tree forward) -> the first D heads' top-k
+        tokens [D, top_k], D = `depth` (default: the tree's; another depth runs eagerly). Fused, the
+        verification step made them already."""
         if depth is not None and depth != self.tree.depth:
             return self._propose(hidden, depth)
         if self.tree.depth == 0:
             return torch.empty(0, self.buf.top_k, dtype=torch.long, device=self.device)
+        if self.fused and row is not None:
+            return self.row_topk[row]
         return self.propose(hidden)
 
     def _typical(self, logits: torch.Tensor):
@@ -306,9 +324,9 @@ class TreeDecoder:
         with torch.inference_mode():  # as generate() runs: an inference tensor for positions, as the real calls pass
             positions = self.buf.depth + 0  # (a guard on its dispatch keys would otherwise recompile at the first call)
             self.verify.eager(tokens, self.bias, positions)
-            _, hidden = self.verify.warm(tokens, self.bias, positions)
+            _, hidden, _ = self.verify.warm(tokens, self.bias, positions)
             if self.tree.depth:
-                self.propose.warm(hidden[0])
+                self.propose.warm(hidden[0])  # the step after prefill, and after a fused tree forward
 
     @torch.inference_mode()
     def generate(self, prompt_ids, max_new_tokens: int = 128) -> DecodeResult:
@@ -356,7 +374,7 @@ class TreeDecoder:
                 break
             root = self.next_root(logits[last])
             ta = clock()
-            topk = self.candidates(hidden[last])
+            topk = self.candidates(hidden[last], row=int(last))
             model_s += clock() - ta
         synchronize(self.device)
         t2 = time.perf_counter()
@@ -369,7 +387,8 @@ class TreeDecoder:
         cur, N = self.cache.length, self.buf.num_nodes
         self.bias[:, cur : cur + N] = self.tree_bias
         self.cache.place(torch.arange(cur, cur + N, device=self.device))
-        return self.verify(tokens, self.bias, self.buf.depth + cur)
+        logits, hidden, self.row_topk = self.verify(tokens, self.bias, self.buf.depth + cur)
+        return logits, hidden
 
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
         """Commit the prompt [P] (eagerly: its length varies) -> the hidden state of its last token [H]."""

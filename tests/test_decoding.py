@@ -141,6 +141,21 @@ def test_compiled_greedy_is_lossless_vs_plain(tiny_llama, heads):
     assert compile_s > 0 and tree.compile_s == compile_s  # compiled at the first text only
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_heads_equal_separate_heads(tiny_llama, heads, monkeypatch, compiled):
+    """A small tree projects the heads inside the verification step (one pass over the vocabulary
+    matrix); the candidates, hence the steps and the output, are those of the separate heads step."""
+    tree = Tree.cartesian([4])  # 5 rows x depth 1 <= FUSED_ROWS
+    fused = TreeDecoder(tiny_llama, heads, tree, stop_ids={EOS}, compiled=compiled)
+    monkeypatch.setattr(TreeDecoder, "FUSED_ROWS", 0)
+    separate = TreeDecoder(tiny_llama, heads, tree, stop_ids={EOS}, compiled=compiled)
+    assert fused.fused and not separate.fused
+    for s in range(2):
+        a, b = fused.generate(prompt(s), 32), separate.generate(prompt(s), 32)
+        assert a.tokens == b.tokens == greedy_reference(tiny_llama, prompt(s), 32, {EOS}).tokens
+        assert a.accepted == b.accepted and sum(a.accepted) > 0
+
+
 def test_stop_token_and_max_new_tokens_match_generate(tiny_llama, heads):
     p = prompt(3)
     free = greedy_reference(tiny_llama, p, 30, {EOS}).tokens

@@ -127,8 +127,9 @@ def compile_step(fn, device: torch.device):
 
 
 class _Step:
-    """A step function, compiled (when asked) at its first call; `compile_s` sums the calls that compiled. When compiling fails (no C++ compiler, an unsupported op), it runs eagerly from then
-    on, after a one-line note."""
+    """A step function, compiled (when asked) at its first call; `compile_s` sums the calls that
+    compiled. When compiling fails (no C++ compiler, an unsupported op), it runs eagerly from then on,
+    after a one-line note."""
 
     def __init__(self, fn, device: torch.device, compiled: bool):
         self.eager = fn
@@ -233,8 +234,7 @@ class TreeDecoder:
         hidden = self.forward(tokens, bias, positions)  # [N, H]
         if not self.fused:
             return self.lm_head(hidden), hidden, None
-        N, D = hidden.shape[0], self.depth
-        rows = torch.cat([hidden[None], self.heads.features(hidden)[:D]])  # [1 + D, N, H]
+        rows = torch.cat([hidden[None], self.heads.features(hidden)[:self.depth]])  # [1 + D, N, H]
         logits = self.lm_head(rows)  # [1 + D, N, V]: one pass over the vocabulary matrix
         topk = torch.topk(logits[1:], self.buf.top_k, dim=-1).indices  # [D, N, top_k]
         return logits[0], hidden, topk.transpose(0, 1)

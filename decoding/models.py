@@ -214,7 +214,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | tor
     local = Path(path).exists()
     placement = {"device_map": device_map, "max_memory": parse_max_memory(max_memory)} if device_map else {}
     if attention == "decode":
-        attention = decode_attention(torch.device("cuda") if device_map else dev)
+        attention = decode_attention(dev)  # with a device map: where `--device auto` would run
     if attention:
         placement["attn_implementation"] = attention
 

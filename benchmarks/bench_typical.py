@@ -3,18 +3,21 @@ decoded under typical acceptance on prompts the calibrations did not see.
 
     nice -n 10 .venv/bin/python benchmarks/bench_typical.py [--work runs/bench-typical] [--fit 24]
         [--held-out 16] [--fit-typical N] [--max-new-tokens 64] [--nodes 16,64] [--temperature 0.7] [--seed 0] [--threads 1]
-        [--part all|greedy|typical]
+        [--part all|greedy|record|typical]
 
-AlpacaEval prompts 0..fit-1 calibrate twice: greedy (`treeopt calibrate`) and typical at the given
-temperature with the default thresholds (`treeopt calibrate --acceptance typical`; its probe's internal
-nodes are the default top-4 x top-2 x top-1 plus the greedy-searched trees' own, so every tree compared
-lies inside the probe). At each size the greedy-searched and the typical-searched tree are benched with
-`treeopt bench --acceptance typical` on the next held-out prompts (measured tokens/step, with a 95 %
-bootstrap interval over prompts), beside the typical record's prediction (1 + mean accepted depth
-over the probe decode's logged steps). A second decode of the first held-out prompt with every tree checks that the same
-seed gives the same tokens. Every stage resumes (run the same command again); --part greedy / typical
-run the two halves' heavy work in separate processes, then --part all prints the table (--partial:
-of the held-out prompts every tree has run so far, running nothing more).
+AlpacaEval prompts 0..fit-1 calibrate greedy (`treeopt calibrate`); the typical record (`treeopt calibrate
+--acceptance typical` at the given temperature, default thresholds) takes those and, with --fit-typical N,
+the prompts after the held-out ones up to N in all; its probe's internal nodes are the default top-4 x
+top-2 x top-1 plus the greedy-searched trees' own, so every tree compared lies inside the probe. The
+typical search shrinks toward the greedy calibration (`treeopt search --acceptance typical
+--prior-calibration`). At each size the greedy-searched and the typical-searched tree are benched with
+`treeopt bench --acceptance typical` on the held-out prompts fit..fit+held_out-1 (measured tokens/step,
+with a 95 % bootstrap interval over prompts), beside the typical record's prediction: 1 + mean accepted
+depth over the probe decode's logged steps, cross-validated over the record's prompts for the tree
+searched on it. A second decode of the first held-out prompt with every tree checks that the same seed
+gives the same tokens. Every stage resumes (run the same command again); --part greedy / record /
+typical run the heavy work in separate processes, then --part all prints the table (--partial: of the
+held-out prompts every tree has run so far, running nothing more).
 """
 
 from __future__ import annotations
@@ -36,13 +39,14 @@ def main() -> None:
     p.add_argument("--fit", type=int, default=24, help="calibration prompts (the first ones)")
     p.add_argument("--held-out", type=int, default=16, help="bench prompts (the next ones)")
     p.add_argument("--fit-typical", type=int, default=None,
-                   help="prompts of the typical calibration (the first of the fit ones; default: all of them)")
+                   help="prompts of the typical record: the fit ones, then the ones after the held-out ones up to "
+                        "this many in all (default: the fit ones)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--nodes", default="16,64")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--part", default="all", choices=("all", "greedy", "typical"))
+    p.add_argument("--part", default="all", choices=("all", "greedy", "record", "typical"))
     p.add_argument("--partial", action="store_true", help="run nothing more: the table of the prompts every tree has run")
     args = p.parse_args()
 
@@ -68,9 +72,12 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     source = args.prompts or default_prompts()
-    instructions = load_instructions(source, limit=args.fit + args.held_out)
+    n_typical = max(args.fit_typical or args.fit, args.fit)
+    instructions = load_instructions(source, limit=args.fit + args.held_out + n_typical - args.fit)
+    held = instructions[args.fit: args.fit + args.held_out]
     files = {}
-    for name, part in (("fit", instructions[: args.fit]), ("held-out", instructions[args.fit:])):
+    for name, part in (("fit", instructions[: args.fit]), ("held-out", held),
+                       ("typical-fit", instructions[: args.fit] + instructions[args.fit + args.held_out:])):
         files[name] = work / f"{name}.json"
         files[name].write_text(json.dumps([{"instruction": s} for s in part]))
     sizes = [int(n) for n in args.nodes.split(",")]
@@ -114,9 +121,14 @@ def main() -> None:
     if args.part == "greedy":
         return
     log("typical calibration")
-    record = load_typical(calibrate_typical(replace(config, out=work / "typical", first=args.fit_typical), rule,
+    record_dir = work / ("typical" if n_typical == args.fit else f"typical-{n_typical}")
+    record = load_typical(calibrate_typical(replace(config, out=record_dir, prompts=str(files["typical-fit"])), rule,
                                             probe_internal, loaded=loaded, heads=heads))
-    trees.update({f"typical-searched {n}": typical.search(record, n).tree for n in sizes})  # (--partial: as benched)
+    if args.part == "record":
+        return
+    prior = typical.prior_values(record, work / "greedy")  # the search shrinks toward the greedy calibration
+    fitted = {f"typical-searched {n}": typical.fit(record, n, prior) for n in sizes}  # (result, cross-validated replay)
+    trees.update({name: result.tree for name, (result, _) in fitted.items()})  # (--partial: as benched)
     measured.update(bench("typical"))
     if args.part == "typical":
         return
@@ -128,7 +140,8 @@ def main() -> None:
     for name, tree in trees.items():
         new, steps = (sum(measured[name][i][j] for i in common) for j in (0, 1))
         tps[name] = new / steps
-        predicted = typical.expected_tokens_per_step(record, tree)
+        searched_here = name in fitted and fitted[name][0].tree == tree  # searched on the record: cross-validated
+        predicted = fitted[name][1].tokens_per_step if searched_here else typical.expected_tokens_per_step(record, tree)
         lo, hi = ReplayResult(np.array(common), *(np.array([measured[name][i][j] for i in common]) for j in (0, 1))).interval()
         again = TreeDecoder(model, heads, tree, rule, stops, compiled=compiles_by_default(model)).generate(
             first, args.max_new_tokens)
@@ -142,6 +155,8 @@ def main() -> None:
           f"from {args.fit}, {args.max_new_tokens} new tokens; probe {len(record.probe)} nodes "
           f"({len(probe_internal)} internal)")
     print(render_table(pd.DataFrame(rows)))
+    print("typical search: gains shrunk toward the greedy calibration's node values, strength (pseudo-steps) "
+          "cross-validated: " + ", ".join(f"{n} nodes {fitted[f'typical-searched {n}'][0].meta['strength']:g}" for n in sizes))
     for n in sizes:
         t, g = tps[f"typical-searched {n}"], tps[f"greedy-searched {n}"]
         print(f"{n} nodes: typical-searched {t:.3f} vs greedy-searched {g:.3f} measured tokens/step: "

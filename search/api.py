@@ -27,10 +27,12 @@ from treeopt.core.tree import Tree
 from treeopt.core.treefile import file_format, read_tree_meta, write_tree
 
 
-def _typical(calibration: str | Path, acceptance: str) -> bool:
+def _typical(calibration: str | Path, acceptance: str, prior: str | Path | None = None) -> bool:
     """Whether `--acceptance` asks for the typical rule (the record must say the same)."""
     if acceptance not in ("greedy", "typical"):
         raise TreeoptError(f"unknown --acceptance {acceptance!r}: use greedy or typical")
+    if prior is not None and acceptance != "typical":
+        raise TreeoptError("--prior-calibration is for --acceptance typical (a typical record searched with a greedy prior)")
     check_rule(calibration, acceptance)
     return acceptance == "typical"
 
@@ -44,17 +46,17 @@ def _header(calibration: Calibration) -> str:
 def search_report(calibration: str | Path, nodes: int | str = 64, model: str = DEFAULT_MODEL,
                   max_depth: int | None = None, top_k: int | None = None, latency: str | Path | None = None,
                   max_nodes: int = 256, out: str | Path | None = None, format: str | None = None,
-                  batch_size: int = 1, target: str | None = None, acceptance: str = "greedy"
-                  ) -> tuple[SearchResult, pd.DataFrame, str]:
+                  batch_size: int = 1, target: str | None = None, acceptance: str = "greedy",
+                  prior: str | Path | None = None) -> tuple[SearchResult, pd.DataFrame, str]:
     """`treeopt search`: search (within `target`'s rules, see `search.targets`), compare with the
     baselines, write the tree file; returns the result, the comparison table and the text to print.
     The headline prediction is the cross-validated replay (`search.crossval`); `batch_size` picks the
     latency file's rows (tokens/s of that many sequences decoded together). `acceptance` typical:
-    search.typical's twin."""
-    if _typical(calibration, acceptance):
+    search.typical's twin (`prior`: a greedy calibration its search shrinks toward)."""
+    if _typical(calibration, acceptance, prior):
         from search import typical
 
-        return typical.search_report(calibration, nodes, max_depth, top_k, latency, max_nodes, out, format)
+        return typical.search_report(calibration, nodes, max_depth, top_k, latency, max_nodes, out, format, prior)
     cal = load_calibration(calibration)
     lat = read_latency(latency, batch_size) if latency is not None else None
     tgt = get_target(target)
@@ -156,14 +158,14 @@ def export_report(tree: str | Path, out: str | Path, format: str | None = None, 
 
 
 def evaluate_report(trees: list[str], calibration: str | Path, model: str = DEFAULT_MODEL, split: float | None = None,
-                    seed: int = 0, latency: str | Path | None = None, acceptance: str = "greedy"
-                    ) -> tuple[pd.DataFrame, str]:
+                    seed: int = 0, latency: str | Path | None = None, acceptance: str = "greedy",
+                    prior: str | Path | None = None) -> tuple[pd.DataFrame, str]:
     """`treeopt evaluate`: replay tree files (and the baselines) on a calibration, with how the
     cross-validated prediction grows with the number of calibration prompts."""
-    if _typical(calibration, acceptance):
+    if _typical(calibration, acceptance, prior):
         from search import typical
 
-        return typical.evaluate_report(trees, calibration, split, seed, latency)
+        return typical.evaluate_report(trees, calibration, split, seed, latency, prior)
     cal = load_calibration(calibration)
     lat = read_latency(latency) if latency is not None else None
     model = resolve_model(cal, model)
@@ -197,13 +199,13 @@ def _overlap(spec: str, meta: dict, cal: Calibration) -> str:
 
 def sweep_report(calibration: str | Path, max_nodes: int = 256, model: str = DEFAULT_MODEL,
                  latency: str | Path | None = None, max_depth: int | None = None, top_k: int | None = None,
-                 replayed: bool = False, out: str | Path | None = None, acceptance: str = "greedy"
-                 ) -> tuple[pd.DataFrame, str]:
+                 replayed: bool = False, out: str | Path | None = None, acceptance: str = "greedy",
+                 prior: str | Path | None = None) -> tuple[pd.DataFrame, str]:
     """`treeopt sweep`: the optimal tree's tokens/step (and tokens/s) for every size 0..max_nodes."""
-    if _typical(calibration, acceptance):
+    if _typical(calibration, acceptance, prior):
         from search import typical
 
-        return typical.sweep_report(calibration, max_nodes, latency, max_depth, top_k, replayed, out)
+        return typical.sweep_report(calibration, max_nodes, latency, max_depth, top_k, replayed, out, prior)
     cal = load_calibration(calibration)
     model = resolve_model(cal, model)
     lats = list(read_latencies(latency).values()) if latency is not None else []

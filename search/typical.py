@@ -24,7 +24,9 @@ prefix tree[:m] is the greedy tree of m nodes; it is not proven optimal.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -34,12 +36,15 @@ from search.grow import SearchResult
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write
 from treeopt.core.record import TypicalRecord, load_typical
-from treeopt.core.replay import ReplayResult
+from treeopt.core.replay import ReplayResult, concat
 from treeopt.core.tables import render_table
 from treeopt.core.tree import Tree
 from treeopt.core.treefile import read_tree, write_tree
 
 NAME = "typical"
+FOLDS = 4
+STRENGTHS = (0.0, 16.0, 64.0, 256.0, 1024.0, math.inf)  # the prior's strengths, in pseudo-steps
+STRENGTH_SIZES = (16, 64)  # tree sizes whose mean held-out replay chooses the strength (sweep, --nodes auto)
 
 
 def node_index(record: TypicalRecord, tree: Tree) -> np.ndarray:
@@ -81,11 +86,16 @@ def replay(record: TypicalRecord, tree: Tree) -> ReplayResult:
     return ReplayResult(prompts, tokens, np.bincount(which, minlength=len(prompts)))
 
 
-def search(record: TypicalRecord, nodes: int, max_depth: int | None = None, top_k: int | None = None) -> SearchResult:
-    """The greedy tree of `nodes` nodes inside the probe (module docstring)."""
+def search(record: TypicalRecord, nodes: int, max_depth: int | None = None, top_k: int | None = None,
+           prior: np.ndarray | None = None, strength: float = 0.0) -> SearchResult:
+    """The greedy tree of `nodes` nodes inside the probe (module docstring). With a `prior` [n] (each
+    probe node's value under a greedy calibration, `prior_values`), a candidate's score is its gain
+    shrunk toward the prior by `strength` pseudo-steps: (steps it lengthens + strength * prior) /
+    (steps + strength); strength inf orders nodes by the prior alone. `values` stay the record's own."""
     if nodes < 0:
         raise TreeoptError(f"--nodes {nodes} must be 0 or more")
     probe, opened = record.probe, record.open  # [N, n]
+    prior = np.zeros(len(probe)) if prior is None else prior  # [n]
     depth_limit = min(max_depth or record.num_heads, record.num_heads)
     k = min(top_k or record.top_k, record.top_k)
     depth = np.array([len(p) for p in probe.paths], np.int64)  # [n]
@@ -101,17 +111,63 @@ def search(record: TypicalRecord, nodes: int, max_depth: int | None = None, top_
         if cand.size == 0:
             break
         gain = (opened[:, cand] & (reached[:, None] < depth[cand])).sum(0)  # [c] steps it lengthens
-        if gain.max() == 0:  # no node left lengthens any accepted path
+        score = prior[cand] if strength == np.inf else (gain + strength * prior[cand]) / max(record.num_steps + strength, 1)
+        if score.max() <= 0:  # no node left lengthens any accepted path (nor has prior value)
             break
-        best = cand[np.lexsort((priority[cand], -gain))[0]]
+        j = np.lexsort((priority[cand], -score))[0]
+        best = cand[j]
         chosen.append(int(best))
-        values.append(gain.max() / record.num_steps)
+        values.append(gain[j] / max(record.num_steps, 1))
         reached = np.where(opened[:, best], np.maximum(reached, depth[best]), reached)
         frontier[best] = False
         frontier |= allowed & (parent == best)
     tree = Tree(tuple(probe.paths[i] for i in chosen))
     return SearchResult(tree, np.array(values), NAME, nodes,
-                        {"max_depth": depth_limit, "top_k": k, "steps": record.num_steps})
+                        {"max_depth": depth_limit, "top_k": k, "steps": record.num_steps, "strength": strength})
+
+
+def prior_values(record: TypicalRecord, calibration: str | Path) -> np.ndarray:
+    """[n] each probe node's value under a greedy calibration of the same model and heads (its
+    smoothed acceptance model; 0 for nodes it cannot see): the prior the typical search shrinks toward."""
+    from search.acceptance import node_values
+    from treeopt.core.record import load_calibration
+
+    cal = load_calibration(calibration)
+    if cal.meta.get("model") != record.meta.get("model") or cal.num_heads != record.num_heads:
+        raise TreeoptError(f"--prior-calibration {calibration} is of {cal.meta.get('model')} with {cal.num_heads} heads, "
+                           f"the typical record of {record.meta.get('model')} with {record.num_heads}: "
+                           "pass a greedy calibration of the same model and heads")
+    return node_values(record.probe, cal)
+
+
+def cross_validated(record: TypicalRecord, sizes: Sequence[int], prior: np.ndarray | None = None,
+                    strength: float = 0.0, folds: int = FOLDS, seed: int = 0, max_depth: int | None = None,
+                    top_k: int | None = None) -> list[ReplayResult]:
+    """K-fold over the record's prompts: the tree of max(`sizes`) nodes searched on K-1 folds, its first
+    m nodes replayed on the held-out fold; one result per size over all the folds' prompts. With
+    fewer than 2 prompts there is nothing to hold out: the replay is in-sample."""
+    prompts = np.unique(record.prompt_ids)
+    k = min(folds, len(prompts))
+    perm = np.random.default_rng(seed).permutation(prompts)
+    groups = [np.sort(perm[i::k]) for i in range(k)] if k >= 2 else [prompts]  # as Calibration.folds
+    per_size: list[list[ReplayResult]] = [[] for _ in sizes]
+    for held in groups:
+        train = record.subset(np.setdiff1d(prompts, held)) if k >= 2 else record
+        tree = search(train, max(sizes), max_depth, top_k, prior, strength).tree
+        for out, m in zip(per_size, sizes):
+            out.append(replay(record.subset(held), tree[:m]))
+    return [concat(rs) for rs in per_size]
+
+
+def choose_strength(record: TypicalRecord, prior: np.ndarray | None, sizes: Sequence[int] = STRENGTH_SIZES,
+                    folds: int = FOLDS, seed: int = 0, max_depth: int | None = None, top_k: int | None = None) -> float:
+    """The prior's strength (of `STRENGTHS`) whose trees replay best on held-out prompts (mean
+    cross-validated tokens/step over `sizes`); equal scores go to the stronger prior. 0 without a prior."""
+    if prior is None:
+        return 0.0
+    score = [np.mean([r.tokens_per_step for r in cross_validated(record, sizes, prior, s, folds, seed, max_depth, top_k)])
+             for s in STRENGTHS]
+    return STRENGTHS[int(np.flatnonzero(np.isclose(score, max(score), rtol=0, atol=1e-12))[-1])]
 
 
 def best_cartesian(record: TypicalRecord, nodes: int) -> Tree:
@@ -173,32 +229,54 @@ NOTE = ("predicted: 1 + mean accepted depth over the probe decode's logged steps
         "the record's (or the held-out) prompts, with a 95 % bootstrap interval over prompts")
 
 
+def fit(record: TypicalRecord, nodes: int, prior: np.ndarray | None = None, max_depth: int | None = None,
+        top_k: int | None = None, sizes: Sequence[int] | None = None) -> tuple[SearchResult, ReplayResult]:
+    """`treeopt search --acceptance typical`'s tree: the prior's strength chosen by cross-validation at
+    `sizes` (default: [nodes]), the search of `nodes` nodes with it, and that search's cross-validated
+    replay at the tree's size (the headline prediction)."""
+    strength = choose_strength(record, prior, sizes or [nodes], max_depth=max_depth, top_k=top_k)
+    result = search(record, nodes, max_depth, top_k, prior, strength)
+    return result, cross_validated(record, [len(result.tree)], prior, strength, max_depth=max_depth, top_k=top_k)[0]
+
+
 def search_report(calibration: str | Path, nodes: int | str = 64, max_depth: int | None = None,
                   top_k: int | None = None, latency: str | Path | None = None, max_nodes: int = 256,
-                  out: str | Path | None = None, format: str | None = None) -> tuple[SearchResult, pd.DataFrame, str]:
-    """`treeopt search --acceptance typical`."""
+                  out: str | Path | None = None, format: str | None = None,
+                  prior: str | Path | None = None) -> tuple[SearchResult, pd.DataFrame, str]:
+    """`treeopt search --acceptance typical [--prior-calibration DIR]`."""
     from search.budget import choose_nodes
+    from search.crossval import sweep_sizes
 
     record = load_typical(calibration)
     lat = read_latency(latency) if latency is not None else None
+    prior_v = prior_values(record, prior) if prior is not None else None
     if str(nodes) == "auto":
         if lat is None:
             raise TreeoptError("--nodes auto needs --latency FILE (forward time vs tree size, from `treeopt profile`)")
-        full = search(record, min(max_nodes, int(lat.nodes[-1])), max_depth, top_k)
-        result = full[: choose_nodes(full, lat)]
+        full, _ = fit(record, min(max_nodes, int(lat.nodes[-1])), prior_v, max_depth, top_k, STRENGTH_SIZES)
+        sizes = sweep_sizes(len(full.tree))
+        cv = cross_validated(record, sizes, prior_v, full.meta["strength"], max_depth=max_depth, top_k=top_k)
+        m = choose_nodes(sizes, np.array([r.tokens_per_step for r in cv]), lat)
+        result, held = full[:m], cv[list(sizes).index(m)]
     else:
         if not str(nodes).isdigit():
             raise TreeoptError(f"--nodes {nodes!r} is not a number: pass e.g. --nodes 64, or --nodes auto")
-        result = search(record, int(nodes), max_depth, top_k)
-    tree = result.tree
+        result, held = fit(record, int(nodes), prior_v, max_depth, top_k)
+    tree, strength = result.tree, result.meta["strength"]
     table = compare({"searched (typical)": tree, **baselines(record, tree.num_nodes)}, record, latency=lat)
-    meta = {"predicted_tokens_per_step": result.tokens_per_step, "replayed_tokens_per_step": float(table["replayed"][0]),
+    meta = {"predicted_tokens_per_step": held.tokens_per_step, "predicted_interval": list(held.interval()),
+            "cv_folds": min(FOLDS, len(np.unique(record.prompt_ids))),
+            "in_sample_tokens_per_step": result.tokens_per_step, "replayed_tokens_per_step": float(table["replayed"][0]),
             **rule_meta(record), "acceptance_model": NAME, "calibration": str(record.directory),
-            "calibration_steps": record.num_steps, "num_heads": record.num_heads,
+            "calibration_steps": record.num_steps, "prior_calibration": str(prior) if prior is not None else None,
+            "prior_strength": strength, "num_heads": record.num_heads,
             "max_depth": result.meta["max_depth"], "top_k": result.meta["top_k"],
             "nodes_requested": str(nodes), "node_values": result.values.round(6).tolist()}
+    lo, hi = meta["predicted_interval"]
     lines = [_header(record), f"searched tree: {tree.num_nodes} nodes, depth {tree.depth}, "
-             f"max rank {tree.max_rank - 1}, typical acceptance", "", render_table(table), "", NOTE]
+             f"max rank {tree.max_rank - 1}, typical acceptance; {_prior_note(prior, strength)}",
+             f"predicted tokens/step: {held.tokens_per_step:.3f} ({lo:.3f}-{hi:.3f}), {meta['cv_folds']}-fold "
+             f"cross-validated over prompts (in-sample: {result.tokens_per_step:.3f})", "", render_table(table), "", NOTE]
     if tree.num_nodes < result.requested:
         lines.append(f"note: only {tree.num_nodes} nodes of the probe lengthen an accepted path; the tree stops there")
     if out is not None:
@@ -206,20 +284,30 @@ def search_report(calibration: str | Path, nodes: int | str = 64, max_depth: int
     return result, table, "\n".join(lines)
 
 
+def _prior_note(prior: str | Path | None, strength: float) -> str:
+    if prior is None:
+        return "no prior (pass --prior-calibration DIR, a greedy calibration, to shrink the record's gains toward it)"
+    how = "the prior's order alone" if strength == math.inf else f"{strength:g} pseudo-steps"
+    return f"gains shrunk toward {prior}'s node values, strength {how} (cross-validated)"
+
+
 def evaluate_report(trees: list[str], calibration: str | Path, split: float | None = None, seed: int = 0,
-                    latency: str | Path | None = None) -> tuple[pd.DataFrame, str]:
+                    latency: str | Path | None = None, prior: str | Path | None = None) -> tuple[pd.DataFrame, str]:
     """`treeopt evaluate --acceptance typical`: trees, the typical-searched tree of the first one's size
-    and the baselines, predicted on the fit prompts and replayed on the others (with `split`)."""
+    (with `prior`, as `treeopt search` makes it) and the baselines, predicted on the fit prompts and
+    replayed on the others (with `split`)."""
     from search.evaluate import split_prompts
 
     record = load_typical(calibration)
-    fit, held = split_prompts(record, split, seed) if split is not None else (record, record)
+    fit_part, held = split_prompts(record, split, seed) if split is not None else (record, record)
+    prior_v = prior_values(record, prior) if prior is not None else None
     named = {spec: read_tree(spec) for spec in trees}
     n = next(iter(named.values())).num_nodes
-    named.update({k: v for k, v in {f"searched (typical, {n})": search(fit, n).tree, **baselines(fit, n)}.items()
+    searched = fit(fit_part, n, prior_v)[0].tree
+    named.update({k: v for k, v in {f"searched (typical, {n})": searched, **baselines(fit_part, n)}.items()
                   if k not in named})
     lat = read_latency(latency) if latency is not None else None
-    table = compare(named, held, fit, lat)
+    table = compare(named, held, fit_part, lat)
     how = (f"predicted on a {split:.0%} fit split, replayed on the other {1 - split:.0%} of prompts (seed {seed})"
            if split is not None else "predicted and replayed on the whole record")
     return table, "\n".join([_header(record), how, "", render_table(table), "", NOTE])
@@ -227,19 +315,25 @@ def evaluate_report(trees: list[str], calibration: str | Path, split: float | No
 
 def sweep_report(calibration: str | Path, max_nodes: int = 256, latency: str | Path | None = None,
                  max_depth: int | None = None, top_k: int | None = None, replayed: bool = False,
-                 out: str | Path | None = None) -> tuple[pd.DataFrame, str]:
-    """`treeopt sweep --acceptance typical`: the greedy tree's tokens/step for every size 0..max_nodes."""
+                 out: str | Path | None = None, prior: str | Path | None = None) -> tuple[pd.DataFrame, str]:
+    """`treeopt sweep --acceptance typical`: for every size 0..max_nodes, the greedy tree's in-sample
+    and cross-validated tokens/step (the prior's strength cross-validated at `STRENGTH_SIZES`)."""
     record = load_typical(calibration)
-    result = search(record, max_nodes, max_depth, top_k)
+    prior_v = prior_values(record, prior) if prior is not None else None
+    strength = choose_strength(record, prior_v, STRENGTH_SIZES, max_depth=max_depth, top_k=top_k)
+    result = search(record, max_nodes, max_depth, top_k, prior_v, strength)
     n = np.arange(len(result.curve))
     df = pd.DataFrame({"nodes": n, "tokens_per_step": result.curve})
+    df["cross_validated"] = [r.tokens_per_step for r in cross_validated(record, n, prior_v, strength, max_depth=max_depth,
+                                                                        top_k=top_k)]
     if replayed:
         df["replayed_tokens_per_step"] = [replay(record, result.tree[:m]).tokens_per_step for m in n]
     lat = read_latency(latency) if latency is not None else None
     if lat is not None:
         df["forward_ms"] = lat.forward(n)
-        df["tokens_per_s"] = lat.tokens_per_second(df["tokens_per_step"], n)
-    lines = [_header(record), "typical acceptance; row N = the first N nodes of one greedy search", "", render_table(df)]
+        df["tokens_per_s"] = lat.tokens_per_second(df["cross_validated"], n)
+    lines = [_header(record), "typical acceptance; row N = the first N nodes of one greedy search; "
+             f"{_prior_note(prior, strength)}; cross_validated: {FOLDS}-fold over prompts", "", render_table(df)]
     if out is not None:
         atomic_write(out, lambda p: df.to_csv(p, index=False))
         lines.append(f"wrote {out}")

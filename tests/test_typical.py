@@ -167,6 +167,68 @@ def test_replay_is_the_estimate_per_prompt():
     assert r.per_prompt["tokens_per_step"][0] == pytest.approx(typical.expected_tokens_per_step(first, tree))
 
 
+# ---- the prior, the strength and the cross-validated prediction ------------------------------------
+
+
+def prior_of(record: TypicalRecord, seed: int = 0) -> np.ndarray:
+    """[n] a made-up prior over the probe: falling with depth and rank (below its parent), with noise."""
+    rng = np.random.default_rng(seed)
+    return np.array([0.8 ** len(p) / (1 + sum(p)) for p in record.probe.paths]) * rng.uniform(0.9, 1.0, len(record.probe))
+
+
+def test_strength_moves_the_search_from_the_record_to_the_prior():
+    record = synthetic(seed=3)
+    prior = prior_of(record)
+    plain = typical.search(record, 8)
+    assert typical.search(record, 8, prior=prior, strength=0.0).tree == plain.tree
+    by_prior = typical.search(record, 8, prior=prior, strength=np.inf)
+    ranked = sorted(range(len(prior)), key=lambda i: -prior[i])  # prior falls along every path: its top 8 are a tree
+    assert set(by_prior.tree.paths) == {record.probe.paths[i] for i in ranked[:8]}
+    assert by_prior.tree != plain.tree  # the case is not trivial
+    assert by_prior.values == pytest.approx(typical.node_values(record, by_prior.tree))  # values stay the record's
+
+
+def test_cross_validated_replays_each_prompt_with_a_tree_searched_without_it():
+    record = synthetic(seed=4)
+    sizes = [3, 8]
+    results = typical.cross_validated(record, sizes, folds=4, seed=1)
+    prompts = np.unique(record.prompt_ids)
+    assert all(sorted(r.prompt_ids.tolist()) == prompts.tolist() for r in results)  # every prompt held out once
+    perm = np.random.default_rng(1).permutation(prompts)
+    for held in (np.sort(perm[i::4]) for i in range(4)):
+        tree = typical.search(record.subset(np.setdiff1d(prompts, held)), 8).tree
+        for m, r in zip(sizes, results):
+            keep = np.isin(r.prompt_ids, held)
+            want = typical.replay(record.subset(held), tree[:m])
+            assert r.tokens[keep].sum() == want.tokens.sum() and r.steps[keep].sum() == want.steps.sum()
+    # A tree that does not depend on the fold (the prior's alone) cross-validates to its in-sample figure.
+    prior = prior_of(record)
+    cv = typical.cross_validated(record, [8], prior, np.inf)[0]
+    assert cv.tokens_per_step == pytest.approx(typical.expected_tokens_per_step(record, typical.search(
+        record, 8, prior=prior, strength=np.inf).tree))
+
+
+def test_chosen_strength_is_never_worse_in_cross_validation_than_the_prior_or_the_record():
+    for seed in range(3):
+        record, sizes = synthetic(seed=seed, positions=240), [4, 10]
+        prior = prior_of(record, seed)
+        score = {s: np.mean([r.tokens_per_step for r in typical.cross_validated(record, sizes, prior, s)])
+                 for s in typical.STRENGTHS}
+        chosen = typical.choose_strength(record, prior, sizes)
+        assert score[chosen] >= max(score.values()) - 1e-12 and score[chosen] >= score[np.inf] and score[chosen] >= score[0.0]
+    assert typical.choose_strength(record, None, sizes) == 0.0
+
+
+def test_fit_is_deterministic_and_predicts_the_cross_validated_figure():
+    record = synthetic(seed=5)
+    prior = prior_of(record)
+    (a, cv_a), (b, cv_b) = typical.fit(record, 8, prior), typical.fit(record, 8, prior)
+    assert a.tree == b.tree and cv_a.tokens_per_step == cv_b.tokens_per_step
+    strength = a.meta["strength"]
+    assert strength == typical.choose_strength(record, prior, [8])
+    assert cv_a.tokens_per_step == typical.cross_validated(record, [8], prior, strength)[0].tokens_per_step
+
+
 # ---- the commands ----------------------------------------------------------------------------------
 
 
@@ -208,6 +270,30 @@ def test_search_evaluate_sweep_typical(typical_dir, tmp_path):
     assert r.exit_code == 0 and "replayed_tokens_per_step" in r.output, r.output
     r = runner.invoke(app, ["search", "-c", str(cal), "-n", "6"])  # greedy asked of a typical record
     assert r.exit_code == 2 and "--acceptance typical" in r.output
+
+
+def test_search_typical_with_a_greedy_prior(typical_dir, tiny_model_dir, tmp_path):
+    """`--prior-calibration`: a greedy calibration of the same model and heads; the tree file says the
+    strength chosen and gives the cross-validated prediction."""
+    cal, prompts = typical_dir
+    runner = CliRunner()
+    r = runner.invoke(app, ["calibrate", "--model", str(tiny_model_dir), "--heads", "random", "-p", str(prompts),
+                            "--max-new-tokens", "16", "--top-k", "4", "--quiet", "--device", "cpu", "-o", str(tmp_path / "g")])
+    assert r.exit_code == 0, r.output
+    args = ["search", "-c", str(cal), "--acceptance", "typical", "-n", "6", "--prior-calibration", str(tmp_path / "g")]
+    r = runner.invoke(app, [*args, "-o", str(tmp_path / "t.json")])
+    assert r.exit_code == 0 and "cross-validated" in r.output, r.output
+    meta = json.loads((tmp_path / "t.json").read_text())
+    assert meta["prior_strength"] in typical.STRENGTHS and meta["prior_calibration"] == str(tmp_path / "g")
+    lo, hi = meta["predicted_interval"]
+    assert lo <= meta["predicted_tokens_per_step"] <= hi and meta["cv_folds"] == 4
+    for command in (["evaluate", str(tmp_path / "t.json")], ["sweep", "--max-nodes", "6"]):
+        r = runner.invoke(app, [*command, "-c", str(cal), "--acceptance", "typical", "--prior-calibration", str(tmp_path / "g")])
+        assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["search", "-c", str(tmp_path / "g"), "-n", "6", "--prior-calibration", str(tmp_path / "g")])
+    assert r.exit_code == 2 and "--prior-calibration" in r.output
+    r = runner.invoke(app, [*args[:-1], str(cal)])  # a typical record is no greedy prior
+    assert r.exit_code == 2, r.output
 
 
 def test_bench_typical_is_seeded_and_predicted(typical_dir, tiny_model_dir, tmp_path):

@@ -79,6 +79,7 @@ AcceptanceOpt = typer.Option("greedy", "--acceptance", help="The acceptance rule
 TemperatureOpt = typer.Option(0.7, "--temperature", help="typical: sampling temperature.")
 ThresholdOpt = typer.Option(0.09, "--posterior-threshold", help="typical: epsilon, the hard threshold.")
 AlphaOpt = typer.Option(0.3, "--posterior-alpha", help="typical: delta, the entropy-scaled threshold.")
+PriorOpt = typer.Option(None, "--prior-calibration", help="typical: a greedy calibration of the same model and heads; the search shrinks the record's node gains toward its node values, strength cross-validated over the record's prompts.")
 LatencyOpt = typer.Option(None, "--latency", help="Latency CSV (nodes,forward_ms) from `treeopt profile`: adds tokens/s.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars (they are also off when stderr is not a terminal).")
 
@@ -216,6 +217,7 @@ def search(
     batch_size: int = typer.Option(1, "--batch-size", help="Sequences decoded together: --latency's rows for that batch size (`treeopt profile --batch-sizes`)."),
     batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="e.g. 1,4,16,64: a schedule, the best tree at each batch size (needs --latency; -o writes one JSON file)."),
     acceptance: str = AcceptanceOpt,
+    prior: Optional[Path] = PriorOpt,
 ):
     """Search the tree that maximizes expected tokens/step; compare it with the baselines."""
     from search.api import schedule_report, search_report
@@ -230,7 +232,7 @@ def search(
         typer.echo(schedule_report(calibration, latency, sizes, acceptance_model, max_depth, top_k, max_nodes, out)[1])
         return
     typer.echo(search_report(calibration, nodes, acceptance_model, max_depth, top_k, latency, max_nodes, out, fmt,
-                             batch_size, target, acceptance)[2])
+                             batch_size, target, acceptance, prior)[2])
 
 
 @command()
@@ -255,11 +257,13 @@ def evaluate(
     seed: int = typer.Option(0, "--seed", help="Seed of the prompt split."),
     latency: Optional[Path] = LatencyOpt,
     acceptance: str = AcceptanceOpt,
+    prior: Optional[Path] = PriorOpt,
 ):
     """Replay trees on a calibration (exact greedy Medusa decoding) next to the baselines."""
     from search.api import evaluate_report
 
-    typer.echo(evaluate_report(trees, calibration, acceptance_model, split, seed, latency, acceptance=acceptance)[1])
+    typer.echo(evaluate_report(trees, calibration, acceptance_model, split, seed, latency, acceptance=acceptance,
+                               prior=prior)[1])
 
 
 @command()
@@ -273,12 +277,13 @@ def sweep(
     replayed: bool = typer.Option(False, "--replay", help="Also replay every size (slower)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="CSV to write."),
     acceptance: str = AcceptanceOpt,
+    prior: Optional[Path] = PriorOpt,
 ):
     """Predicted tokens/step (and tokens/s with --latency) of the best tree of every size 0..N."""
     from search.api import sweep_report
 
     typer.echo(sweep_report(calibration, max_nodes, acceptance_model, latency, max_depth, top_k, replayed, out,
-                            acceptance=acceptance)[1])
+                            acceptance=acceptance, prior=prior)[1])
 
 
 

@@ -99,23 +99,30 @@ def main() -> None:
     probe_internal = Tree.from_choices(sorted(internal, key=lambda q: (len(q), q)))
 
     def bench(kind: str):
-        """Measure the `kind`-searched trees under typical acceptance on the held-out prompts (--partial:
-        take the trees and records there are)."""
+        """Measure the `kind`-searched trees under typical acceptance on the held-out prompts; a typical-searched
+        tree identical to the greedy-searched one of its size takes that one's measurement (same seed, same
+        tokens: rerun_same checks it). --partial: take the trees and records there are."""
         names = [f"{kind}-searched {n}" for n in sizes]
         paths = [work / f"{kind}-searched-{n}.json" for n in sizes]
         out = work / f"bench-{kind}"
         done = json.loads((out / "bench.json").read_text()) if (out / "bench.json").is_file() else {}
-        if args.partial:
-            benched = done.get("trees") or json.loads((out / ".bench-records" / "manifest.json").read_text())["trees"]
-            trees.update({name: Tree(tuple(map(tuple, benched[path.stem]))) for name, path in zip(names, paths)})
+        manifest = out / ".bench-records" / "manifest.json"
+        if args.partial and (done or manifest.is_file()):
+            benched = done.get("trees") or json.loads(manifest.read_text())["trees"]
+            trees.update({name: Tree(tuple(map(tuple, benched[path.stem]))) for name, path in zip(names, paths)
+                          if path.stem in benched})
+        twin = {name: f"greedy-searched-{n}" for name, n in zip(names, sizes)
+                if kind != "greedy" and trees[name] == trees[f"greedy-searched {n}"]}
+        run = [(name, path) for name, path in zip(names, paths) if name not in twin]
         for name, path in zip(names, paths):
             write_tree(trees[name], path, acceptance=kind)
-        if not args.partial and done.get("trees") != {p.stem: trees[name].choices for name, p in zip(names, paths)}:
+        if not args.partial and run and done.get("trees") != {p.stem: trees[name].choices for name, p in run}:
             log(f"bench {kind}-searched trees")
-            run_bench(trees=[str(x) for x in paths], prompts=str(files["held-out"]), limit=args.held_out,
+            run_bench(trees=[str(p) for _, p in run], prompts=str(files["held-out"]), limit=args.held_out,
                       max_new_tokens=args.max_new_tokens, device="cpu", out=out, repeats=1, progress=False,
                       threads=args.threads, acceptance=rule)
-        return {name: per_prompt(out, path.stem) for name, path in zip(names, paths)}
+        return {name: per_prompt(work / "bench-greedy", twin[name]) if name in twin else per_prompt(out, path.stem)
+                for name, path in zip(names, paths)}
 
     measured = bench("greedy") if args.part in ("all", "greedy") else {}
     if args.part == "greedy":

@@ -20,6 +20,19 @@ Unlike greedy acceptance, where at most one node per depth can match and a node'
 depend on the rest of the tree, siblings can both pass here: the objective is a maximum, not a sum.
 The search grows the tree greedily by the largest value (ties by depth, then path), so every
 prefix tree[:m] is the greedy tree of m nodes; it is not proven optimal.
+
+Over-fitting. A record holds a few hundred to a few thousand steps, and the search picks the nodes
+that happened to pass in them (winner's curse): searched on the record, a tree replays better there
+than on new prompts. Two remedies:
+- the prior (`--prior-calibration`, a greedy calibration of the same model and heads, `prior_values`):
+  a candidate's score is its gain shrunk toward its greedy node value by s pseudo-steps,
+  (steps it lengthens + s * value) / (steps + s); s = 0 is the record alone, s = inf the greedy
+  calibration's order (its greedy-searched tree, where the probe holds it). s is chosen among
+  `STRENGTHS` by K-fold cross-validation over the record's prompts (`choose_strength`; equal scores go
+  to the stronger prior), so the tree is never worse in cross-validation than the greedy-searched one.
+- the headline prediction is cross-validated (`cross_validated`): search on K-1 folds of prompts,
+  replay on the held-out fold, as search/crossval.py does for greedy; s is chosen once on the whole
+  record and kept fixed in every fold (the prior calibration too is used whole).
 """
 
 from __future__ import annotations

@@ -300,8 +300,8 @@ def search_report(calibration: str | Path, nodes: int | str = 64, max_depth: int
 def _prior_note(prior: str | Path | None, strength: float) -> str:
     if prior is None:
         return "no prior (pass --prior-calibration DIR, a greedy calibration, to shrink the record's gains toward it)"
-    how = "the prior's order alone" if strength == math.inf else f"{strength:g} pseudo-steps"
-    return f"gains shrunk toward {prior}'s node values, strength {how} (cross-validated)"
+    how = {math.inf: "inf (the prior's order alone)", 0.0: "0 (the record alone)"}.get(strength, f"{strength:g} pseudo-steps")
+    return f"gains shrunk toward {prior}'s node values, strength (cross-validated) {how}"
 
 
 def evaluate_report(trees: list[str], calibration: str | Path, split: float | None = None, seed: int = 0,

@@ -28,8 +28,10 @@ than on new prompts. Two remedies:
   a candidate's score is its gain shrunk toward its greedy node value by s pseudo-steps,
   (steps it lengthens + s * value) / (steps + s); s = 0 is the record alone, s = inf the greedy
   calibration's order (its greedy-searched tree, where the probe holds it). s is chosen among
-  `STRENGTHS` by K-fold cross-validation over the record's prompts (`choose_strength`; equal scores go
-  to the stronger prior), so the tree is never worse in cross-validation than the greedy-searched one.
+  `STRENGTHS` by K-fold cross-validation over the record's prompts (`choose_strength`): the strongest
+  prior within one standard error of the best score, so the tree is never worse in cross-validation
+  than the greedy-searched one, and leaves it only when the record beats it by more than its noise
+  (benchmarks/bench_typical_selection.py compares the rules by nested cross-validation).
 - the headline prediction is cross-validated (`cross_validated`): search on K-1 folds of prompts,
   replay on the held-out fold, as search/crossval.py does for greedy; s is chosen once on the whole
   record and kept fixed in every fold (the prior calibration too is used whole).
@@ -173,14 +175,19 @@ def cross_validated(record: TypicalRecord, sizes: Sequence[int], prior: np.ndarr
 
 
 def choose_strength(record: TypicalRecord, prior: np.ndarray | None, sizes: Sequence[int] = STRENGTH_SIZES,
-                    folds: int = FOLDS, seed: int = 0, max_depth: int | None = None, top_k: int | None = None) -> float:
-    """The prior's strength (of `STRENGTHS`) whose trees replay best on held-out prompts (mean
-    cross-validated tokens/step over `sizes`); equal scores go to the stronger prior. 0 without a prior."""
+                    folds: int = FOLDS, seed: int = 0, max_depth: int | None = None, top_k: int | None = None,
+                    ses: float = 1.0) -> float:
+    """The prior's strength (of `STRENGTHS`): the strongest whose cross-validated score (mean held-out
+    tokens/step over `sizes`) is within `ses` standard errors of the best score (the one-standard-error
+    rule; the error from the best's bootstrap interval over prompts): the record's own ranking must beat
+    a stronger prior by more than its noise. `ses` 0: the best score. 0 without a prior."""
     if prior is None:
         return 0.0
-    score = [np.mean([r.tokens_per_step for r in cross_validated(record, sizes, prior, s, folds, seed, max_depth, top_k)])
-             for s in STRENGTHS]
-    return STRENGTHS[int(np.flatnonzero(np.isclose(score, max(score), rtol=0, atol=1e-12))[-1])]
+    runs = [cross_validated(record, sizes, prior, s, folds, seed, max_depth, top_k) for s in STRENGTHS]
+    score = np.array([np.mean([r.tokens_per_step for r in rs]) for rs in runs])  # [S]
+    best = int(np.argmax(score))
+    error = np.mean([(hi - lo) / (2 * 1.96) for lo, hi in (r.interval() for r in runs[best])])
+    return STRENGTHS[int(np.flatnonzero(score >= score[best] - ses * error - 1e-12)[-1])]
 
 
 def best_cartesian(record: TypicalRecord, nodes: int) -> Tree:

@@ -157,17 +157,32 @@ def main() -> None:
                      "predicted_err_%": 100 * (predicted / tps[name] - 1), "steps": steps, "new_tokens": new,
                      "rerun_same": (len(again.tokens), again.steps) == measured[name][common[0]]})
     print(f"smollm2-135m + shipped heads, typical acceptance T = {args.temperature} (posterior_threshold "
-          f"{rule.posterior_threshold}, posterior_alpha {rule.posterior_alpha}), seed {args.seed}; calibrated on "
-          f"prompts 0-{args.fit - 1} (typical: {record.num_steps} probe steps), measured on {len(common)} held-out prompts "
-          f"from {args.fit}, {args.max_new_tokens} new tokens; probe {len(record.probe)} nodes "
-          f"({len(probe_internal)} internal)")
+          f"{rule.posterior_threshold}, posterior_alpha {rule.posterior_alpha}), seed {args.seed}; greedy calibration on "
+          f"prompts 0-{args.fit - 1}, typical record on those" + (f" and {args.fit + args.held_out}-"
+          f"{args.fit + args.held_out + n_typical - args.fit - 1}" if n_typical > args.fit else "") +
+          f" ({record.num_steps} probe steps); measured on {len(common)} held-out prompts from {args.fit}, "
+          f"{args.max_new_tokens} new tokens; probe {len(record.probe)} nodes ({len(probe_internal)} internal)")
     print(render_table(pd.DataFrame(rows)))
     print("typical search: gains shrunk toward the greedy calibration's node values, strength (pseudo-steps) "
           "cross-validated: " + ", ".join(f"{n} nodes {fitted[f'typical-searched {n}'][0].meta['strength']:g}" for n in sizes))
     for n in sizes:
-        t, g = tps[f"typical-searched {n}"], tps[f"greedy-searched {n}"]
-        print(f"{n} nodes: typical-searched {t:.3f} vs greedy-searched {g:.3f} measured tokens/step: "
-              f"margin {t - g:+.3f} ({100 * (t / g - 1):+.1f} %)")
+        t, g = (measured[f"{kind}-searched {n}"] for kind in ("typical", "greedy"))
+        lo, hi = margin_interval(*(np.array([m[i] for i in common]) for m in (t, g)))
+        print(f"{n} nodes: typical-searched {tps[f'typical-searched {n}']:.3f} vs greedy-searched "
+              f"{tps[f'greedy-searched {n}']:.3f} measured tokens/step: margin "
+              f"{tps[f'typical-searched {n}'] - tps[f'greedy-searched {n}']:+.3f} "
+              f"({100 * (tps[f'typical-searched {n}'] / tps[f'greedy-searched {n}'] - 1):+.1f} %), "
+              f"95 % paired bootstrap interval over prompts {lo:+.3f} to {hi:+.3f}")
+
+
+def margin_interval(a, b, samples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % interval of tokens/step(a) - tokens/step(b), both [P, 2] (new tokens, steps) per prompt,
+    resampling the prompts together (paired)."""
+    import numpy as np
+
+    idx = np.random.default_rng(seed).integers(0, len(a), (samples, len(a)))  # [B, P]
+    diff = [x[idx, 0].sum(1) / x[idx, 1].sum(1) for x in (a, b)]
+    return tuple(np.percentile(diff[0] - diff[1], [2.5, 97.5]))
 
 
 def per_prompt(out: Path, method: str) -> dict[int, tuple[int, int]]:

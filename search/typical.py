@@ -289,7 +289,7 @@ def search_report(calibration: str | Path, nodes: int | str = 64, max_depth: int
             "in_sample_tokens_per_step": result.tokens_per_step, "replayed_tokens_per_step": float(table["replayed"][0]),
             **rule_meta(record), "acceptance_model": NAME, "calibration": str(record.directory),
             "calibration_steps": record.num_steps, "prior_calibration": str(prior) if prior is not None else None,
-            "prior_strength": strength, "num_heads": record.num_heads,
+            "prior_strength": f"{strength:g}", "num_heads": record.num_heads,
             "max_depth": result.meta["max_depth"], "top_k": result.meta["top_k"],
             "nodes_requested": str(nodes), "node_values": result.values.round(6).tolist()}
     lo, hi = meta["predicted_interval"]

@@ -288,7 +288,7 @@ def test_search_typical_with_a_greedy_prior(typical_dir, tiny_model_dir, tmp_pat
     r = runner.invoke(app, [*args, "-o", str(tmp_path / "t.json")])
     assert r.exit_code == 0 and "cross-validated" in r.output, r.output
     meta = json.loads((tmp_path / "t.json").read_text())
-    assert meta["prior_strength"] in typical.STRENGTHS and meta["prior_calibration"] == str(tmp_path / "g")
+    assert float(meta["prior_strength"]) in typical.STRENGTHS and meta["prior_calibration"] == str(tmp_path / "g")
     lo, hi = meta["predicted_interval"]
     assert lo <= meta["predicted_tokens_per_step"] <= hi and meta["cv_folds"] == 4
     for command in (["evaluate", str(tmp_path / "t.json")], ["sweep", "--max-nodes", "6"]):

@@ -58,8 +58,8 @@ def probe_tree(internal: Tree, top_k: int, num_heads: int) -> Tree:
 class ProbeDecoder(TreeDecoder):
     """The decoder with the probe tree, keeping every step's flags: `steps` [S, n] after `generate`."""
 
-    def accept(self, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        ok, logp = self.flags(tokens, logits)  # [N]: the root's entry means nothing
+    def accept(self, tokens: torch.Tensor, logits: torch.Tensor, argmax: torch.Tensor | None = None) -> torch.Tensor:
+        ok, logp = self.flags(tokens, logits, argmax=argmax)  # [N]: the root's entry means nothing
         self.steps.append(ok[1:].cpu())
         return choose_path(self.buf, ok, logp)
 

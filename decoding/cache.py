@@ -98,12 +98,17 @@ class TreeCache(Cache):
         self.length = 0
 
     def commit(self, slots: torch.Tensor) -> None:
-        """Keep the uncommitted slots `length + slots` [m] (ascending), moved to length..length+m."""
+        """Keep the uncommitted slots `length + slots` [m] (ascending), moved to length..length+m. Slots
+        already in place (a leading 0, 1, ..., as a plain step's or a first-child path's) are not copied."""
         m, src = slots.shape[0], {}
-        for t in self.tensors():  # [1, kvH, max_len, D]
-            if t.device not in src:
-                src[t.device] = slots.to(t.device) + self.length
-            t[:, :, self.length : self.length + m] = t.index_select(2, src[t.device])
+        keep = slots.tolist()
+        k = next((i for i, s in enumerate(keep) if s != i), m)  # slots[:k] are in place
+        if k < m:
+            start = self.length + k
+            for t in self.tensors():  # [1, kvH, max_len, D]
+                if t.device not in src:
+                    src[t.device] = slots[k:].to(t.device) + self.length
+                t[:, :, start : self.length + m] = t.index_select(2, src[t.device])
         self.length += m
 
 

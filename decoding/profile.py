@@ -33,15 +33,21 @@ from treeopt.core.fileio import atomic_write, check_writable
 from treeopt.core.tree import Tree
 
 DEFAULT_SIZES = (0, 1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-COLUMNS = ["batch_size", "nodes", "forward_ms", "base_ms", "heads_ms", "roofline_ms", "roofline_ratio", "compile_s",
+COLUMNS = ["batch_size", "nodes", "depth", "forward_ms", "base_ms", "heads_ms", "roofline_ms", "roofline_ratio", "compile_s",
            "context", "device", "dtype", "compiled", "model"]
 
 
-def profile_tree(n: int, num_heads: int) -> Tree:
-    """A balanced n-node tree of depth <= num_heads: the first n nodes of the smallest k^depth
-    Cartesian tree that holds them (its mask and head count are what a searched tree has)."""
+def profile_tree(n: int, num_heads: int, shape: Tree | None = None) -> Tree:
+    """The n-node tree a profile row times: the first n nodes of `shape` (e.g. a searched tree, whose
+    prefixes are the trees `search --nodes auto` chooses among), else a balanced tree of depth <=
+    num_heads: the first n nodes of the smallest k^depth Cartesian tree that holds them."""
     if n == 0:
         return Tree(())
+    if shape is not None:
+        if n > len(shape):
+            raise TreeoptError(f"--sizes asks for {n} nodes but the --tree has {len(shape)}: "
+                               f"pass sizes up to {len(shape)}, or a larger tree")
+        return shape[:n]
     k = 1
     while sum(k ** d for d in range(1, num_heads + 1)) < n:
         k += 1
@@ -63,7 +69,7 @@ def time_step_forward(decoder: TreeDecoder, context: int, repeats: int = 5, warm
     for i in range(warmup + repeats):
         synchronize(dev)
         t0 = time.perf_counter()
-        _, hidden = decoder.tree_forward(tokens)  # writes slots context.., uncommitted
+        _, hidden, _ = decoder.tree_forward(tokens)  # writes slots context.., uncommitted
         synchronize(dev)
         t1 = time.perf_counter()
         decoder.candidates(hidden[0], row=0)  # fused (small trees): made by the tree forward already
@@ -120,20 +126,21 @@ def time_batch_forward(decoder: TreeDecoder, batch: int, context: int, repeats: 
 
 def profile_latency(model, heads, sizes=DEFAULT_SIZES, context: int = 256, repeats: int = 5,
                     model_name: str = "", progress: bool = False, batch_sizes=(1,), compiled: bool = False,
-                    machine: Machine | None = None) -> pd.DataFrame:
-    """One row per batch size and tree size (see the module docstring). `machine`: measured here when None."""
+                    machine: Machine | None = None, shape: Tree | None = None) -> pd.DataFrame:
+    """One row per batch size and tree size (see the module docstring). `machine`: measured here when None;
+    `shape`: time its prefixes (`profile_tree`)."""
     sizes, batch_sizes = checked_sizes(sizes, context), checked_batch_sizes(batch_sizes)
     weight = model.get_output_embeddings().weight
     machine = machine or measure_machine(weight.device)
     rows = []
     bar = _progress([(b, n) for b in batch_sizes for n in sizes], progress, "profile")
     for b, n in bar:
-        tree = profile_tree(n, heads.num_heads)
+        tree = profile_tree(n, heads.num_heads, shape)
         decoder = TreeDecoder(model, heads if n else None, tree, compiled=compiled and b == 1)
         base_ms, heads_ms = (time_step_forward(decoder, context, repeats) if b == 1 else
                              time_batch_forward(decoder, b, context, repeats))
         roofline = step_cost(model, n, context, heads, tree.depth, batch=b).ms(machine, weight.dtype)
-        rows.append({"batch_size": b, "nodes": n, "forward_ms": base_ms + heads_ms, "base_ms": base_ms,
+        rows.append({"batch_size": b, "nodes": n, "depth": tree.depth, "forward_ms": base_ms + heads_ms, "base_ms": base_ms,
                      "heads_ms": heads_ms, "roofline_ms": roofline, "roofline_ratio": (base_ms + heads_ms) / roofline,
                      "compile_s": decoder.compile_s, "context": context, "device": str(weight.device),
                      "dtype": str(weight.dtype).removeprefix("torch."), "compiled": compiled and b == 1,
@@ -151,7 +158,7 @@ def render_profile(df: pd.DataFrame) -> str:
     peaks = ", ".join(f"{k} {v:.0f}" for k, v in m.peak_gflops.items())
     head = (f"{m.device}, {m.threads} threads: read {m.bandwidth_gbs:.1f} GB/s, GEMM peak GFLOP/s {peaks}; "
             f"{df['dtype'].iloc[0]}, {'compiled' if df['compiled'].iloc[0] else 'eager'}, context {df['context'].iloc[0]}")
-    cols = ["nodes", "forward_ms", "base_ms", "heads_ms", "roofline_ms", "roofline_ratio", "compile_s"]
+    cols = ["nodes", "depth", "forward_ms", "base_ms", "heads_ms", "roofline_ms", "roofline_ratio", "compile_s"]
     return head + "\n" + render_table(df[(["batch_size"] if df["batch_size"].nunique() > 1 else []) + cols])
 
 
@@ -193,8 +200,12 @@ def run_profile(model: str = "smollm2-135m", heads: str | None = None, sizes: st
                 context: int = 256, repeats: int = 5, device: str = "auto", dtype: str = "auto",
                 out: str | Path = "latency.csv", progress: bool = True, threads: int | None = None,
                 device_map: str | None = None, max_memory: str | None = None,
-                batch_sizes: str | None = None, compiled: bool | None = None) -> pd.DataFrame:
-    """The CLI's twin: load the model and heads, profile, write the CSV atomically."""
+                batch_sizes: str | None = None, compiled: bool | None = None, tree: str | Path | None = None
+                ) -> pd.DataFrame:
+    """The CLI's twin: load the model and heads, profile (the prefixes of `tree`, a tree spec, when
+    given), write the CSV atomically."""
+    from treeopt.core.treefile import read_tree
+
     from decoding.heads import resolve_heads
     from decoding.models import load_model, set_threads
 
@@ -202,11 +213,16 @@ def run_profile(model: str = "smollm2-135m", heads: str | None = None, sizes: st
     tree_sizes = checked_sizes(parse_sizes(sizes), context)
     batches = checked_batch_sizes(parse_sizes(batch_sizes, (1,), "--batch-sizes"))
     check_writable(out, fix="pass another --out")
+    shape = read_tree(tree) if tree is not None else None
+    if shape is not None:
+        tree_sizes = [n for n in tree_sizes if n <= len(shape)] if sizes is None else tree_sizes
+        for n in tree_sizes:
+            profile_tree(n, shape.depth, shape)  # a size the tree lacks fails here, before loading
     loaded = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
                         attention="decode")
     medusa = resolve_heads(heads, loaded.model)
     compiled = compiles_by_default(loaded.model) if compiled is None else compiled
     df = profile_latency(loaded.model, medusa, tree_sizes, context, repeats, model_name=model, progress=progress,
-                         batch_sizes=batches, compiled=compiled)
+                         batch_sizes=batches, compiled=compiled, shape=shape)
     atomic_write(out, lambda p: df.to_csv(p, index=False, float_format="%.4f"))
     return df

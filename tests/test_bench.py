@@ -133,6 +133,23 @@ def test_profile_tree_sizes_and_depth():
     for n in (0, 1, 5, 17, 64, 256):
         t = profile_tree(n, 4)
         assert t.num_nodes == n and t.depth <= 4
+    shape = Tree(((0,), (1,), (2,), (0, 0), (0, 0, 0)))
+    assert [profile_tree(n, 4, shape) for n in (0, 3, 5)] == [Tree(()), shape[:3], shape]
+    with pytest.raises(TreeoptError, match="the --tree has 5"):
+        profile_tree(6, 4, shape)
+
+
+def test_profile_cli_times_a_trees_prefixes(tiny_model_dir, tmp_path):
+    tree, out = tmp_path / "tree.json", tmp_path / "latency.csv"
+    tree.write_text('{"medusa_choices": [[0], [1], [2], [0, 0], [0, 0, 0]]}')
+    base = ["profile", "--model", str(tiny_model_dir), "--heads", "random", "--context", "16", "--repeats", "1",
+            "--device", "cpu", "-o", str(out), "--tree", str(tree)]
+    r = runner.invoke(app, base)  # default sizes: those the tree holds
+    assert r.exit_code == 0, r.output
+    df = pd.read_csv(out)
+    assert df["nodes"].tolist() == [0, 1, 2, 4] and df["depth"].tolist() == [0, 1, 1, 2]
+    r = runner.invoke(app, base + ["--sizes", "0,8"])
+    assert r.exit_code == 2 and "the --tree has 5" in r.output
 
 
 def test_decode_cli(tiny_model_dir):

@@ -87,7 +87,7 @@ def test_tree_forward_equals_each_path_alone(tiny_llama, heads, tree, context, s
     with torch.inference_mode():
         dec._prepare(context + N)
         dec.prefill(prefix)
-        logits, _ = dec.tree_forward(tokens)  # [N, V]
+        logits, _, _ = dec.tree_forward(tokens)  # [N, V]
         for i in range(N):
             chain, j = [i], i
             while j != 0:

@@ -80,7 +80,7 @@ def accepted_from(dec: TreeDecoder, prefix: list[int], root: int) -> int:
     dec._prepare(len(prefix) + dec.buf.num_nodes)
     hidden = dec.prefill(torch.tensor(prefix))  # [H]
     tokens = torch.cat([torch.tensor([root]), dec.candidates(hidden).flatten()[dec.buf.candidate_index]])  # [N]
-    logits, _ = dec.tree_forward(tokens)
+    logits, _, _ = dec.tree_forward(tokens)
     return len(dec.accept(tokens, logits)) - 1
 
 

@@ -366,6 +366,7 @@ def profile(
     batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Sequences per forward, comma-separated (e.g. 1,4,16): one set of rows each; default 1."),
     context: int = typer.Option(256, "--context", help="Tokens already in the KV cache."),
     repeats: int = typer.Option(5, "--repeats", help="Timed forwards per size (the median is kept)."),
+    tree: Optional[str] = typer.Option(None, "--tree", "-t", help="Time this tree's first N nodes at each size N (e.g. `search -n 64`'s tree: the shapes `--nodes auto` chooses among; default sizes: those it holds); default: balanced trees."),
     threads: Optional[int] = ThreadsOpt,
     model: str = ModelOpt,
     heads: Optional[str] = HeadsOpt,
@@ -381,7 +382,7 @@ def profile(
 
     df = run_profile(model=model, heads=heads, sizes=sizes, context=context, repeats=repeats, device=device,
                      dtype=dtype, out=out, progress=_progress(quiet), threads=threads, device_map=device_map,
-                     max_memory=max_memory, batch_sizes=batch_sizes, compiled=compiled)
+                     max_memory=max_memory, batch_sizes=batch_sizes, compiled=compiled, tree=tree)
     typer.echo(render_profile(df))
     typer.echo(f"wrote {out}", err=True)
 

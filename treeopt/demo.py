@@ -10,7 +10,8 @@ Stages, each writing into OUT (a run directory, see reports/report.py):
 2. calibrate OUT/calibration/ (calibrate/: the heads' rank of each true token, per position).
 3. heldout   OUT/calibration-heldout/: the same on the held-out prompts, for the report's ceiling
              (the best tree fit on them) and an exact replay of every tree there.
-4. profile   OUT/latency.csv (decoding/profile.py: forward ms vs tree size on this machine).
+4. profile   OUT/latency.csv (decoding/profile.py: forward ms vs tree size on this machine, timed on
+             the prefixes of the calibration's searched tree, OUT/profile-tree.json).
 5. search    OUT/tree.json and OUT/sweep.csv (search/: the greedy optimal tree).
 6. bench     OUT/bench/ (reports/bench.py: plain greedy vs each baseline (the best Cartesian tree,
              Medusa's published trees, the top-1 chain) beside a searched tree of the same node count,
@@ -64,6 +65,7 @@ class DemoConfig:
 
 
 HELDOUT = "calibration-heldout"
+PROFILE_TREE = "profile-tree.json"  # the searched tree whose prefixes the profile times
 
 
 @dataclass
@@ -217,7 +219,7 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None,
           lambda: _calibrate(cfg, bench_file, held_file.parent, progress))
     if cfg.profile_sizes:
         stage("profile", {**model, "sizes": c["profile_sizes"], "context": cfg.max_new_tokens + 64,
-                          "compiled": c["compiled"]}, [], [latency],
+                          "compiled": c["compiled"]}, [cal_file], [latency, out / PROFILE_TREE],
               lambda: _profile(cfg, out, progress))
     stage("search", {"nodes": c["nodes"]}, [cal_file] + ([latency] if cfg.profile_sizes else []),
           [tree_file, out / "sweep.csv"], lambda: _search(cfg, out, log))
@@ -274,11 +276,16 @@ def _calibrate(cfg: DemoConfig, prompts: Path, out: Path, progress: bool):
 
 
 def _profile(cfg: DemoConfig, out: Path, progress: bool):
-    from decoding.profile import run_profile
+    """Time the searched tree's prefixes (the trees `--nodes auto` chooses among: a step's cost depends
+    on the tree's shape, e.g. whether the heads fit in the verification product, not only on its size)."""
+    from decoding.profile import parse_sizes, run_profile
+    from search.api import search_report
 
-    run_profile(model=cfg.model, heads=cfg.heads, sizes=cfg.profile_sizes, context=cfg.max_new_tokens + 64,
-                device=cfg.device, dtype=cfg.dtype, out=out / "latency.csv", progress=progress, threads=cfg.threads,
-                compiled=cfg.compiled)
+    sizes = parse_sizes(cfg.profile_sizes)
+    tree = search_report(out / "calibration", max(sizes), out=out / PROFILE_TREE)[0].tree
+    run_profile(model=cfg.model, heads=cfg.heads, sizes=",".join(str(n) for n in sizes if n <= len(tree)),
+                context=cfg.max_new_tokens + 64, device=cfg.device, dtype=cfg.dtype, out=out / "latency.csv",
+                progress=progress, threads=cfg.threads, compiled=cfg.compiled, tree=out / PROFILE_TREE)
 
 
 def _search(cfg: DemoConfig, out: Path, log):

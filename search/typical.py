@@ -50,7 +50,7 @@ from search.budget import Latency, read_latency
 from search.grow import SearchResult
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write
-from treeopt.core.record import TypicalRecord, load_typical
+from treeopt.core.record import TypicalRecord, load_typical, prompt_folds
 from treeopt.core.replay import ReplayResult, concat
 from treeopt.core.tables import render_table
 from treeopt.core.tree import Tree
@@ -163,8 +163,7 @@ def cross_validated(record: TypicalRecord, sizes: Sequence[int], prior: np.ndarr
     fewer than 2 prompts there is nothing to hold out: the replay is in-sample."""
     prompts = np.unique(record.prompt_ids)
     k = min(folds, len(prompts))
-    perm = np.random.default_rng(seed).permutation(prompts)
-    groups = [np.sort(perm[i::k]) for i in range(k)] if k >= 2 else [prompts]  # as Calibration.folds
+    groups = prompt_folds(prompts, k, seed) if k >= 2 else [prompts]
     per_size: list[list[ReplayResult]] = [[] for _ in sizes]
     for held in groups:
         train = record.subset(np.setdiff1d(prompts, held)) if k >= 2 else record

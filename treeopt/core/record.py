@@ -76,6 +76,12 @@ def accuracy_table(ranks: np.ndarray, top_k: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def prompt_folds(prompts: np.ndarray, k: int, seed: int = 0) -> list[np.ndarray]:
+    """The prompt ids of `k` folds (k <= number of prompts): a seeded shuffle dealt round-robin."""
+    perm = np.random.default_rng(seed).permutation(prompts)
+    return [np.sort(perm[i::k]) for i in range(k)]
+
+
 @dataclass(frozen=True)
 class Calibration:
     """A calibration directory, loaded. `ranks` is [N, K] int16 (see the module docstring)."""
@@ -119,9 +125,7 @@ class Calibration:
         return self.memo[key]
 
     def folds(self, k: int, seed: int = 0) -> list[np.ndarray]:
-        """The prompt ids of `k` folds (k <= number of prompts): a seeded shuffle dealt round-robin."""
-        perm = np.random.default_rng(seed).permutation(self.prompts)
-        return [np.sort(perm[i::k]) for i in range(k)]
+        return prompt_folds(self.prompts, k, seed)
 
     def source_groups(self) -> dict[str, np.ndarray]:
         """source -> its prompt ids (sorted by source); empty when sources were not recorded."""

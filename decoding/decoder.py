@@ -114,16 +114,20 @@ def compiles_by_default(model) -> bool:
 
 
 def compile_step(fn, device: torch.device):
-    """torch.compile for a decoding step: inductor, with weight freezing on CPU. Shapes are dynamic, so
-    one graph serves every tree size and cache capacity (dynamo specializes the one-token plain step
-    apart, and the heads step per tree depth)."""
+    """torch.compile for a decoding step: inductor, with weight freezing and a C++ wrapper on CPU. Shapes
+    are dynamic, so one graph serves every tree size and cache capacity (dynamo specializes the one-token
+    plain step apart, and the heads step per tree depth)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    if device.type == "cpu":
-        # Freezing folds the weights into the graph as constants, prepacked for oneDNN (bf16 linears run
-        # ~2x faster packed). Dynamo reads this global flag while tracing to take the weights as constants,
-        # so `options=` (read by inductor only, after tracing) is not enough.
-        torch._inductor.config.freezing = True
-    return torch.compile(fn, dynamic=True)
+    if device.type != "cpu":
+        return torch.compile(fn, dynamic=True)
+    # Freezing folds the weights into the graph as constants, prepacked for oneDNN (bf16 linears run
+    # ~2x faster packed). Dynamo reads this global flag while tracing to take the weights as constants,
+    # so `options=` (read by inductor only, after tracing) is not enough.
+    torch._inductor.config.freezing = True
+    # The C++ wrapper runs the graph's ~300 kernel calls from C++ instead of generated Python: measured
+    # (2 threads, SmolLM2-135M, context 113) plain step 22.3 -> 19.9 ms, a 3-node tree's 25.0 -> 20.8 ms,
+    # for ~50 % more compile time.
+    return torch.compile(fn, dynamic=True, options={"cpp_wrapper": True})
 
 
 class _Step:

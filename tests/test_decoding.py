@@ -139,6 +139,7 @@ def test_compiled_greedy_is_lossless_vs_plain(tiny_llama, heads):
         if s == 0:
             compile_s = tree.compile_s
     assert compile_s > 0 and tree.compile_s == compile_s  # compiled at the first text only
+    assert tree.verify.fn is not tree.verify.eager and plain.verify.fn is not plain.verify.eager  # no eager fallback
 
 
 @pytest.mark.parametrize("compiled", [False, True])

@@ -3,8 +3,8 @@
     nice -n 10 .venv/bin/python benchmarks/bench_calibrate.py [--prompts 16] [--max-new-tokens 128]
         [--batch-size 8] [--heads DIR|random] [--repeat 2] [--threads N] [--device auto]
 
-plain: `model.generate` on the left-padded batches (decoding.generate.generate_continuations without
-hidden states). calibrate: the whole `calibrate.run.calibrate` pass (its own batched greedy loop
+plain: `model.generate` on the left-padded batches (treeopt.decoding.generate.generate_continuations without
+hidden states). calibrate: the whole `treeopt.calibrate.run.calibrate` pass (its own batched greedy loop
 with hidden states, every head's ranks, shard and final files) into a fresh directory. The two
 alternate --repeat times after a warm-up, so load on a shared machine falls on both; tokens/s counts
 the continuation tokens (up to EOS) over the summed wall time. Target: calibrate >= 0.9 x plain.
@@ -18,8 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
@@ -40,10 +38,10 @@ def main() -> None:
     import torch
 
     from treeopt.core.record import load_calibration
-    from calibrate.run import CalibrationConfig, calibrate
-    from decoding.generate import generate_continuations
-    from decoding.heads import resolve_heads
-    from decoding.models import chat_prompt, load_model, stop_token_ids
+    from treeopt.calibrate.run import CalibrationConfig, calibrate
+    from treeopt.decoding.generate import generate_continuations
+    from treeopt.decoding.heads import resolve_heads
+    from treeopt.decoding.models import chat_prompt, load_model, stop_token_ids
     from treeopt.core.prompts import default_prompts, load_instructions
 
     if args.threads:

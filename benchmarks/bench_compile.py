@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_compile.py [--sizes 0,4,16] [--context 256] [--dtype auto] [--threads 1]
 
-Profiles the step (`decoding.profile.profile_latency`) eagerly, then compiled, then eagerly again (the
+Profiles the step (`treeopt.decoding.profile.profile_latency`) eagerly, then compiled, then eagerly again (the
 eager figure is the mean of the two runs, which bracket the compiled one in time), and prints
 forward_ms of each beside the roofline and the one-off compile time.
 """
@@ -10,11 +10,7 @@ forward_ms of each beside the roofline and the one-off compile time.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
@@ -30,10 +26,10 @@ def main() -> None:
 
     import pandas as pd
 
-    from decoding.heads import resolve_heads
-    from decoding.models import load_model, set_threads
-    from decoding.profile import parse_sizes, profile_latency
-    from decoding.roofline import measure_machine
+    from treeopt.decoding.heads import resolve_heads
+    from treeopt.decoding.models import load_model, set_threads
+    from treeopt.decoding.profile import parse_sizes, profile_latency
+    from treeopt.decoding.roofline import measure_machine
     from treeopt.core.tables import render_table
 
     set_threads(args.threads)

@@ -14,12 +14,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
@@ -34,8 +30,8 @@ def main() -> None:
 
     import torch
 
-    from decoding.heads import resolve_heads
-    from decoding.models import load_model, set_threads
+    from treeopt.decoding.heads import resolve_heads
+    from treeopt.decoding.models import load_model, set_threads
     from treeopt.core.tables import render_table
 
     set_threads(args.threads)

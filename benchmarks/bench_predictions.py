@@ -45,11 +45,10 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from search.acceptance import choose_strength, resolve_model  # noqa: E402
-from search.crossval import calibration_curve, cross_validated, leave_one_source_out, per_source, prediction  # noqa: E402
-from search.grow import search  # noqa: E402
+from treeopt.search.acceptance import choose_strength, resolve_model  # noqa: E402
+from treeopt.search.crossval import calibration_curve, cross_validated, leave_one_source_out, per_source, prediction  # noqa: E402
+from treeopt.search.grow import search  # noqa: E402
 from treeopt.core.prompts import default_prompts, load_prompts  # noqa: E402
 from treeopt.core.record import Calibration, load_calibration  # noqa: E402
 from treeopt.core.replay import replay  # noqa: E402
@@ -87,7 +86,7 @@ def merged(cals: list[Calibration]) -> Calibration:
 
 def calibrated(prompts: Path, out: Path, max_new_tokens: int, batch_size: int):
     """A finished calibration in `out` is read as it is (delete the directory to redo it)."""
-    from calibrate.run import CalibrationConfig, calibrate
+    from treeopt.calibrate.run import CalibrationConfig, calibrate
 
     if not (out / "calibration.json").is_file():
         calibrate(CalibrationConfig(out=out, prompts=str(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size,

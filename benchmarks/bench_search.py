@@ -26,7 +26,6 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from treeopt.core.record import rank_columns, write_calibration  # noqa: E402
 

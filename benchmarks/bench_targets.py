@@ -6,24 +6,20 @@ interval over prompts).
 
 For each target (medusa, trtllm, vllm, chain) and tree size: the unconstrained searched tree, the
 constrained one (its nodes: a chain or a Cartesian tree may use fewer), the ratio of their replayed
-tokens/step, and whether the consumer's re-implemented code (search.consumers) builds the constrained
+tokens/step, and whether the consumer's re-implemented code (treeopt.search.consumers) builds the constrained
 export unchanged (it must) and the unconstrained one (often not).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from search.consumers import deploys  # noqa: E402
-from search.grow import search  # noqa: E402
-from search.targets import TARGETS, check  # noqa: E402
+from treeopt.search.consumers import deploys  # noqa: E402
+from treeopt.search.grow import search  # noqa: E402
+from treeopt.search.targets import TARGETS, check  # noqa: E402
 from treeopt.core.record import load_calibration  # noqa: E402
 from treeopt.core.replay import positions, replay  # noqa: E402
 from treeopt.core.tables import render_table  # noqa: E402

@@ -23,14 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def least_gflop(model, cal) -> float:
@@ -72,11 +69,11 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench-teacher")
     args = p.parse_args()
 
-    from calibrate.run import CalibrationConfig, calibrate
-    from calibrate.teacher import calibrate_teacher_forced
-    from decoding.heads import resolve_heads
-    from decoding.models import load_model, set_threads
-    from search.grow import search
+    from treeopt.calibrate.run import CalibrationConfig, calibrate
+    from treeopt.calibrate.teacher import calibrate_teacher_forced
+    from treeopt.decoding.heads import resolve_heads
+    from treeopt.decoding.models import load_model, set_threads
+    from treeopt.search.grow import search
     from treeopt.core.fileio import write_text
     from treeopt.core.prompts import default_prompts
     from treeopt.core.record import load_calibration

@@ -28,8 +28,6 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
@@ -50,14 +48,14 @@ def main() -> None:
     p.add_argument("--partial", action="store_true", help="run nothing more: the table of the prompts every tree has run")
     args = p.parse_args()
 
-    from calibrate.run import CalibrationConfig, calibrate
-    from calibrate.typical import DEFAULT_INTERNAL, calibrate_typical
-    from decoding.decoder import Acceptance, TreeDecoder, compiles_by_default
-    from decoding.heads import resolve_heads
-    from decoding.models import chat_prompt, load_model, set_threads, stop_token_ids
-    from reports.bench import run_bench
-    from search import typical
-    from search.grow import search
+    from treeopt.calibrate.run import CalibrationConfig, calibrate
+    from treeopt.calibrate.typical import DEFAULT_INTERNAL, calibrate_typical
+    from treeopt.decoding.decoder import Acceptance, TreeDecoder, compiles_by_default
+    from treeopt.decoding.heads import resolve_heads
+    from treeopt.decoding.models import chat_prompt, load_model, set_threads, stop_token_ids
+    from treeopt.reports.bench import run_bench
+    from treeopt.search import typical
+    from treeopt.search.grow import search
     from treeopt.core.prompts import default_prompts, load_instructions
     from treeopt.core.record import load_calibration, load_typical
     from treeopt.core.replay import ReplayResult

@@ -5,7 +5,7 @@ no decoding (seconds).
         --prior runs/bench-typical/greedy [--nodes 16,64] [--seeds 3]
 
 Outer loop: 4 folds of the record's prompts (for each of --seeds shuffles). On the other 3 folds, each
-rule picks a strength (the inner cross-validation of `search.typical.choose_strength`), the tree is
+rule picks a strength (the inner cross-validation of `treeopt.search.typical.choose_strength`), the tree is
 searched there with it and replayed on the held-out fold; the table gives the held-out tokens/step over
 all folds, averaged over the shuffles, and the strengths picked. Rules: `one_se` (the default: the
 strongest prior within one standard error of the best inner score), `best_score` (the best inner score),
@@ -16,12 +16,8 @@ calibration is used whole (it may share prompts with the record).
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import Counter
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
@@ -35,7 +31,7 @@ def main() -> None:
     import numpy as np
     import pandas as pd
 
-    from search import typical
+    from treeopt.search import typical
     from treeopt.core.record import load_typical
     from treeopt.core.replay import concat
     from treeopt.core.tables import render_table

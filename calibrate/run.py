@@ -1,6 +1,6 @@
 """`treeopt calibrate`: run the base model greedily over a prompt set and record every head's ranks.
 
-One pass per batch: decoding.generate's batched greedy loop makes the continuations (a row that stops
+One pass per batch: treeopt.decoding.generate's batched greedy loop makes the continuations (a row that stops
 takes the next prompt at once) and hands back the hidden states it computed on the way (the same
 states a teacher-forced forward of prompt + continuation gives, up to float rounding), and the heads
 rank the true tokens on them (calibrate/ranks.py). Prompts go in shards of `shard_size` under
@@ -28,13 +28,13 @@ import pandas as pd
 import torch
 
 from treeopt.core import record as fmt
-from calibrate.ranks import head_ranks, head_targets
+from treeopt.calibrate.ranks import head_ranks, head_targets
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write, check_writable
 from treeopt.core.stage import Stage, differences
 from treeopt.core.env import versions
-from decoding.generate import Continuation
-from decoding.models import DEFAULT_MODEL
+from treeopt.decoding.generate import Continuation
+from treeopt.decoding.models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 SHARDS = "shards"
@@ -77,9 +77,9 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
               on_shard: Callable[[int], None] | None = None) -> Path:
     """Run a calibration into `config.out` and return that directory (see calibrate/format.py).
 
-    `loaded` (decoding.models.LoadedModel) and `heads` (MedusaHeads) skip loading them; `on_shard(i)` is
+    `loaded` (treeopt.decoding.models.LoadedModel) and `heads` (MedusaHeads) skip loading them; `on_shard(i)` is
     called after shard i is written (progress hooks, tests)."""
-    from decoding.models import chat_prompt, stop_token_ids
+    from treeopt.decoding.models import chat_prompt, stop_token_ids
     from treeopt.core.prompts import default_prompts
 
     config.check()
@@ -139,8 +139,8 @@ def select_prompts(source: str, limit: int | None = None, first: int | None = No
 
 def load(config: CalibrationConfig, procs: "Processes", loaded=None, heads=None):
     """The model (on this process's device when `accelerate launch` started several) and the heads, checked."""
-    from decoding.heads import resolve_heads
-    from decoding.models import load_model
+    from treeopt.decoding.heads import resolve_heads
+    from treeopt.decoding.models import load_model
 
     if procs.count > 1 and config.device_map:
         raise TreeoptError(f"--device-map in {procs.count} processes would spread a whole model over every GPU in each: "
@@ -236,7 +236,7 @@ def batch_ranks(heads, lm_head, hidden: list[torch.Tensor], tokens: list[list[in
 
 def _continuations(model, prompts, max_new_tokens, stop, batch_size, pad):
     """greedy_continuations, in prompt order, in groups of `batch_size`."""
-    from decoding.generate import greedy_continuations
+    from treeopt.decoding.generate import greedy_continuations
 
     it = greedy_continuations(model, prompts, max_new_tokens, stop, batch_size, pad, with_hidden=True)
     while batch := list(islice(it, batch_size)):

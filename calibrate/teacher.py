@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from calibrate.run import (CalibrationConfig, Unit, _fingerprint, load, processes, run_shards, write_merged)
+from treeopt.calibrate.run import (CalibrationConfig, Unit, _fingerprint, load, processes, run_shards, write_merged)
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import check_writable
 
@@ -137,8 +137,8 @@ def calibrate_teacher_forced(config: CalibrationConfig, *, loaded=None, heads=No
     """Run a teacher-forced calibration of `config.teacher_forced` into `config.out` (see the module doc);
     `config.prompts`, `seed` are unused, `limit` takes the first conversations, `max_new_tokens` caps
     each answer, `batch_size` caps the sequences per forward."""
-    from decoding.generate import Continuation
-    from decoding.models import stop_token_ids
+    from treeopt.decoding.generate import Continuation
+    from treeopt.decoding.models import stop_token_ids
 
     config.check()
     if not config.teacher_forced:

@@ -34,8 +34,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from calibrate.run import CalibrationConfig, _fingerprint, _progress, _sha256, select_prompts
-from decoding.decoder import Acceptance, DecodeResult, TreeDecoder, choose_path
+from treeopt.calibrate.run import CalibrationConfig, _fingerprint, _progress, _sha256, select_prompts
+from treeopt.decoding.decoder import Acceptance, DecodeResult, TreeDecoder, choose_path
 from treeopt.core import record as fmt
 from treeopt.core.env import versions
 from treeopt.core.errors import TreeoptError
@@ -81,8 +81,8 @@ def calibrate_typical(config: CalibrationConfig, rule: Acceptance, internal: Tre
                       loaded=None, heads=None) -> Path:
     """Decode every prompt with the probe tree (module docstring) into `config.out`; resumable by prompt.
     `internal`: the probe's internal nodes (default top-4 x top-2 x top-1); its children go to top_k."""
-    from decoding.heads import resolve_heads
-    from decoding.models import chat_prompt, load_model, stop_token_ids
+    from treeopt.decoding.heads import resolve_heads
+    from treeopt.decoding.models import chat_prompt, load_model, stop_token_ids
     from treeopt.core.prompts import default_prompts
 
     config.check()

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from decoding.buffers import TreeBuffers, tree_buffers
-from decoding.cache import TreeCache
+from treeopt.decoding.buffers import TreeBuffers, tree_buffers
+from treeopt.decoding.cache import TreeCache
 from treeopt.core.errors import TreeoptError
-from decoding.models import cache_argument, layer_devices, stop_token_ids
+from treeopt.decoding.models import cache_argument, layer_devices, stop_token_ids
 from treeopt.core.tree import Tree
 
 
@@ -467,8 +467,8 @@ def run_decode(instruction: str, tree: str | None = None, model: str = "smollm2-
                max_memory: str | None = None) -> tuple[str, DecodeResult]:
     """The CLI's twin: decode one instruction (as a chat turn) with a tree spec (file, published name
     or list string; None = plain decoding) and return the reply text and the result."""
-    from decoding.heads import resolve_heads
-    from decoding.models import chat_prompt, load_model
+    from treeopt.decoding.heads import resolve_heads
+    from treeopt.decoding.models import chat_prompt, load_model
     from treeopt.core.treefile import read_tree
 
     shape = read_tree(tree) if tree else Tree(())

@@ -29,9 +29,9 @@ def greedy_continuations(model, prompts: Sequence[Sequence[int]], max_new_tokens
                          batch_size: int = 8, pad_id: int = 0, with_hidden: bool = False) -> Iterator[Continuation]:
     """Greedy-decode each prompt (a row of a `batch_size`-row batch that refills as rows stop); yield
     the continuations in prompt order."""
-    from decoding.cache import SlotCache
-    from decoding.decoder import _max_window, additive_mask
-    from decoding.models import cache_argument, layer_devices
+    from treeopt.decoding.cache import SlotCache
+    from treeopt.decoding.decoder import _max_window, additive_mask
+    from treeopt.decoding.models import cache_argument, layer_devices
 
     prompts = [list(p) for p in prompts]
     if any(not p for p in prompts):

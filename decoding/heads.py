@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from decoding.models import layer_devices
+from treeopt.decoding.models import layer_devices
 from treeopt.core.env import DATA_DIR
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write, write_text

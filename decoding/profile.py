@@ -5,7 +5,7 @@ the root + n tree nodes over a KV cache holding `context` tokens, with the lm_he
 positions) and heads_ms is the Medusa heads' top-k at one node (0 for n = 0: plain decoding), both on
 the path the decoder runs (compiled or eager; compile_s is the one-off compile time, apart).
 roofline_ms is the step's bytes / read bandwidth or FLOPs / peak GEMM rate, whichever is larger
-(`decoding.roofline`, the machine measured once per profile), and roofline_ratio = forward_ms /
+(`treeopt.decoding.roofline`, the machine measured once per profile), and roofline_ratio = forward_ms /
 roofline_ms (1 = as fast as the machine allows). Everything else a decoding step does (acceptance,
 KV compaction, Python) is the loop, which `treeopt bench` measures against this figure
 (loop_efficiency).
@@ -26,8 +26,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from decoding.decoder import TreeDecoder, additive_mask, compiles_by_default, synchronize
-from decoding.roofline import Machine, measure_machine, step_cost
+from treeopt.decoding.decoder import TreeDecoder, additive_mask, compiles_by_default, synchronize
+from treeopt.decoding.roofline import Machine, measure_machine, step_cost
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write, check_writable
 from treeopt.core.tree import Tree
@@ -206,8 +206,8 @@ def run_profile(model: str = "smollm2-135m", heads: str | None = None, sizes: st
     given), write the CSV atomically."""
     from treeopt.core.treefile import read_tree
 
-    from decoding.heads import resolve_heads
-    from decoding.models import load_model, set_threads
+    from treeopt.decoding.heads import resolve_heads
+    from treeopt.decoding.models import load_model, set_threads
 
     set_threads(threads)
     tree_sizes = checked_sizes(parse_sizes(sizes), context)

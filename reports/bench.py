@@ -34,9 +34,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from decoding.models import set_threads
-from decoding.decoder import GREEDY, Acceptance, DecodeResult, TreeDecoder, compiles_by_default, greedy_reference
-from decoding.profile import time_step_forward
+from treeopt.decoding.models import set_threads
+from treeopt.decoding.decoder import GREEDY, Acceptance, DecodeResult, TreeDecoder, compiles_by_default, greedy_reference
+from treeopt.decoding.profile import time_step_forward
 from treeopt.core.env import versions
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import check_writable, write_text
@@ -196,13 +196,13 @@ def bench_decoding(model, heads, trees: dict[str, Tree], prompts: list[list[int]
 
 def _predicted(tree: Tree, calibration) -> dict:
     """The tree's tokens/step replayed on the calibration, for the ranks the calibration covers (a typical
-    record: search.typical's replay, for trees inside its probe)."""
+    record: treeopt.search.typical's replay, for trees inside its probe)."""
     from treeopt.core.record import TypicalRecord
     from treeopt.core.replay import replay
     from treeopt.core.tree import truncate
 
     if isinstance(calibration, TypicalRecord):
-        from search import typical
+        from treeopt.search import typical
 
         if (typical.node_index(calibration, tree) < 0).any():  # the probe cannot see some nodes
             return {}
@@ -228,8 +228,8 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
     """The CLI's twin: load everything, benchmark, write bench.csv and bench.json into `out`.
     An interrupted run with the same settings resumes from `out`/.bench-records/. A calibration must
     record the same acceptance rule (typical: the same temperature and thresholds)."""
-    from decoding.heads import resolve_heads
-    from decoding.models import chat_prompt, load_model, stop_token_ids
+    from treeopt.decoding.heads import resolve_heads
+    from treeopt.decoding.models import chat_prompt, load_model, stop_token_ids
     from treeopt.core.prompts import default_prompts, load_instructions
 
     if max_new_tokens < 1:

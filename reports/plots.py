@@ -497,7 +497,7 @@ def draw_tree(spec: str | Path, out: str | Path, calibration: str | Path | None 
     values, title = None, name
     if calibration is not None:
         from treeopt.core.record import load_calibration
-        from search.acceptance import node_values
+        from treeopt.search.acceptance import node_values
 
         cal = load_calibration(calibration)
         values = node_values(tree, cal, model)

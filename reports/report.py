@@ -223,14 +223,14 @@ def compared_trees(run: Run) -> dict[str, object]:
     if not trees and run.tree is not None:
         trees[SEARCHED.format(len(run.tree))] = run.tree
         if run.calibration is not None:
-            from search.baselines import baseline_trees, describe
+            from treeopt.search.baselines import baseline_trees, describe
 
             base = baseline_trees(run.calibration, len(run.tree), _model(run))
             if len(base["best_cartesian"]):
                 trees[f"cartesian-{describe(base['best_cartesian'], run.calibration)}"] = base["best_cartesian"]
             trees[f"chain-{len(base['top1_chain'])}"] = base["top1_chain"]
     if run.calibration is not None:
-        from search.grow import search
+        from treeopt.search.grow import search
 
         sizes = sorted({len(t) for t in trees.values()} - {len(t) for n, t in trees.items() if _is_searched(n)})
         if sizes:
@@ -243,7 +243,7 @@ def compared_trees(run: Run) -> dict[str, object]:
 
 def _kind(name: str) -> str:
     """searched, baseline or ceiling, from a compared tree's name (a bench's `tree` is searched too)."""
-    from reports.plots import family
+    from treeopt.reports.plots import family
 
     return "ceiling" if name.startswith("ceiling-") else "searched" if family(name) == "searched" else "baseline"
 
@@ -262,8 +262,8 @@ def like_for_like(run: Run, trees: dict | None = None) -> pd.DataFrame | None:
     trees = dict(compared_trees(run) if trees is None else trees)
     if not trees or (run.heldout is None and run.bench is None and run.calibration is None):
         return None
-    from search.acceptance import expected_tokens_per_step
-    from search.grow import search
+    from treeopt.search.acceptance import expected_tokens_per_step
+    from treeopt.search.grow import search
     from treeopt.core.replay import positions, replay
 
     held = positions(run.heldout) if run.heldout is not None else None
@@ -303,8 +303,8 @@ def like_for_like(run: Run, trees: dict | None = None) -> pd.DataFrame | None:
 
 
 def _latency(run: Run):
-    """search.budget.Latency of the run's profile at batch size 1 (where the profile has several)."""
-    from search.budget import Latency
+    """treeopt.search.budget.Latency of the run's profile at batch size 1 (where the profile has several)."""
+    from treeopt.search.budget import Latency
 
     df = run.latency
     if df is None:
@@ -469,7 +469,7 @@ def make_figures(run: Run, trees: dict,
                  formats: tuple[str, ...] = (".png", ".svg")) -> tuple[dict[str, Path], dict[str, str]]:
     """Every chart the run's files allow, as RUN_DIR/figures/NAME.png (+ .svg). Returns name -> PNG
     path and name -> why a figure could not be drawn."""
-    from reports import plots
+    from treeopt.reports import plots
 
     out = run.directory / FIGURES
     made: dict[str, Path] = {}
@@ -509,11 +509,11 @@ def tree_pictures(run: Run, trees: dict, most: int = 3) -> dict[str, object]:
 
 
 def _tree_figure(run: Run, name: str, tree):
-    from reports import plots
+    from treeopt.reports import plots
 
     values, title = None, name
     if run.calibration is not None:
-        from search.acceptance import node_values
+        from treeopt.search.acceptance import node_values
         from treeopt.core.tree import truncate
 
         if len(truncate(tree, run.calibration.num_heads, run.calibration.top_k)) == len(tree):
@@ -534,9 +534,9 @@ def budget_curves(run: Run, max_nodes: int = 256) -> pd.DataFrame | None:
         frames.append(run.sweep[["nodes", "tokens_per_step"]].assign(method="searched (sweep.csv)"))
     cal = run.calibration
     if cal is not None:
-        from search.acceptance import expected_tokens_per_step
-        from search.baselines import best_cartesian
-        from search.grow import search
+        from treeopt.search.acceptance import expected_tokens_per_step
+        from treeopt.search.baselines import best_cartesian
+        from treeopt.search.grow import search
         from treeopt.core.published import BASELINES, PUBLISHED
         from treeopt.core.tree import Tree
 

@@ -338,5 +338,5 @@ def node_values(tree: Tree, calibration: Calibration, model: str = DEFAULT_MODEL
 
 def expected_tokens_per_step(tree: Tree, calibration: Calibration, model: str = DEFAULT_MODEL) -> float:
     """The uniform expectation: 1 + sum of node values (see the module docstring; the headline
-    prediction is the cross-validated replay, `search.crossval`)."""
+    prediction is the cross-validated replay, `treeopt.search.crossval`)."""
     return 1.0 + float(node_values(tree, calibration, model).sum())

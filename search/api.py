@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from search.acceptance import DEFAULT_MODEL, resolve_model
-from search.baselines import baseline_trees
-from search.budget import best_chain_length, read_latencies, read_latency, search_auto
-from search.crossval import FOLDS, calibration_curve, cross_validated, prediction
-from search.evaluate import compare, evaluate
-from search.grow import SearchResult, search
-from search.schedule import batch_schedule, write_schedule
-from search.sweep import sweep
-from search.targets import Target, export_targets, get_target, require
+from treeopt.search.acceptance import DEFAULT_MODEL, resolve_model
+from treeopt.search.baselines import baseline_trees
+from treeopt.search.budget import best_chain_length, read_latencies, read_latency, search_auto
+from treeopt.search.crossval import FOLDS, calibration_curve, cross_validated, prediction
+from treeopt.search.evaluate import compare, evaluate
+from treeopt.search.grow import SearchResult, search
+from treeopt.search.schedule import batch_schedule, write_schedule
+from treeopt.search.sweep import sweep
+from treeopt.search.targets import Target, export_targets, get_target, require
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write, check_writable
 from treeopt.core.prompts import overlap, overlap_warning
@@ -48,13 +48,13 @@ def search_report(calibration: str | Path, nodes: int | str = 64, model: str = D
                   max_nodes: int = 256, out: str | Path | None = None, format: str | None = None,
                   batch_size: int = 1, target: str | None = None, acceptance: str = "greedy",
                   prior: str | Path | None = None) -> tuple[SearchResult, pd.DataFrame, str]:
-    """`treeopt search`: search (within `target`'s rules, see `search.targets`), compare with the
+    """`treeopt search`: search (within `target`'s rules, see `treeopt.search.targets`), compare with the
     baselines, write the tree file; returns the result, the comparison table and the text to print.
-    The headline prediction is the cross-validated replay (`search.crossval`); `batch_size` picks the
+    The headline prediction is the cross-validated replay (`treeopt.search.crossval`); `batch_size` picks the
     latency file's rows (tokens/s of that many sequences decoded together). `acceptance` typical:
-    search.typical's twin (`prior`: a greedy calibration its search shrinks toward)."""
+    treeopt.search.typical's twin (`prior`: a greedy calibration its search shrinks toward)."""
     if _typical(calibration, acceptance, prior):
-        from search import typical
+        from treeopt.search import typical
 
         return typical.search_report(calibration, nodes, max_depth, top_k, latency, max_nodes, out, format, prior)
     cal = load_calibration(calibration)
@@ -126,7 +126,7 @@ EXPLAIN = ("predicted: tokens/step of exact greedy decoding replayed on prompts 
 
 
 def predicted_line(fields: dict) -> str:
-    """The headline sentence of a searched tree's figures (`search.crossval.prediction`)."""
+    """The headline sentence of a searched tree's figures (`treeopt.search.crossval.prediction`)."""
     lo, hi = fields["predicted_interval"]
     line = (f"predicted {fields['predicted_tokens_per_step']:.3f} tokens/step (95 % interval {lo:.3f}-{hi:.3f}; "
             f"{fields['cv_folds']}-fold cross-validated replay over prompts); in-sample replay "
@@ -140,7 +140,7 @@ def predicted_line(fields: dict) -> str:
 def export(tree: Tree, out: str | Path, format: str | None = None, num_heads: int | None = None,
            target: Target | None = None, meta: dict | None = None) -> Path:
     """Write `tree` for the consumer of `format` (and `target`), or a one-line error naming the rule
-    of theirs that it breaks (`search.targets.require`)."""
+    of theirs that it breaks (`treeopt.search.targets.require`)."""
     for t in export_targets(file_format(out, format), target):
         require(tree, t, num_heads, where=f"the tree for {out}")
     return write_tree(tree, out, format, **(meta or {}))
@@ -163,7 +163,7 @@ def evaluate_report(trees: list[str], calibration: str | Path, model: str = DEFA
     """`treeopt evaluate`: replay tree files (and the baselines) on a calibration, with how the
     cross-validated prediction grows with the number of calibration prompts."""
     if _typical(calibration, acceptance, prior):
-        from search import typical
+        from treeopt.search import typical
 
         return typical.evaluate_report(trees, calibration, split, seed, latency, prior)
     cal = load_calibration(calibration)
@@ -203,7 +203,7 @@ def sweep_report(calibration: str | Path, max_nodes: int = 256, model: str = DEF
                  prior: str | Path | None = None) -> tuple[pd.DataFrame, str]:
     """`treeopt sweep`: the optimal tree's tokens/step (and tokens/s) for every size 0..max_nodes."""
     if _typical(calibration, acceptance, prior):
-        from search import typical
+        from treeopt.search import typical
 
         return typical.sweep_report(calibration, max_nodes, latency, max_depth, top_k, replayed, out, prior)
     cal = load_calibration(calibration)

@@ -3,9 +3,9 @@ chain and Medusa's published trees."""
 
 from __future__ import annotations
 
-from search.acceptance import DEFAULT_MODEL, acceptance_model
-from search.grow import limits
-from search.targets import cartesian_shape
+from treeopt.search.acceptance import DEFAULT_MODEL, acceptance_model
+from treeopt.search.grow import limits
+from treeopt.search.targets import cartesian_shape
 from treeopt.core.published import BASELINES, PUBLISHED
 from treeopt.core.record import Calibration
 from treeopt.core.tree import Tree, truncate
@@ -14,7 +14,7 @@ from treeopt.core.tree import Tree, truncate
 def best_cartesian(calibration: Calibration, nodes: int, model: str = DEFAULT_MODEL, max_depth: int | None = None,
                    top_k: int | None = None) -> list[int]:
     """Sizes [k1, k2, ...] of the best Cartesian tree with at most `nodes` nodes (see
-    `search.targets.cartesian_shape`)."""
+    `treeopt.search.targets.cartesian_shape`)."""
     return cartesian_shape(acceptance_model(calibration, model), nodes, *limits(calibration, max_depth, top_k))
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from search.acceptance import DEFAULT_MODEL, node_values, resolve_model
-from search.crossval import cross_validated_curve, sweep_sizes
-from search.grow import SearchResult, search
-from search.targets import Target
+from treeopt.search.acceptance import DEFAULT_MODEL, node_values, resolve_model
+from treeopt.search.crossval import cross_validated_curve, sweep_sizes
+from treeopt.search.grow import SearchResult, search
+from treeopt.search.targets import Target
 from treeopt.core.errors import TreeoptError
 from treeopt.core.record import Calibration
 from treeopt.core.tree import Tree
@@ -91,7 +91,7 @@ def choose_nodes(sizes: np.ndarray, tokens_per_step: np.ndarray, latency: Latenc
 
 def search_auto(calibration: Calibration, latency: Latency, model: str = DEFAULT_MODEL, max_nodes: int = 256,
                 max_depth: int | None = None, top_k: int | None = None, target: Target | None = None) -> SearchResult:
-    """`--nodes auto`: the greedy tree whose size (of `search.crossval.sweep_sizes`, as far as the
+    """`--nodes auto`: the greedy tree whose size (of `treeopt.search.crossval.sweep_sizes`, as far as the
     latency file, `max_nodes` and the target's node cap go) maximizes predicted tokens/s, tokens/step
     by cross-validated replay."""
     if target is not None and target.cartesian:

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from functools import cmp_to_key
 
-from search.targets import TARGETS
+from treeopt.search.targets import TARGETS
 from treeopt.core.errors import TreeoptError
 from treeopt.core.tree import Tree
 from treeopt.core.treefile import format_tree

@@ -14,7 +14,7 @@ data. Here every figure is an exact replay (`treeopt.core.replay`) on held-out p
   used to search, for growing m: how much calibration is enough.
 
 The acceptance model's smoothing strength is chosen once on the whole calibration
-(`search.acceptance.resolve_model`) and kept fixed in every fold.
+(`treeopt.search.acceptance.resolve_model`) and kept fixed in every fold.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from search.acceptance import DEFAULT_MODEL, resolve_model
-from search.grow import search
-from search.targets import Target
+from treeopt.search.acceptance import DEFAULT_MODEL, resolve_model
+from treeopt.search.grow import search
+from treeopt.search.targets import Target
 from treeopt.core.record import Calibration
 from treeopt.core.replay import ReplayResult, concat, replay, replay_prefixes
 from treeopt.core.tree import Tree

@@ -7,11 +7,11 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from search.acceptance import DEFAULT_MODEL, expected_tokens_per_step, resolve_model
-from search.baselines import baseline_trees, describe
-from search.budget import Latency
-from search.crossval import cross_validated
-from search.grow import search
+from treeopt.search.acceptance import DEFAULT_MODEL, expected_tokens_per_step, resolve_model
+from treeopt.search.baselines import baseline_trees, describe
+from treeopt.search.budget import Latency
+from treeopt.search.crossval import cross_validated
+from treeopt.search.grow import search
 from treeopt.core.errors import TreeoptError
 from treeopt.core.record import Calibration
 from treeopt.core.replay import ReplayResult, intervals, positions, replay

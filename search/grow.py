@@ -1,6 +1,6 @@
 """The greedy grower: one search to N nodes whose every prefix is the best tree of its size
-(see `search.acceptance` for why greedy is optimal), and the limits a calibration puts on it. With a
-deployment target the growth keeps that consumer's rules (`search.targets.grow`)."""
+(see `treeopt.search.acceptance` for why greedy is optimal), and the limits a calibration puts on it. With a
+deployment target the growth keeps that consumer's rules (`treeopt.search.targets.grow`)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from search.acceptance import DEFAULT_MODEL, acceptance_model
-from search.targets import Target, bounds, grow
+from treeopt.search.acceptance import DEFAULT_MODEL, acceptance_model
+from treeopt.search.targets import Target, bounds, grow
 from treeopt.core.errors import TreeoptError
 from treeopt.core.record import Calibration
 from treeopt.core.tree import Tree
@@ -51,7 +51,7 @@ class SearchResult:
 def search(calibration: Calibration, nodes: int, model: str = DEFAULT_MODEL, max_depth: int | None = None,
            top_k: int | None = None, target: Target | None = None) -> SearchResult:
     """The optimal `nodes`-node tree under `model`, grown greedily (see the module docstring); with a
-    `target`, grown within that consumer's rules (`search.targets.grow`)."""
+    `target`, grown within that consumer's rules (`treeopt.search.targets.grow`)."""
     if nodes < 0:
         raise TreeoptError(f"--nodes {nodes} must be 0 or more (or `auto` with --latency)")
     depth, k = limits(calibration, max_depth, top_k)

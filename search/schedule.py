@@ -2,7 +2,7 @@
 profile per batch size (`treeopt profile --batch-sizes 1,4,16,64`).
 
 Every entry is the prefix of one greedy search whose size maximizes B x tokens/step / step time at
-that batch size (search.budget.choose_nodes), so the trees nest: a larger batch takes a prefix of a
+that batch size (treeopt.search.budget.choose_nodes), so the trees nest: a larger batch takes a prefix of a
 smaller batch's tree. The file (`treeopt search --batch-sizes ... -o schedule.json`):
 
     {"acceptance_model": "smoothed:inf", "calibration": "cal", "latency": "latency.csv", "schedule": [
@@ -18,10 +18,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from search.acceptance import DEFAULT_MODEL, resolve_model
-from search.budget import Latency, choose_nodes
-from search.crossval import cross_validated_curve, sweep_sizes
-from search.grow import search
+from treeopt.search.acceptance import DEFAULT_MODEL, resolve_model
+from treeopt.search.budget import Latency, choose_nodes
+from treeopt.search.crossval import cross_validated_curve, sweep_sizes
+from treeopt.search.grow import search
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import write_text
 from treeopt.core.record import Calibration

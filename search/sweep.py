@@ -6,10 +6,10 @@ from typing import Sequence
 
 import pandas as pd
 
-from search.acceptance import DEFAULT_MODEL, resolve_model
-from search.crossval import cross_validated_curve, sweep_sizes
-from search.budget import Latency
-from search.grow import search
+from treeopt.search.acceptance import DEFAULT_MODEL, resolve_model
+from treeopt.search.crossval import cross_validated_curve, sweep_sizes
+from treeopt.search.budget import Latency
+from treeopt.search.grow import search
 from treeopt.core.record import Calibration
 from treeopt.core.replay import replay_prefixes
 
@@ -17,9 +17,9 @@ from treeopt.core.replay import replay_prefixes
 def sweep(calibration: Calibration, max_nodes: int = 256, model: str = DEFAULT_MODEL,
           latency: Latency | Sequence[Latency] | None = None, max_depth: int | None = None, top_k: int | None = None,
           replayed: bool = False) -> pd.DataFrame:
-    """Tokens/step of the optimal tree at the sizes of `search.crossval.sweep_sizes` up to max_nodes
+    """Tokens/step of the optimal tree at the sizes of `treeopt.search.crossval.sweep_sizes` up to max_nodes
     (one greedy search: its prefixes): `tokens_per_step` is the cross-validated replay
-    (`search.crossval`), `uniform_tokens_per_step` the uniform expectation 1 + sum of node values, and
+    (`treeopt.search.crossval`), `uniform_tokens_per_step` the uniform expectation 1 + sum of node values, and
     the in-sample replay if `replayed`. Stops early when no further node has nonzero value. Given
     latencies (one per batch size), one block of rows per batch size (column batch_size) adds
     forward_ms, tokens/s (all the batch's sequences, from the cross-validated figure) and speedup over

@@ -2,7 +2,7 @@
 and the search within those rules.
 
 A target is a small frozen record of one consumer's limits, as its own code enforces them (the code
-is re-implemented, with file and function cited, in `search.consumers`; tests round-trip exports
+is re-implemented, with file and function cited, in `treeopt.search.consumers`; tests round-trip exports
 through it):
 
 - ``medusa`` (FasterDecoding/Medusa): ranks <= 9, since `medusa/model/utils.py` hard-codes
@@ -127,7 +127,7 @@ def bounds(target: Target, nodes: int, depth: int, top_k: int) -> tuple[int, int
 
 
 def grow(model, nodes: int, depth: int, top_k: int, target: Target) -> tuple[list[Path], np.ndarray]:
-    """The greedy growth of `model` (an acceptance model of `search.acceptance`) within `target`'s
+    """The greedy growth of `model` (an acceptance model of `treeopt.search.acceptance`) within `target`'s
     rules, `depth` and `top_k` already within its `bounds`: paths in insertion order, values [n]."""
     if target.cartesian:
         ks = cartesian_shape(model, nodes, depth, top_k)

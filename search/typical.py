@@ -46,8 +46,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from search.budget import Latency, read_latency
-from search.grow import SearchResult
+from treeopt.search.budget import Latency, read_latency
+from treeopt.search.grow import SearchResult
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write
 from treeopt.core.record import TypicalRecord, load_typical, prompt_folds
@@ -144,7 +144,7 @@ def search(record: TypicalRecord, nodes: int, max_depth: int | None = None, top_
 def prior_values(record: TypicalRecord, calibration: str | Path) -> np.ndarray:
     """[n] each probe node's value under a greedy calibration of the same model and heads (its
     smoothed acceptance model; 0 for nodes it cannot see): the prior the typical search shrinks toward."""
-    from search.acceptance import node_values
+    from treeopt.search.acceptance import node_values
     from treeopt.core.record import load_calibration
 
     cal = load_calibration(calibration)
@@ -263,8 +263,8 @@ def search_report(calibration: str | Path, nodes: int | str = 64, max_depth: int
                   out: str | Path | None = None, format: str | None = None,
                   prior: str | Path | None = None) -> tuple[SearchResult, pd.DataFrame, str]:
     """`treeopt search --acceptance typical [--prior-calibration DIR]`."""
-    from search.budget import choose_nodes
-    from search.crossval import sweep_sizes
+    from treeopt.search.budget import choose_nodes
+    from treeopt.search.crossval import sweep_sizes
 
     record = load_typical(calibration)
     lat = read_latency(latency) if latency is not None else None
@@ -315,7 +315,7 @@ def evaluate_report(trees: list[str], calibration: str | Path, split: float | No
     """`treeopt evaluate --acceptance typical`: trees, the typical-searched tree of the first one's size
     (with `prior`, as `treeopt search` makes it) and the baselines, predicted on the fit prompts and
     replayed on the others (with `split`)."""
-    from search.evaluate import split_prompts
+    from treeopt.search.evaluate import split_prompts
 
     record = load_typical(calibration)
     fit_part, held = split_prompts(record, split, seed) if split is not None else (record, record)

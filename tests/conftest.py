@@ -55,7 +55,7 @@ def tiny_model_dir(tmp_path_factory, tiny_llama):
 @pytest.fixture(scope="session")
 def smollm2():
     """The bundled SmolLM2-135M-Instruct (fp32, CPU). Slow: use in end-to-end tests only."""
-    from decoding.models import load_model
+    from treeopt.decoding.models import load_model
 
     return load_model("smollm2-135m", device="cpu", dtype="float32")
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from decoding.decoder import TreeDecoder
-from decoding.heads import random_heads
-from decoding.profile import batch_tree_forward
+from treeopt.decoding.decoder import TreeDecoder
+from treeopt.decoding.heads import random_heads
+from treeopt.decoding.profile import batch_tree_forward
 from treeopt.cli import app
 from treeopt.core.tree import Tree
 
@@ -38,7 +38,7 @@ def test_batched_tree_forward_equals_each_path_alone(tiny_llama):
 
 
 def test_profile_cli_batch_sizes(tiny_model_dir, tmp_path):
-    from search.budget import read_latencies
+    from treeopt.search.budget import read_latencies
 
     out = tmp_path / "latency.csv"
     r = CliRunner().invoke(app, ["profile", "--model", str(tiny_model_dir), "--heads", "random", "--sizes", "0,4",

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from reports.bench import COLUMNS, parse_cartesian, tree_methods
-from decoding.profile import profile_tree
+from treeopt.reports.bench import COLUMNS, parse_cartesian, tree_methods
+from treeopt.decoding.profile import profile_tree
 from treeopt.cli import app
 from treeopt.core.errors import TreeoptError
 from treeopt.core.tree import Tree
@@ -55,7 +55,7 @@ def test_bench_cli_writes_csv_and_json(tiny_model_dir, prompts_file, tmp_path):
 
 
 def test_bench_resumes_from_partial_records(tiny_model_dir, prompts_file, tmp_path, monkeypatch):
-    import reports.bench as bench
+    import treeopt.reports.bench as bench
 
     out = tmp_path / "bench"
     kw = dict(model=str(tiny_model_dir), heads="random", cartesian=["2x2"], prompts=str(prompts_file), limit=2,
@@ -85,7 +85,7 @@ def test_bench_resumes_from_partial_records(tiny_model_dir, prompts_file, tmp_pa
 
 
 def real_greedy(*a, **k):
-    from decoding.decoder import greedy_reference
+    from treeopt.decoding.decoder import greedy_reference
 
     return greedy_reference(*a, **k)
 
@@ -112,7 +112,7 @@ def test_tree_methods_names():
 
 
 def test_profile_cli_writes_a_latency_csv_search_reads(tiny_model_dir, tmp_path):
-    from search.budget import read_latency
+    from treeopt.search.budget import read_latency
 
     out = tmp_path / "latency.csv"
     r = runner.invoke(app, ["profile", "--model", str(tiny_model_dir), "--heads", "random", "--sizes", "0,1,4,16",
@@ -166,8 +166,8 @@ def test_bench_predicts_tokens_per_step_from_a_calibration(tiny_llama):
     import numpy as np
 
     from treeopt.core.record import Calibration
-    from reports.bench import bench_decoding, render
-    from decoding.heads import random_heads
+    from treeopt.reports.bench import bench_decoding, render
+    from treeopt.decoding.heads import random_heads
     from treeopt.core.replay import replay
 
     rng = np.random.default_rng(0)
@@ -186,7 +186,7 @@ def test_bench_predicts_tokens_per_step_from_a_calibration(tiny_llama):
 
 
 def test_first_divergence():
-    from reports.bench import first_divergence
+    from treeopt.reports.bench import first_divergence
 
     assert first_divergence([1, 2, 3], [1, 2, 3]) is None
     assert first_divergence([1, 2, 3], [1, 5, 3]) == 1

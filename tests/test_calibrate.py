@@ -8,12 +8,12 @@ from typer.testing import CliRunner
 
 from conftest import slow_ranks
 from treeopt.core.record import ACCURACY, CONTINUATIONS, META, MISSING, RANKS, load_calibration
-from calibrate.ranks import count_above, head_ranks, head_targets
-from calibrate.run import SHARDS, TIMING, CalibrationConfig, calibrate, select_prompts
+from treeopt.calibrate.ranks import count_above, head_ranks, head_targets
+from treeopt.calibrate.run import SHARDS, TIMING, CalibrationConfig, calibrate, select_prompts
 from treeopt.cli import app
 from treeopt.core.errors import TreeoptError
-from decoding.heads import random_heads
-from decoding.models import load_model
+from treeopt.decoding.heads import random_heads
+from treeopt.decoding.models import load_model
 
 WORDS = [" ".join(f"w{(7 * i + 3 * j) % 90 + 3}" for j in range(2 + i % 5)) for i in range(7)]
 
@@ -44,7 +44,7 @@ def config(out, prompts_file, heads_dir, **kw):
 
 
 def run(cfg, tiny, **kw):
-    from decoding.heads import resolve_heads
+    from treeopt.decoding.heads import resolve_heads
 
     return calibrate(cfg, loaded=tiny, heads=resolve_heads(cfg.heads, tiny.model), **kw)
 
@@ -91,7 +91,7 @@ def test_head_ranks_chunks_and_own_lm_head(tiny_llama, own):
 
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_ranks_equal_slow_reference(tmp_path, tiny, prompts_file, heads_dir, batch_size):
-    from decoding.heads import MedusaHeads
+    from treeopt.decoding.heads import MedusaHeads
 
     out = run(config(tmp_path / "c", prompts_file, heads_dir, batch_size=batch_size, top_k=40), tiny)
     cal = load_calibration(out)

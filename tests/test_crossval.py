@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from search.acceptance import STRENGTH_SIZES, STRENGTHS, choose_strength, resolve_model, strength_scores
-from search.crossval import calibration_curve, cross_validated, leave_one_source_out, per_source
-from search.grow import search
+from treeopt.search.acceptance import STRENGTH_SIZES, STRENGTHS, choose_strength, resolve_model, strength_scores
+from treeopt.search.crossval import calibration_curve, cross_validated, leave_one_source_out, per_source
+from treeopt.search.grow import search
 from treeopt.cli import app
 from treeopt.core.prompts import load_prompts, normalized, overlap, stratified_sample
 from treeopt.core.record import Calibration

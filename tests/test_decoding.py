@@ -7,10 +7,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from decoding.buffers import tree_buffers
-from decoding.decoder import Acceptance, TreeDecoder, decode, greedy_reference
+from treeopt.decoding.buffers import tree_buffers
+from treeopt.decoding.decoder import Acceptance, TreeDecoder, decode, greedy_reference
 from treeopt.core.errors import TreeoptError
-from decoding.heads import random_heads
+from treeopt.decoding.heads import random_heads
 from treeopt.core.tree import Tree
 
 EOS = 2
@@ -218,7 +218,7 @@ def test_half_precision_runs(dtype):
 
 @pytest.mark.slow
 def test_lossless_on_bundled_model(smollm2):
-    from decoding.models import chat_prompt, stop_token_ids
+    from treeopt.decoding.models import chat_prompt, stop_token_ids
 
     model, tok = smollm2.model, smollm2.tokenizer
     heads = random_heads(model, num_heads=4)

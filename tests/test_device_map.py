@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-import decoding.decoder
-import decoding.models
-from decoding.decoder import TreeDecoder
-from decoding.generate import greedy_continuations
-from decoding.heads import random_heads
-from decoding.models import load_model, parse_max_memory
+import treeopt.decoding.decoder
+import treeopt.decoding.models
+from treeopt.decoding.decoder import TreeDecoder
+from treeopt.decoding.generate import greedy_continuations
+from treeopt.decoding.heads import random_heads
+from treeopt.decoding.models import load_model, parse_max_memory
 from treeopt.core.errors import TreeoptError
 from treeopt.core.tree import Tree
 
@@ -48,8 +48,8 @@ def two_devices(monkeypatch):
     """Pretend the tiny Llama's two layers sit on two devices ('cpu' and 'cpu:0': one CPU, two names),
     so every cache keeps two buffers, as on two GPUs."""
     split = lambda model: [torch.device("cpu"), torch.device("cpu", 0)]  # noqa: E731
-    monkeypatch.setattr(decoding.models, "layer_devices", split)
-    monkeypatch.setattr(decoding.decoder, "layer_devices", split)
+    monkeypatch.setattr(treeopt.decoding.models, "layer_devices", split)
+    monkeypatch.setattr(treeopt.decoding.decoder, "layer_devices", split)
 
 
 def test_tree_decoding_over_two_devices_equals_one(tiny_llama, monkeypatch):

@@ -62,12 +62,12 @@ def calibration(tmp_path_factory, tiny, prompts) -> Path:
 @pytest.fixture
 def no_model(monkeypatch):
     """Loading a model fails the test: preflight must stop a command before it."""
-    import decoding.models
+    import treeopt.decoding.models
 
     def load_model(*a, **kw):
         raise AssertionError("a model was loaded before the inputs and outputs were checked")
 
-    monkeypatch.setattr(decoding.models, "load_model", load_model)
+    monkeypatch.setattr(treeopt.decoding.models, "load_model", load_model)
 
 
 @pytest.fixture
@@ -154,7 +154,7 @@ def test_debug_shows_the_traceback(tmp_path, calibration):
 @pytest.fixture
 def fake_conversion(monkeypatch, tiny_model_dir) -> list[Path]:
     """The bundled model's GGUF conversion (20 s) replaced by a copy of the tiny model; lists its calls."""
-    import decoding.models
+    import treeopt.decoding.models
 
     calls = []
 
@@ -163,7 +163,7 @@ def fake_conversion(monkeypatch, tiny_model_dir) -> list[Path]:
         for f in tiny_model_dir.iterdir():
             shutil.copy(f, directory / f.name)
 
-    monkeypatch.setattr(decoding.models, "_convert_gguf", convert)
+    monkeypatch.setattr(treeopt.decoding.models, "_convert_gguf", convert)
     return calls
 
 
@@ -174,7 +174,7 @@ def test_read_only_model_cache(read_only, monkeypatch, fake_conversion):
 
 
 def test_truncated_cached_model_is_rebuilt(tmp_path, monkeypatch, fake_conversion, caplog):
-    from decoding.models import load_model
+    from treeopt.decoding.models import load_model
 
     monkeypatch.setenv("TREEOPT_CACHE", str(tmp_path))
     load_model("smollm2-135m", device="cpu")
@@ -189,7 +189,7 @@ def test_truncated_cached_model_is_rebuilt(tmp_path, monkeypatch, fake_conversio
 @pytest.mark.slow
 def test_bundled_model_cache_truncated_is_rebuilt(tmp_path, monkeypatch, caplog):
     """The real conversion of the bundled GGUF file (~20 s, twice)."""
-    from decoding.models import cache_problem, load_model, model_path
+    from treeopt.decoding.models import cache_problem, load_model, model_path
 
     monkeypatch.setenv("TREEOPT_CACHE", str(tmp_path))
     cached = Path(model_path("smollm2-135m"))
@@ -316,7 +316,7 @@ def test_search_killed_leaves_the_old_tree_whole(tmp_path, calibration):
 
 
 def test_bench_killed_resumes_with_its_records(tmp_path, tiny, prompts, caplog):
-    from reports.bench import RECORDS
+    from treeopt.reports.bench import RECORDS
 
     args = ["bench", *tiny, "-t", "[[0], [1], [0, 0]]", "-p", prompts, "--limit", 3, "--max-new-tokens", 5,
             "--repeats", 1, "--threads", 1]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from treeopt.core.errors import TreeoptError
-from decoding.heads import PT_FILE, ST_FILE, HeadsConfig, MedusaHeads, random_heads, resolve_heads
+from treeopt.decoding.heads import PT_FILE, ST_FILE, HeadsConfig, MedusaHeads, random_heads, resolve_heads
 
 
 def test_random_heads_shapes(tiny_llama):

@@ -1,6 +1,9 @@
 """The project's import graph: every import points down the pipeline's layers, and nothing cycles.
 
-    treeopt.core  ->  decoding  ->  calibrate | search | training  ->  reports  ->  treeopt (cli, demo, info)
+    treeopt.core  ->  treeopt.decoding  ->  treeopt.calibrate | .search | .training  ->  treeopt.reports
+        ->  treeopt (cli, demo, info)
+
+Each layer is a folder at the top of the repository, installed as a subpackage of `treeopt`.
 
 Read with `ast` (nothing is imported), function-level imports included."""
 
@@ -12,14 +15,17 @@ import networkx as nx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("treeopt", "decoding", "calibrate", "search", "training", "reports")
-LAYERS = {"treeopt.core": 0, "decoding": 1, "calibrate": 2, "search": 2, "training": 2, "reports": 3, "treeopt": 4}
-NO_TORCH = ("treeopt.core", "search")  # pure numpy/pandas: importable without the model stack
+FOLDERS = {"treeopt": "treeopt", "core": "treeopt.core", "decoding": "treeopt.decoding",
+           "calibrate": "treeopt.calibrate", "search": "treeopt.search", "training": "treeopt.training",
+           "reports": "treeopt.reports"}  # folder -> the package it installs as (pyproject's package-dir)
+LAYERS = {"treeopt.core": 0, "treeopt.decoding": 1, "treeopt.calibrate": 2, "treeopt.search": 2,
+          "treeopt.training": 2, "treeopt.reports": 3, "treeopt": 4}
+NO_TORCH = ("treeopt.core", "treeopt.search")  # pure numpy/pandas: importable without the model stack
 
 
 def module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    folder, *parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join([FOLDERS[folder], *(parts[:-1] if parts[-1] == "__init__" else parts)])
 
 
 def layer_of(module: str) -> str:
@@ -39,7 +45,7 @@ def imports(path: Path) -> set[str]:
 
 
 def project_files(root: Path = ROOT) -> dict[str, Path]:
-    return {module_name(p): p for pkg in PACKAGES for p in (root / pkg).rglob("*.py")}
+    return {module_name(p): p for folder in FOLDERS for p in (root / folder).rglob("*.py")}
 
 
 def project_graph(root: Path = ROOT) -> nx.DiGraph:
@@ -67,9 +73,9 @@ def test_imports_point_down_and_never_cycle():
 
 
 @pytest.mark.parametrize("edge, why", [
-    (("treeopt.core.tree", "search.grow"), "layer 0 imports layer 2"),
-    (("search.grow", "calibrate.run"), "layer 2 imports layer 2"),
-    (("decoding.decoder", "treeopt.cli"), "layer 1 imports layer 4"),
+    (("treeopt.core.tree", "treeopt.search.grow"), "layer 0 imports layer 2"),
+    (("treeopt.search.grow", "treeopt.calibrate.run"), "layer 2 imports layer 2"),
+    (("treeopt.decoding.decoder", "treeopt.cli"), "layer 1 imports layer 4"),
 ])
 def test_the_check_catches_upward_and_sideways_imports(edge, why):
     graph = project_graph()

@@ -4,7 +4,7 @@ from typer.testing import CliRunner
 
 from treeopt.cli import app
 from treeopt.core.errors import TreeoptError
-from decoding.models import chat_prompt, load_model, model_path, resolve_device, resolve_dtype
+from treeopt.decoding.models import chat_prompt, load_model, model_path, resolve_device, resolve_dtype
 
 
 def test_load_local_directory(tiny_model_dir):
@@ -52,7 +52,7 @@ def test_bundled_model_generates(smollm2):
 
 
 def test_auto_dtype_is_bfloat16_only_where_native(monkeypatch):
-    import decoding.models as models
+    import treeopt.decoding.models as models
 
     cpu = torch.device("cpu")
     assert resolve_dtype("auto", cpu) == (torch.bfloat16 if models.native_bf16(cpu) else torch.float32)
@@ -63,8 +63,8 @@ def test_auto_dtype_is_bfloat16_only_where_native(monkeypatch):
 
 
 def test_cache_argument_follows_the_model_signature(tiny_llama, caplog):
-    from decoding.decoder import TreeDecoder
-    from decoding.models import cache_argument
+    from treeopt.decoding.decoder import TreeDecoder
+    from treeopt.decoding.models import cache_argument
     from treeopt.core.tree import Tree
 
     class Old(torch.nn.Module):

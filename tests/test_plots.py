@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 
 from treeopt.core.record import write_calibration
-from reports import plots
+from treeopt.reports import plots
 from treeopt.core.errors import TreeoptError
 from treeopt.core.published import mc_sim_7b_63
-from search.grow import search
+from treeopt.search.grow import search
 from treeopt.core.tree import Tree
 from treeopt.core.treefile import write_tree
 

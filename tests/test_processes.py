@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from calibrate.run import SHARDS, TIMING, CalibrationConfig, calibrate
-from decoding.heads import random_heads
-from decoding.models import load_model
+from treeopt.calibrate.run import SHARDS, TIMING, CalibrationConfig, calibrate
+from treeopt.decoding.heads import random_heads
+from treeopt.decoding.models import load_model
 from treeopt.core.record import ACCURACY, CONTINUATIONS, META, RANKS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from treeopt.core.errors import TreeoptError
-from decoding.generate import generate_continuations, greedy_continuations
+from treeopt.decoding.generate import generate_continuations, greedy_continuations
 from treeopt.core.prompts import load_instructions, local_alpaca_eval
 
 

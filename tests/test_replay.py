@@ -13,10 +13,10 @@ from treeopt.core.record import Calibration
 from treeopt.cli import app
 from treeopt.core.errors import TreeoptError
 from treeopt.core.replay import replay
-from search.acceptance import resolve_model
-from search.crossval import cross_validated
-from search.evaluate import evaluate, split_prompts
-from search.grow import search
+from treeopt.search.acceptance import resolve_model
+from treeopt.search.crossval import cross_validated
+from treeopt.search.evaluate import evaluate, split_prompts
+from treeopt.search.grow import search
 from treeopt.core.tree import Tree
 from treeopt.core.treefile import write_tree
 

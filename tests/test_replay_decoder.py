@@ -1,7 +1,7 @@
 """Replay predicts exactly the steps the real tree decoder takes on the same prompts.
 
 Ranks are computed here from scratch (one full forward over prompt + greedy continuation), as the
-calibration format defines them, then `replay` is compared with `decoding.decoder.decode`.
+calibration format defines them, then `replay` is compared with `treeopt.decoding.decoder.decode`.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from treeopt.core.record import Calibration
-from decoding.heads import random_heads
+from treeopt.decoding.heads import random_heads
 from treeopt.core.replay import replay
 from treeopt.core.tree import Tree
 
-decoder = pytest.importorskip("decoding.decoder")
+decoder = pytest.importorskip("treeopt.decoding.decoder")
 
 
 def logged_ranks(model, heads, prompt: list[int], continuation: list[int], top_k: int) -> np.ndarray:

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from reports.report import like_for_like, load_run, markdown_table, write_report
-from search.api import search_report, sweep_report
-from search.baselines import best_cartesian
-from search.grow import search
+from treeopt.reports.report import like_for_like, load_run, markdown_table, write_report
+from treeopt.search.api import search_report, sweep_report
+from treeopt.search.baselines import best_cartesian
+from treeopt.search.grow import search
 from test_plots import synthetic_calibration
 from treeopt.cli import app
 from treeopt.core.errors import TreeoptError

@@ -11,7 +11,7 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from reports.report import write_report
+from treeopt.reports.report import write_report
 from test_report import make_run
 from treeopt.core.tree import Tree
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from decoding.heads import random_heads
-from decoding.roofline import Machine, step_cost
+from treeopt.decoding.heads import random_heads
+from treeopt.decoding.roofline import Machine, step_cost
 
 
 def test_step_cost_counts_weights_kv_and_heads(tiny_llama):

@@ -17,12 +17,12 @@ from treeopt.core.record import Calibration
 from treeopt.cli import app
 from treeopt.core.errors import TreeoptError
 from treeopt.core.replay import accepted_depths, replay
-from search.acceptance import Smoothed, choose_strength, expected_tokens_per_step, node_values, resolve_model
-from search.crossval import cross_validated_curve, sweep_sizes
-from search.baselines import baseline_trees, best_cartesian
-from search.budget import Latency, best_chain_length, choose_nodes, read_latency, search_auto
-from search.grow import search
-from search.sweep import sweep
+from treeopt.search.acceptance import Smoothed, choose_strength, expected_tokens_per_step, node_values, resolve_model
+from treeopt.search.crossval import cross_validated_curve, sweep_sizes
+from treeopt.search.baselines import baseline_trees, best_cartesian
+from treeopt.search.budget import Latency, best_chain_length, choose_nodes, read_latency, search_auto
+from treeopt.search.grow import search
+from treeopt.search.sweep import sweep
 from treeopt.core.tree import Tree
 from treeopt.core.treefile import read_tree_meta
 
@@ -206,8 +206,8 @@ def test_batch_sizes_in_latency_files_sweep_and_schedule(make_calibration, tmp_p
     """A latency profile whose step time grows faster with tree size at larger batch sizes: --batch-size
     picks fewer nodes as B grows, the sweep has one curve per batch size, the schedule file maps each
     batch size to its tree."""
-    from search.budget import read_latencies
-    from search.schedule import batch_schedule, read_schedule
+    from treeopt.search.budget import read_latencies
+    from treeopt.search.schedule import batch_schedule, read_schedule
 
     cal = make_calibration(random_ranks([300, 250, 200], 3, 5, seed=7), top_k=5)
     f = tmp_path / "latency.csv"
@@ -273,6 +273,6 @@ def test_smoothed_fills_every_budget_and_its_strength_is_cross_validated(make_ca
     for prompts in ([0], [0, 1]):  # the default model, whatever strength it chooses, fills the budget
         assert len(search(cal.subset(np.array(prompts)), 60, "smoothed").tree) == 60
     # the chosen strength is the candidate with the best held-out replay; a calibration of one prompt cannot choose
-    from search.acceptance import FALLBACK_STRENGTH, STRENGTHS
+    from treeopt.search.acceptance import FALLBACK_STRENGTH, STRENGTHS
     assert choose_strength(cal) in STRENGTHS and resolve_model(cal) == f"smoothed:{choose_strength(cal):g}"
     assert choose_strength(cal.subset(np.array([0]))) == FALLBACK_STRENGTH

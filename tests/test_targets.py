@@ -1,5 +1,5 @@
 """Deployment targets: constrained searches over many random calibrations export trees that each
-consumer's re-implemented code (search.consumers) builds exactly as meant; the targets' check agrees
+consumer's re-implemented code (treeopt.search.consumers) builds exactly as meant; the targets' check agrees
 with those consumers on arbitrary trees; the CLI refuses to export a tree a consumer would reject or alter."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from test_search import in_memory
 from test_tree import one_line_error, trees
 from typer.testing import CliRunner
 
-from search.acceptance import expected_tokens_per_step
-from search.baselines import best_cartesian
-from search.budget import Latency, best_chain_length, search_auto
-from search.consumers import CONSUMERS, Rejected, deploys, intended, trtllm_cpp, trtllm_python
-from search.grow import search
-from search.targets import TARGETS, bounds, check, contiguous_walk
+from treeopt.search.acceptance import expected_tokens_per_step
+from treeopt.search.baselines import best_cartesian
+from treeopt.search.budget import Latency, best_chain_length, search_auto
+from treeopt.search.consumers import CONSUMERS, Rejected, deploys, intended, trtllm_cpp, trtllm_python
+from treeopt.search.grow import search
+from treeopt.search.targets import TARGETS, bounds, check, contiguous_walk
 from treeopt.cli import app
 from treeopt.core.errors import TreeoptError
 from treeopt.core.tree import Tree

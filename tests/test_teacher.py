@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 
 from conftest import slow_ranks
 
-from calibrate.run import CalibrationConfig, calibrate
-from calibrate.teacher import (PADDING, calibrate_teacher_forced, forward_groups, hidden_states, read_conversations,
+from treeopt.calibrate.run import CalibrationConfig, calibrate
+from treeopt.calibrate.teacher import (PADDING, calibrate_teacher_forced, forward_groups, hidden_states, read_conversations,
                                sequences)
-from decoding.heads import MedusaHeads, random_heads
-from decoding.models import load_model
+from treeopt.decoding.heads import MedusaHeads, random_heads
+from treeopt.decoding.models import load_model
 from treeopt.cli import app
 from treeopt.core.errors import TreeoptError
 from treeopt.core.record import load_calibration

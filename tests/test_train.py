@@ -4,15 +4,15 @@ import pytest
 import torch
 
 from treeopt.core.errors import TreeoptError
-from decoding.heads import HeadsConfig, MedusaHeads
-from training.config import TrainConfig
-from training.data import Corpus, generate_data, load_corpus, magpie_instructions, magpie_prefix, read_shard
-from training.train import head_accuracy, head_loss, loss_weights, train_heads, train_heads_on
+from treeopt.decoding.heads import HeadsConfig, MedusaHeads
+from treeopt.training.config import TrainConfig
+from treeopt.training.data import Corpus, generate_data, load_corpus, magpie_instructions, magpie_prefix, read_shard
+from treeopt.training.train import head_accuracy, head_loss, loss_weights, train_heads, train_heads_on
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from decoding.models import load_model
+    from treeopt.decoding.models import load_model
 
     return load_model(str(tiny_model_dir), device="cpu", dtype="float32")
 
@@ -79,7 +79,7 @@ def _shards(work):
 
 @pytest.mark.parametrize("source", ["file", "magpie"])
 def test_shards_resume_after_interruption(tiny, tmp_path, prompts_file, monkeypatch, source):
-    import training.data as data
+    import treeopt.training.data as data
 
     prompts = "magpie" if source == "magpie" else prompts_file
     kw = dict(num_prompts=16, batch_size=8, magpie_max_tokens=24) if source == "magpie" else {}

@@ -11,10 +11,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from calibrate.typical import ProbeDecoder, probe_tree
-from decoding.decoder import Acceptance, TreeDecoder
-from decoding.heads import random_heads
-from search import typical
+from treeopt.calibrate.typical import ProbeDecoder, probe_tree
+from treeopt.decoding.decoder import Acceptance, TreeDecoder
+from treeopt.decoding.heads import random_heads
+from treeopt.search import typical
 from treeopt.cli import app
 from treeopt.core.record import TypicalRecord, flag_columns
 from treeopt.core.tree import Tree

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from training.config import HELD_OUT_EVERY, MAGPIE, SHARD, TrainConfig
+from treeopt.training.config import HELD_OUT_EVERY, MAGPIE, SHARD, TrainConfig
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write
 from treeopt.core.stage import Stage
@@ -101,8 +101,8 @@ def generate_data(cfg: TrainConfig, loaded=None, log=print, progress: bool = Fal
     `progress`: a progress bar over the shards (the log then goes through it)."""
     from tqdm.auto import tqdm
 
-    from decoding.generate import greedy_continuations
-    from decoding.models import chat_prompt, load_model, stop_token_ids
+    from treeopt.decoding.generate import greedy_continuations
+    from treeopt.decoding.models import chat_prompt, load_model, stop_token_ids
 
     refuse_calibration_set(cfg.prompts)
     data = Path(cfg.work) / "data"

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from training.config import TrainConfig
-from training.data import Corpus, generate_data, load_corpus, refuse_calibration_set, write_shard
+from treeopt.training.config import TrainConfig
+from treeopt.training.data import Corpus, generate_data, load_corpus, refuse_calibration_set, write_shard
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write, write_text
 from treeopt.core.stage import differences
@@ -91,7 +91,7 @@ def _lr(step: int, total: int, lr: float, warmup: int = 50) -> float:
 def train_heads_on(cfg: TrainConfig, paths: list[Path], lm_head: torch.nn.Module, base_name: str = "",
                    log=print, progress: bool = True):
     """Stage 2: train heads on the shards `paths` (resuming from work/checkpoint.pt); return them."""
-    from decoding.heads import HeadsConfig, MedusaHeads
+    from treeopt.decoding.heads import HeadsConfig, MedusaHeads
 
     work = Path(cfg.work)
     ckpt_path = work / "checkpoint.pt"
@@ -194,8 +194,8 @@ def train_heads_on(cfg: TrainConfig, paths: list[Path], lm_head: torch.nn.Module
 def eval_data(work: str | Path, loaded, source: str | None = None, num_prompts: int = 40, max_new_tokens: int = 128,
               log=print) -> Path:
     """Greedy continuations (+ hidden states) of the first `num_prompts` AlpacaEval prompts, cached once."""
-    from decoding.generate import greedy_continuations
-    from decoding.models import chat_prompt, stop_token_ids
+    from treeopt.decoding.generate import greedy_continuations
+    from treeopt.decoding.models import chat_prompt, stop_token_ids
     from treeopt.core.prompts import default_prompts, load_instructions
 
     path = Path(work) / "eval" / f"alpaca_eval-{num_prompts}x{max_new_tokens}.safetensors"
@@ -243,7 +243,7 @@ def format_accuracy(metrics: dict) -> str:
 def train_heads(cfg: TrainConfig, stage: str = "all", log=print, progress: bool = True) -> dict:
     """`treeopt train-heads`: stage `data` (generate shards), `train` (train on the shards there are),
     or `all`; then evaluate and save the heads to cfg.heads_out. Re-running resumes."""
-    from decoding.models import load_model
+    from treeopt.decoding.models import load_model
 
     if stage not in ("all", "data", "train"):
         raise TreeoptError(f"unknown --stage {stage!r}: use all, data or train")

@@ -102,7 +102,7 @@ def info(
     typer.echo(describe(model=model, heads=heads, device=device, dtype=dtype))
 
 
-# --- train-heads (training.train) ---
+# --- train-heads (treeopt.training.train) ---
 
 
 @command("train-heads")
@@ -131,7 +131,7 @@ def train_heads_cmd(
     quiet: bool = QuietOpt,
 ):
     """Train Medusa-1 heads (backbone frozen) on the model's own greedy continuations, and save them."""
-    from training.train import TrainConfig, train_heads
+    from treeopt.training.train import TrainConfig, train_heads
 
     cfg = TrainConfig(work=str(work), heads_out=str(heads_out) if heads_out else None, model=model, prompts=prompts,
                       num_prompts=num_prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -173,8 +173,8 @@ def calibrate(
     with --acceptance typical, every probe node's typical test in each step of a seeded decode with
     the probe tree (typical.parquet)."""
     from treeopt.core.record import load_calibration
-    from calibrate.run import CalibrationConfig, calibrate as generated
-    from calibrate.teacher import calibrate_teacher_forced
+    from treeopt.calibrate.run import CalibrationConfig, calibrate as generated
+    from treeopt.calibrate.teacher import calibrate_teacher_forced
 
     run_calibration = calibrate_teacher_forced if teacher_forced else generated
     config = CalibrationConfig(out=out, model=model, heads=heads, prompts=prompts, teacher_forced=teacher_forced,
@@ -183,8 +183,8 @@ def calibrate(
                                shard_size=shard_size, seed=seed, device=device, dtype=dtype, device_map=device_map,
                                max_memory=max_memory, progress=_progress(quiet))
     if acceptance != "greedy":
-        from calibrate.typical import calibrate_typical
-        from decoding.decoder import Acceptance
+        from treeopt.calibrate.typical import calibrate_typical
+        from treeopt.decoding.decoder import Acceptance
         from treeopt.core.treefile import read_tree
 
         rule = Acceptance(acceptance, temperature, posterior_threshold, posterior_alpha, seed)
@@ -220,7 +220,7 @@ def search(
     prior: Optional[Path] = PriorOpt,
 ):
     """Search the tree that maximizes expected tokens/step; compare it with the baselines."""
-    from search.api import schedule_report, search_report
+    from treeopt.search.api import schedule_report, search_report
 
     if batch_sizes is not None:
         if latency is None:
@@ -243,7 +243,7 @@ def export(
     target: Optional[str] = typer.Option(None, "--target", help="Also check this consumer's rules: medusa, trtllm, vllm or chain."),
 ):
     """Write a tree for a consumer, after checking that consumer's rules (one line naming a broken rule)."""
-    from search.api import export_report
+    from treeopt.search.api import export_report
 
     typer.echo(export_report(tree, out, fmt, target))
 
@@ -260,7 +260,7 @@ def evaluate(
     prior: Optional[Path] = PriorOpt,
 ):
     """Replay trees on a calibration (exact greedy Medusa decoding) next to the baselines."""
-    from search.api import evaluate_report
+    from treeopt.search.api import evaluate_report
 
     typer.echo(evaluate_report(trees, calibration, acceptance_model, split, seed, latency, acceptance=acceptance,
                                prior=prior)[1])
@@ -280,7 +280,7 @@ def sweep(
     prior: Optional[Path] = PriorOpt,
 ):
     """Predicted tokens/step (and tokens/s with --latency) of the best tree of every size 0..N."""
-    from search.api import sweep_report
+    from treeopt.search.api import sweep_report
 
     typer.echo(sweep_report(calibration, max_nodes, acceptance_model, latency, max_depth, top_k, replayed, out,
                             acceptance=acceptance, prior=prior)[1])
@@ -309,7 +309,7 @@ def decode(
     max_memory: Optional[str] = MaxMemoryOpt,
 ):
     """Answer one instruction with Medusa tree decoding; print the reply and tokens/step."""
-    from decoding.decoder import Acceptance, run_decode
+    from treeopt.decoding.decoder import Acceptance, run_decode
 
     rule = Acceptance(acceptance, temperature, posterior_threshold, posterior_alpha, seed)
     text, r = run_decode(instruction, tree, model, heads, max_new_tokens, rule, device, dtype, compiled, device_map,
@@ -345,8 +345,8 @@ def bench(
     quiet: bool = QuietOpt,
 ):
     """Plain greedy vs tree decoding on the same prompts: tokens/step, overhead, speedup, lossless match."""
-    from decoding.decoder import Acceptance
-    from reports.bench import render, run_bench
+    from treeopt.decoding.decoder import Acceptance
+    from treeopt.reports.bench import render, run_bench
 
     rule = Acceptance(acceptance, temperature, posterior_threshold, posterior_alpha, seed)
     result = run_bench(model=model, heads=heads, trees=trees or (), cartesian=cartesian or (), prompts=prompts,
@@ -378,7 +378,7 @@ def profile(
     quiet: bool = QuietOpt,
 ):
     """Time one decoding step vs tree size on this device, beside the machine's roofline, into a CSV."""
-    from decoding.profile import render_profile, run_profile
+    from treeopt.decoding.profile import render_profile, run_profile
 
     df = run_profile(model=model, heads=heads, sizes=sizes, context=context, repeats=repeats, device=device,
                      dtype=dtype, out=out, progress=_progress(quiet), threads=threads, device_map=device_map,
@@ -398,7 +398,7 @@ def plot(
     acceptance_model: str = AcceptanceModelOpt,
 ):
     """Draw a tree: one level per head, nodes labelled by rank, coloured by acceptance probability."""
-    from reports.plots import draw_tree
+    from treeopt.reports.plots import draw_tree
 
     typer.echo(draw_tree(tree, out, calibration=calibration, model=acceptance_model))
 
@@ -408,7 +408,7 @@ def report(
     run_dir: Path = typer.Argument(..., help="Run directory (e.g. the --out of `treeopt demo`)."),
 ):
     """Write RUN_DIR/report.md and a self-contained RUN_DIR/report.html with the run's tables and charts."""
-    from reports.report import write_report
+    from treeopt.reports.report import write_report
 
     md, page = write_report(run_dir)
     typer.echo(f"wrote {md}\nwrote {page}")

@@ -102,8 +102,8 @@ def _check_settings(out: Path, cfg: DemoConfig) -> dict:
 def _check_inputs(cfg: DemoConfig) -> None:
     """Parse the options the later stages read (baseline trees, profile sizes), so that a typo stops
     the demo before it calibrates, not after."""
-    from decoding.profile import checked_sizes, parse_sizes
-    from reports.bench import parse_cartesian
+    from treeopt.decoding.profile import checked_sizes, parse_sizes
+    from treeopt.reports.bench import parse_cartesian
     from treeopt.core.treefile import read_tree
 
     for name in cfg.published:
@@ -161,7 +161,7 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None,
              log: Callable[[str], None] = print, progress: bool = False) -> DemoResult:
     """Run (or resume) every stage of the demo into `out`; returns where the report is. `progress`
     shows progress bars on the long stages (calibrations, profile, bench)."""
-    from decoding.models import set_threads
+    from treeopt.decoding.models import set_threads
 
     cfg = config or DemoConfig()
     set_threads(cfg.threads)
@@ -228,7 +228,7 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None,
           [bench_file, cal_file, tree_file],
           [out / "bench" / f for f in ("bench.csv", "bench.json")], lambda: _bench(cfg, out, bench_file, log, progress))
 
-    from reports.report import write_report
+    from treeopt.reports.report import write_report
 
     t0 = time.perf_counter()
     write_report(out)  # always: it only reads the stages' outputs
@@ -268,7 +268,7 @@ def _save(out: Path, cfg: DemoConfig, stages: dict, old: dict, wall_s: float | N
 
 
 def _calibrate(cfg: DemoConfig, prompts: Path, out: Path, progress: bool):
-    from calibrate.run import CalibrationConfig, calibrate
+    from treeopt.calibrate.run import CalibrationConfig, calibrate
 
     calibrate(CalibrationConfig(out=out, model=cfg.model, heads=cfg.heads, prompts=str(prompts),
                                 max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, device=cfg.device,
@@ -278,8 +278,8 @@ def _calibrate(cfg: DemoConfig, prompts: Path, out: Path, progress: bool):
 def _profile(cfg: DemoConfig, out: Path, progress: bool):
     """Time the searched tree's prefixes (the trees `--nodes auto` chooses among: a step's cost depends
     on the tree's shape, e.g. whether the heads fit in the verification product, not only on its size)."""
-    from decoding.profile import parse_sizes, run_profile
-    from search.api import search_report
+    from treeopt.decoding.profile import parse_sizes, run_profile
+    from treeopt.search.api import search_report
 
     sizes = parse_sizes(cfg.profile_sizes)
     tree = search_report(out / "calibration", max(sizes), out=out / PROFILE_TREE)[0].tree
@@ -289,7 +289,7 @@ def _profile(cfg: DemoConfig, out: Path, progress: bool):
 
 
 def _search(cfg: DemoConfig, out: Path, log):
-    from search.api import search_report, sweep_report
+    from treeopt.search.api import search_report, sweep_report
 
     latency = out / "latency.csv" if (out / "latency.csv").is_file() else None
     if cfg.nodes == "auto" and latency is None:
@@ -302,7 +302,7 @@ def _search(cfg: DemoConfig, out: Path, log):
 
 def cartesian_specs(cfg: DemoConfig, calibration, nodes: int) -> list[str]:
     """The Cartesian baselines as bench specs ('3x2x2'): 'best' becomes the best one of at most `nodes` nodes."""
-    from search.baselines import best_cartesian
+    from treeopt.search.baselines import best_cartesian
 
     specs = []
     for spec in cfg.cartesian:
@@ -320,7 +320,7 @@ def bench_trees(cfg: DemoConfig, out: Path, calibration) -> list[str]:
     draft 4 deep), the top-1 chain) after a searched tree of its node count (every prefix of one
     greedy search is the best tree of its size; none where the calibration holds no tree that large
     of nonzero value), smallest first."""
-    from search.grow import search
+    from treeopt.search.grow import search
     from treeopt.core.tree import Tree, truncate
     from treeopt.core.treefile import read_tree, read_tree_meta, write_tree
 
@@ -349,7 +349,7 @@ def bench_trees(cfg: DemoConfig, out: Path, calibration) -> list[str]:
 
 
 def _bench(cfg: DemoConfig, out: Path, bench_file: Path, log, progress: bool):
-    from reports.bench import render, run_bench
+    from treeopt.reports.bench import render, run_bench
     from treeopt.core.record import load_calibration
 
     trees = bench_trees(cfg, out, load_calibration(out / "calibration"))

@@ -9,8 +9,8 @@ from treeopt.core.errors import TreeoptError
 def describe(model: str = "smollm2-135m", heads: str | None = None, device: str = "auto", dtype: str = "auto") -> str:
     import torch
 
-    from decoding.heads import resolve_heads
-    from decoding.models import load_model
+    from treeopt.decoding.heads import resolve_heads
+    from treeopt.decoding.models import load_model
 
     lm = load_model(model, device=device, dtype=dtype)
     cfg = lm.model.config

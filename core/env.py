@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import platform
-from importlib import metadata
+from importlib import metadata, resources
 from pathlib import Path
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # treeopt/data: the shipped heads and prompts
+DATA_DIR = Path(str(resources.files("treeopt") / "data"))  # treeopt/data: the shipped heads and prompts
 PACKAGES = ("treeopt", "torch", "transformers", "accelerate", "numpy", "pandas", "networkx", "matplotlib",
             "typer", "datasets")
 

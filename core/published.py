@@ -5,7 +5,7 @@ e2a5d20c048a9b0a4092e6933c34313687422518 (https://github.com/FasterDecoding/Medu
 The lists are data (the trees the Medusa authors searched for Vicuna 7B/13B/33B and Zephyr, and
 `mc_sim_7b_63`, the 63-node tree Medusa uses by default); only tuples were turned into lists.
 They use up to 4 heads and rank 9 (top-10): a calibration with fewer heads or a smaller top-k
-evaluates them truncated (see `search.api.truncate`).
+evaluates them truncated (see `treeopt.search.api.truncate`).
 """
 
 from __future__ import annotations

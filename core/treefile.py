@@ -16,7 +16,7 @@ chain length. All round-trip (paths and their order).
 - ``chain``: ``{"chain_length": L, "predicted_tokens_per_step": x, ...}`` for servers that draft a
   top-1 chain (TGI ``--speculate L``, llama.cpp ``--draft-max L``); only a chain can be written so.
 
-Which consumer accepts which tree is `search.targets`' business; these writers only format.
+Which consumer accepts which tree is `treeopt.search.targets`' business; these writers only format.
 
 A tree spec (`read_tree`) is a file path, ``file.py:name`` for one list of a Python file, the name
 of a published Medusa tree (``mc_sim_7b_63``, see `treeopt.core.published`), or a literal list string.

@@ -131,7 +131,7 @@ def profile_latency(model, heads, sizes=DEFAULT_SIZES, context: int = 256, repea
     `shape`: time its prefixes (`profile_tree`)."""
     sizes, batch_sizes = checked_sizes(sizes, context), checked_batch_sizes(batch_sizes)
     weight = model.get_output_embeddings().weight
-    machine = machine or measure_machine(weight.device)
+    machine = machine or measure_machine(weight.device, dtypes=tuple(dict.fromkeys((torch.float32, weight.dtype))))
     rows = []
     bar = _progress([(b, n) for b in batch_sizes for n in sizes], progress, "profile")
     for b, n in bar:

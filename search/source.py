@@ -1,0 +1,141 @@
+"""What the search reads of a record, for every acceptance rule: one interface, two implementations.
+
+Growth (`treeopt.search.grow`), cross-validation (`treeopt.search.crossval`), `--nodes auto`
+(`treeopt.search.budget`), the sweep, the comparisons and the consumer checks are written once over a
+`Source`; the rules differ only in the record a source reads:
+
+- `Greedy`: a calibration (ranks.parquet) under an acceptance model of `treeopt.search.acceptance`;
+  replay is exact greedy Medusa decoding (`treeopt.core.replay`).
+- `treeopt.search.typical.Typical`: a typical record (typical.parquet) and, optionally, the greedy
+  prior its growth shrinks toward.
+
+`treeopt.search.api.open_source` opens a record directory as the source of its rule.
+
+A source is also the acceptance model the growth and the Cartesian search walk (`greedy`, `values`,
+`cartesian_step`, as in `treeopt.search.targets.grow` and `cartesian_shape`).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from treeopt.search.acceptance import DEFAULT_MODEL, STRENGTH_SIZES, acceptance_model, resolve_model
+from treeopt.core.record import Calibration
+from treeopt.core.replay import ReplayResult, replay, replay_prefixes
+from treeopt.core.tree import Path as RankPath
+from treeopt.core.tree import Tree, truncate
+
+class Source(Protocol):
+    rule: str  # the acceptance rule: greedy or typical
+    model: str  # the acceptance model's name (typical: "typical")
+    num_heads: int
+    top_k: int  # ranks the record holds
+    prompts: np.ndarray  # [P] distinct prompt ids, sorted
+
+    def subset(self, prompts: np.ndarray) -> "Source":
+        """The record's rows of these prompts, under the same model (held-out splits, folds)."""
+
+    def source_groups(self) -> dict[str, np.ndarray]:
+        """Prompt source -> its prompt ids; empty when the record keeps no sources."""
+
+    def resolved(self, sizes: Sequence[int] = STRENGTH_SIZES, max_depth: int | None = None,
+                 top_k: int | None = None) -> "Source":
+        """The source with its model's strength fixed by cross-validation over the whole record (at trees
+        of `sizes` nodes, where the rule's choice depends on it); fit on subsets after resolving once."""
+
+    def greedy(self, nodes: int, max_depth: int, top_k: int) -> tuple[list[RankPath], np.ndarray]:
+        """The greedy growth: paths in insertion order (every parent first) and their values [n]."""
+
+    def values(self, tree: Tree) -> np.ndarray:
+        """[m] each node's value in tree order; 1 + their sum is the record's estimate of tokens/step."""
+
+    def cartesian_step(self, state, d: int, kmax: int):
+        """The Cartesian search's step (`treeopt.search.targets.cartesian_shape`)."""
+
+    def sees(self, tree: Tree) -> bool:
+        """Whether the record holds every node of `tree` (else its nodes beyond count as misses)."""
+
+    def replay(self, tree: Tree) -> ReplayResult:
+        """Exact replay of `tree` on the record's prompts (per prompt: tokens and steps)."""
+
+    def replay_prefixes(self, tree: Tree, sizes: Sequence[int]) -> list[ReplayResult]:
+        """Exact replay of tree[:m] on the record's prompts, for each m in `sizes`."""
+
+    def header(self) -> str:
+        """The record, in one line (the reports' first)."""
+
+    def in_sample(self, tree: Tree, uniform: float) -> dict:
+        """The in-sample figures of a tree searched on the whole record (`uniform`: 1 + its values' sum)."""
+
+    def tree_meta(self, fields: dict, limits: dict, extra: dict) -> dict:
+        """A searched tree file's metadata: the prediction `fields`, this record's description, the search
+        `limits` (max_depth, top_k, nodes_requested) and `extra` (node_values, target, ...)."""
+
+
+class Greedy:
+    """A calibration under an acceptance model (`treeopt.search.acceptance`)."""
+
+    rule = "greedy"
+
+    def __init__(self, calibration: Calibration, model: str = DEFAULT_MODEL):
+        self.calibration, self.model = calibration, model
+
+    num_heads = property(lambda self: self.calibration.num_heads)
+    top_k = property(lambda self: self.calibration.top_k)
+    prompts = property(lambda self: self.calibration.prompts)
+
+    def subset(self, prompts: np.ndarray) -> "Greedy":
+        return Greedy(self.calibration.subset(prompts), self.model)
+
+    def source_groups(self) -> dict[str, np.ndarray]:
+        return self.calibration.source_groups()
+
+    def resolved(self, sizes=STRENGTH_SIZES, max_depth=None, top_k=None) -> "Greedy":
+        return Greedy(self.calibration, resolve_model(self.calibration, self.model))
+
+    def _fitted(self):
+        return acceptance_model(self.calibration, self.model)
+
+    def greedy(self, nodes: int, max_depth: int, top_k: int) -> tuple[list[RankPath], np.ndarray]:
+        return self._fitted().greedy(nodes, max_depth, top_k)
+
+    def values(self, tree: Tree) -> np.ndarray:
+        return self._fitted().values(tree)
+
+    def cartesian_step(self, state, d: int, kmax: int):
+        return self._fitted().cartesian_step(state, d, kmax)
+
+    def sees(self, tree: Tree) -> bool:
+        return truncate(tree, self.num_heads, self.top_k).num_nodes == tree.num_nodes
+
+    def replay(self, tree: Tree) -> ReplayResult:
+        return replay(tree, self.calibration)
+
+    def replay_prefixes(self, tree: Tree, sizes: Sequence[int]) -> list[ReplayResult]:
+        return replay_prefixes(tree, self.calibration, sizes)
+
+    def header(self) -> str:
+        c = self.calibration
+        return (f"calibration {c.directory}: {c.num_positions} positions, {len(c.prompts)} prompts, "
+                f"{c.num_heads} heads, top-{c.top_k}")
+
+    def in_sample(self, tree: Tree, uniform: float) -> dict:
+        return {"in_sample_tokens_per_step": self.replay(tree).tokens_per_step,
+                "uniform_tokens_per_step": uniform}
+
+    def tree_meta(self, fields: dict, limits: dict, extra: dict) -> dict:
+        c = self.calibration
+        return {**fields, "acceptance": "greedy", "acceptance_model": self.model, "calibration": str(c.directory),
+                "calibration_positions": c.num_positions, "calibration_prompts": len(c.prompts),
+                "num_heads": c.num_heads, "calibration_top_k": c.top_k, **limits, **extra}
+
+
+Record = Source | Calibration  # what the search functions take (a calibration: under `model`)
+
+
+def as_source(record: Record, model: str = DEFAULT_MODEL) -> Source:
+    """A calibration as a source under `model`; a source as it is (a typical record is one as
+    `treeopt.search.typical.Typical`)."""
+    return Greedy(record, model) if isinstance(record, Calibration) else record

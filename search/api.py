@@ -17,7 +17,7 @@ from treeopt.search.evaluate import compare, evaluate
 from treeopt.search.grow import SearchResult, search
 from treeopt.search.schedule import batch_schedule, write_schedule
 from treeopt.search.source import Greedy, Source
-from treeopt.search.typical import Typical
+from treeopt.search.typical import Typical, prior_values
 from treeopt.search.sweep import sweep
 from treeopt.search.targets import Target, export_targets, get_target, require
 from treeopt.core.errors import TreeoptError
@@ -41,7 +41,8 @@ def open_source(directory: str | Path, acceptance: str = "greedy", model: str = 
         raise TreeoptError("--prior-calibration is for --acceptance typical (a typical record searched with a greedy prior)")
     check_rule(directory, acceptance)
     if acceptance == "typical":
-        return Typical.with_prior(load_typical(directory), prior)
+        record = load_typical(directory)
+        return Typical(record, prior_values(record, prior), None, prior) if prior is not None else Typical(record)
     calibration = load_calibration(directory)
     return Greedy(calibration, resolve_model(calibration, model))
 
@@ -60,19 +61,15 @@ def search_report(calibration: str | Path, nodes: int | str = 64, model: str = D
     tgt = get_target(target)
     if out is not None:
         check_writable(out, fix="pass another --out")
-    source = open_source(calibration, acceptance, model, prior)
-    if str(nodes) == "auto":
-        if lat is None:
-            raise TreeoptError("--nodes auto needs --latency FILE (forward time vs tree size, from `treeopt profile`)")
-        source = source.resolved(STRENGTH_SIZES, max_depth, top_k)
-        result = search_auto(source, lat, max_nodes=max_nodes, max_depth=max_depth, top_k=top_k, target=tgt)
-    else:
-        try:
-            n = int(nodes)
-        except ValueError:
-            raise TreeoptError(f"--nodes {nodes!r} is not a number: pass e.g. --nodes 64, or --nodes auto") from None
-        source = source.resolved([n], max_depth, top_k)
-        result = search(source, n, max_depth=max_depth, top_k=top_k, target=tgt)
+    auto = str(nodes) == "auto"
+    if auto and lat is None:
+        raise TreeoptError("--nodes auto needs --latency FILE (forward time vs tree size, from `treeopt profile`)")
+    if not auto and not str(nodes).lstrip("-").isdigit():
+        raise TreeoptError(f"--nodes {nodes!r} is not a number: pass e.g. --nodes 64, or --nodes auto")
+    source = open_source(calibration, acceptance, model, prior).resolved(STRENGTH_SIZES if auto else [int(nodes)],
+                                                                          max_depth, top_k)
+    result = (search_auto(source, lat, max_nodes=max_nodes, max_depth=max_depth, top_k=top_k, target=tgt) if auto
+              else search(source, int(nodes), max_depth=max_depth, top_k=top_k, target=tgt))
     tree, model = result.tree, source.model
     chain = best_chain_length(source, latency=lat)
     name = f"searched ({model})"
@@ -118,20 +115,15 @@ def search_report(calibration: str | Path, nodes: int | str = 64, model: str = D
     return result, table, "\n".join(lines)
 
 
-EXPLAIN = ("predicted: tokens/step of exact greedy decoding replayed on prompts the tree was not searched on "
-           f"({FOLDS}-fold cross-validation over the calibration's prompts; fixed trees: replayed on all of them), "
-           "95 % bootstrap interval over prompts (ci_low..ci_high); replayed: the replay on the calibration's "
-           "own prompts (in-sample); uniform_tokens_per_step: 1 + the sum of node values, the expectation at a "
-           "uniformly drawn position, which runs above what decoding gives")
-EXPLAIN_TYPICAL = ("predicted: 1 + the mean accepted depth over the probe decode's logged steps of prompts the tree "
-                   f"was not searched on ({FOLDS}-fold cross-validation over the record's prompts; fixed trees: all "
-                   "of them), 95 % bootstrap interval over prompts (ci_low..ci_high); replayed: the same on the "
-                   "record's own prompts (in-sample); uniform_tokens_per_step: 1 + the sum of node values, the "
-                   "same figure over all logged steps; nodes outside the probe count as rejected")
-
-
-def explain(source: Source) -> str:
-    return EXPLAIN_TYPICAL if source.rule == "typical" else EXPLAIN
+def explain(source: Source) -> str:  # what the comparison table's columns mean
+    typical = source.rule == "typical"
+    rule = "1 + the mean accepted depth over the logged steps" if typical else "tokens/step of exact greedy decoding replayed"
+    uniform = "the same over all logged steps" if typical else ("the expectation at a uniformly drawn position, which "
+                                                                 "runs above what decoding gives")
+    return (f"predicted: {rule} on prompts the tree was not searched on ({FOLDS}-fold cross-validation over the "
+            "calibration's prompts; fixed trees: replayed on all of them), 95 % bootstrap interval over prompts "
+            "(ci_low..ci_high); replayed: the replay on the calibration's own prompts (in-sample); "
+            f"uniform_tokens_per_step: 1 + the sum of node values, {uniform}")
 
 
 def predicted_line(fields: dict) -> str:
@@ -175,7 +167,6 @@ def evaluate_report(trees: list[str], calibration: str | Path, model: str = DEFA
     cross-validated prediction grows with the number of calibration prompts."""
     source = open_source(calibration, acceptance, model, prior).resolved()
     lat = read_latency(latency) if latency is not None else None
-    model = source.model
     named = {spec: read_tree_meta(spec) for spec in trees}
     table = evaluate({k: t for k, (t, _) in named.items()}, source, split=split, seed=seed, latency=lat)
     how = (f"predicted on a {split:.0%} fit split, replayed on the other {1 - split:.0%} of prompts (seed {seed})"
@@ -188,7 +179,7 @@ def evaluate_report(trees: list[str], calibration: str | Path, model: str = DEFA
     if table["nodes"].iloc[0] > 0:
         curve = calibration_curve(source, int(table["nodes"].iloc[0]), seed=seed)
         lines += ["", f"how much calibration is enough: the {int(table['nodes'].iloc[0])}-node tree searched on "
-                      f"fit_prompts prompts, replayed on held-out folds ({model} model)", render_table(curve)]
+                      f"fit_prompts prompts, replayed on held-out folds ({source.model} model)", render_table(curve)]
     return table, "\n".join(lines)
 
 
@@ -211,13 +202,12 @@ def sweep_report(calibration: str | Path, max_nodes: int = 256, model: str = DEF
                  prior: str | Path | None = None) -> tuple[pd.DataFrame, str]:
     """`treeopt sweep`: the optimal tree's tokens/step (and tokens/s) for every size 0..max_nodes."""
     source = open_source(calibration, acceptance, model, prior).resolved(STRENGTH_SIZES, max_depth, top_k)
-    model = source.model
     lats = list(read_latencies(latency).values()) if latency is not None else []
     lat = lats[0] if lats else None  # the smallest batch size's, for the baselines
     if out is not None:
         check_writable(out, fix="pass another --out")
     df = sweep(source, max_nodes, latency=lats or None, max_depth=max_depth, top_k=top_k, replayed=replayed)
-    lines = [source.header(), f"{model} model; row N = the first N nodes of one greedy search; tokens_per_step: "
+    lines = [source.header(), f"{source.model} model; row N = the first N nodes of one greedy search; tokens_per_step: "
                            f"{FOLDS}-fold cross-validated replay over prompts (uniform_tokens_per_step: 1 + sum of "
                            "node values)" + ("; one block of rows per batch size of the latency file" if len(lats) > 1 else ""),
              "", render_table(df)]

@@ -13,9 +13,8 @@ data. Here every figure is an exact replay (`treeopt.core.replay`) on held-out p
 - ``calibration_curve``: the cross-validated figure when only m prompts of each training part are
   used to search, for growing m: how much calibration is enough.
 
-Each function takes a record (a `treeopt.search.source.Source`: greedy or typical; a calibration
-under `model`). The model's strength (greedy: the smoothing, `treeopt.search.acceptance.resolve_model`;
-typical: the prior's) is chosen once on the whole record (`Source.resolved`) and kept fixed in every fold.
+Each takes a record (a `treeopt.search.source.Source`, greedy or typical; a calibration under `model`).
+The model's strength is chosen once on the whole record (`Source.resolved`), fixed in every fold.
 """
 
 from __future__ import annotations

@@ -1,22 +1,15 @@
-"""What the search reads of a record, for every acceptance rule: one interface, two implementations.
+"""What the search reads of a record: one interface for every acceptance rule, two implementations.
 
-Growth (`treeopt.search.grow`), cross-validation (`treeopt.search.crossval`), `--nodes auto`
-(`treeopt.search.budget`), the sweep, the comparisons and the consumer checks are written once over a
-`Source`; the rules differ only in the record a source reads:
-
-- `Greedy`: a calibration (ranks.parquet) under an acceptance model of `treeopt.search.acceptance`;
-  replay is exact greedy Medusa decoding (`treeopt.core.replay`).
-- `treeopt.search.typical.Typical`: a typical record (typical.parquet) and, optionally, the greedy
-  prior its growth shrinks toward.
-
-`treeopt.search.api.open_source` opens a record directory as the source of its rule.
-
-A source is also the acceptance model the growth and the Cartesian search walk (`greedy`, `values`,
-`cartesian_step`, as in `treeopt.search.targets.grow` and `cartesian_shape`).
+Growth, cross-validation, `--nodes auto`, the sweep, the comparisons and the consumer checks are
+written once over a `Source`; the rules differ only in the record it reads: `Greedy`, a calibration
+(ranks.parquet) under an acceptance model of `treeopt.search.acceptance`, replayed by exact greedy
+decoding (`treeopt.core.replay`); `treeopt.search.typical.Typical`, a typical record (typical.parquet)
+and the greedy prior its growth may shrink toward. `treeopt.search.api.open_source` opens a directory.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -27,60 +20,42 @@ from treeopt.core.replay import ReplayResult, replay, replay_prefixes
 from treeopt.core.tree import Path as RankPath
 from treeopt.core.tree import Tree, truncate
 
+
+
 class Source(Protocol):
+    """The interface; the greedy growth, `values` and `cartesian_step` are an acceptance model's."""
+
     rule: str  # the acceptance rule: greedy or typical
     model: str  # the acceptance model's name (typical: "typical")
     num_heads: int
     top_k: int  # ranks the record holds
     prompts: np.ndarray  # [P] distinct prompt ids, sorted
 
-    def subset(self, prompts: np.ndarray) -> "Source":
-        """The record's rows of these prompts, under the same model (held-out splits, folds)."""
-
-    def source_groups(self) -> dict[str, np.ndarray]:
-        """Prompt source -> its prompt ids; empty when the record keeps no sources."""
-
+    def subset(self, prompts: np.ndarray) -> "Source": ...  # the rows of these prompts, the same model
+    def source_groups(self) -> dict[str, np.ndarray]: ...  # prompt source -> its prompt ids ({}: none kept)
+    # The model's strength fixed by cross-validation on the whole record (at `sizes`): then fit on subsets.
     def resolved(self, sizes: Sequence[int] = STRENGTH_SIZES, max_depth: int | None = None,
-                 top_k: int | None = None) -> "Source":
-        """The source with its model's strength fixed by cross-validation over the whole record (at trees
-        of `sizes` nodes, where the rule's choice depends on it); fit on subsets after resolving once."""
-
-    def greedy(self, nodes: int, max_depth: int, top_k: int) -> tuple[list[RankPath], np.ndarray]:
-        """The greedy growth: paths in insertion order (every parent first) and their values [n]."""
-
-    def values(self, tree: Tree) -> np.ndarray:
-        """[m] each node's value in tree order; 1 + their sum is the record's estimate of tokens/step."""
-
-    def cartesian_step(self, state, d: int, kmax: int):
-        """The Cartesian search's step (`treeopt.search.targets.cartesian_shape`)."""
-
-    def sees(self, tree: Tree) -> bool:
-        """Whether the record holds every node of `tree` (else its nodes beyond count as misses)."""
-
-    def replay(self, tree: Tree) -> ReplayResult:
-        """Exact replay of `tree` on the record's prompts (per prompt: tokens and steps)."""
-
-    def replay_prefixes(self, tree: Tree, sizes: Sequence[int]) -> list[ReplayResult]:
-        """Exact replay of tree[:m] on the record's prompts, for each m in `sizes`."""
-
-    def header(self) -> str:
-        """The record, in one line (the reports' first)."""
-
-    def in_sample(self, tree: Tree, uniform: float) -> dict:
-        """The in-sample figures of a tree searched on the whole record (`uniform`: 1 + its values' sum)."""
-
-    def tree_meta(self, fields: dict, limits: dict, extra: dict) -> dict:
-        """A searched tree file's metadata: the prediction `fields`, this record's description, the search
-        `limits` (max_depth, top_k, nodes_requested) and `extra` (node_values, target, ...)."""
+                 top_k: int | None = None) -> "Source": ...
+    # The greedy growth: paths in insertion order (every parent first) and their values [n].
+    def greedy(self, nodes: int, max_depth: int, top_k: int) -> tuple[list[RankPath], np.ndarray]: ...
+    def values(self, tree: Tree) -> np.ndarray: ...  # [m] node values in tree order; 1 + sum: the estimate
+    def cartesian_step(self, state, d: int, kmax: int): ...  # `treeopt.search.targets.cartesian_shape`'s step
+    def sees(self, tree: Tree) -> bool: ...  # the record holds every node (else the rest count as misses)
+    def replay(self, tree: Tree) -> ReplayResult: ...  # exact replay on the record's prompts
+    def replay_prefixes(self, tree: Tree, sizes: Sequence[int]) -> list[ReplayResult]: ...  # of tree[:m], m in sizes
+    def header(self) -> str: ...  # the record in one line, the reports' first
+    def in_sample(self, tree: Tree, uniform: float) -> dict: ...  # figures on the record (uniform: 1 + sum of values)
+    # A tree file's metadata: prediction `fields`, the record, `limits` (max_depth, top_k, nodes_requested), `extra`.
+    def tree_meta(self, fields: dict, limits: dict, extra: dict) -> dict: ...
 
 
+@dataclass(frozen=True, eq=False)
 class Greedy:
     """A calibration under an acceptance model (`treeopt.search.acceptance`)."""
 
+    calibration: Calibration
+    model: str = DEFAULT_MODEL
     rule = "greedy"
-
-    def __init__(self, calibration: Calibration, model: str = DEFAULT_MODEL):
-        self.calibration, self.model = calibration, model
 
     num_heads = property(lambda self: self.calibration.num_heads)
     top_k = property(lambda self: self.calibration.top_k)

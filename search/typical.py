@@ -42,12 +42,13 @@ auto`, the reports and the consumer checks are the greedy rule's, applied to it.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from treeopt.search.acceptance import STRENGTH_SIZES
+from treeopt.search.acceptance import STRENGTH_SIZES, node_values as greedy_values
 from treeopt.core.errors import TreeoptError
 from treeopt.core.record import TypicalRecord, load_calibration
 from treeopt.core.replay import ReplayResult
@@ -100,52 +101,40 @@ def replay(record: TypicalRecord, tree: Tree) -> ReplayResult:
 def prior_values(record: TypicalRecord, calibration: str | Path) -> np.ndarray:
     """[n] each probe node's value under a greedy calibration of the same model and heads (its
     smoothed acceptance model; 0 for nodes it cannot see): the prior the typical search shrinks toward."""
-    from treeopt.search.acceptance import node_values
-
     cal = load_calibration(calibration)
     if cal.meta.get("model") != record.meta.get("model") or cal.num_heads != record.num_heads:
         raise TreeoptError(f"--prior-calibration {calibration} is of {cal.meta.get('model')} with {cal.num_heads} heads, "
                            f"the typical record of {record.meta.get('model')} with {record.num_heads}: "
                            "pass a greedy calibration of the same model and heads")
-    return node_values(record.probe, cal)
+    return greedy_values(record.probe, cal)
 
 
+@dataclass(frozen=True, eq=False)
 class Typical:
     """A typical record as a `treeopt.search.source.Source`: growth by the largest value (shrunk toward
     `prior` [n], each probe node's greedy value, by `strength` pseudo-steps; None: to be chosen by
-    `resolved`), exact replay of the estimate per prompt."""
+    `resolved`), exact replay of the estimate per prompt. `prior_source`: the prior's calibration."""
 
+    record: TypicalRecord
+    prior: np.ndarray | None = None
+    strength: float | None = 0.0
+    prior_source: str | Path | None = None
     rule = model = NAME
-
-    def __init__(self, record: TypicalRecord, prior: np.ndarray | None = None, strength: float | None = 0.0,
-                 prior_source: str | Path | None = None):
-        self.record, self.prior, self.strength, self.prior_source = record, prior, strength, prior_source
-
-    @classmethod
-    def with_prior(cls, record: TypicalRecord, calibration: str | Path | None) -> "Typical":
-        """The record with a greedy calibration's node values as its prior (strength to be chosen), or none."""
-        if calibration is None:
-            return cls(record)
-        return cls(record, prior_values(record, calibration), None, calibration)
 
     num_heads = property(lambda self: self.record.num_heads)
     top_k = property(lambda self: self.record.top_k)
     prompts = property(lambda self: np.unique(self.record.prompt_ids))
 
-    def with_strength(self, strength: float) -> "Typical":
-        return Typical(self.record, self.prior, strength, self.prior_source)
-
     def subset(self, prompts: np.ndarray) -> "Typical":
-        return Typical(self.record.subset(prompts), self.prior, self.strength, self.prior_source)
+        return replace(self, record=self.record.subset(prompts))
 
     def source_groups(self) -> dict[str, np.ndarray]:
         return {}  # a typical record keeps no prompt sources
 
     def resolved(self, sizes: Sequence[int] = STRENGTH_SIZES, max_depth: int | None = None,
                  top_k: int | None = None) -> "Typical":
-        if self.strength is not None:
-            return self
-        return self.with_strength(choose_strength(self, sizes, max_depth=max_depth, top_k=top_k))
+        return self if self.strength is not None else replace(self, strength=choose_strength(self, sizes, max_depth=max_depth,
+                                                                                              top_k=top_k))
 
     def greedy(self, nodes: int, max_depth: int, top_k: int) -> tuple[list[RankPath], np.ndarray]:
         """The greedy growth inside the probe (module docstring): a candidate's score is its gain shrunk
@@ -192,10 +181,9 @@ class Typical:
         parent = np.array(probe.parents, np.int64)[at] if at.size else np.zeros(0, np.int64)
         inside = opened[:, at] if state is None else opened[:, at] & state[:, np.maximum(parent, 0)]  # [N, c]
         rank = np.array([probe.paths[i][-1] for i in at], np.int64)  # [c]
-        N = max(self.record.num_steps, 1)
-        mass = np.array([inside[:, rank < k].any(1).sum() / N for k in range(1, kmax + 1)])  # [kmax]
+        mass = np.array([inside[:, rank < k].any(1).sum() / max(len(opened), 1) for k in range(1, kmax + 1)])  # [kmax]
 
-        def child(k: int) -> np.ndarray:
+        def child(k: int) -> np.ndarray:  # [N, n] the open nodes inside the shape at depth d + 1
             out = np.zeros(opened.shape, bool)
             out[:, at[rank < k]] = inside[:, rank < k]
             return out
@@ -212,21 +200,13 @@ class Typical:
         return [replay(self.record, tree[:m]) for m in sizes]
 
     def header(self) -> str:
-        record, r = self.record, self.record.rule
-        return (f"typical calibration {record.directory}: {record.num_steps} probe steps, "
-                f"{len(self.prompts)} prompts, probe of {len(record.probe)} nodes "
-                f"({record.num_heads} heads, top-{record.top_k}); temperature {r['temperature']}, "
-                f"posterior_threshold {r['posterior_threshold']}, posterior_alpha {r['posterior_alpha']}, "
-                f"seed {r['seed']}; {self.prior_note()}")
-
-    def prior_note(self) -> str:
-        if self.prior is None:
-            return "no prior (pass --prior-calibration DIR, a greedy calibration, to shrink the record's gains toward it)"
-        if self.strength is None:
-            return f"gains shrunk toward {self.prior_source}'s node values"
-        how = {math.inf: "inf (the prior's order alone)", 0.0: "0 (the record alone)"}.get(self.strength,
-                                                                                          f"{self.strength:g} pseudo-steps")
-        return f"gains shrunk toward {self.prior_source}'s node values, strength (cross-validated) {how}"
+        record = self.record
+        prior = ("no prior (pass --prior-calibration DIR, a greedy calibration, to shrink the record's gains toward it)"
+                 if self.prior is None else f"gains shrunk toward {self.prior_source}'s node values, strength "
+                 f"(cross-validated) {self.strength:g} pseudo-steps (0: the record alone, inf: the prior's order)")
+        return (f"typical calibration {record.directory}: {record.num_steps} probe steps, {len(self.prompts)} prompts, "
+                f"probe of {len(record.probe)} nodes ({record.num_heads} heads, top-{record.top_k}); "
+                + ", ".join(f"{k} {v}" for k, v in record.rule.items()) + f"; {prior}")
 
     def in_sample(self, tree: Tree, uniform: float) -> dict:
         # the record's estimate is 1 + the sum of node values; its replay is the same figure per prompt
@@ -253,7 +233,7 @@ def choose_strength(source: Typical, sizes: Sequence[int] = STRENGTH_SIZES, fold
 
     if source.prior is None:
         return 0.0
-    runs = [cross_validated(source.with_strength(s), sizes, folds=folds or FOLDS, seed=seed, max_depth=max_depth,
+    runs = [cross_validated(replace(source, strength=s), sizes, folds=folds or FOLDS, seed=seed, max_depth=max_depth,
                             top_k=top_k) for s in STRENGTHS]
     score = np.array([np.mean([r.tokens_per_step for r in rs]) for rs in runs])  # [S]
     best = int(np.argmax(score))

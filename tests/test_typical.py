@@ -170,6 +170,25 @@ def test_replay_is_the_estimate_per_prompt():
     assert r.per_prompt["tokens_per_step"][0] == pytest.approx(typical.expected_tokens_per_step(first, tree))
 
 
+def test_targets_and_the_cartesian_search_apply_to_the_typical_record():
+    """The consumers' rules are the greedy rule's: a searched tree keeps each target's rules, and the
+    Cartesian search (vllm) finds the best Cartesian shape of the record, by brute force over shapes."""
+    from itertools import product
+
+    from treeopt.search.baselines import best_cartesian
+    from treeopt.search.targets import TARGETS, check
+
+    record = synthetic(seed=6)
+    for name, nodes in (("trtllm", 8), ("medusa", 8), ("chain", 3), ("vllm", 9)):
+        tree = search(Typical(record), nodes, target=TARGETS[name]).tree
+        assert tree.num_nodes > 0 and check(tree, TARGETS[name], record.num_heads) is None, name
+    shapes = [list(ks) for d in (1, 2, 3) for ks in product(range(1, 4), repeat=d) if Tree.cartesian(list(ks)).num_nodes <= 9]
+    best = max(typical.expected_tokens_per_step(record, Tree.cartesian(ks)) for ks in shapes)
+    found = Tree.cartesian(best_cartesian(Typical(record), 9))
+    assert typical.expected_tokens_per_step(record, found) == pytest.approx(best)
+    assert 1 + Typical(record).values(found).sum() == pytest.approx(best) and found.num_nodes <= 9
+
+
 # ---- the prior, the strength and the cross-validated prediction ------------------------------------
 
 
@@ -276,6 +295,9 @@ def test_search_evaluate_sweep_typical(typical_dir, tmp_path):
     assert r.exit_code == 0 and "best_cartesian" in r.output, r.output
     r = runner.invoke(app, ["sweep", "-c", str(cal), "--acceptance", "typical", "--max-nodes", "8", "--replay"])
     assert r.exit_code == 0 and "in_sample_tokens_per_step" in r.output, r.output
+    r = runner.invoke(app, ["search", "-c", str(cal), "--acceptance", "typical", "-n", "6", "-o", str(tmp_path / "c.txt"),
+                            "--format", "chain"])  # the consumers' checks apply to typical trees too
+    assert r.exit_code == 2 and "top-1 chain" in r.output, r.output
     r = runner.invoke(app, ["search", "-c", str(cal), "-n", "6"])  # greedy asked of a typical record
     assert r.exit_code == 2 and "--acceptance typical" in r.output
 

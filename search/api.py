@@ -17,9 +17,9 @@ from treeopt.search.evaluate import compare, evaluate
 from treeopt.search.grow import SearchResult, search
 from treeopt.search.schedule import batch_schedule, write_schedule
 from treeopt.search.source import Greedy, Source
-from treeopt.search.typical import Typical, prior_values
 from treeopt.search.sweep import sweep
 from treeopt.search.targets import Target, export_targets, get_target, require
+from treeopt.search.typical import Typical, prior_values
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write, check_writable
 from treeopt.core.prompts import overlap, overlap_warning
@@ -42,7 +42,9 @@ def open_source(directory: str | Path, acceptance: str = "greedy", model: str = 
     check_rule(directory, acceptance)
     if acceptance == "typical":
         record = load_typical(directory)
-        return Typical(record, prior_values(record, prior), None, prior) if prior is not None else Typical(record)
+        if prior is None:
+            return Typical(record)
+        return Typical(record, prior_values(record, prior), strength=None, prior_source=prior)
     calibration = load_calibration(directory)
     return Greedy(calibration, resolve_model(calibration, model))
 

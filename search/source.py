@@ -60,6 +60,7 @@ class Greedy:
     num_heads = property(lambda self: self.calibration.num_heads)
     top_k = property(lambda self: self.calibration.top_k)
     prompts = property(lambda self: self.calibration.prompts)
+    fitted = property(lambda self: acceptance_model(self.calibration, self.model))  # the model, cached on it
 
     def subset(self, prompts: np.ndarray) -> "Greedy":
         return Greedy(self.calibration.subset(prompts), self.model)
@@ -70,17 +71,14 @@ class Greedy:
     def resolved(self, sizes=STRENGTH_SIZES, max_depth=None, top_k=None) -> "Greedy":
         return Greedy(self.calibration, resolve_model(self.calibration, self.model))
 
-    def _fitted(self):
-        return acceptance_model(self.calibration, self.model)
-
     def greedy(self, nodes: int, max_depth: int, top_k: int) -> tuple[list[RankPath], np.ndarray]:
-        return self._fitted().greedy(nodes, max_depth, top_k)
+        return self.fitted.greedy(nodes, max_depth, top_k)
 
     def values(self, tree: Tree) -> np.ndarray:
-        return self._fitted().values(tree)
+        return self.fitted.values(tree)
 
     def cartesian_step(self, state, d: int, kmax: int):
-        return self._fitted().cartesian_step(state, d, kmax)
+        return self.fitted.cartesian_step(state, d, kmax)
 
     def sees(self, tree: Tree) -> bool:
         return truncate(tree, self.num_heads, self.top_k).num_nodes == tree.num_nodes
@@ -97,8 +95,7 @@ class Greedy:
                 f"{c.num_heads} heads, top-{c.top_k}")
 
     def in_sample(self, tree: Tree, uniform: float) -> dict:
-        return {"in_sample_tokens_per_step": self.replay(tree).tokens_per_step,
-                "uniform_tokens_per_step": uniform}
+        return {"in_sample_tokens_per_step": self.replay(tree).tokens_per_step, "uniform_tokens_per_step": uniform}
 
     def tree_meta(self, fields: dict, limits: dict, extra: dict) -> dict:
         c = self.calibration

@@ -55,6 +55,7 @@ def main() -> None:
     from treeopt.decoding.models import chat_prompt, load_model, set_threads, stop_token_ids
     from treeopt.reports.bench import run_bench
     from treeopt.search import typical
+    from treeopt.search.crossval import cross_validated
     from treeopt.search.grow import search
     from treeopt.core.prompts import default_prompts, load_instructions
     from treeopt.core.record import load_calibration, load_typical
@@ -132,7 +133,10 @@ def main() -> None:
     if args.part == "record":
         return
     prior = typical.prior_values(record, work / "greedy")  # the search shrinks toward the greedy calibration
-    fitted = {f"typical-searched {n}": typical.fit(record, n, prior) for n in sizes}  # (result, cross-validated replay)
+    fitted = {}  # (result, cross-validated replay), as `treeopt search --acceptance typical --prior-calibration` makes them
+    for n in sizes:
+        source = typical.Typical(record, prior, None).resolved([n])
+        fitted[f"typical-searched {n}"] = search(source, n), cross_validated(source, [n])[0]
     trees.update({name: result.tree for name, (result, _) in fitted.items()})  # (--partial: as benched)
     measured.update(bench("typical"))
     if args.part == "typical":

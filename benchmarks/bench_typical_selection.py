@@ -32,6 +32,9 @@ def main() -> None:
     import pandas as pd
 
     from treeopt.search import typical
+    from treeopt.search.crossval import FOLDS
+    from treeopt.search.grow import search
+    from treeopt.search.typical import Typical
     from treeopt.core.record import load_typical
     from treeopt.core.replay import concat
     from treeopt.core.tables import render_table
@@ -39,8 +42,8 @@ def main() -> None:
     record = load_typical(args.record)
     prior = typical.prior_values(record, args.prior)
     prompts = np.unique(record.prompt_ids)
-    rules = {"one_se": lambda fit, n: typical.choose_strength(fit, prior, [n]),
-             "best_score": lambda fit, n: typical.choose_strength(fit, prior, [n], ses=0),
+    rules = {"one_se": lambda fit, n: typical.choose_strength(Typical(fit, prior, None), [n]),
+             "best_score": lambda fit, n: typical.choose_strength(Typical(fit, prior, None), [n], ses=0),
              "record_alone": lambda fit, n: 0.0, "prior_alone": lambda fit, n: np.inf}
     rows = []
     for n in (int(x) for x in args.nodes.split(",")):
@@ -49,18 +52,17 @@ def main() -> None:
             for seed in range(args.seeds):
                 perm = np.random.default_rng(100 + seed).permutation(prompts)  # not the inner folds' shuffle
                 held_out = []
-                for held in (np.sort(perm[i::typical.FOLDS]) for i in range(typical.FOLDS)):
+                for held in (np.sort(perm[i::FOLDS]) for i in range(FOLDS)):
                     fit = record.subset(np.setdiff1d(prompts, held))
                     strength = rule(fit, n)
                     picked[f"{strength:g}"] += 1
-                    held_out.append(typical.replay(record.subset(held), typical.search(fit, n, prior=prior,
-                                                                                        strength=strength).tree))
+                    held_out.append(typical.replay(record.subset(held), search(Typical(fit, prior, strength), n).tree))
                 scores.append(concat(held_out).tokens_per_step)
             rows.append({"nodes": n, "rule": name, "held_out": float(np.mean(scores)),
                          "per_shuffle": " ".join(f"{s:.4f}" for s in scores),
                          "strengths_picked": " ".join(f"{k}x{v}" for k, v in sorted(picked.items()))})
     print(f"typical record {args.record}: {record.num_steps} steps, {len(prompts)} prompts; prior {args.prior}; "
-          f"nested {typical.FOLDS}-fold cross-validation, {args.seeds} shuffles")
+          f"nested {FOLDS}-fold cross-validation, {args.seeds} shuffles")
     print(render_table(pd.DataFrame(rows)))
 
 

@@ -73,6 +73,24 @@ class CalibrationConfig:
             raise TreeoptError(f"--top-k {self.top_k} is too large: ranks are stored as int16, pass at most 32767")
 
 
+def run_settings(config: CalibrationConfig, name: str, dtype: str, heads, **own) -> dict:
+    """The settings a calibration run resumes under (its parts' manifest, calibration.json's `settings`):
+    the keys every calibrator shares, then its own (`own`)."""
+    return {"model": name, "dtype": dtype, "heads_sha256": _fingerprint(heads), "num_heads": heads.num_heads,
+            "max_new_tokens": config.max_new_tokens, "top_k": config.top_k, **own}
+
+
+def run_meta(config: CalibrationConfig, loaded, settings: dict, acceptance: str, prompts: str, num_prompts: int,
+             device: str, **own) -> dict:
+    """calibration.json of every calibrator (greedy, teacher-forced, typical): the keys they share, then
+    their own (`own`), then the `settings` the run resumes under."""
+    return {"model": loaded.name, "model_source": loaded.source, "heads": config.heads or "default",
+            "acceptance": acceptance, "num_heads": settings["num_heads"], "prompts": prompts, "limit": config.limit,
+            "first": config.first, "num_prompts": num_prompts, "top_k": config.top_k,
+            "max_new_tokens": config.max_new_tokens, "seed": config.seed, "dtype": settings["dtype"], "device": device,
+            **own, "settings": settings}
+
+
 def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
               on_shard: Callable[[int], None] | None = None) -> Path:
     """Run a calibration into `config.out` and return that directory (see calibrate/format.py).
@@ -93,13 +111,9 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
 
     B = config.batch_size
     shard_size = -(-config.shard_size // B) * B  # whole batches: shards do not change how prompts are batched
-    settings = {
-        "model": loaded.name, "dtype": str(lm_head.weight.dtype).removeprefix("torch."),
-        "heads_sha256": _fingerprint(heads), "num_heads": heads.num_heads,
-        "instructions_sha256": _sha256(json.dumps(instructions).encode()), "num_prompts": len(instructions),
-        "max_new_tokens": config.max_new_tokens, "top_k": config.top_k, "batch_size": B,
-        "shard_size": shard_size, "seed": config.seed,
-    }
+    settings = run_settings(config, loaded.name, str(lm_head.weight.dtype).removeprefix("torch."), heads,
+                            instructions_sha256=_sha256(json.dumps(instructions).encode()), num_prompts=len(instructions),
+                            batch_size=B, shard_size=shard_size, seed=config.seed)
     torch.manual_seed(config.seed)
     stop = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop)
@@ -114,12 +128,8 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
                         config.progress, on_shard)
     if merged is not None:  # the main process writes the final files
         merged[1]["source"] = [sources[i] for i in merged[1]["prompt_id"]]
-        write_merged(config.out, merged, {
-            "model": loaded.name, "model_source": loaded.source, "heads": config.heads or "default",
-            "acceptance": "greedy", "num_heads": heads.num_heads, "prompts": str(source), "limit": config.limit,
-            "first": config.first, "num_prompts": n,
-            "top_k": config.top_k, "max_new_tokens": config.max_new_tokens, "batch_size": B, "seed": config.seed,
-            "dtype": settings["dtype"], "device": str(lm_head.weight.device.type), "settings": settings})
+        write_merged(config.out, merged, run_meta(config, loaded, settings, "greedy", str(source), n,
+                                                  lm_head.weight.device.type, batch_size=B))
     procs.wait()  # the others return once the files are there
     return Path(config.out)
 

@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from treeopt.calibrate.run import (CalibrationConfig, Unit, _fingerprint, load, processes, run_shards, write_merged)
+from treeopt.calibrate.run import CalibrationConfig, Unit, load, processes, run_settings, run_meta, run_shards, write_merged
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import check_writable
 
@@ -159,13 +159,9 @@ def calibrate_teacher_forced(config: CalibrationConfig, *, loaded=None, heads=No
         raise TreeoptError(f"{config.teacher_forced}: no assistant turn has any text: pass a chat dataset")
 
     B = config.batch_size
-    settings = {
-        "teacher_forced": True, "model": loaded.name, "dtype": str(lm_head.weight.dtype).removeprefix("torch."),
-        "heads_sha256": _fingerprint(heads), "num_heads": heads.num_heads,
-        "data_sha256": hashlib.sha256(json.dumps(conversations).encode()).hexdigest(),
-        "num_conversations": len(conversations), "max_new_tokens": config.max_new_tokens, "top_k": config.top_k,
-        "batch_size": B, "shard_size": config.shard_size,
-    }
+    settings = run_settings(config, loaded.name, str(lm_head.weight.dtype).removeprefix("torch."), heads,
+                            teacher_forced=True, data_sha256=hashlib.sha256(json.dumps(conversations).encode()).hexdigest(),
+                            num_conversations=len(conversations), batch_size=B, shard_size=config.shard_size)
 
     def shard(ids: range) -> Iterator[list[Unit]]:
         # (sequence, id of its first turn) of the shard's conversations
@@ -181,11 +177,8 @@ def calibrate_teacher_forced(config: CalibrationConfig, *, loaded=None, heads=No
     merged = run_shards(Path(config.out), settings, len(conversations), config.shard_size, shard, heads, lm_head,
                         config.top_k, procs, config.progress, on_shard)
     if merged is not None:
-        write_merged(config.out, merged, {
-            "teacher_forced": True, "model": loaded.name, "model_source": loaded.source,
-            "heads": config.heads or "default", "num_heads": heads.num_heads, "prompts": str(config.teacher_forced),
-            "limit": config.limit, "num_conversations": len(conversations), "num_prompts": first[-1],
-            "top_k": config.top_k, "max_new_tokens": config.max_new_tokens, "batch_size": B,
-            "dtype": settings["dtype"], "device": str(lm_head.weight.device.type), "settings": settings})
+        write_merged(config.out, merged, run_meta(config, loaded, settings, "greedy", str(config.teacher_forced),
+                                                  first[-1], lm_head.weight.device.type, teacher_forced=True,
+                                                  num_conversations=len(conversations), batch_size=B))
     procs.wait()
     return Path(config.out)

@@ -34,7 +34,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from treeopt.calibrate.run import CalibrationConfig, _fingerprint, _progress, _sha256, select_prompts
+from treeopt.calibrate.run import CalibrationConfig, _progress, _sha256, run_meta, run_settings, select_prompts
 from treeopt.decoding.decoder import Acceptance, DecodeResult, TreeDecoder, choose_path
 from treeopt.core import record as fmt
 from treeopt.core.env import versions
@@ -100,10 +100,9 @@ def calibrate_typical(config: CalibrationConfig, rule: Acceptance, internal: Tre
     dec = ProbeDecoder(model, heads, probe, rule, stop_token_ids(model, tokenizer), top_k=config.top_k)
     rules = {"temperature": rule.temperature, "posterior_threshold": rule.posterior_threshold,
              "posterior_alpha": rule.posterior_alpha, "seed": rule.seed}
-    settings = {"model": loaded.name, "dtype": str(dec.dtype).removeprefix("torch."),
-                "heads_sha256": _fingerprint(heads), "instructions_sha256": _sha256(json.dumps(instructions).encode()),
-                "num_prompts": len(instructions), "max_new_tokens": config.max_new_tokens, "top_k": config.top_k,
-                "acceptance": "typical", "record": "probe decode", **rules, "probe_internal": internal.choices}
+    settings = run_settings(config, loaded.name, str(dec.dtype).removeprefix("torch."), heads,
+                            instructions_sha256=_sha256(json.dumps(instructions).encode()), num_prompts=len(instructions),
+                            acceptance="typical", record="probe decode", **rules, probe_internal=internal.choices)
     stage = Stage(Path(config.out) / PARTS, settings, what="typical calibration", elsewhere="pass a new --out DIR").open()
     todo = [i for i in range(len(instructions)) if not stage.done(f"{i:06d}")]
     bar = _progress(config.progress, len(instructions), len(instructions) - len(todo))
@@ -120,15 +119,11 @@ def calibrate_typical(config: CalibrationConfig, rule: Acceptance, internal: Tre
     names = [f"{i:06d}" for i in range(len(instructions))]
     table = pd.concat([pd.read_parquet(stage.directory / f"{n}.parquet") for n in names], ignore_index=True)
     wall, tokens = (sum(stage.info(n)[k] for n in names) for k in ("wall_time_s", "tokens"))
-    meta = {"model": loaded.name, "model_source": loaded.source, "heads": config.heads or "default",
-            "acceptance": "typical", **rules, "num_heads": heads.num_heads, "prompts": str(source),
-            "limit": config.limit, "first": config.first, "num_prompts": len(instructions), "num_tokens": tokens,
-            "num_steps": len(table), "probe_tokens_per_step": round(tokens / max(len(table), 1), 4),
-            "top_k": config.top_k,
-            "max_new_tokens": config.max_new_tokens, "dtype": settings["dtype"], "device": dec.device.type,
-            "probe_nodes": len(probe), "probe_internal": internal.choices, "probe": probe.choices,
-            "wall_time_s": round(wall, 3), "tokens_per_s": round(tokens / max(wall, 1e-9), 2),
-            "versions": versions(), "settings": stage.settings}
+    meta = run_meta(config, loaded, stage.settings, "typical", str(source), len(instructions), dec.device.type,
+                    **rules, num_tokens=tokens, num_steps=len(table),
+                    probe_tokens_per_step=round(tokens / max(len(table), 1), 4), probe_nodes=len(probe),
+                    probe_internal=internal.choices, probe=probe.choices, wall_time_s=round(wall, 3),
+                    tokens_per_s=round(tokens / max(wall, 1e-9), 2), versions=versions())
     atomic_write(Path(config.out) / fmt.TYPICAL, lambda p: table.to_parquet(p, index=False))
     write_text(Path(config.out) / fmt.META, json.dumps(meta, indent=2) + "\n")
     return Path(config.out)

@@ -195,22 +195,14 @@ def bench_decoding(model, heads, trees: dict[str, Tree], prompts: list[list[int]
 
 
 def _predicted(tree: Tree, calibration) -> dict:
-    """The tree's tokens/step replayed on the calibration, for the ranks the calibration covers (a typical
-    record: treeopt.search.typical's replay, for trees inside its probe)."""
+    """The tree's tokens/step replayed on the calibration (greedy or typical), for trees whose every node
+    it sees (else no honest prediction)."""
     from treeopt.core.record import TypicalRecord
-    from treeopt.core.replay import replay
-    from treeopt.core.tree import truncate
+    from treeopt.search.source import as_source
+    from treeopt.search.typical import Typical
 
-    if isinstance(calibration, TypicalRecord):
-        from treeopt.search import typical
-
-        if (typical.node_index(calibration, tree) < 0).any():  # the probe cannot see some nodes
-            return {}
-        return {"predicted_tokens_per_step": typical.replay(calibration, tree).tokens_per_step}
-    fit = truncate(tree, calibration.num_heads, calibration.top_k)
-    if fit.num_nodes != tree.num_nodes:  # the calibration cannot see some nodes: no honest prediction
-        return {}
-    return {"predicted_tokens_per_step": replay(tree, calibration).tokens_per_step}
+    source = Typical(calibration) if isinstance(calibration, TypicalRecord) else as_source(calibration)
+    return {"predicted_tokens_per_step": source.replay(tree).tokens_per_step} if source.sees(tree) else {}
 
 
 def torch_threads() -> int:

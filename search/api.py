@@ -1,5 +1,6 @@
 """The library twins of `treeopt search`, `evaluate` and `sweep`: load the files, run, return the
-tables and the text the CLI prints."""
+tables and the text the CLI prints. One stack for every acceptance rule: the record is opened as a
+`treeopt.search.source.Source` (greedy: a calibration; typical: a typical record and its prior)."""
 
 from __future__ import annotations
 
@@ -8,39 +9,44 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from treeopt.search.acceptance import DEFAULT_MODEL, resolve_model
+from treeopt.search.acceptance import DEFAULT_MODEL, STRENGTH_SIZES, resolve_model
 from treeopt.search.baselines import baseline_trees
 from treeopt.search.budget import best_chain_length, read_latencies, read_latency, search_auto
 from treeopt.search.crossval import FOLDS, calibration_curve, cross_validated, prediction
 from treeopt.search.evaluate import compare, evaluate
 from treeopt.search.grow import SearchResult, search
 from treeopt.search.schedule import batch_schedule, write_schedule
+from treeopt.search.source import Greedy, Source
 from treeopt.search.sweep import sweep
 from treeopt.search.targets import Target, export_targets, get_target, require
+from treeopt.search.typical import Typical, prior_values
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write, check_writable
 from treeopt.core.prompts import overlap, overlap_warning
 from treeopt.core.published import BASELINES, PUBLISHED
-from treeopt.core.record import Calibration, check_rule, load_calibration
+from treeopt.core.record import Calibration, check_rule, load_calibration, load_typical
 from treeopt.core.tables import render_table
 from treeopt.core.tree import Tree
 from treeopt.core.treefile import file_format, read_tree_meta, write_tree
 
 
-def _typical(calibration: str | Path, acceptance: str, prior: str | Path | None = None) -> bool:
-    """Whether `--acceptance` asks for the typical rule (the record must say the same)."""
+def open_source(directory: str | Path, acceptance: str = "greedy", model: str = DEFAULT_MODEL,
+                prior: str | Path | None = None) -> Source:
+    """The record in `directory` as the source of `--acceptance` (the record must say the same rule):
+    greedy, a calibration under `model` (its strength resolved); typical, a typical record with `prior`,
+    a greedy calibration its growth shrinks toward."""
     if acceptance not in ("greedy", "typical"):
         raise TreeoptError(f"unknown --acceptance {acceptance!r}: use greedy or typical")
     if prior is not None and acceptance != "typical":
         raise TreeoptError("--prior-calibration is for --acceptance typical (a typical record searched with a greedy prior)")
-    check_rule(calibration, acceptance)
-    return acceptance == "typical"
-
-
-def _header(calibration: Calibration) -> str:
-    prompts = len(np.unique(calibration.prompt_ids))
-    return (f"calibration {calibration.directory}: {calibration.num_positions} positions, {prompts} prompts, "
-            f"{calibration.num_heads} heads, top-{calibration.top_k}")
+    check_rule(directory, acceptance)
+    if acceptance == "typical":
+        record = load_typical(directory)
+        if prior is None:
+            return Typical(record)
+        return Typical(record, prior_values(record, prior), strength=None, prior_source=prior)
+    calibration = load_calibration(directory)
+    return Greedy(calibration, resolve_model(calibration, model))
 
 
 def search_report(calibration: str | Path, nodes: int | str = 64, model: str = DEFAULT_MODEL,
@@ -51,78 +57,75 @@ def search_report(calibration: str | Path, nodes: int | str = 64, model: str = D
     """`treeopt search`: search (within `target`'s rules, see `treeopt.search.targets`), compare with the
     baselines, write the tree file; returns the result, the comparison table and the text to print.
     The headline prediction is the cross-validated replay (`treeopt.search.crossval`); `batch_size` picks the
-    latency file's rows (tokens/s of that many sequences decoded together). `acceptance` typical:
-    treeopt.search.typical's twin (`prior`: a greedy calibration its search shrinks toward)."""
-    if _typical(calibration, acceptance, prior):
-        from treeopt.search import typical
-
-        return typical.search_report(calibration, nodes, max_depth, top_k, latency, max_nodes, out, format, prior)
-    cal = load_calibration(calibration)
+    latency file's rows (tokens/s of that many sequences decoded together). `acceptance`: the rule the
+    record was made under (`prior`, typical: a greedy calibration its growth shrinks toward)."""
     lat = read_latency(latency, batch_size) if latency is not None else None
     tgt = get_target(target)
     if out is not None:
         check_writable(out, fix="pass another --out")
-    model = resolve_model(cal, model)
-    if str(nodes) == "auto":
-        if lat is None:
-            raise TreeoptError("--nodes auto needs --latency FILE (forward time vs tree size, from `treeopt profile`)")
-        result = search_auto(cal, lat, model, max_nodes, max_depth, top_k, tgt)
-    else:
-        try:
-            n = int(nodes)
-        except ValueError:
-            raise TreeoptError(f"--nodes {nodes!r} is not a number: pass e.g. --nodes 64, or --nodes auto") from None
-        result = search(cal, n, model, max_depth, top_k, tgt)
-    tree = result.tree
-    chain = best_chain_length(cal, model, lat)
+    auto = str(nodes) == "auto"
+    if auto and lat is None:
+        raise TreeoptError("--nodes auto needs --latency FILE (forward time vs tree size, from `treeopt profile`)")
+    if not auto and not str(nodes).lstrip("-").isdigit():
+        raise TreeoptError(f"--nodes {nodes!r} is not a number: pass e.g. --nodes 64, or --nodes auto")
+    source = open_source(calibration, acceptance, model, prior).resolved(STRENGTH_SIZES if auto else [int(nodes)],
+                                                                          max_depth, top_k)
+    result = (search_auto(source, lat, max_nodes=max_nodes, max_depth=max_depth, top_k=top_k, target=tgt) if auto
+              else search(source, int(nodes), max_depth=max_depth, top_k=top_k, target=tgt))
+    tree, model = result.tree, source.model
+    chain = best_chain_length(source, latency=lat)
     name = f"searched ({model})"
     trees = {name: tree}
     published = len(PUBLISHED[BASELINES[0]])
     if tree.num_nodes != published:  # the searched tree at the published trees' size, for a like-for-like row
-        trees[f"searched, {published} nodes"] = search(cal, published, model, max_depth, top_k, tgt).tree
-    cv = dict(zip(trees, cross_validated(cal, [t.num_nodes for t in trees.values()], model, max_depth=max_depth,
+        trees[f"searched, {published} nodes"] = search(source, published, max_depth=max_depth, top_k=top_k,
+                                                       target=tgt).tree
+    cv = dict(zip(trees, cross_validated(source, [t.num_nodes for t in trees.values()], max_depth=max_depth,
                                          top_k=top_k, target=tgt)))
-    trees.update(baseline_trees(cal, tree.num_nodes, model, max_depth, top_k))
-    table = compare(trees, cal, model, latency=lat, held_out=cv)
-    fields, sources = prediction(cal, tree, result.tokens_per_step, cv[name], model, max_depth=max_depth,
+    trees.update(baseline_trees(source, tree.num_nodes, max_depth=max_depth, top_k=top_k))
+    table = compare(trees, source, latency=lat, held_out=cv)
+    fields, sources = prediction(source, tree, result.tokens_per_step, cv[name], max_depth=max_depth,
                                  top_k=top_k, target=tgt)
-    meta = {**fields, "acceptance": "greedy", "acceptance_model": model, "calibration": str(cal.directory),
-            "calibration_positions": cal.num_positions, "calibration_prompts": len(cal.prompts),
-            "num_heads": cal.num_heads, "calibration_top_k": cal.top_k, "max_depth": result.meta["max_depth"],
-            "top_k": result.meta["top_k"], "nodes_requested": str(nodes) if str(nodes) == "auto" else result.requested,
-            "best_chain_length": chain, "node_values": result.values.round(6).tolist(),
-            **({"target": tgt.name} if tgt is not None else {})}
+    extra = {"best_chain_length": chain, "node_values": result.values.round(6).tolist(),
+             **({"target": tgt.name} if tgt is not None else {})}
     if len(sources):
-        meta["per_source"] = sources.round(4).to_dict("records")
+        extra["per_source"] = sources.round(4).to_dict("records")
     if lat is not None:
-        meta.update({"latency": lat.source, "batch_size": lat.batch_size, "forward_ms": float(table["forward_ms"][0]),
-                     "predicted_tokens_per_s": float(table["tokens_per_s"][0])})
-    lines = [_header(cal),
+        extra.update({"latency": lat.source, "batch_size": lat.batch_size, "forward_ms": float(table["forward_ms"][0]),
+                      "predicted_tokens_per_s": float(table["tokens_per_s"][0])})
+    meta = source.tree_meta(fields, {"max_depth": result.meta["max_depth"], "top_k": result.meta["top_k"],
+                                     "nodes_requested": str(nodes) if str(nodes) == "auto" else result.requested},
+                            extra)
+    lines = [source.header(),
              f"searched tree: {tree.num_nodes} nodes, depth {tree.depth}, max rank {tree.max_rank - 1}, "
-             f"{model} model, greedy acceptance"
+             f"{model} model, {source.rule} acceptance"
              + (f", within {tgt.consumer}'s rules (--target {tgt.name})" if tgt is not None else "")
              + (f" (--nodes auto: best predicted tokens/s of sizes 1..{result.meta['auto_max']}"
                 f" at batch size {lat.batch_size})" if str(nodes) == "auto" else ""),
              predicted_line(fields)]
     if tree.num_nodes < result.requested:
         lines.append(f"note: only {tree.num_nodes} nodes have a nonzero acceptance probability; the tree stops there")
-    lines += ["", render_table(table), "", EXPLAIN]
+    lines += ["", render_table(table), "", explain(source)]
     if len(sources):
         lines += ["", "per source of the calibration's prompts (cross-validated; leave_one_source_out: the tree "
                       "searched on the other sources):", render_table(sources)]
     lines.append(f"best top-1 chain length for vLLM num_speculative_tokens / TGI --speculate: {chain}"
                  + ("" if lat is not None else " (pass --latency for the length with the best tokens/s)"))
     if out is not None:
-        path = export(tree, out, format, cal.num_heads, tgt, meta)
+        path = export(tree, out, format, source.num_heads, tgt, meta)
         lines.append(f"wrote {path}")
     return result, table, "\n".join(lines)
 
 
-EXPLAIN = ("predicted: tokens/step of exact greedy decoding replayed on prompts the tree was not searched on "
-           f"({FOLDS}-fold cross-validation over the calibration's prompts; fixed trees: replayed on all of them), "
-           "95 % bootstrap interval over prompts (ci_low..ci_high); replayed: the replay on the calibration's "
-           "own prompts (in-sample); uniform_tokens_per_step: 1 + the sum of node values, the expectation at a "
-           "uniformly drawn position, which runs above what decoding gives")
+def explain(source: Source) -> str:  # what the comparison table's columns mean
+    typical = source.rule == "typical"
+    rule = "1 + the mean accepted depth over the logged steps" if typical else "tokens/step of exact greedy decoding replayed"
+    uniform = "the same over all logged steps" if typical else ("the expectation at a uniformly drawn position, which "
+                                                                 "runs above what decoding gives")
+    return (f"predicted: {rule} on prompts the tree was not searched on ({FOLDS}-fold cross-validation over the "
+            "calibration's prompts; fixed trees: replayed on all of them), 95 % bootstrap interval over prompts "
+            "(ci_low..ci_high); replayed: the replay on the calibration's own prompts (in-sample); "
+            f"uniform_tokens_per_step: 1 + the sum of node values, {uniform}")
 
 
 def predicted_line(fields: dict) -> str:
@@ -130,7 +133,9 @@ def predicted_line(fields: dict) -> str:
     lo, hi = fields["predicted_interval"]
     line = (f"predicted {fields['predicted_tokens_per_step']:.3f} tokens/step (95 % interval {lo:.3f}-{hi:.3f}; "
             f"{fields['cv_folds']}-fold cross-validated replay over prompts); in-sample replay "
-            f"{fields['in_sample_tokens_per_step']:.3f}, uniform expectation {fields['uniform_tokens_per_step']:.3f}")
+            f"{fields['in_sample_tokens_per_step']:.3f}"
+            + (f", uniform expectation {fields['uniform_tokens_per_step']:.3f}" if "uniform_tokens_per_step" in fields
+               else ""))
     if "leave_one_source_out_tokens_per_step" in fields:
         line += (f"; on other kinds of prompts (leave one source out) "
                  f"{fields['leave_one_source_out_tokens_per_step']:.3f}: calibrate on your own traffic")
@@ -162,25 +167,21 @@ def evaluate_report(trees: list[str], calibration: str | Path, model: str = DEFA
                     prior: str | Path | None = None) -> tuple[pd.DataFrame, str]:
     """`treeopt evaluate`: replay tree files (and the baselines) on a calibration, with how the
     cross-validated prediction grows with the number of calibration prompts."""
-    if _typical(calibration, acceptance, prior):
-        from treeopt.search import typical
-
-        return typical.evaluate_report(trees, calibration, split, seed, latency, prior)
-    cal = load_calibration(calibration)
+    source = open_source(calibration, acceptance, model, prior).resolved()
     lat = read_latency(latency) if latency is not None else None
-    model = resolve_model(cal, model)
     named = {spec: read_tree_meta(spec) for spec in trees}
-    table = evaluate({k: t for k, (t, _) in named.items()}, cal, model, split, seed, lat)
+    table = evaluate({k: t for k, (t, _) in named.items()}, source, split=split, seed=seed, latency=lat)
     how = (f"predicted on a {split:.0%} fit split, replayed on the other {1 - split:.0%} of prompts (seed {seed})"
            if split is not None else "given trees replayed on the whole calibration; the tree searched here "
                                      f"predicted by {FOLDS}-fold cross-validation")
-    lines = [_header(cal), how]
-    lines += [w for spec, (_, meta) in named.items() if (w := _overlap(spec, meta, cal))]
-    lines += ["", render_table(table), "", EXPLAIN]
+    lines = [source.header(), how]
+    if isinstance(source, Greedy):  # (a typical record keeps no instructions)
+        lines += [w for spec, (_, meta) in named.items() if (w := _overlap(spec, meta, source.calibration))]
+    lines += ["", render_table(table), "", explain(source)]
     if table["nodes"].iloc[0] > 0:
-        curve = calibration_curve(cal, int(table["nodes"].iloc[0]), model, seed=seed)
+        curve = calibration_curve(source, int(table["nodes"].iloc[0]), seed=seed)
         lines += ["", f"how much calibration is enough: the {int(table['nodes'].iloc[0])}-node tree searched on "
-                      f"fit_prompts prompts, replayed on held-out folds ({model} model)", render_table(curve)]
+                      f"fit_prompts prompts, replayed on held-out folds ({source.model} model)", render_table(curve)]
     return table, "\n".join(lines)
 
 
@@ -202,18 +203,13 @@ def sweep_report(calibration: str | Path, max_nodes: int = 256, model: str = DEF
                  replayed: bool = False, out: str | Path | None = None, acceptance: str = "greedy",
                  prior: str | Path | None = None) -> tuple[pd.DataFrame, str]:
     """`treeopt sweep`: the optimal tree's tokens/step (and tokens/s) for every size 0..max_nodes."""
-    if _typical(calibration, acceptance, prior):
-        from treeopt.search import typical
-
-        return typical.sweep_report(calibration, max_nodes, latency, max_depth, top_k, replayed, out, prior)
-    cal = load_calibration(calibration)
-    model = resolve_model(cal, model)
+    source = open_source(calibration, acceptance, model, prior).resolved(STRENGTH_SIZES, max_depth, top_k)
     lats = list(read_latencies(latency).values()) if latency is not None else []
     lat = lats[0] if lats else None  # the smallest batch size's, for the baselines
     if out is not None:
         check_writable(out, fix="pass another --out")
-    df = sweep(cal, max_nodes, model, lats or None, max_depth, top_k, replayed)
-    lines = [_header(cal), f"{model} model; row N = the first N nodes of one greedy search; tokens_per_step: "
+    df = sweep(source, max_nodes, latency=lats or None, max_depth=max_depth, top_k=top_k, replayed=replayed)
+    lines = [source.header(), f"{source.model} model; row N = the first N nodes of one greedy search; tokens_per_step: "
                            f"{FOLDS}-fold cross-validated replay over prompts (uniform_tokens_per_step: 1 + sum of "
                            "node values)" + ("; one block of rows per batch size of the latency file" if len(lats) > 1 else ""),
              "", render_table(df)]
@@ -223,10 +219,11 @@ def sweep_report(calibration: str | Path, max_nodes: int = 256, model: str = DEF
             speedup = df["speedup"][best]
             lines.append(f"best predicted tokens/s at batch size {size}: N = {int(df['nodes'][best])}, "
                          f"{df['tokens_per_s'][best]:.1f}" + ("" if np.isnan(speedup) else f" ({speedup:.2f}x plain decoding)"))
-    base = compare(baseline_trees(cal, int(df["nodes"].iloc[-1]), model, max_depth, top_k), cal, model, latency=lat)
+    base = compare(baseline_trees(source, int(df["nodes"].iloc[-1]), max_depth=max_depth, top_k=top_k), source,
+                   latency=lat)
     lines += ["", f"baselines (best Cartesian tree within N = {int(df['nodes'].iloc[-1])} nodes):", render_table(base),
               f"best top-1 chain length for vLLM num_speculative_tokens / TGI --speculate: "
-              f"{best_chain_length(cal, model, lat)}"]
+              f"{best_chain_length(source, latency=lat)}"]
     if out is not None:
         atomic_write(out, lambda p: df.to_csv(p, index=False))
         lines.append(f"wrote {out}")
@@ -238,8 +235,8 @@ def schedule_report(calibration: str | Path, latency: str | Path, batch_sizes: l
                     max_nodes: int = 256, out: str | Path | None = None) -> tuple[list[dict], str]:
     """`treeopt search --batch-sizes 1,4,16 --latency FILE`: the best tree at each batch size (all of the
     latency file's when `batch_sizes` is None), written as one schedule file (search/schedule.py)."""
-    cal = load_calibration(calibration)
-    model = resolve_model(cal, model)
+    source = open_source(calibration, "greedy", model)
+    cal, model = source.calibration, source.model
     lats = read_latencies(latency)
     if batch_sizes:
         lats = {b: read_latency(latency, b) for b in batch_sizes}
@@ -248,7 +245,7 @@ def schedule_report(calibration: str | Path, latency: str | Path, batch_sizes: l
     entries = batch_schedule(cal, lats, model, max_nodes, max_depth, top_k)
     table = pd.DataFrame([{k: e[k] for k in ("batch_size", "nodes", "predicted_tokens_per_step", "forward_ms",
                                              "predicted_tokens_per_s", "predicted_speedup")} for e in entries])
-    lines = [_header(cal), f"the tree of best predicted tokens/s at each batch size of {latency} ({model} model); "
+    lines = [source.header(), f"the tree of best predicted tokens/s at each batch size of {latency} ({model} model); "
              "speedup over plain decoding at the same batch size", "", render_table(table)]
     if out is not None:
         path = write_schedule(out, entries, acceptance_model=model, calibration=str(cal.directory),

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from treeopt.search.acceptance import DEFAULT_MODEL, node_values, resolve_model
+from treeopt.search.acceptance import DEFAULT_MODEL, STRENGTH_SIZES
 from treeopt.search.crossval import cross_validated_curve, sweep_sizes
 from treeopt.search.grow import SearchResult, search
+from treeopt.search.source import Record, as_source
 from treeopt.search.targets import Target
 from treeopt.core.errors import TreeoptError
-from treeopt.core.record import Calibration
 from treeopt.core.tree import Tree
 
 
@@ -89,7 +89,7 @@ def choose_nodes(sizes: np.ndarray, tokens_per_step: np.ndarray, latency: Latenc
     return int(sizes[np.nanargmax(tps)])
 
 
-def search_auto(calibration: Calibration, latency: Latency, model: str = DEFAULT_MODEL, max_nodes: int = 256,
+def search_auto(record: Record, latency: Latency, model: str = DEFAULT_MODEL, max_nodes: int = 256,
                 max_depth: int | None = None, top_k: int | None = None, target: Target | None = None) -> SearchResult:
     """`--nodes auto`: the greedy tree whose size (of `treeopt.search.crossval.sweep_sizes`, as far as the
     latency file, `max_nodes` and the target's node cap go) maximizes predicted tokens/s, tokens/step
@@ -97,23 +97,25 @@ def search_auto(calibration: Calibration, latency: Latency, model: str = DEFAULT
     if target is not None and target.cartesian:
         raise TreeoptError(f"--nodes auto cannot size a tree for --target {target.name} (its Cartesian trees are "
                            "not prefixes of one another): pass --nodes N")
-    model = resolve_model(calibration, model)
+    source = as_source(record, model).resolved(STRENGTH_SIZES, max_depth, top_k)
     caps = [max_nodes, int(latency.nodes[-1])] + ([target.max_nodes] if target is not None and target.max_nodes else [])
-    full = search(calibration, min(caps), model, max_depth, top_k, target)
+    full = search(source, min(caps), max_depth=max_depth, top_k=top_k, target=target)
     sizes = sweep_sizes(len(full.tree))
-    curve = cross_validated_curve(calibration, sizes, model, max_depth=max_depth, top_k=top_k, target=target)
+    curve = cross_validated_curve(source, sizes, max_depth=max_depth, top_k=top_k, target=target)
     n = choose_nodes(sizes, curve, latency)
-    return SearchResult(full.tree[:n], full.values[:n], model, n, {**full.meta, "nodes": "auto", "auto_max": min(caps)})
+    return SearchResult(full.tree[:n], full.values[:n], source.model, n,
+                        {**full.meta, "nodes": "auto", "auto_max": min(caps)})
 
 
-def best_chain_length(calibration: Calibration, model: str = DEFAULT_MODEL, latency: Latency | None = None,
+def best_chain_length(record: Record, model: str = DEFAULT_MODEL, latency: Latency | None = None,
                       max_length: int | None = None) -> int:
     """Chain length to give servers that draft a top-1 chain (vLLM `num_speculative_tokens`, TGI
     `--speculate`). With a latency file: the length that maximizes predicted tokens/s. Without one:
     the longest chain (up to `max_length` and the number of heads) whose last node still has a
     nonzero acceptance probability, i.e. the most tokens/step a chain can reach."""
-    K = min(calibration.num_heads, max_length if max_length is not None else calibration.num_heads)
-    values = node_values(Tree.chain(K), calibration, model)  # [K]
+    source = as_source(record, model)
+    K = min(source.num_heads, max_length if max_length is not None else source.num_heads)
+    values = source.values(Tree.chain(K))  # [K]
     if latency is not None:
         tps = latency.tokens_per_second(1.0 + np.concatenate([[0.0], np.cumsum(values)]), np.arange(K + 1))
         if np.isfinite(tps[1:]).any():

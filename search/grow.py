@@ -1,6 +1,7 @@
-"""The greedy grower: one search to N nodes whose every prefix is the best tree of its size
-(see `treeopt.search.acceptance` for why greedy is optimal), and the limits a calibration puts on it. With a
-deployment target the growth keeps that consumer's rules (`treeopt.search.targets.grow`)."""
+"""The greedy grower: one search to N nodes whose every prefix is the best tree of its size (greedy
+acceptance: see `treeopt.search.acceptance` for why greedy is optimal; typical: the greedy tree,
+`treeopt.search.typical`), and the limits a record puts on it. With a deployment target the growth
+keeps that consumer's rules (`treeopt.search.targets.grow`)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from treeopt.search.acceptance import DEFAULT_MODEL, acceptance_model
+from treeopt.search.acceptance import DEFAULT_MODEL
+from treeopt.search.source import Record, as_source
 from treeopt.search.targets import Target, bounds, grow
 from treeopt.core.errors import TreeoptError
-from treeopt.core.record import Calibration
 from treeopt.core.tree import Tree
 
 
-def limits(calibration: Calibration, max_depth: int | None, top_k: int | None) -> tuple[int, int]:
-    K, k = calibration.num_heads, calibration.top_k
+def limits(record: Record, max_depth: int | None, top_k: int | None) -> tuple[int, int]:
+    K, k = record.num_heads, record.top_k
     if max_depth is not None and max_depth < 1:
         raise TreeoptError(f"--max-depth {max_depth} must be at least 1")
     if top_k is not None and not 1 <= top_k <= k:
@@ -48,19 +49,19 @@ class SearchResult:
         return SearchResult(self.tree[item], self.values[item], self.model, len(self.tree[item]), self.meta)
 
 
-def search(calibration: Calibration, nodes: int, model: str = DEFAULT_MODEL, max_depth: int | None = None,
-           top_k: int | None = None, target: Target | None = None) -> SearchResult:
-    """The optimal `nodes`-node tree under `model`, grown greedily (see the module docstring); with a
-    `target`, grown within that consumer's rules (`treeopt.search.targets.grow`)."""
+def search(record: Record, nodes: int, model: str = DEFAULT_MODEL,
+           max_depth: int | None = None, top_k: int | None = None, target: Target | None = None) -> SearchResult:
+    """The `nodes`-node tree grown greedily on `record` (a `treeopt.search.source.Source`; a calibration
+    under `model`), see the module docstring; with a `target`, grown within that consumer's rules
+    (`treeopt.search.targets.grow`)."""
     if nodes < 0:
         raise TreeoptError(f"--nodes {nodes} must be 0 or more (or `auto` with --latency)")
-    depth, k = limits(calibration, max_depth, top_k)
-    m = acceptance_model(calibration, model)
+    source = as_source(record, model)
+    depth, k = limits(source, max_depth, top_k)
     if target is None:
-        paths, values = m.greedy(nodes, depth, k)
+        paths, values = source.greedy(nodes, depth, k)
     else:
         depth, k = bounds(target, nodes, depth, k)
-        paths, values = grow(m, nodes, depth, k, target)
-    return SearchResult(Tree(tuple(paths)), values, model, nodes,
-                        {"max_depth": depth, "top_k": k, "positions": calibration.num_positions,
-                         "target": target.name if target is not None else None})
+        paths, values = grow(source, nodes, depth, k, target)
+    return SearchResult(Tree(tuple(paths)), values, source.model, nodes,
+                        {"max_depth": depth, "top_k": k, "target": target.name if target is not None else None})

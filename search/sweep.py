@@ -6,15 +6,14 @@ from typing import Sequence
 
 import pandas as pd
 
-from treeopt.search.acceptance import DEFAULT_MODEL, resolve_model
+from treeopt.search.acceptance import DEFAULT_MODEL, STRENGTH_SIZES
 from treeopt.search.crossval import cross_validated_curve, sweep_sizes
 from treeopt.search.budget import Latency
 from treeopt.search.grow import search
-from treeopt.core.record import Calibration
-from treeopt.core.replay import replay_prefixes
+from treeopt.search.source import Record, as_source
 
 
-def sweep(calibration: Calibration, max_nodes: int = 256, model: str = DEFAULT_MODEL,
+def sweep(record: Record, max_nodes: int = 256, model: str = DEFAULT_MODEL,
           latency: Latency | Sequence[Latency] | None = None, max_depth: int | None = None, top_k: int | None = None,
           replayed: bool = False) -> pd.DataFrame:
     """Tokens/step of the optimal tree at the sizes of `treeopt.search.crossval.sweep_sizes` up to max_nodes
@@ -24,14 +23,14 @@ def sweep(calibration: Calibration, max_nodes: int = 256, model: str = DEFAULT_M
     latencies (one per batch size), one block of rows per batch size (column batch_size) adds
     forward_ms, tokens/s (all the batch's sequences, from the cross-validated figure) and speedup over
     plain decoding at that batch size."""
-    model = resolve_model(calibration, model)
-    result = search(calibration, max_nodes, model, max_depth, top_k)
+    source = as_source(record, model).resolved(STRENGTH_SIZES, max_depth, top_k)
+    result = search(source, max_nodes, max_depth=max_depth, top_k=top_k)
     n = sweep_sizes(len(result.tree))
     df = pd.DataFrame({"nodes": n,
-                       "tokens_per_step": cross_validated_curve(calibration, n, model, max_depth=max_depth, top_k=top_k),
+                       "tokens_per_step": cross_validated_curve(source, n, max_depth=max_depth, top_k=top_k),
                        "uniform_tokens_per_step": result.curve[n]})
     if replayed:
-        df["in_sample_tokens_per_step"] = [r.tokens_per_step for r in replay_prefixes(result.tree, calibration, n)]
+        df["in_sample_tokens_per_step"] = [r.tokens_per_step for r in source.replay_prefixes(result.tree, n)]
     if latency is None:
         return df
     blocks = []

@@ -131,6 +131,9 @@ def test_teacher_forced_on_the_models_own_answers_equals_generated(tmp_path, cha
     tf = load_calibration(calibrate_teacher_forced(CalibrationConfig(out=tmp_path / "tf", teacher_forced=str(data),
                                                                      **common), loaded=chat))
     assert tf.meta["teacher_forced"] is True and tf.meta["settings"]["teacher_forced"] is True
+    shared = [k for k in gen.meta if k in tf.meta]  # one writer: the same leading keys, the same meanings
+    assert list(gen.meta)[:14] == list(tf.meta)[:14] == shared[:14] and tf.meta["acceptance"] == "greedy"
+    assert all(tf.meta[k] == gen.meta[k] for k in ("heads", "num_heads", "top_k", "max_new_tokens", "dtype", "device"))
     assert np.array_equal(tf.prompt_ids, gen.prompt_ids) and np.array_equal(tf.positions, gen.positions)
     assert gen.num_positions >= 40 and (gen.ranks < 40).any() & (gen.ranks >= 0).any()
     assert np.array_equal(tf.ranks, gen.ranks)

@@ -15,6 +15,9 @@ from treeopt.calibrate.typical import ProbeDecoder, probe_tree
 from treeopt.decoding.decoder import Acceptance, TreeDecoder
 from treeopt.decoding.heads import random_heads
 from treeopt.search import typical
+from treeopt.search.crossval import cross_validated
+from treeopt.search.grow import search
+from treeopt.search.typical import Typical
 from treeopt.cli import app
 from treeopt.core.record import TypicalRecord, flag_columns
 from treeopt.core.tree import Tree
@@ -134,7 +137,7 @@ def test_depths_are_the_deepest_passing_chain():
 
 def test_search_values_sum_to_the_prediction_and_stay_in_bounds():
     record = synthetic()
-    result = typical.search(record, 8, max_depth=2, top_k=2 + 1)
+    result = search(Typical(record), 8, max_depth=2, top_k=2 + 1)
     tree = result.tree
     assert tree.num_nodes == 8 and tree.depth <= 2 and tree.max_rank <= 3
     assert all(p in record.probe for p in tree.paths)
@@ -146,7 +149,7 @@ def test_search_values_sum_to_the_prediction_and_stay_in_bounds():
 
 def test_greedy_step_beats_every_other_single_addition():
     record = synthetic(seed=2)
-    result = typical.search(record, 6)
+    result = search(Typical(record), 6)
     for m in range(6):
         base = typical.expected_tokens_per_step(record, result.tree[:m])
         have = set(result.tree[:m].paths)
@@ -167,6 +170,25 @@ def test_replay_is_the_estimate_per_prompt():
     assert r.per_prompt["tokens_per_step"][0] == pytest.approx(typical.expected_tokens_per_step(first, tree))
 
 
+def test_targets_and_the_cartesian_search_apply_to_the_typical_record():
+    """The consumers' rules are the greedy rule's: a searched tree keeps each target's rules, and the
+    Cartesian search (vllm) finds the best Cartesian shape of the record, by brute force over shapes."""
+    from itertools import product
+
+    from treeopt.search.baselines import best_cartesian
+    from treeopt.search.targets import TARGETS, check
+
+    record = synthetic(seed=6)
+    for name, nodes in (("trtllm", 8), ("medusa", 8), ("chain", 3), ("vllm", 9)):
+        tree = search(Typical(record), nodes, target=TARGETS[name]).tree
+        assert tree.num_nodes > 0 and check(tree, TARGETS[name], record.num_heads) is None, name
+    shapes = [list(ks) for d in (1, 2, 3) for ks in product(range(1, 4), repeat=d) if Tree.cartesian(list(ks)).num_nodes <= 9]
+    best = max(typical.expected_tokens_per_step(record, Tree.cartesian(ks)) for ks in shapes)
+    found = Tree.cartesian(best_cartesian(Typical(record), 9))
+    assert typical.expected_tokens_per_step(record, found) == pytest.approx(best)
+    assert 1 + Typical(record).values(found).sum() == pytest.approx(best) and found.num_nodes <= 9
+
+
 # ---- the prior, the strength and the cross-validated prediction ------------------------------------
 
 
@@ -179,9 +201,9 @@ def prior_of(record: TypicalRecord, seed: int = 0) -> np.ndarray:
 def test_strength_moves_the_search_from_the_record_to_the_prior():
     record = synthetic(seed=3)
     prior = prior_of(record)
-    plain = typical.search(record, 8)
-    assert typical.search(record, 8, prior=prior, strength=0.0).tree == plain.tree
-    by_prior = typical.search(record, 8, prior=prior, strength=np.inf)
+    plain = search(Typical(record), 8)
+    assert search(Typical(record, prior, 0.0), 8).tree == plain.tree
+    by_prior = search(Typical(record, prior, np.inf), 8)
     ranked = sorted(range(len(prior)), key=lambda i: -prior[i])  # prior falls along every path: its top 8 are a tree
     assert set(by_prior.tree.paths) == {record.probe.paths[i] for i in ranked[:8]}
     assert by_prior.tree != plain.tree  # the case is not trivial
@@ -191,46 +213,47 @@ def test_strength_moves_the_search_from_the_record_to_the_prior():
 def test_cross_validated_replays_each_prompt_with_a_tree_searched_without_it():
     record = synthetic(seed=4)
     sizes = [3, 8]
-    results = typical.cross_validated(record, sizes, folds=4, seed=1)
+    results = cross_validated(Typical(record), sizes, folds=4, seed=1)
     prompts = np.unique(record.prompt_ids)
     assert all(sorted(r.prompt_ids.tolist()) == prompts.tolist() for r in results)  # every prompt held out once
     perm = np.random.default_rng(1).permutation(prompts)
     for held in (np.sort(perm[i::4]) for i in range(4)):
-        tree = typical.search(record.subset(np.setdiff1d(prompts, held)), 8).tree
+        tree = search(Typical(record.subset(np.setdiff1d(prompts, held))), 8).tree
         for m, r in zip(sizes, results):
             keep = np.isin(r.prompt_ids, held)
             want = typical.replay(record.subset(held), tree[:m])
             assert r.tokens[keep].sum() == want.tokens.sum() and r.steps[keep].sum() == want.steps.sum()
     # A tree that does not depend on the fold (the prior's alone) cross-validates to its in-sample figure.
     prior = prior_of(record)
-    cv = typical.cross_validated(record, [8], prior, np.inf)[0]
-    assert cv.tokens_per_step == pytest.approx(typical.expected_tokens_per_step(record, typical.search(
-        record, 8, prior=prior, strength=np.inf).tree))
+    cv = cross_validated(Typical(record, prior, np.inf), [8])[0]
+    assert cv.tokens_per_step == pytest.approx(typical.expected_tokens_per_step(record, search(
+        Typical(record, prior, np.inf), 8).tree))
 
 
 def test_chosen_strength_is_the_strongest_within_one_standard_error_and_never_worse_than_the_prior():
     for seed in range(3):
         record, sizes = synthetic(seed=seed, positions=240), [4, 10]
         prior = prior_of(record, seed)
-        runs = {s: typical.cross_validated(record, sizes, prior, s) for s in typical.STRENGTHS}
+        runs = {s: cross_validated(Typical(record, prior, s), sizes) for s in typical.STRENGTHS}
         score = {s: np.mean([r.tokens_per_step for r in rs]) for s, rs in runs.items()}
         best = max(score, key=score.get)
         error = np.mean([(hi - lo) / 3.92 for lo, hi in (r.interval() for r in runs[best])])
-        chosen = typical.choose_strength(record, prior, sizes)
+        chosen = typical.choose_strength(Typical(record, prior, None), sizes)
         assert score[chosen] >= score[best] - error - 1e-12 and score[chosen] >= score[np.inf]
         assert all(score[s] < score[best] - error for s in typical.STRENGTHS if s > chosen)
-        assert score[typical.choose_strength(record, prior, sizes, ses=0)] == score[best]
-    assert typical.choose_strength(record, None, sizes) == 0.0
+        assert score[typical.choose_strength(Typical(record, prior, None), sizes, ses=0)] == score[best]
+    assert typical.choose_strength(Typical(record), sizes) == 0.0
 
 
-def test_fit_is_deterministic_and_predicts_the_cross_validated_figure():
+def test_resolved_strength_is_deterministic_and_kept_in_every_fold():
     record = synthetic(seed=5)
     prior = prior_of(record)
-    (a, cv_a), (b, cv_b) = typical.fit(record, 8, prior), typical.fit(record, 8, prior)
-    assert a.tree == b.tree and cv_a.tokens_per_step == cv_b.tokens_per_step
-    strength = a.meta["strength"]
-    assert strength == typical.choose_strength(record, prior, [8])
-    assert cv_a.tokens_per_step == typical.cross_validated(record, [8], prior, strength)[0].tokens_per_step
+    a, b = (Typical(record, prior, None).resolved([8]) for _ in range(2))
+    assert a.strength == b.strength == typical.choose_strength(Typical(record, prior, None), [8])
+    assert a.resolved([64]) is a  # chosen once, then fixed
+    assert search(a, 8).tree == search(b, 8).tree
+    cv = cross_validated(a, [8])[0]
+    assert cv.tokens_per_step == cross_validated(Typical(record, prior, a.strength), [8])[0].tokens_per_step
 
 
 # ---- the commands ----------------------------------------------------------------------------------
@@ -271,7 +294,10 @@ def test_search_evaluate_sweep_typical(typical_dir, tmp_path):
     r = runner.invoke(app, ["evaluate", str(tmp_path / "t.json"), "-c", str(cal), "--acceptance", "typical", "--split", "0.5"])
     assert r.exit_code == 0 and "best_cartesian" in r.output, r.output
     r = runner.invoke(app, ["sweep", "-c", str(cal), "--acceptance", "typical", "--max-nodes", "8", "--replay"])
-    assert r.exit_code == 0 and "replayed_tokens_per_step" in r.output, r.output
+    assert r.exit_code == 0 and "in_sample_tokens_per_step" in r.output, r.output
+    r = runner.invoke(app, ["search", "-c", str(cal), "--acceptance", "typical", "-n", "6", "-o", str(tmp_path / "c.txt"),
+                            "--format", "chain"])  # the consumers' checks apply to typical trees too
+    assert r.exit_code == 2 and "top-1 chain" in r.output, r.output
     r = runner.invoke(app, ["search", "-c", str(cal), "-n", "6"])  # greedy asked of a typical record
     assert r.exit_code == 2 and "--acceptance typical" in r.output
 

@@ -34,6 +34,12 @@ which says what in it is exact and what is estimated) models Medusa's typical ac
   ``posterior_threshold`` (epsilon), ``posterior_alpha`` (delta), ``seed`` (of the sampled roots),
   ``probe`` (the probe tree's rank paths, in column order), ``probe_internal`` (its nodes that have
   children) and ``probe_tokens_per_step`` (the probe decode's own).
+
+Every record is checked as it is loaded (`load_calibration`, `load_typical`, `read_meta`): the columns
+and types above, at least one row, ranks within MISSING..top_k, and calibration.json's counts and
+settings (top_k, num_heads, num_tokens, num_prompts, num_steps) agreeing with the tables. An edited or
+damaged record is a one-line error naming the file and what is wrong, never a changed prediction.
+`check_heads` refuses a record made with other heads than a command names beside it.
 """
 
 from __future__ import annotations

@@ -241,7 +241,7 @@ def check_record_heads(meta: dict, directory, spec: str | None, model) -> None:
     dtype = getattr(torch, str(settings.get("dtype", "float32")), None)
     if not isinstance(dtype, torch.dtype):
         dtype = model.get_output_embeddings().weight.dtype
-    heads = _read_heads(spec, model, settings.get("num_heads") or 4).to(dtype=dtype)
+    heads = _read_heads(spec, model, settings.get("num_heads") or meta.get("num_heads") or 4).to(dtype=dtype)
     check_heads(meta, directory, spec or "default", heads_sha256(heads))
 
 

@@ -30,7 +30,7 @@ import torch
 from treeopt.core import record as fmt
 from treeopt.calibrate.ranks import head_ranks, head_targets
 from treeopt.core.errors import TreeoptError
-from treeopt.core.fileio import atomic_write, check_writable
+from treeopt.core.fileio import atomic_write, check_writable, locking
 from treeopt.core.stage import Stage, differences
 from treeopt.core.env import versions
 from treeopt.decoding.generate import Continuation
@@ -91,13 +91,14 @@ def run_meta(config: CalibrationConfig, loaded, settings: dict, acceptance: str,
             **own, "settings": settings}
 
 
+@locking("config.out")
 def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
               on_shard: Callable[[int], None] | None = None) -> Path:
     """Run a calibration into `config.out` and return that directory (see calibrate/format.py).
 
     `loaded` (treeopt.decoding.models.LoadedModel) and `heads` (MedusaHeads) skip loading them; `on_shard(i)` is
     called after shard i is written (progress hooks, tests)."""
-    from treeopt.decoding.models import chat_prompt, stop_token_ids
+    from treeopt.decoding.models import chat_prompt, check_context, stop_token_ids
     from treeopt.core.prompts import default_prompts
 
     config.check()
@@ -118,9 +119,11 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
     stop = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop)
     n = len(instructions)
+    prompt_ids = [chat_prompt(tokenizer, s) for s in instructions]
+    check_context(model, prompt_ids, config.max_new_tokens, instructions, str(source))
 
     def shard(ids: range) -> Iterator[list[Unit]]:
-        prompts = [chat_prompt(tokenizer, instructions[i]) for i in ids]
+        prompts = [prompt_ids[i] for i in ids]
         for batch_ids, batch in zip(_batched(ids, B), _continuations(model, prompts, config.max_new_tokens, stop, B, pad)):
             yield [Unit(pid, instructions[pid], c) for pid, c in zip(batch_ids, batch)]
 
@@ -278,8 +281,8 @@ def _claim(out: Path, settings: dict) -> Stage:
     stage = Stage(out / SHARDS, settings, what="calibration", elsewhere="pass a new --out DIR")
     if stage.recorded() is None and (out / fmt.META).is_file():  # finished, shards since deleted
         try:
-            theirs = json.loads((out / fmt.META).read_text()).get("settings") or {}
-        except json.JSONDecodeError:
+            theirs = fmt.read_meta(out).get("settings") or {}
+        except TreeoptError:  # damaged: the rerun's files replace it
             theirs = {}
         if theirs != stage.settings:
             raise TreeoptError(f"{out} holds a calibration made with other settings "
@@ -330,12 +333,9 @@ def _sha256(data: bytes) -> str:
 
 def _fingerprint(heads) -> str:
     """sha256 of the heads' config and weights: a resumed run must use the very same heads."""
-    h = hashlib.sha256(json.dumps(asdict(heads.config), sort_keys=True).encode())
-    for name, t in sorted(heads.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    from treeopt.decoding.heads import heads_sha256
+
+    return heads_sha256(heads)
 
 
 def _progress(enabled: bool, total: int, initial: int):

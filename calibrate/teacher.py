@@ -28,7 +28,7 @@ import torch
 
 from treeopt.calibrate.run import CalibrationConfig, Unit, load, processes, run_settings, run_meta, run_shards, write_merged
 from treeopt.core.errors import TreeoptError
-from treeopt.core.fileio import check_writable
+from treeopt.core.fileio import check_writable, locking
 
 PADDING = 1 / 16  # the most of a forward's tokens that may be padding (forward_groups)
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
@@ -132,13 +132,14 @@ def hidden_states(model, batch: list[list[int]], pad: int) -> torch.Tensor:
     return model.get_decoder()(input_ids=ids.to(device), use_cache=False).last_hidden_state
 
 
+@locking("config.out")
 def calibrate_teacher_forced(config: CalibrationConfig, *, loaded=None, heads=None,
                              on_shard: Callable[[int], None] | None = None) -> Path:
     """Run a teacher-forced calibration of `config.teacher_forced` into `config.out` (see the module doc);
     `config.prompts`, `seed` are unused, `limit` takes the first conversations, `max_new_tokens` caps
     each answer, `batch_size` caps the sequences per forward."""
     from treeopt.decoding.generate import Continuation
-    from treeopt.decoding.models import stop_token_ids
+    from treeopt.decoding.models import check_context, stop_token_ids
 
     config.check()
     if not config.teacher_forced:
@@ -152,6 +153,9 @@ def calibrate_teacher_forced(config: CalibrationConfig, *, loaded=None, heads=No
     stop = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop)
     seqs = [sequences(tokenizer, c, stop, config.max_new_tokens) for c in conversations]  # per conversation
+    forwards = [(s, c) for c, conv in enumerate(seqs) for s in conv]  # the conversation of each forward
+    check_context(model, [s.ids for s, _ in forwards], 0,
+                  [f"conversation {c + 1}: {s.instructions[0]}" for s, c in forwards], str(config.teacher_forced))
     first = [0]  # each conversation's first turn id
     for c in seqs:
         first.append(first[-1] + sum(len(s.spans) for s in c))

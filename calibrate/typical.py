@@ -39,7 +39,7 @@ from treeopt.decoding.decoder import Acceptance, DecodeResult, TreeDecoder, choo
 from treeopt.core import record as fmt
 from treeopt.core.env import versions
 from treeopt.core.errors import TreeoptError
-from treeopt.core.fileio import atomic_write, write_text
+from treeopt.core.fileio import atomic_write, locking, write_text
 from treeopt.core.stage import Stage
 from treeopt.core.tree import Tree
 
@@ -77,12 +77,13 @@ class ProbeDecoder(TreeDecoder):
         return table, result
 
 
+@locking("config.out")
 def calibrate_typical(config: CalibrationConfig, rule: Acceptance, internal: Tree | None = None, *,
                       loaded=None, heads=None) -> Path:
     """Decode every prompt with the probe tree (module docstring) into `config.out`; resumable by prompt.
     `internal`: the probe's internal nodes (default top-4 x top-2 x top-1); its children go to top_k."""
     from treeopt.decoding.heads import resolve_heads
-    from treeopt.decoding.models import chat_prompt, load_model, stop_token_ids
+    from treeopt.decoding.models import chat_prompt, check_context, load_model, stop_token_ids
     from treeopt.core.prompts import default_prompts
 
     config.check()
@@ -93,6 +94,8 @@ def calibrate_typical(config: CalibrationConfig, rule: Acceptance, internal: Tre
     loaded = loaded or load_model(config.model, device=config.device, dtype=config.dtype, attention="decode")
     model, tokenizer = loaded.model, loaded.tokenizer
     heads = heads if heads is not None else resolve_heads(config.heads, model)
+    prompt_ids = [chat_prompt(tokenizer, s) for s in instructions]
+    check_context(model, prompt_ids, config.max_new_tokens, instructions, str(source))
     if internal is None:
         ks = DEFAULT_INTERNAL[: heads.num_heads - 1]
         internal = Tree.cartesian(ks) if ks else Tree(())
@@ -108,7 +111,7 @@ def calibrate_typical(config: CalibrationConfig, rule: Acceptance, internal: Tre
     bar = _progress(config.progress, len(instructions), len(instructions) - len(todo))
     for i in todo:
         t0 = time.perf_counter()
-        table, result = dec.probe_decode(chat_prompt(tokenizer, instructions[i]), config.max_new_tokens)
+        table, result = dec.probe_decode(prompt_ids[i], config.max_new_tokens)
         table.insert(0, "prompt_id", pd.Series([i] * len(table), dtype="int32"))
         atomic_write(stage.directory / f"{i:06d}.parquet", lambda p: table.to_parquet(p, index=False))
         stage.finish(f"{i:06d}", {"tokens": len(result.tokens), "steps": result.steps,

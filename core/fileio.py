@@ -2,13 +2,19 @@
 
 Every writer goes through `atomic_write`, which turns an OSError (a read-only place, a file where a
 directory should be, a full disk) into one TreeoptError line; `check_writable` asks the same question
-up front, before a model is loaded or anything measured."""
+up front, before a model is loaded or anything measured; `locked` keeps a second writer out of a run
+directory while one writes it."""
 
 from __future__ import annotations
 
 import errno
+import fcntl
+import functools
+import inspect
 import os
+import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from treeopt.core.errors import BAD_INPUT, FAILED_RUN, TreeoptError
@@ -97,3 +103,105 @@ def _umask() -> int:
 
 def write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda p: Path(p).write_text(text))
+
+
+LOCK = ".lock"
+_held: dict[Path, int] = {}  # directories this process has locked -> how many times (nested holds)
+
+
+@contextmanager
+def locked(directory: str | Path, command: str | None = None):
+    """Hold `directory`/.lock (fcntl.flock) while writing a run directory: a second writer, in another
+    process, gets a one-line error naming the first (its pid and command). The kernel drops the lock
+    when its holder exits, however it dies, so a leftover .lock never blocks a rerun; the file is
+    removed on release (and the directory, when it was made for the lock and is still empty). Nested
+    holds of one directory in one process are allowed. `command` defaults to this process's argv."""
+    directory = Path(directory).absolute()
+    if int(os.environ.get("RANK", "0") or 0) > 0:  # a launch's other processes (torchrun, accelerate) share rank 0's
+        yield directory
+        return
+    if directory in _held:
+        _held[directory] += 1
+        try:
+            yield directory
+        finally:
+            _held[directory] -= 1
+        return
+    check_writable(directory, directory=True, fix="pass another output directory")
+    made = not directory.exists()
+    path = directory / LOCK
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(path)
+    except OSError as e:
+        raise os_error(e, path, "pass another output directory") from None
+    if fd is None:
+        raise TreeoptError(f"{directory} is being written by another run ({_holder(path)}): wait for it to finish, "
+                           "or pass another output directory")
+    who = f"pid {os.getpid()}: {command or ' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}"
+    os.ftruncate(fd, 0)
+    os.write(fd, (who + "\n").encode())
+    _held[directory] = 1
+    try:
+        yield directory
+    finally:
+        del _held[directory]
+        try:
+            os.unlink(path)  # still ours: a writer that opened it meanwhile sees it gone and retries
+        except OSError:
+            pass
+        os.close(fd)
+        if made:
+            try:
+                directory.rmdir()  # only when empty: nothing was written
+            except OSError:
+                pass
+
+
+def _acquire(path: Path) -> int | None:
+    """An fd holding an exclusive flock on `path` (the file at that path now), or None when another holds it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:  # its holder removed it between our open and flock
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def _holder(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "pid unknown"
+    except OSError:
+        return "pid unknown"
+
+
+def locking(where: str):
+    """Decorate a function that writes a run directory: each call holds `locked` on the directory its
+    argument `where` names ("out", or "config.out" for an attribute of one); none when that is None."""
+    def decorate(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            name, *attrs = where.split(".")
+            directory = bound.arguments[name]
+            for attr in attrs:
+                directory = getattr(directory, attr, None) if directory is not None else None
+            if directory is None:
+                return fn(*args, **kwargs)
+            with locked(directory):
+                return fn(*args, **kwargs)
+
+        return run
+
+    return decorate

@@ -34,6 +34,12 @@ which says what in it is exact and what is estimated) models Medusa's typical ac
   ``posterior_threshold`` (epsilon), ``posterior_alpha`` (delta), ``seed`` (of the sampled roots),
   ``probe`` (the probe tree's rank paths, in column order), ``probe_internal`` (its nodes that have
   children) and ``probe_tokens_per_step`` (the probe decode's own).
+
+Every record is checked as it is loaded (`load_calibration`, `load_typical`, `read_meta`): the columns
+and types above, at least one row, ranks within MISSING..top_k, and calibration.json's counts and
+settings (top_k, num_heads, num_tokens, num_prompts, num_steps) agreeing with the tables. An edited or
+damaged record is a one-line error naming the file and what is wrong, never a changed prediction.
+`check_heads` refuses a record made with other heads than a command names beside it.
 """
 
 from __future__ import annotations
@@ -136,19 +142,54 @@ class Calibration:
     def continuations(self) -> pd.DataFrame:
         if self.directory is None or not (self.directory / CONTINUATIONS).is_file():
             raise TreeoptError("this calibration has no continuations.parquet: re-run `treeopt calibrate`")
-        return pd.read_parquet(self.directory / CONTINUATIONS)
+        try:
+            conts = pd.read_parquet(self.directory / CONTINUATIONS)
+        except Exception as e:  # pyarrow raises many types for damaged files
+            raise _damaged(self.directory / CONTINUATIONS, f"it does not parse ({type(e).__name__})") from None
+        if not {"prompt_id", "instruction"} <= set(conts.columns):
+            raise _damaged(self.directory / CONTINUATIONS, "it lacks the column prompt_id or instruction")
+        return conts
 
 
 def read_meta(directory: str | Path) -> dict:
-    """calibration.json of a calibration directory (greedy or typical)."""
+    """calibration.json of a calibration directory (greedy or typical), checked to be an object whose
+    top_k is a whole number >= 1 (see `check_meta`)."""
     path = Path(directory) / META
     if not path.is_file():
         raise TreeoptError(f"{directory} is not a calibration directory (no {META}): "
                            "run `treeopt calibrate --out DIR` and pass that DIR")
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise TreeoptError(f"{path} is damaged: re-run calibrate") from None
+        raise TreeoptError(f"{path} is damaged (not JSON): re-run calibrate") from None
+    return check_meta(meta, path)
+
+
+def _damaged(path: Path, what: str, fix: str = "re-run `treeopt calibrate`") -> TreeoptError:
+    return TreeoptError(f"{path} is damaged: {what}: {fix}")
+
+
+def _whole(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_meta(meta, path: Path) -> dict:
+    """`meta` (calibration.json at `path`) when it is an object with a whole top_k >= 1 and, where
+    present, whole counts; else a one-line error naming the file and the field."""
+    if not isinstance(meta, dict):
+        raise _damaged(path, f"it holds a JSON {type(meta).__name__}, not an object")
+    if "top_k" not in meta:
+        raise _damaged(path, "it has no top_k")
+    for key in ("top_k", "num_heads", "num_prompts", "num_tokens", "num_steps"):
+        if key in meta and not (_whole(meta[key]) and meta[key] >= (1 if key in ("top_k", "num_heads") else 0)):
+            raise _damaged(path, f"{key} is {meta[key]!r}, not a whole number >= {1 if key in ('top_k', 'num_heads') else 0}")
+    settings = meta.get("settings", {})
+    if not isinstance(settings, dict):
+        raise _damaged(path, f"settings is a {type(settings).__name__}, not an object")
+    for key in ("top_k", "num_heads"):  # the run's settings and its summary must agree
+        if key in settings and key in meta and settings[key] != meta[key]:
+            raise _damaged(path, f"{key} is {meta[key]} but its settings say {settings[key]}")
+    return meta
 
 
 def acceptance_of(meta: dict) -> str:
@@ -165,21 +206,72 @@ def check_rule(directory: str | Path, rule: str) -> dict:
     return meta
 
 
+def check_heads(meta: dict, directory: str | Path, heads: str, sha256: str) -> None:
+    """A one-line error when the record at `directory` was made with other heads than `heads` (whose
+    fingerprint is `sha256`, treeopt.decoding.heads.heads_sha256): its predictions are another drafter's.
+    Records that do not fingerprint their heads pass."""
+    theirs = (meta.get("settings") or {}).get("heads_sha256")
+    if theirs and theirs != sha256:
+        raise TreeoptError(f"{directory} was calibrated with heads {meta.get('heads', '?')} (sha256 {theirs[:12]}), "
+                           f"not with --heads {heads} (sha256 {sha256[:12]}): pass --heads {meta.get('heads', '?')}, "
+                           f"or calibrate with --heads {heads}")
+
+
+def _integer_columns(df: pd.DataFrame, columns: list[str], path: Path) -> None:
+    """Every column named is present, of an integer type, with no missing value."""
+    absent = [c for c in columns if c not in df.columns]
+    if absent:
+        raise _damaged(path, f"it lacks the column{'s' if len(absent) > 1 else ''} {', '.join(absent)}")
+    for c in columns:
+        if not pd.api.types.is_integer_dtype(df[c].dtype) or pd.api.types.is_bool_dtype(df[c].dtype):
+            raise _damaged(path, f"column {c} is {df[c].dtype}, not integers")
+
+
+def check_ranks(df: pd.DataFrame, meta: dict, path: Path) -> list[str]:
+    """The rank columns r1..rK of ranks.parquet at `path` once the table is what the format says (module
+    docstring): prompt_id, position and r1..rK integers, at least one row, ranks within MISSING..top_k,
+    positions >= 0, and the counts of calibration.json (num_heads, num_tokens, num_prompts) its own."""
+    top_k = meta["top_k"]
+    cols = sorted((c for c in df.columns if c.startswith("r") and c[1:].isdigit()), key=lambda c: int(c[1:]))
+    if not cols or cols != rank_columns(len(cols)):
+        raise _damaged(path, f"its rank columns are {', '.join(cols) or 'none'}, not r1..rK")
+    _integer_columns(df, ["prompt_id", "position", *cols], path)
+    if len(df) == 0:
+        raise _damaged(path, "it has no rows")
+    ranks = df[cols].to_numpy()
+    bad = (ranks < MISSING) | (ranks > top_k)
+    if bad.any():
+        row, k = np.argwhere(bad)[0]
+        raise _damaged(path, f"rank {ranks[row, k]} in {cols[k]} (row {row}) is outside {MISSING}..{top_k} "
+                             f"(top_k {top_k}, {MISSING} past the continuation)")
+    if (df["position"] < 0).any() or (df["prompt_id"] < 0).any():
+        raise _damaged(path, "it has a negative prompt_id or position")
+    counts = {"num_heads": len(cols), "num_tokens": len(df)}
+    for key, have in counts.items():
+        if key in meta and meta[key] != have:
+            raise _damaged(path, f"it has {have} {key.removeprefix('num_').replace('tokens', 'rows')} but {META} "
+                                 f"says {key} {meta[key]}")
+    if "num_prompts" in meta and int(df["prompt_id"].max()) >= meta["num_prompts"]:
+        raise _damaged(path, f"prompt_id {int(df['prompt_id'].max())} is beyond {META}'s num_prompts "
+                             f"{meta['num_prompts']}")
+    return cols
+
+
 def load_calibration(directory: str | Path) -> Calibration:
+    """A greedy calibration directory, validated (see `check_meta`, `check_ranks`): a damaged or edited
+    record is a one-line error naming the file and what is wrong, never a silent prediction."""
     directory = Path(directory)
     if (directory / META).is_file():
         check_rule(directory, "greedy")
     if not (directory / RANKS).is_file() or not (directory / META).is_file():
         raise TreeoptError(f"{directory} is not a calibration directory (no {RANKS} or {META}): "
                            "run `treeopt calibrate --out DIR` and pass that DIR")
+    meta = read_meta(directory)
     try:
-        meta = json.loads((directory / META).read_text())
         df = pd.read_parquet(directory / RANKS)
-    except Exception as e:  # pyarrow and json raise many types for damaged files
-        raise TreeoptError(f"{directory} has an unreadable calibration file ({type(e).__name__}): re-run calibrate") from None
-    cols = sorted((c for c in df.columns if c.startswith("r") and c[1:].isdigit()), key=lambda c: int(c[1:]))
-    if not cols or cols != rank_columns(len(cols)) or "top_k" not in meta:
-        raise TreeoptError(f"{directory / RANKS} lacks columns r1..rK or top_k: re-run `treeopt calibrate`")
+    except Exception as e:  # pyarrow raises many types for damaged files
+        raise _damaged(directory / RANKS, f"it does not parse ({type(e).__name__})") from None
+    cols = check_ranks(df, meta, directory / RANKS)
     prompt_ids = df["prompt_id"].to_numpy(np.int32)
     return Calibration(ranks=df[cols].to_numpy(np.int16), prompt_ids=prompt_ids,
                        positions=df["position"].to_numpy(np.int32), top_k=int(meta["top_k"]), meta=meta,
@@ -193,9 +285,12 @@ def _row_sources(directory: Path, prompt_ids: np.ndarray) -> np.ndarray | None:
         return None
     import pyarrow.parquet as pq
 
-    if "source" not in pq.read_schema(path).names:
-        return None
-    conts = pd.read_parquet(path, columns=["prompt_id", "source"])
+    try:
+        if "source" not in pq.read_schema(path).names:
+            return None
+        conts = pd.read_parquet(path, columns=["prompt_id", "source"])
+    except Exception as e:  # pyarrow raises many types for damaged files
+        raise _damaged(path, f"it does not parse ({type(e).__name__})") from None
     if not conts["source"].astype(bool).any():
         return None
     by_prompt = dict(zip(conts["prompt_id"].to_numpy(), conts["source"].astype(str)))
@@ -264,16 +359,43 @@ def flag_columns(num_nodes: int) -> list[str]:
 
 
 def load_typical(directory: str | Path) -> TypicalRecord:
+    """A typical calibration directory, validated like `load_calibration`: calibration.json's probe a
+    tree within its num_heads and top_k, typical.parquet with prompt_id, step, position (integers) and one
+    boolean a{i} per probe node, at least one row, as many as num_steps says."""
     directory = Path(directory)
     meta = check_rule(directory, "typical")
+    path, fix = directory / TYPICAL, "re-run `treeopt calibrate --acceptance typical`"
+    for key in ("temperature", "posterior_threshold", "posterior_alpha"):
+        if not isinstance(meta.get(key), (int, float)) or isinstance(meta.get(key), bool):
+            raise _damaged(directory / META, f"{key} is {meta.get(key)!r}, not a number", fix)
     try:
-        df = pd.read_parquet(directory / TYPICAL)
         probe = Tree(tuple(map(tuple, meta["probe"])))
-        flags = df[flag_columns(len(probe))].to_numpy(bool)
-        order = np.lexsort((df["step"].to_numpy(), df["prompt_id"].to_numpy()))  # no step: a record of an older design
-    except Exception as e:  # pyarrow, KeyError, TreeoptError: a damaged or partial record
-        raise TreeoptError(f"{directory} has an unreadable typical record ({type(e).__name__}): "
-                           "re-run `treeopt calibrate --acceptance typical`") from None
+    except (KeyError, TypeError, ValueError, TreeoptError):
+        raise _damaged(directory / META, "its probe is not a tree of rank paths", fix) from None
+    if probe.max_rank > meta["top_k"] or probe.depth > meta.get("num_heads", probe.depth):
+        raise _damaged(directory / META, f"its probe (depth {probe.depth}, ranks < {probe.max_rank}) exceeds "
+                                         f"num_heads {meta.get('num_heads')} or top_k {meta['top_k']}", fix)
+    if not path.is_file():
+        raise TreeoptError(f"{directory} has no {TYPICAL}: {fix}")
+    try:
+        df = pd.read_parquet(path)
+    except Exception as e:  # pyarrow raises many types for damaged files
+        raise _damaged(path, f"it does not parse ({type(e).__name__})", fix) from None
+    columns = flag_columns(len(probe))
+    absent = [c for c in columns if c not in df.columns]
+    if absent:
+        raise _damaged(path, f"it lacks the flag column{'s' if len(absent) > 1 else ''} {', '.join(absent[:3])}"
+                             f"{' ...' if len(absent) > 3 else ''} of the {len(probe)}-node probe", fix)
+    _integer_columns(df, ["prompt_id", "step", "position"], path)
+    wrong = [c for c in columns if not pd.api.types.is_bool_dtype(df[c].dtype)]
+    if wrong:
+        raise _damaged(path, f"column {wrong[0]} is {df[wrong[0]].dtype}, not booleans", fix)
+    if len(df) == 0:
+        raise _damaged(path, "it has no rows", fix)
+    if "num_steps" in meta and meta["num_steps"] != len(df):
+        raise _damaged(path, f"it has {len(df)} rows but {META} says num_steps {meta['num_steps']}", fix)
+    flags = df[columns].to_numpy(bool)
+    order = np.lexsort((df["step"].to_numpy(), df["prompt_id"].to_numpy()))
     return TypicalRecord(flags[order], df["prompt_id"].to_numpy(np.int32)[order],
                          df["position"].to_numpy(np.int32)[order],
                          probe, meta, directory)

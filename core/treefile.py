@@ -108,7 +108,12 @@ def parse_json(text: str, source: str = "json file") -> tuple[Tree, dict]:
     if not isinstance(obj, dict) or "medusa_choices" not in obj:
         raise TreeoptError(f"{source} has no \"medusa_choices\" key: {FIX}")
     meta = {k: v for k, v in obj.items() if k != "medusa_choices"}
-    return Tree.from_choices(_choices(obj["medusa_choices"], source)), meta
+    tree = Tree.from_choices(_choices(obj["medusa_choices"], source))
+    for key, have in (("nodes", tree.num_nodes), ("depth", tree.depth)):  # a tree file's own summary
+        if key in meta and meta[key] != have:
+            raise TreeoptError(f"{source} is damaged: it says {key} {meta[key]!r} but its medusa_choices have "
+                               f"{have}: write it again (`treeopt search -o FILE`, `treeopt export`)")
+    return tree, meta
 
 
 def read_tree_meta(spec: str | Path) -> tuple[Tree, dict]:
@@ -125,11 +130,16 @@ def read_tree_meta(spec: str | Path) -> tuple[Tree, dict]:
         except (OSError, UnicodeDecodeError) as e:
             raise TreeoptError(f"cannot read tree file {file} ({type(e).__name__}): pass a text tree file") from None
         fmt = SUFFIX_FORMAT.get(file.suffix.lower(), "trtllm")
-        if fmt == "json":
-            return parse_json(text, str(file))
-        if fmt == "python":
-            return parse_python(text, name or None, str(file))
-        return parse_trtllm(text, str(file)), {}
+        try:
+            if fmt == "json":
+                return parse_json(text, str(file))
+            if fmt == "python":
+                return parse_python(text, name or None, str(file))
+            return parse_trtllm(text, str(file)), {}
+        except TreeoptError as e:  # the tree's own checks (treeopt.core.tree) do not know the file
+            if str(file) in str(e):
+                raise
+            raise TreeoptError(f"{file}: {e}", e.exit_code) from None
     if spec in PUBLISHED:
         return Tree(tuple(map(tuple, PUBLISHED[spec]))), {"source": f"published Medusa tree {spec}"}
     if spec.lstrip().startswith(("[", "(")):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Iterable
 
 
 def sha256_file(path: str | Path) -> str:
@@ -56,3 +57,43 @@ def problem(path: str | Path, expected: dict) -> str:
     if n != expected.get("rows"):
         return f"has {n} rows, {expected.get('rows')} were written"
     return f"differs from what was written ({path.stat().st_size} bytes, {expected.get('bytes')} were written)"
+
+
+def cut_short(path: str | Path) -> bool:
+    """True when a non-empty text file does not end with a newline: treeopt's CSV and JSON files all do,
+    so one that does not was cut mid-row (a truncated copy, a full disk)."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - 1)
+        return f.read(1) != b"\n"
+
+
+def table_problem(path: str | Path, columns: Iterable[str], integers: Iterable[str] = (),
+                  numbers: Iterable[str] = ()):
+    """(table, '') for a CSV file that is whole: it parses, ends with a newline, has `columns` and at
+    least one row, and `integers` / `numbers` (some of the columns) hold one on every row; else
+    (None, what is wrong: 'is cut short (no newline at its end)', 'lacks columns [...]', ...)."""
+    import pandas as pd
+
+    path, integers, numbers = Path(path), tuple(integers), tuple(numbers)
+    try:
+        df = pd.read_csv(path)
+    except Exception as e:  # pandas raises many types for damaged files
+        return None, f"does not parse ({type(e).__name__})"
+    if cut_short(path):
+        return None, "is cut short (no newline at its end)"
+    absent = [c for c in columns if c not in df.columns]
+    if absent:
+        return None, f"lacks the column{'s' if len(absent) > 1 else ''} {', '.join(absent)}"
+    if df.empty:
+        return None, "has no rows"
+    for c in [*integers, *numbers]:
+        values = pd.to_numeric(df[c], errors="coerce")
+        bad = values.isna() | ((values % 1 != 0) if c in integers else False)
+        if bad.any():
+            row = int(bad.to_numpy().nonzero()[0][0])
+            return None, f"row {row + 1} has {df[c].iloc[row]!r} in {c}, not {'an integer' if c in integers else 'a number'}"
+    return df, ""

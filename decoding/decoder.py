@@ -468,7 +468,7 @@ def run_decode(instruction: str, tree: str | None = None, model: str = "smollm2-
     """The CLI's twin: decode one instruction (as a chat turn) with a tree spec (file, published name
     or list string; None = plain decoding) and return the reply text and the result."""
     from treeopt.decoding.heads import resolve_heads
-    from treeopt.decoding.models import chat_prompt, load_model
+    from treeopt.decoding.models import chat_prompt, check_context, load_model
     from treeopt.core.treefile import read_tree
 
     shape = read_tree(tree) if tree else Tree(())
@@ -477,6 +477,7 @@ def run_decode(instruction: str, tree: str | None = None, model: str = "smollm2-
     medusa = resolve_heads(heads, loaded.model) if shape.num_nodes else None
     stops = stop_token_ids(loaded.model, loaded.tokenizer)
     ids = chat_prompt(loaded.tokenizer, instruction)
+    check_context(loaded.model, [ids], max_new_tokens, [instruction])
     compiled = compiles_by_default(loaded.model) if compiled is None else compiled
     result = TreeDecoder(loaded.model, medusa, shape, acceptance, stops, compiled=compiled).generate(ids, max_new_tokens)
     return loaded.tokenizer.decode(result.tokens, skip_special_tokens=True), result

@@ -8,10 +8,11 @@ The projection is either the head's own (Medusa's original layout, ``medusa_lm_h
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -212,6 +213,40 @@ BUNDLED_HEADS = DATA_DIR / "heads" / "smollm2-135m"
 def resolve_heads(spec: str | None, model, num_heads: int = 4) -> MedusaHeads:
     """--heads: a directory, `random` (untrained, for dry runs), or None/`default` for the heads
     shipped with treeopt for the bundled model."""
+    heads = _read_heads(spec, model, num_heads)
+    # on the device of the model's last layer, whose output they read (with a device map, maybe not the lm_head's)
+    return heads.to(device=layer_devices(model)[-1], dtype=model.get_output_embeddings().weight.dtype)
+
+
+def heads_sha256(heads: MedusaHeads) -> str:
+    """sha256 of the heads' config and weights (as held, in their dtype): what a calibration records
+    (`heads_sha256` in its settings), so that its resume, and every command that names heads beside it,
+    uses the very same heads."""
+    h = hashlib.sha256(json.dumps(asdict(heads.config), sort_keys=True).encode())
+    for name, t in sorted(heads.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def check_record_heads(meta: dict, directory, spec: str | None, model) -> None:
+    """A one-line error when the calibration at `directory` (its calibration.json `meta`) was made with
+    other heads than --heads `spec`: compares fingerprints of the heads in the dtype the record used."""
+    from treeopt.core.record import check_heads
+
+    settings = meta.get("settings") or {}
+    if not settings.get("heads_sha256"):
+        return
+    dtype = getattr(torch, str(settings.get("dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype):
+        dtype = model.get_output_embeddings().weight.dtype
+    heads = _read_heads(spec, model, settings.get("num_heads") or meta.get("num_heads") or 4).to(dtype=dtype)
+    check_heads(meta, directory, spec or "default", heads_sha256(heads))
+
+
+def _read_heads(spec: str | None, model, num_heads: int = 4) -> MedusaHeads:
+    """The heads --heads `spec` names, in float32 on the CPU."""
     if spec in (None, "", "default"):
         if not (BUNDLED_HEADS / CONFIG).is_file():
             raise TreeoptError("no trained heads ship with this install: pass --heads DIR "
@@ -221,5 +256,4 @@ def resolve_heads(spec: str | None, model, num_heads: int = 4) -> MedusaHeads:
         heads = random_heads(model, num_heads=num_heads)
     else:
         heads = MedusaHeads.load(spec, model)
-    # on the device of the model's last layer, whose output they read (with a device map, maybe not the lm_head's)
-    return heads.to(device=layer_devices(model)[-1], dtype=model.get_output_embeddings().weight.dtype)
+    return heads

@@ -282,6 +282,34 @@ def chat_prompt(tokenizer, instruction: str) -> list[int]:
     return tokenizer(instruction)["input_ids"]
 
 
+def context_length(model) -> int | None:
+    """The most positions the model was made for (`max_position_embeddings`: 8,192 for the bundled
+    SmolLM2); None when its config does not say."""
+    cfg = model.config
+    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return int(n) if n else None
+
+
+def check_context(model, prompts: list[list[int]], max_new_tokens: int, texts: list[str], source: str = "") -> None:
+    """The one rule of every command for prompts too long for the model: a prompt whose tokens plus
+    `max_new_tokens` pass the model's context is a one-line error naming the prompt and the limit
+    (prompts are never truncated: a cut prompt asks another question). `texts` name the prompts."""
+    limit = context_length(model)
+    if limit is None:
+        return
+    for i, ids in enumerate(prompts):
+        if len(ids) + max_new_tokens > limit:
+            words = " ".join(texts[i].split())
+            name = (f"prompt {i + 1} of {source}" if source else "the instruction") + \
+                f" ({words[:40]!r}{'...' if len(words) > 40 else ''})"
+            if len(ids) >= limit:
+                raise TreeoptError(f"{name} is {len(ids):,} tokens, longer than the model's context of {limit:,} "
+                                   "tokens: shorten it or leave it out")
+            raise TreeoptError(f"{name} is {len(ids):,} tokens: with --max-new-tokens {max_new_tokens} it passes the "
+                               f"model's context of {limit:,} tokens: lower --max-new-tokens to "
+                               f"{limit - len(ids)}, or shorten the prompt")
+
+
 def stop_token_ids(model, tokenizer=None) -> set[int]:
     """Tokens that end a reply: the EOS ids `model.generate` stops at (its generation config, else its
     config), plus the tokenizer's EOS when a tokenizer is given."""

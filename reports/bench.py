@@ -39,7 +39,7 @@ from treeopt.decoding.decoder import GREEDY, Acceptance, DecodeResult, TreeDecod
 from treeopt.decoding.profile import time_step_forward
 from treeopt.core.env import versions
 from treeopt.core.errors import TreeoptError
-from treeopt.core.fileio import check_writable, write_text
+from treeopt.core.fileio import check_writable, locking, write_text
 from treeopt.core.stage import Stage
 from treeopt.core.tree import Tree
 
@@ -211,6 +211,7 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
+@locking("out")
 def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), cartesian=(),
               prompts: str | None = None, limit: int | None = 20, max_new_tokens: int = 128,
               device: str = "auto", dtype: str = "auto", calibration: str | None = None,
@@ -221,7 +222,7 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
     An interrupted run with the same settings resumes from `out`/.bench-records/. A calibration must
     record the same acceptance rule (typical: the same temperature and thresholds)."""
     from treeopt.decoding.heads import resolve_heads
-    from treeopt.decoding.models import chat_prompt, load_model, stop_token_ids
+    from treeopt.decoding.models import chat_prompt, check_context, load_model, stop_token_ids
     from treeopt.core.prompts import default_prompts, load_instructions
 
     if max_new_tokens < 1:
@@ -248,10 +249,15 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
     loaded = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
                         attention="decode")
     medusa = resolve_heads(heads, loaded.model)
+    if cal is not None:
+        from treeopt.decoding.heads import check_record_heads
+
+        check_record_heads(cal.meta, calibration, heads, loaded.model)
     compiled = compiles_by_default(loaded.model) if compiled is None else compiled
     for tree in methods.values():
         tree.check(num_heads=medusa.num_heads)
     ids = [chat_prompt(loaded.tokenizer, s) for s in instructions]
+    check_context(loaded.model, ids, max_new_tokens, instructions, str(source))
     stops = stop_token_ids(loaded.model, loaded.tokenizer)
     weight = loaded.model.get_output_embeddings().weight
     settings = {"model": model, "model_source": loaded.source, "heads": heads or "default",

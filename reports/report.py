@@ -12,8 +12,11 @@ A run directory (what `treeopt demo` writes) may hold any of:
 - ``latency.csv``: forward-pass latency vs tree size (`treeopt profile`),
 - ``demo.json``: the demo's settings, stage timings and machine.
 
-Every section is always on the page: one whose input is missing or unreadable says so, with the
-command that makes it. Figures go to RUN_DIR/figures/ (PNG and SVG); the pages are
+Every section is always on the page: one whose input is missing or damaged says so, with the
+command that makes it. Each input is checked as its own command checks it (a calibration as
+treeopt.core.record loads it, tree.json as treeopt.core.treefile reads it, latency.csv as
+treeopt.search.budget reads it, bench/bench.csv whole and agreeing with bench/bench.json): damage is
+reported, never rendered as if fine. Figures go to RUN_DIR/figures/ (PNG and SVG); the pages are
 RUN_DIR/report.md and RUN_DIR/report.html.
 """
 
@@ -83,19 +86,61 @@ class Run:
         self.problems[rel] = f"`{rel}` is missing: make it with `{self.maker(rel)}`"
 
     def unreadable(self, rel: str, why: str):
-        self.problems[rel] = f"`{rel}` is unreadable ({why}): re-make it with `{self.maker(rel)}`"
+        why = why.replace(f"{self.directory}/", "")  # paths inside the run, as the page names them
+        self.problems[rel] = f"`{rel}` is damaged ({why}): re-make it with `{self.maker(rel)}`"
+
+    def damaged(self, rel: str) -> bool:
+        """Whether `rel` is there but damaged (not merely missing)."""
+        return rel in self.problems and (self.directory / rel).exists()
 
 
-def _read_csv(run: Run, rel: str, need: set[str]) -> pd.DataFrame | None:
+def _read_csv(run: Run, rel: str, need: tuple[str, ...], integers: tuple[str, ...] = (),
+              numbers: tuple[str, ...] = ()) -> pd.DataFrame | None:
+    from treeopt.core.validate import table_problem
+
     path = run.directory / rel
     if not path.is_file():
         return run.missing(rel)
+    df, why = table_problem(path, need, integers, numbers)
+    return df if df is not None else run.unreadable(rel, why)
+
+
+def _why(e: TreeoptError) -> str:
+    """A reader's one-line error without its fix (the page names the command that remakes the file)."""
+    return str(e).rsplit(": ", 1)[0]
+
+
+def _read_bench(run: Run) -> None:
+    """bench/bench.csv and bench/bench.json, checked whole and against each other (a truncated bench.csv
+    has fewer rows, or a cut one, than bench.json records): both None/empty where either is damaged."""
+    run.bench = _read_csv(run, BENCH, ("method", "nodes", "tokens_per_step"), ("nodes",), ("tokens_per_step",))
+    if run.bench is None:
+        return
+    run.bench_meta = _read_json(run, BENCH_META)
+    rows = run.bench_meta.get("rows")
+    methods = list(run.bench["method"].astype(str))
+    if isinstance(rows, list) and [r.get("method") for r in rows if isinstance(r, dict)] != methods:
+        run.unreadable(BENCH, f"{len(methods)} rows, but `{BENCH_META}` records {len(rows)}")
+    elif run.bench["method"].isna().any() or len(set(methods)) != len(methods):
+        run.unreadable(BENCH, "a row without a method, or a method twice")
+    elif set(run.bench_meta.get("trees") or {}) - set(methods):
+        run.unreadable(BENCH, f"no row for {', '.join(sorted(set(run.bench_meta['trees']) - set(methods)))}, "
+                              f"which `{BENCH_META}` benched")
+    if BENCH in run.problems:
+        run.bench, run.bench_meta = None, {}
+
+
+def _read_latency(run: Run) -> pd.DataFrame | None:
+    """latency.csv as `treeopt search --latency` reads it (treeopt.search.budget.read_latencies)."""
+    from treeopt.search.budget import read_latencies
+
+    df = _read_csv(run, LATENCY, ("nodes", "forward_ms"), ("nodes",), ("forward_ms",))
+    if df is None:
+        return None
     try:
-        df = pd.read_csv(path)
-    except Exception as e:  # pandas raises many types for damaged files
-        return run.unreadable(rel, type(e).__name__)
-    if not need <= set(df.columns) or df.empty:
-        return run.unreadable(rel, f"no rows or lacks columns {sorted(need - set(df.columns))}")
+        read_latencies(run.directory / LATENCY)
+    except TreeoptError as e:
+        return run.unreadable(LATENCY, _why(e))
     return df
 
 
@@ -107,9 +152,12 @@ def _read_json(run: Run, rel: str) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        run.unreadable(rel, type(e).__name__)
+        run.unreadable(rel, f"does not parse ({type(e).__name__})")
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        run.unreadable(rel, f"a JSON {type(data).__name__}, not an object")
+        return {}
+    return data
 
 
 def _read_calibration(run: Run, rel: str):
@@ -120,7 +168,7 @@ def _read_calibration(run: Run, rel: str):
     try:
         return load_calibration(run.directory / rel)
     except TreeoptError as e:
-        return run.unreadable(rel, str(e).split(":")[0])
+        return run.unreadable(rel, _why(e))
 
 
 def load_run(directory: str | Path) -> Run:
@@ -137,13 +185,12 @@ def load_run(directory: str | Path) -> Run:
         try:
             run.tree, run.tree_meta = read_tree_meta(directory / TREE)
         except TreeoptError as e:
-            run.unreadable(TREE, str(e).split(":")[-2].strip() if ":" in str(e) else str(e))
+            run.unreadable(TREE, _why(e))
     else:
         run.missing(TREE)
-    run.sweep = _read_csv(run, SWEEP, {"nodes", "tokens_per_step"})
-    run.bench = _read_csv(run, BENCH, {"method", "nodes", "tokens_per_step"})
-    run.bench_meta = _read_json(run, BENCH_META) if run.bench is not None else {}
-    run.latency = _read_csv(run, LATENCY, {"nodes", "forward_ms"})
+    run.sweep = _read_csv(run, SWEEP, ("nodes", "tokens_per_step"), ("nodes",), ("tokens_per_step",))
+    _read_bench(run)
+    run.latency = _read_latency(run)
     run.demo = _read_json(run, DEMO)
     run.prompt_source = _read_json(run, PROMPT_SOURCE)
     return run
@@ -426,7 +473,7 @@ def inputs_table(run: Run) -> pd.DataFrame:
     rule = meta.get("acceptance") or run.tree_meta.get("acceptance")
     rows.append(("acceptance rule", _show(rule) if rule else "greedy (not recorded in the files; the calibration "
                  "ranks the base model's greedy tokens)"))
-    rows.append(("acceptance model", _model(run)))
+    rows.append(("acceptance model", f"unknown: {run.problems[TREE]}" if run.damaged(TREE) else _model(run)))
     rows.append(("machine", _machine(run)))
     files = [f for f in ("calibration/calibration.json", "calibration-heldout/calibration.json", FIT_PROMPTS, HELD_PROMPTS,
                          TREE, SWEEP, BENCH, BENCH_META, LATENCY, DEMO) if (run.directory / f).is_file()]
@@ -488,7 +535,7 @@ def make_figures(run: Run, trees: dict,
         draw(f"tree-{name}", lambda tree=tree, name=name: _tree_figure(run, name, tree))
     if run.calibration is not None:
         draw("accuracy", lambda: plots.accuracy_figure(run.calibration.accuracy, show=20))
-    curves = budget_curves(run)
+    curves = None if run.damaged(TREE) else budget_curves(run)  # its acceptance model is tree.json's
     if curves is not None:
         draw("budget", lambda: plots.budget_figure(curves, measured=run.bench))
     bench = run.bench if run.bench is not None and "speedup" in run.bench.columns else None
@@ -583,7 +630,7 @@ def _needs(run: Run, *inputs: str) -> str:
 def summary_text(run: Run, table: pd.DataFrame | None) -> str:
     """Which tree to deploy, how sure the number is, and why this machine's speed differs."""
     if table is None or "heldout" not in table.columns and "measured" not in table.columns:
-        return _needs(run, HELDOUT, BENCH) or "No comparison: this run has no benched or held-out trees."
+        return _needs(run, *([TREE] if run.damaged(TREE) else []), HELDOUT, BENCH) or "No comparison: this run has no benched or held-out trees."
     col = "heldout" if "heldout" in table.columns else "measured"
     searched = table[(table["kind"] == "searched") & table[col].notna()]
     if not len(searched):
@@ -713,8 +760,9 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     if all(x is None for x in (run.calibration, run.heldout, run.tree, run.bench, run.sweep, run.latency)):
         raise TreeoptError(f"{run.directory} holds none of calibration/, tree.json, sweep.csv, bench/bench.csv, "
                            "latency.csv: pass a run directory (e.g. the --out of `treeopt demo`)")
-    trees = compared_trees(run)
-    table = like_for_like(run, trees)
+    # a damaged tree.json hides the acceptance model every prediction rests on: none is shown
+    trees = {} if run.damaged(TREE) else compared_trees(run)
+    table = None if run.damaged(TREE) else like_for_like(run, trees)
     figures, failed = make_figures(run, trees)
     page = sections(run, table, trees, figures, failed)
     title = f"treeopt report: {run.directory.name}"

@@ -18,6 +18,7 @@ from treeopt.search.source import Record, as_source
 from treeopt.search.targets import Target
 from treeopt.core.errors import TreeoptError
 from treeopt.core.tree import Tree
+from treeopt.core.validate import cut_short
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ def read_latencies(path: str | Path) -> dict[int, Latency]:
     except Exception as e:  # pandas raises many types for damaged files
         raise TreeoptError(f"latency file {path} is not a readable CSV ({type(e).__name__}): "
                            "re-run `treeopt profile`") from None
+    if cut_short(path):
+        raise TreeoptError(f"latency file {path} is cut short (no newline at its end): re-run `treeopt profile`")
     if not {"nodes", "forward_ms"} <= set(df.columns):
         raise TreeoptError(f"latency file {path} lacks the columns nodes,forward_ms: re-run `treeopt profile`")
     nodes = pd.to_numeric(df["nodes"], errors="coerce")

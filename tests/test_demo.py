@@ -56,7 +56,7 @@ def test_demo_writes_every_stage(tiny_demo):
 
     report = (out / "report.md").read_text()
     assert "## Like for like on held-out prompts" in report and "ceiling-8" in report
-    assert "is missing" not in report and "unreadable" not in report
+    assert "is missing" not in report and "damaged" not in report
     demo = json.loads((out / "demo.json").read_text())
     assert demo["settings"]["nodes"] == 8 and set(demo["stages"]) >= {"calibrate", "search", "bench", "report"}
 

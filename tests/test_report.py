@@ -65,7 +65,7 @@ def test_full_run_report(full_run):
     text = md.read_text()
     for section in SECTIONS + ("Head accuracy", "Run"):
         assert f"## {section}\n" in text
-    assert "is missing" not in text and "unreadable" not in text
+    assert "is missing" not in text and "damaged" not in text
     # the header: inputs and the basis of each figure
     assert "offline.json (bundled instructions)" in text and "| overlap (same instruction in both) | none |" in text
     assert "Test CPU, 2 cores, cpu, 2 torch threads" in text and "treeopt 0.2.0, torch 2.x" in text
@@ -132,10 +132,10 @@ def test_damaged_files_are_reported_not_fatal(tmp_path):
     pd.DataFrame({"nodes": [0, 16], "forward_ms": [10.0, 12.0]}).to_csv(tmp_path / "latency.csv", index=False)
     run = load_run(tmp_path)
     assert run.tree is None and run.sweep is None and run.latency is not None
-    assert "unreadable" in run.problems["tree.json"] and "nodes" in run.problems["sweep.csv"]
+    assert "damaged" in run.problems["tree.json"] and "nodes" in run.problems["sweep.csv"]
     md, _ = write_report(tmp_path)
     text = md.read_text()
-    assert "## Speed on this machine" in text and "`tree.json` is unreadable" in text and "figures/speed.png" in text
+    assert "## Speed on this machine" in text and "`tree.json` is damaged" in text and "figures/speed.png" in text
     assert "1.20x at 16 nodes (the forward pass" in text
 
 

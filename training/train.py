@@ -27,7 +27,7 @@ import torch
 from treeopt.training.config import TrainConfig
 from treeopt.training.data import Corpus, generate_data, load_corpus, refuse_calibration_set, write_shard
 from treeopt.core.errors import TreeoptError
-from treeopt.core.fileio import atomic_write, write_text
+from treeopt.core.fileio import atomic_write, locking, write_text
 from treeopt.core.stage import differences
 
 
@@ -240,6 +240,7 @@ def format_accuracy(metrics: dict) -> str:
 # the pipeline
 
 
+@locking("cfg.work")
 def train_heads(cfg: TrainConfig, stage: str = "all", log=print, progress: bool = True) -> dict:
     """`treeopt train-heads`: stage `data` (generate shards), `train` (train on the shards there are),
     or `all`; then evaluate and save the heads to cfg.heads_out. Re-running resumes."""

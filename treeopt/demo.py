@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 from treeopt.core.errors import TreeoptError
-from treeopt.core.fileio import check_writable, write_text
+from treeopt.core.fileio import check_writable, locking, write_text
 from treeopt.core.record import ACCURACY, CONTINUATIONS, META, RANKS
 from treeopt.core.stage import Stage
 from treeopt.core.validate import sha256_file
@@ -157,6 +157,7 @@ def split_prompts(cfg: DemoConfig, log: Callable[[str], None] = print,
     return [record(i) for i in fit], [record(i) for i in held]
 
 
+@locking("out")
 def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None,
              log: Callable[[str], None] = print, progress: bool = False) -> DemoResult:
     """Run (or resume) every stage of the demo into `out`; returns where the report is. `progress`

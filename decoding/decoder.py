@@ -28,7 +28,7 @@ import torch
 from treeopt.decoding.buffers import TreeBuffers, tree_buffers
 from treeopt.decoding.cache import TreeCache
 from treeopt.core.errors import TreeoptError
-from treeopt.decoding.models import cache_argument, layer_devices, stop_token_ids
+from treeopt.decoding.models import DEFAULT_MODEL, cache_argument, layer_devices, stop_token_ids
 from treeopt.core.tree import Tree
 
 
@@ -113,6 +113,17 @@ def compiles_by_default(model) -> bool:
     return weight.device.type == "cpu" and weight.dtype == torch.bfloat16
 
 
+def engine_ran(decoders, asked: bool) -> dict:
+    """What the decoders ran, for a run's record: {"compiled": every step compiled, "engine": "compiled"
+    or "eager", "engine_reason": why eager (the compile fallback's one line, or that it was not asked)}."""
+    ran = [d.engine for d in decoders]
+    compiled = bool(ran) and all(e["engine"] == "compiled" for e in ran)
+    reason = next((e["reason"] for e in ran if e["reason"]), "")
+    if not compiled and not reason:
+        reason = "compiling not asked (--eager, or --compile unset off a CPU in bfloat16)" if not asked else "not compiled"
+    return {"compiled": compiled, "engine": "compiled" if compiled else "eager", "engine_reason": reason}
+
+
 def compile_step(fn, device: torch.device):
     """torch.compile for a decoding step: inductor, with weight freezing and a C++ wrapper on CPU. Shapes
     are dynamic, so one graph serves every tree size and cache capacity (dynamo specializes the one-token
@@ -139,6 +150,7 @@ class _Step:
         self.eager = fn
         self.fn = compile_step(fn, device) if compiled else fn
         self.compile_s = 0.0
+        self.fallback = ""  # why compiling failed (one line), when it did
 
     def warm(self, *args):
         """Call once to compile for these shapes; the time goes to `compile_s`."""
@@ -148,8 +160,8 @@ class _Step:
         try:
             out = self.fn(*args)
         except Exception as e:  # torch raises many types for a failed compile
-            print(f"note: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                  f"decoding eagerly", file=sys.stderr)
+            self.fallback = f"torch.compile failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})"
+            print(f"note: {self.fallback}; decoding eagerly", file=sys.stderr)
             self.fn = self.eager
             out = self.fn(*args)
         self.compile_s += time.perf_counter() - t0
@@ -222,6 +234,14 @@ class TreeDecoder:
     def compile_s(self) -> float:
         """Seconds spent compiling (the calls that compiled a graph)."""
         return self.verify.compile_s + self.propose.compile_s
+
+    @property
+    def engine(self) -> dict:
+        """What ran: {"engine": "compiled" or "eager", "reason": the compile fallback's one line, or ""}."""
+        steps = (self.verify, self.propose)
+        reason = next((s.fallback for s in steps if s.fallback), "")
+        compiled = any(s.fn is not s.eager for s in steps)
+        return {"engine": "compiled" if compiled else "eager", "reason": reason}
 
     # ---- the pieces of a step ---------------------------------------------------------------------
 
@@ -461,7 +481,7 @@ def greedy_reference(model, prompt_ids, max_new_tokens: int, stop_ids=None) -> D
                         decode_s=t2 - t1, stopped=stopped)
 
 
-def run_decode(instruction: str, tree: str | None = None, model: str = "smollm2-135m", heads: str | None = None,
+def run_decode(instruction: str, tree: str | None = None, model: str = DEFAULT_MODEL, heads: str | None = None,
                max_new_tokens: int = 128, acceptance: Acceptance = GREEDY, device: str = "auto",
                dtype: str = "auto", compiled: bool | None = None, device_map: str | None = None,
                max_memory: str | None = None) -> tuple[str, DecodeResult]:

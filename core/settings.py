@@ -191,7 +191,7 @@ class SearchConfig(SearchSettings):
         self.check_search()
         nodes = str(self.nodes)
         if nodes != "auto" and not nodes.isdigit():
-            raise TreeoptError(f"--nodes {nodes!r}: pass a number of nodes, e.g. 64, or auto")
+            raise TreeoptError(f"--nodes {nodes!r} is not a number: pass a number of nodes, e.g. 64, or auto")
         if nodes == "auto" and self.latency is None:
             raise TreeoptError("--nodes auto needs --latency FILE (from `treeopt profile`)")
         at_least(self, max_depth=1, max_rank=1, max_nodes=1, serving_batch=1)

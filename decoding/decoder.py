@@ -489,12 +489,14 @@ def run_decode(instruction: str, tree: str | None = None, model: str = DEFAULT_M
     or list string; None = plain decoding) and return the reply text and the result."""
     from treeopt.decoding.heads import resolve_heads
     from treeopt.decoding.models import chat_prompt, load_model
-    from treeopt.core.treefile import read_tree
+    from treeopt.core.treefile import checked, read_tree
 
     shape = read_tree(tree) if tree else Tree(())
     loaded = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
                         attention="decode")
     medusa = resolve_heads(heads, loaded.model) if shape.num_nodes else None
+    if medusa is not None:
+        checked(shape, tree, num_heads=medusa.num_heads)
     stops = stop_token_ids(loaded.model, loaded.tokenizer)
     ids = chat_prompt(loaded.tokenizer, instruction)
     compiled = compiles_by_default(loaded.model) if compiled is None else compiled

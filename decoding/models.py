@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,7 +206,10 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | tor
     (then the CPU) within `max_memory` (see parse_max_memory) instead, and `device` is not used.
     attention: transformers' `attn_implementation` (None: its default; "decode": `decode_attention`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    if not sys.stderr.isatty():  # transformers' "Loading weights" bar: on a terminal only
+        hf_logging.disable_progress_bar()
     if max_memory and not device_map:
         raise TreeoptError("--max-memory limits what --device-map places: pass --device-map auto with it")
     dev = resolve_device(device)

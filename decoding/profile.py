@@ -10,7 +10,7 @@ roofline_ms (1 = as fast as the machine allows). Everything else a decoding step
 KV compaction, Python) is the loop, which `treeopt bench` measures against this figure
 (loop_efficiency).
 
-With batch sizes B > 1 (`--batch-sizes 1,4,16`), a row times the same step for B sequences at once,
+With batch sizes B > 1 (`--serving-batches 1,4,16`), a row times the same step for B sequences at once,
 as a batched server runs it: one forward of B x (n+1) tokens over B cached contexts (a transformers
 DynamicCache, cut back after each forward) and the heads at B nodes. treeopt's own decoder is batch
 1, so B = 1 stays its exact call. The CSV's `batch_size` column tells the rows apart (files without
@@ -196,7 +196,7 @@ def checked_sizes(sizes, context: int) -> list[int]:
 def checked_batch_sizes(batch_sizes) -> list[int]:
     batch_sizes = sorted(set(int(b) for b in batch_sizes))
     if not batch_sizes or batch_sizes[0] < 1:
-        raise TreeoptError(f"--batch-sizes {batch_sizes}: give batch sizes >= 1, e.g. 1,4,16")
+        raise TreeoptError(f"--serving-batches {batch_sizes}: give batch sizes >= 1, e.g. 1,4,16")
     return batch_sizes
 
 

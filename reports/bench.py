@@ -127,7 +127,7 @@ def bench_decoding(model, heads, trees: dict[str, Tree], prompts: list[list[int]
     `on_record(record)` is called after each new one (to save progress). Trees decode under `acceptance`:
     with typical acceptance (seeded, so reruns give the same tokens) outputs are samples, not plain greedy's."""
     if not prompts:
-        raise TreeoptError("no prompts to benchmark: check --prompts and --limit")
+        raise TreeoptError("no prompts to benchmark: check --prompts and --first")
     for name, tree in trees.items():
         if tree.num_nodes and heads is None:
             raise TreeoptError("bench needs Medusa heads for its trees: pass --heads DIR or --heads random")
@@ -229,6 +229,7 @@ def run_bench(config: BenchConfig | None = None, progress: bool = True, **settin
     from treeopt.decoding.heads import resolve_heads
     from treeopt.decoding.models import chat_prompt, load_model, stop_token_ids
     from treeopt.core.prompts import default_prompts, load_instructions
+    from treeopt.core.treefile import checked
 
     cfg = config or BenchConfig(**settings)
     model, heads, prompts, calibration, out = cfg.model, cfg.heads, cfg.prompts, cfg.calibration, cfg.out
@@ -256,8 +257,8 @@ def run_bench(config: BenchConfig | None = None, progress: bool = True, **settin
                         attention="decode")
     medusa = resolve_heads(heads, loaded.model)
     compiled = compiles_by_default(loaded.model) if compiled is None else compiled
-    for tree in methods.values():
-        tree.check(num_heads=medusa.num_heads)
+    for name, tree in methods.items():
+        checked(tree, name, num_heads=medusa.num_heads)
     ids = [chat_prompt(loaded.tokenizer, s) for s in instructions]
     stops = stop_token_ids(loaded.model, loaded.tokenizer)
     weight = loaded.model.get_output_embeddings().weight

@@ -61,7 +61,7 @@ def search_report(calibration: str | Path, nodes: int | str = 64, model: str = D
     lat = read_latency(latency, batch_size) if latency is not None else None
     tgt = get_target(target)
     if out is not None:
-        check_writable(out, fix="pass another --out")
+        check_writable(out, fix="pass another --output")
     model = resolve_model(cal, model)
     if str(nodes) == "auto":
         if lat is None:
@@ -151,7 +151,7 @@ def export_report(tree: str | Path, out: str | Path, format: str | None = None, 
     after that consumer's check (and `target`'s); the depth rule uses the heads the tree file records."""
     t, meta = read_tree_meta(tree)
     tgt = get_target(target)
-    check_writable(out, fix="pass another --out")
+    check_writable(out, fix="pass another --output")
     path = export(t, out, format, meta.get("num_heads"), tgt, {**meta, **({"target": tgt.name} if tgt else {})})
     checked = " and ".join(t.consumer for t in export_targets(file_format(out, format), tgt))
     return f"wrote {path}" + (f" (checked against {checked}'s rules)" if checked else "")
@@ -211,7 +211,7 @@ def sweep_report(calibration: str | Path, max_nodes: int = 256, model: str = DEF
     lats = list(read_latencies(latency).values()) if latency is not None else []
     lat = lats[0] if lats else None  # the smallest batch size's, for the baselines
     if out is not None:
-        check_writable(out, fix="pass another --out")
+        check_writable(out, fix="pass another --output")
     df = sweep(cal, max_nodes, model, lats or None, max_depth, top_k, replayed)
     lines = [_header(cal), f"{model} model; row N = the first N nodes of one greedy search; tokens_per_step: "
                            f"{FOLDS}-fold cross-validated replay over prompts (uniform_tokens_per_step: 1 + sum of "
@@ -236,7 +236,7 @@ def sweep_report(calibration: str | Path, max_nodes: int = 256, model: str = DEF
 def schedule_report(calibration: str | Path, latency: str | Path, batch_sizes: list[int] | None = None,
                     model: str = DEFAULT_MODEL, max_depth: int | None = None, top_k: int | None = None,
                     max_nodes: int = 256, out: str | Path | None = None) -> tuple[list[dict], str]:
-    """`treeopt search --batch-sizes 1,4,16 --latency FILE`: the best tree at each batch size (all of the
+    """`treeopt search --serving-batches 1,4,16 --latency FILE`: the best tree at each batch size (all of the
     latency file's when `batch_sizes` is None), written as one schedule file (search/schedule.py)."""
     cal = load_calibration(calibration)
     model = resolve_model(cal, model)
@@ -244,7 +244,7 @@ def schedule_report(calibration: str | Path, latency: str | Path, batch_sizes: l
     if batch_sizes:
         lats = {b: read_latency(latency, b) for b in batch_sizes}
     if out is not None:
-        check_writable(out, fix="pass another --out")
+        check_writable(out, fix="pass another --output")
     entries = batch_schedule(cal, lats, model, max_nodes, max_depth, top_k)
     table = pd.DataFrame([{k: e[k] for k in ("batch_size", "nodes", "predicted_tokens_per_step", "forward_ms",
                                              "predicted_tokens_per_s", "predicted_speedup")} for e in entries])

@@ -161,7 +161,7 @@ def one_line_error(stderr, match):
 
 def test_cli_end_to_end(tmp_path, tiny_model_dir, prompts_file, heads_dir):
     code, stdout, stderr = cli("--model", tiny_model_dir, "--heads", heads_dir, "--prompts", prompts_file,
-                               "--limit", 3, "--max-new-tokens", 6, "--top-k", 5, "--batch-size", 2, "--out", tmp_path / "c")
+                               "--limit", 3, "--max-new-tokens", 6, "--top-k", 5, "--batch-size", 2, "--output-dir", tmp_path / "c")
     assert code == 0, stderr
     assert "3 prompts" in stdout and "top-5 accuracy" in stdout
     cal = load_calibration(tmp_path / "c")

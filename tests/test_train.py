@@ -190,5 +190,5 @@ def test_cli_one_line_error(tmp_path):
 
     from treeopt.cli import app
 
-    r = CliRunner().invoke(app, ["train-heads", "--work", str(tmp_path), "--prompts", "x/alpaca_eval.json"])
+    r = CliRunner().invoke(app, ["train-heads", "--output-dir", str(tmp_path), "--prompts", "x/alpaca_eval.json"])
     assert r.exit_code == 2 and "error:" in r.output and "never train" in r.output and "Traceback" not in r.output

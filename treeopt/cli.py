@@ -16,9 +16,11 @@ import typer.core
 
 from treeopt.core import layout
 from treeopt.core.errors import BAD_INPUT, FAILED_RUN, TreeoptError
-from treeopt.core.settings import (BenchConfig, DecodeConfig, EngineSettings, EvaluateConfig, ExportConfig,
+from treeopt.core.settings import (BenchConfig, CalibrationConfig, DecodeConfig, EngineSettings, EvaluateConfig, ExportConfig,
                                    ModelSettings, PlotConfig, ProfileConfig, RuleSettings, SearchConfig,
                                    SearchSettings, SweepConfig, default)
+from treeopt.demo import DemoConfig
+from treeopt.training.config import TrainConfig
 
 
 _click = getattr(typer.core, "_click", None)  # the click typer runs on (typer >= 0.29 vendors its own)
@@ -153,7 +155,11 @@ TreeHelp = "a .json/.py/.py:NAME/.txt tree file, a published name (mc_sim_7b_63)
 
 
 def _progress(quiet: bool) -> bool:
-    """Progress bars on long stages: on a terminal, unless --quiet."""
+    """Progress bars on long stages (and transformers' while loading): on a terminal, unless --quiet."""
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     return not quiet and sys.stderr.isatty()
 
 
@@ -171,8 +177,6 @@ def info(
 
 
 # --- train-heads (treeopt.training.train) ---
-from treeopt.training.config import TrainConfig  # noqa: E402  torch-free settings
-from treeopt.calibrate.run import CalibrationConfig  # noqa: E402
 
 
 @command("train-heads", resumable=True)
@@ -238,7 +242,7 @@ def calibrate(
     """Record where every head ranks the base model's greedy tokens (ranks.parquet, accuracy.csv, ...);
     with --acceptance typical, every probe node's typical test in each step of a seeded decode with
     the probe tree (typical.parquet)."""
-    from treeopt.calibrate.run import run_calibration
+    from treeopt.calibrate.api import run_calibration
 
     config = settings(CalibrationConfig, locals(), progress=_progress(quiet))
     typer.echo(run_calibration(config))
@@ -451,9 +455,6 @@ def report(
 
     md, page = write_report(run_dir)
     typer.echo(f"wrote {md}\nwrote {page}")
-
-
-from treeopt.demo import DemoConfig  # noqa: E402  (torch-free settings)
 
 
 @command(resumable=True)

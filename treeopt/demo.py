@@ -36,7 +36,6 @@ from treeopt.core import layout
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import check_writable, write_text
 from treeopt.core.layout import DEMO, HELDOUT, PROFILE_TREE, STAGES
-from treeopt.core.record import ACCURACY, CONTINUATIONS, META, RANKS
 from treeopt.core.settings import (DEFAULT_ACCEPTANCE_MODEL, BenchConfig, CalibrationConfig, EngineSettings,
                                    ModelSettings, ProfileConfig, at_least, int_list)
 from treeopt.core.stage import Stage
@@ -75,7 +74,7 @@ class DemoConfig:
         object.__setattr__(self, "published", split(self.published))
         nodes = str(self.nodes)
         if nodes != "auto" and not nodes.isdigit():
-            raise TreeoptError(f"--nodes {nodes!r}: pass a number of nodes, e.g. 64, or auto")
+            raise TreeoptError(f"--nodes {nodes!r} is not a number: pass a number of nodes, e.g. 64, or auto")
         object.__setattr__(self, "nodes", nodes if nodes == "auto" else int(nodes))
         at_least(self, fit_prompts=1, bench_prompts=1, max_new_tokens=1, top_k=1, nodes=0 if nodes == "auto" else 1,
                  threads=1)
@@ -176,6 +175,7 @@ def run_demo(out: str | Path = layout.DEMO_DIR, config: DemoConfig | None = None
              log: Callable[[str], None] = print, progress: bool = False) -> DemoResult:
     """Run (or resume) every stage of the demo into `out`; returns where the report is. `progress`
     shows progress bars on the long stages (calibrations, profile, bench)."""
+    from treeopt.core.record import ACCURACY, CONTINUATIONS, META, RANKS
     from treeopt.decoding.models import set_threads
 
     cfg = config or DemoConfig()

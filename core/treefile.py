@@ -151,7 +151,7 @@ def checked(tree: Tree, spec: str | Path, num_heads: int | None = None, top_k: i
     try:
         return tree.check(num_heads, top_k)
     except TreeoptError as e:
-        name = str(spec) if len(str(spec)) < 60 else str(spec)[:57] + "..."
+        name = str(spec) if Path(str(spec)).is_file() or len(str(spec)) < 60 else str(spec)[:57] + "..."
         raise TreeoptError(f"{name}: {e}") from None
 
 

@@ -28,6 +28,7 @@ from treeopt.training.config import TrainConfig
 from treeopt.training.data import Corpus, generate_data, load_corpus, refuse_calibration_set, write_shard
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write, check_writable, write_text
+from treeopt.core.settings import DEFAULT_MODEL
 from treeopt.core.stage import differences
 
 
@@ -279,4 +280,4 @@ def train_heads(cfg: TrainConfig, stage: str | None = None, log=print, progress:
 
 def _base_name(loaded) -> str:
     name = getattr(loaded.model.config, "_name_or_path", "") or loaded.name
-    return "HuggingFaceTB/SmolLM2-135M-Instruct" if loaded.name == "smollm2-135m" else name
+    return "HuggingFaceTB/SmolLM2-135M-Instruct" if loaded.name == DEFAULT_MODEL else name

@@ -76,8 +76,8 @@ class DemoConfig:
         if nodes != "auto" and not nodes.isdigit():
             raise TreeoptError(f"--nodes {nodes!r} is not a number: pass a number of nodes, e.g. 64, or auto")
         object.__setattr__(self, "nodes", nodes if nodes == "auto" else int(nodes))
-        at_least(self, fit_prompts=1, bench_prompts=1, max_new_tokens=1, top_k=1, nodes=0 if nodes == "auto" else 1,
-                 threads=1)
+        at_least(self, fit_prompts=1, bench_prompts=1, max_new_tokens=1, top_k=1, threads=1,
+                 **({} if self.nodes == "auto" else {"nodes": 1}))
         CalibrationConfig(top_k=self.top_k, max_new_tokens=self.max_new_tokens)  # the calibration's own checks
         sizes = int_list(self.profile_sizes, "--profile-sizes", 0)
         if self.nodes == "auto" and not sizes:

@@ -28,6 +28,7 @@ import torch
 from treeopt.decoding.buffers import TreeBuffers, tree_buffers
 from treeopt.decoding.cache import TreeCache
 from treeopt.core.errors import TreeoptError
+from treeopt.core.settings import DecodeConfig, RuleSettings
 from treeopt.decoding.models import DEFAULT_MODEL, cache_argument, layer_devices, stop_token_ids
 from treeopt.core.tree import Tree
 
@@ -37,11 +38,11 @@ class Acceptance:
     """greedy: lossless w.r.t. greedy decoding. typical: Medusa's typical acceptance; the root token is
     sampled from the typical-truncated distribution at `temperature`, with `seed`."""
 
-    mode: str = "greedy"  # "greedy" or "typical"
-    temperature: float = 0.7
-    posterior_threshold: float = 0.09  # epsilon
-    posterior_alpha: float = 0.3  # delta, the entropy-scaled threshold
-    seed: int = 0
+    mode: str = RuleSettings.acceptance  # "greedy" or "typical" (the defaults: the CLI's, treeopt.core.settings)
+    temperature: float = RuleSettings.temperature
+    posterior_threshold: float = RuleSettings.posterior_threshold  # epsilon
+    posterior_alpha: float = RuleSettings.posterior_alpha  # delta, the entropy-scaled threshold
+    seed: int = RuleSettings.seed
 
     def __post_init__(self):
         if self.mode not in ("greedy", "typical"):
@@ -482,7 +483,7 @@ def greedy_reference(model, prompt_ids, max_new_tokens: int, stop_ids=None) -> D
 
 
 def run_decode(instruction: str, tree: str | None = None, model: str = DEFAULT_MODEL, heads: str | None = None,
-               max_new_tokens: int = 128, acceptance: Acceptance = GREEDY, device: str = "auto",
+               max_new_tokens: int = DecodeConfig.max_new_tokens, acceptance: Acceptance = GREEDY, device: str = "auto",
                dtype: str = "auto", compiled: bool | None = None, device_map: str | None = None,
                max_memory: str | None = None) -> tuple[str, DecodeResult]:
     """The CLI's twin: decode one instruction (as a chat turn) with a tree spec (file, published name

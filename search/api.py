@@ -22,6 +22,7 @@ from treeopt.core.fileio import atomic_write, check_writable
 from treeopt.core.prompts import overlap, overlap_warning
 from treeopt.core.published import BASELINES, PUBLISHED
 from treeopt.core.record import Calibration, check_rule, load_calibration
+from treeopt.core.settings import SearchConfig, SweepConfig
 from treeopt.core.tables import render_table
 from treeopt.core.tree import Tree
 from treeopt.core.treefile import file_format, read_tree_meta, write_tree
@@ -43,9 +44,9 @@ def _header(calibration: Calibration) -> str:
             f"{calibration.num_heads} heads, top-{calibration.top_k}")
 
 
-def search_report(calibration: str | Path, nodes: int | str = 64, model: str = DEFAULT_MODEL,
+def search_report(calibration: str | Path, nodes: int | str = SearchConfig.nodes, model: str = DEFAULT_MODEL,
                   max_depth: int | None = None, top_k: int | None = None, latency: str | Path | None = None,
-                  max_nodes: int = 256, out: str | Path | None = None, format: str | None = None,
+                  max_nodes: int = SearchConfig.max_nodes, out: str | Path | None = None, format: str | None = None,
                   batch_size: int = 1, target: str | None = None, acceptance: str = "greedy",
                   prior: str | Path | None = None) -> tuple[SearchResult, pd.DataFrame, str]:
     """`treeopt search`: search (within `target`'s rules, see `treeopt.search.targets`), compare with the
@@ -197,7 +198,7 @@ def _overlap(spec: str, meta: dict, cal: Calibration) -> str:
     return overlap_warning(overlap(measured, theirs), len(measured), f"evaluation (tree {spec} was searched on {own})")
 
 
-def sweep_report(calibration: str | Path, max_nodes: int = 256, model: str = DEFAULT_MODEL,
+def sweep_report(calibration: str | Path, max_nodes: int = SweepConfig.max_nodes, model: str = DEFAULT_MODEL,
                  latency: str | Path | None = None, max_depth: int | None = None, top_k: int | None = None,
                  replayed: bool = False, out: str | Path | None = None, acceptance: str = "greedy",
                  prior: str | Path | None = None) -> tuple[pd.DataFrame, str]:
@@ -235,7 +236,7 @@ def sweep_report(calibration: str | Path, max_nodes: int = 256, model: str = DEF
 
 def schedule_report(calibration: str | Path, latency: str | Path, batch_sizes: list[int] | None = None,
                     model: str = DEFAULT_MODEL, max_depth: int | None = None, top_k: int | None = None,
-                    max_nodes: int = 256, out: str | Path | None = None) -> tuple[list[dict], str]:
+                    max_nodes: int = SearchConfig.max_nodes, out: str | Path | None = None) -> tuple[list[dict], str]:
     """`treeopt search --serving-batches 1,4,16 --latency FILE`: the best tree at each batch size (all of the
     latency file's when `batch_sizes` is None), written as one schedule file (search/schedule.py)."""
     cal = load_calibration(calibration)

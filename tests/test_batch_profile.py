@@ -1,4 +1,4 @@
-"""`treeopt profile --batch-sizes`: the batched tree forward it times, and the CSV's batch_size column."""
+"""`treeopt profile --serving-batches`: the batched tree forward it times, and the CSV's batch_size column."""
 
 import pandas as pd
 import pytest

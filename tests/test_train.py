@@ -109,7 +109,7 @@ def test_shards_resume_after_interruption(tiny, tmp_path, prompts_file, monkeypa
     h, t, _, _ = read_shard(whole[0])
     assert torch.equal(tiny.model.lm_head(h.float()).argmax(-1), t)
     # other data settings in the same work directory are refused
-    with pytest.raises(TreeoptError, match="data set made with other settings.*new --work directory"):
+    with pytest.raises(TreeoptError, match="data set made with other settings.*new --output-dir directory"):
         generate_data(cfg_for(tmp_path / "b", prompts, **{**kw, "max_new_tokens": 5}), tiny)
 
 

@@ -35,7 +35,6 @@ from treeopt.core.stage import Stage, differences
 from treeopt.core.env import versions
 from treeopt.core.settings import CalibrationConfig  # noqa: F401  (its home: the settings of every command)
 from treeopt.decoding.generate import Continuation
-from treeopt.decoding.models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 SHARDS = "shards"

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 
 import pandas as pd
 import torch

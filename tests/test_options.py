@@ -178,6 +178,10 @@ def test_an_output_under_a_file_is_refused_before_training(tmp_path, monkeypatch
     a_file.write_text("x")
     error_line(runner.invoke(app, ["train-heads", "-o", str(a_file / "w"), "-p", "magpie"]), "not a directory")
     error_line(runner.invoke(app, ["train-heads", "-o", str(tmp_path / "w"), "--save-heads", str(a_file)]), "a file")
+    prompts = tmp_path / "p.json"
+    prompts.write_text('[{"instruction": "hi"}]')
+    error_line(runner.invoke(app, ["calibrate", "--acceptance", "typical", "-p", str(prompts), "-o", str(a_file)]),
+               "not a directory")
 
 
 def test_messages_name_the_problem(tmp_path):

@@ -28,6 +28,9 @@ if _click is None:  # pragma: no cover  older typer: the click package
     import click as _click
 
 
+_NoArgsIsHelp = getattr(_click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2 (older: a UsageError)
+
+
 class _Group(typer.core.TyperGroup):
     """Typer's group whose usage errors (a bad number, an unknown option) are one `error:` line, exit 2,
     like every other bad input (not a boxed panel)."""
@@ -35,17 +38,18 @@ class _Group(typer.core.TyperGroup):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except _click.exceptions.NoArgsIsHelpError as e:
+        except _NoArgsIsHelp as e:
             typer.echo(e.ctx.get_help() if e.ctx else str(e))
             rv = 0
         except _click.exceptions.UsageError as e:
-            command = f"treeopt {e.ctx.info_name} --help" if e.ctx and e.ctx.parent else "treeopt --help"
-            typer.echo(f"error: {e.format_message()} (see `{command}`)", err=True)
+            name = e.ctx.info_name if e.ctx and e.ctx.parent else next(
+                (a for a in (sys.argv[1:] if args is None else args) if a in self.commands), None)
+            typer.echo(f"error: {e.format_message()} (see `treeopt {name + ' ' if name else ''}--help`)", err=True)
             rv = BAD_INPUT
         except _click.exceptions.ClickException as e:
             typer.echo(f"error: {e.format_message()}", err=True)
             rv = e.exit_code
-        except _click.exceptions.Abort:
+        except typer.Abort:
             typer.echo("aborted", err=True)
             rv = FAILED_RUN
         if not standalone_mode:

@@ -1,12 +1,22 @@
-"""Shared fixtures: a tiny random Llama (fast tests) and the bundled SmolLM2 (slow, end-to-end)."""
+"""Shared fixtures: a tiny random Llama (fast tests) and the bundled SmolLM2 (slow, end-to-end), and
+the test tiers. `pytest -m "not slow"` is the fast tier: no bundled model, no real processes, no
+whole pipelines. `process` (real `treeopt` processes: kill -9, accelerate launch) and `pipeline`
+(a whole run on a tiny model) tests belong to the slow tier too. torch is imported inside the
+fixtures, so the torch-free core's tests run without it."""
 
 from __future__ import annotations
 
 import pytest
-import torch
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("process") or item.get_closest_marker("pipeline"):
+            item.add_marker(pytest.mark.slow)
 
 
 def make_tiny_llama(vocab_size: int = 97, hidden_size: int = 32, layers: int = 2, seed: int = 0):
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -23,6 +33,8 @@ def make_tiny_llama(vocab_size: int = 97, hidden_size: int = 32, layers: int = 2
 def one_thread():
     """Tiny models gain nothing from threads; on a shared, busy CPU a second OpenMP thread only spins
     (10x slower). Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -64,6 +76,7 @@ def slow_ranks(model, heads, prompt_ids, tokens, top_k):
     """Reference ranks [T, K] of a continuation: a forward of prompt + continuation alone, every head's
     full argsort of its logits."""
     import numpy as np
+    import torch
 
     from treeopt.core.record import MISSING
 

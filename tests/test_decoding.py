@@ -142,7 +142,7 @@ def test_compiled_greedy_is_lossless_vs_plain(tiny_llama, heads):
     assert tree.verify.fn is not tree.verify.eager and plain.verify.fn is not plain.verify.eager  # no eager fallback
 
 
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_fused_heads_equal_separate_heads(tiny_llama, heads, monkeypatch, compiled):
     """A small tree projects the heads inside the verification step (one pass over the vocabulary
     matrix); the candidates, hence the steps and the output, are those of the separate heads step."""

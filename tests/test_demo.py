@@ -11,6 +11,8 @@ import pytest
 from treeopt.demo import DemoConfig, run_demo, split_prompts
 from treeopt.core.errors import TreeoptError
 
+pytestmark = pytest.mark.pipeline
+
 
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory, tiny_model_dir):

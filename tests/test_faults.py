@@ -222,6 +222,7 @@ def rerun_copy(demo, tmp_path, damage, *extra) -> tuple[Path, str]:
     return copy, r.stdout
 
 
+@pytest.mark.pipeline
 def test_demo_nodes_change_without_demo_json(demo, tmp_path):
     copy, log = rerun_copy(demo, tmp_path, lambda d: (d / "demo.json").unlink(), "--nodes", 4)
     assert "[search] redoing: nodes 8 -> 4" in log and "[bench] redoing" in log
@@ -230,6 +231,7 @@ def test_demo_nodes_change_without_demo_json(demo, tmp_path):
     assert "searched-4" in set(pd.read_csv(copy / "bench" / "bench.csv")["method"])
 
 
+@pytest.mark.pipeline
 def test_demo_corrupt_tree_json_is_redone(demo, tmp_path):
     copy, log = rerun_copy(demo, tmp_path, lambda d: (d / "tree.json").write_text('{"medusa_choices": [[0], [0'))
     from treeopt.core.treefile import read_tree
@@ -238,6 +240,7 @@ def test_demo_corrupt_tree_json_is_redone(demo, tmp_path):
     assert read_tree(copy / "tree.json") == read_tree(demo[0] / "tree.json")
 
 
+@pytest.mark.pipeline
 def test_demo_truncated_bench_csv_is_redone(demo, tmp_path):
     def truncate(d):
         lines = (d / "bench" / "bench.csv").read_text().splitlines(keepends=True)
@@ -279,6 +282,7 @@ def files(d: Path) -> dict[str, bytes]:
     return {str(f.relative_to(d)): f.read_bytes() for f in sorted(d.rglob("*")) if f.is_file()}
 
 
+@pytest.mark.process
 def test_calibrate_killed_resumes_byte_identical(tmp_path, tiny, prompts, caplog):
     from treeopt.core.record import ACCURACY, CONTINUATIONS, RANKS
 
@@ -304,6 +308,7 @@ def test_calibrate_killed_resumes_byte_identical(tmp_path, tiny, prompts, caplog
     assert (out / RANKS).read_bytes() == (tmp_path / "whole" / RANKS).read_bytes()
 
 
+@pytest.mark.process
 def test_search_killed_leaves_the_old_tree_whole(tmp_path, calibration):
     tree = tmp_path / "tree.json"
     assert cli("search", "-c", calibration, "-n", 8, "-o", tree).exit_code == 0
@@ -315,6 +320,7 @@ def test_search_killed_leaves_the_old_tree_whole(tmp_path, calibration):
     assert tree.read_bytes() == (tmp_path / "whole.json").read_bytes()
 
 
+@pytest.mark.process
 def test_bench_killed_resumes_with_its_records(tmp_path, tiny, prompts, caplog):
     from treeopt.reports.bench import RECORDS
 

@@ -108,3 +108,28 @@ def test_the_readme_layout_names_every_module():
     missing = [mod for mod, path in project_files().items()
                if path.stem not in ("__init__", "__main__") and not re.search(rf"\b{path.stem}\b", diagram)]
     assert missing == []
+
+
+def core_test_modules() -> list[str]:
+    """The test modules that exercise only the torch-free layers: every project import in NO_TORCH, or
+    the CLI (which imports the model stack only inside the commands that need it)."""
+    out = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        found = imports(path)
+        ours = {t for t in found if t.startswith("treeopt.")}
+        if ours and all(layer_of(t) in NO_TORCH or t.startswith("treeopt.cli") for t in ours) \
+                and not {t.split(".")[0] for t in found} & {"torch", "transformers"}:
+            out.append(path.stem)
+    return out
+
+
+def test_the_core_tests_run_without_torch():
+    """Importing the core's test modules (and conftest) loads no torch: they run where torch is absent."""
+    import subprocess
+    import sys
+
+    mods = core_test_modules()
+    assert {"test_tree", "test_replay"} <= set(mods)
+    code = ("import sys; sys.path.insert(0, 'tests'); import conftest, " + ", ".join(mods) +
+            "; sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

@@ -17,7 +17,7 @@ from treeopt.decoding.models import load_model
 from treeopt.core.record import ACCURACY, CONTINUATIONS, META, RANKS
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.process]
 
 
 def files(directory):

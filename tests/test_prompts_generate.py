@@ -54,6 +54,7 @@ def test_greedy_continuations_match_single_generate(tiny_llama):
         assert tiny_llama.lm_head(c.hidden).argmax(-1).tolist() == c.tokens
 
 
+@pytest.mark.slow  # many single-row generate calls
 @pytest.mark.parametrize("batch_size", [1, 3, 11])
 def test_refilled_rows_match_model_generate(tiny_llama, batch_size):
     """Rows that stop early take the next prompt: same tokens and hidden states as plain generate."""

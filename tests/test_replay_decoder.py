@@ -35,6 +35,7 @@ def logged_ranks(model, heads, prompt: list[int], continuation: list[int], top_k
     return ranks
 
 
+@pytest.mark.slow
 def test_replay_equals_decoder_steps(tiny_llama):
     # A small random Llama repeats itself a lot, so heads close to the base lm_head accept often.
     heads = random_heads(tiny_llama, num_heads=3, seed=0, scale=0.02)

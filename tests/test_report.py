@@ -59,6 +59,7 @@ def full_run(tmp_path_factory) -> Path:
     return make_run(tmp_path_factory.mktemp("run"))
 
 
+@pytest.mark.pipeline
 def test_full_run_report(full_run):
     md, page = write_report(full_run)
     text = md.read_text()
@@ -150,6 +151,7 @@ def test_markdown_table_formats_numbers():
     assert markdown_table(df).splitlines() == ["| a | b | c |", "|---|---|---|", "| x\\|y | 1.235 | 3 |", "| z |  | 4 |"]
 
 
+@pytest.mark.pipeline
 def test_cli_report(full_run):
     result = CliRunner().invoke(app, ["report", str(full_run)])
     assert result.exit_code == 0, result.output

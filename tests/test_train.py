@@ -60,6 +60,7 @@ def test_targets_stay_within_a_sequence():
     assert t[0, :2].tolist() == [1, 2]
 
 
+@pytest.mark.pipeline
 def test_magpie_prefix_and_instructions(tiny):
     assert magpie_prefix(tiny.tokenizer) == tiny.tokenizer("<s> ", add_special_tokens=False)["input_ids"]
     a = magpie_instructions(tiny.model, tiny.tokenizer, 24, seed=1, stop_ids={2}, max_tokens=40)
@@ -77,6 +78,7 @@ def _shards(work):
     return sorted((work / "data").glob("shard-*.safetensors"))
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("source", ["file", "magpie"])
 def test_shards_resume_after_interruption(tiny, tmp_path, prompts_file, monkeypatch, source):
     import treeopt.training.data as data
@@ -119,6 +121,7 @@ def _train(tiny, work, prompts, **kw):
     return train_heads_on(cfg, paths, tiny.model.lm_head, log=lambda s: None, progress=False)
 
 
+@pytest.mark.pipeline
 def test_training_lowers_the_loss_and_is_deterministic(tiny, tmp_path, prompts_file):
     heads, info = _train(tiny, tmp_path / "a", prompts_file, epochs=30, lr=0.05)
     paths = _shards(tmp_path / "a")
@@ -143,6 +146,7 @@ def test_training_lowers_the_loss_and_is_deterministic(tiny, tmp_path, prompts_f
     assert any(not torch.equal(p, q) for p, q in zip(heads.parameters(), other.parameters()))
 
 
+@pytest.mark.pipeline
 def test_training_resumes_to_the_same_heads(tiny, tmp_path, prompts_file):
     whole, info = _train(tiny, tmp_path / "a", prompts_file)
     part, _ = _train(tiny, tmp_path / "b", prompts_file, max_steps=2)
@@ -155,6 +159,7 @@ def test_training_resumes_to_the_same_heads(tiny, tmp_path, prompts_file):
         _train(tiny, tmp_path / "b", prompts_file, lr=1e-2)
 
 
+@pytest.mark.pipeline
 def test_pipeline_saves_loadable_heads(tiny, tiny_model_dir, tmp_path, prompts_file, monkeypatch):
     import treeopt.core.prompts
 

@@ -117,9 +117,10 @@ def main() -> None:
             write_tree(trees[name], path, acceptance=kind)
         if not args.partial and run and done.get("trees") != {p.stem: trees[name].choices for name, p in run}:
             log(f"bench {kind}-searched trees")
-            run_bench(trees=[str(p) for _, p in run], prompts=str(files["held-out"]), limit=args.held_out,
+            run_bench(trees=[str(p) for _, p in run], prompts=str(files["held-out"]), first=args.held_out,
                       max_new_tokens=args.max_new_tokens, device="cpu", out=out, repeats=1, progress=False,
-                      threads=args.threads, acceptance=rule)
+                      threads=args.threads, acceptance=rule.mode, temperature=rule.temperature,
+                      posterior_threshold=rule.posterior_threshold, posterior_alpha=rule.posterior_alpha, seed=rule.seed)
         return {name: per_prompt(work / "bench-greedy", twin[name]) if name in twin else per_prompt(out, path.stem)
                 for name, path in zip(names, paths)}
 

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterator
@@ -33,44 +33,12 @@ from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write, check_writable, locking
 from treeopt.core.stage import Stage, differences
 from treeopt.core.env import versions
+from treeopt.core.settings import CalibrationConfig  # noqa: F401  (its home: the settings of every command)
 from treeopt.decoding.generate import Continuation
-from treeopt.decoding.models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 SHARDS = "shards"
 TIMING = ("wall_time_s", "cpu_time_s", "ranks_time_s", "tokens_per_s")  # the only fields of calibration.json that differ between reruns
-
-
-@dataclass(frozen=True)
-class CalibrationConfig:
-    out: str | Path = "calibration"
-    model: str = DEFAULT_MODEL
-    heads: str | None = None  # a directory, `random`, or None for the heads shipped for the bundled model
-    prompts: str | None = None  # `alpaca_eval`, a .json/.jsonl path; None: the local AlpacaEval copy, else the hub's
-    teacher_forced: str | None = None  # chat data for calibrate/teacher.py (instead of prompts and generation)
-    limit: int | None = None  # N prompts drawn across the sources, seeded by `seed` (`select_prompts`)
-    first: int | None = None  # or the first N prompts, in file order
-    max_new_tokens: int = 256
-    top_k: int = 10
-    batch_size: int = 8
-    shard_size: int = 32  # prompts per shard, rounded up to a multiple of batch_size
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
-    device_map: str | None = None  # `auto`: spread the model over the GPUs (accelerate), within max_memory
-    max_memory: str | None = None  # e.g. "0=20GiB,1=20GiB"
-    progress: bool = True
-
-    def check(self) -> None:
-        if self.limit is not None and self.first is not None:
-            raise TreeoptError("--limit and --first both choose the prompts: pass one of them")
-        for name, lo in (("max_new_tokens", 1), ("top_k", 1), ("batch_size", 1), ("shard_size", 1), ("limit", 1),
-                         ("first", 1)):
-            value = getattr(self, name)
-            if value is not None and value < lo:
-                raise TreeoptError(f"--{name.replace('_', '-')} is {value}: pass a number >= {lo}")
-        if self.top_k > 32767:
-            raise TreeoptError(f"--top-k {self.top_k} is too large: ranks are stored as int16, pass at most 32767")
 
 
 def run_settings(config: CalibrationConfig, name: str, dtype: str, heads, **own) -> dict:
@@ -104,7 +72,7 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
     config.check()
     source = config.prompts or default_prompts()
     instructions, sources = select_prompts(source, config.limit, config.first, config.seed)
-    check_writable(config.out, directory=True, fix="pass another --out")
+    check_writable(config.out, directory=True, fix="pass another --output-dir")
     procs = processes()
     loaded, heads = load(config, procs, loaded, heads)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -278,7 +246,7 @@ def _name(start: int) -> str:
 def _claim(out: Path, settings: dict) -> Stage:
     """Make `out` this run's, or find it already is: never mix two runs' shards, never overwrite a
     calibration made with other settings."""
-    stage = Stage(out / SHARDS, settings, what="calibration", elsewhere="pass a new --out DIR")
+    stage = Stage(out / SHARDS, settings, what="calibration", elsewhere="pass a new --output-dir DIR")
     if stage.recorded() is None and (out / fmt.META).is_file():  # finished, shards since deleted
         try:
             theirs = fmt.read_meta(out).get("settings") or {}
@@ -286,9 +254,9 @@ def _claim(out: Path, settings: dict) -> Stage:
             theirs = {}
         if theirs != stage.settings:
             raise TreeoptError(f"{out} holds a calibration made with other settings "
-                               f"({differences(theirs, stage.settings)}): pass a new --out DIR")
+                               f"({differences(theirs, stage.settings)}): pass a new --output-dir DIR")
     elif stage.recorded() is None and any((out / f).exists() for f in (fmt.RANKS, fmt.ACCURACY, fmt.CONTINUATIONS)):
-        raise TreeoptError(f"{out} already holds calibration files of unknown origin: pass a new --out DIR")
+        raise TreeoptError(f"{out} already holds calibration files of unknown origin: pass a new --output-dir DIR")
     return stage.open()
 
 

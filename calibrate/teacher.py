@@ -145,7 +145,7 @@ def calibrate_teacher_forced(config: CalibrationConfig, *, loaded=None, heads=No
     if not config.teacher_forced:
         raise TreeoptError("pass the chat data to calibrate on: --teacher-forced DATA")
     conversations = read_conversations(config.teacher_forced)[: config.first or config.limit]
-    check_writable(config.out, directory=True, fix="pass another --out")
+    check_writable(config.out, directory=True, fix="pass another --output-dir")
     procs = processes()
     loaded, heads = load(config, procs, loaded, heads)
     model, tokenizer = loaded.model, loaded.tokenizer

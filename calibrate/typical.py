@@ -39,7 +39,7 @@ from treeopt.decoding.decoder import Acceptance, DecodeResult, TreeDecoder, choo
 from treeopt.core import record as fmt
 from treeopt.core.env import versions
 from treeopt.core.errors import TreeoptError
-from treeopt.core.fileio import atomic_write, locking, write_text
+from treeopt.core.fileio import atomic_write, check_writable, locking, write_text
 from treeopt.core.stage import Stage
 from treeopt.core.tree import Tree
 
@@ -91,6 +91,7 @@ def calibrate_typical(config: CalibrationConfig, rule: Acceptance, internal: Tre
         raise TreeoptError("calibrate_typical needs --acceptance typical")
     source = config.prompts or default_prompts()
     instructions, _ = select_prompts(source, config.limit, config.first, config.seed)
+    check_writable(config.out, directory=True, fix="pass another --output-dir")
     loaded = loaded or load_model(config.model, device=config.device, dtype=config.dtype, attention="decode")
     model, tokenizer = loaded.model, loaded.tokenizer
     heads = heads if heads is not None else resolve_heads(config.heads, model)
@@ -106,7 +107,7 @@ def calibrate_typical(config: CalibrationConfig, rule: Acceptance, internal: Tre
     settings = run_settings(config, loaded.name, str(dec.dtype).removeprefix("torch."), heads,
                             instructions_sha256=_sha256(json.dumps(instructions).encode()), num_prompts=len(instructions),
                             acceptance="typical", record="probe decode", **rules, probe_internal=internal.choices)
-    stage = Stage(Path(config.out) / PARTS, settings, what="typical calibration", elsewhere="pass a new --out DIR").open()
+    stage = Stage(Path(config.out) / PARTS, settings, what="typical calibration", elsewhere="pass a new --output-dir DIR").open()
     todo = [i for i in range(len(instructions)) if not stage.done(f"{i:06d}")]
     bar = _progress(config.progress, len(instructions), len(instructions) - len(todo))
     for i in todo:

@@ -46,7 +46,7 @@ def os_error(e: OSError, path: str | Path, fix: str | None = None) -> TreeoptErr
 
 
 def _file_in_the_way(path: Path) -> Path | None:
-    """The first existing ancestor of `path` when it is not a directory (`--out FILE/x`), else None."""
+    """The first existing ancestor of `path` when it is not a directory (`--output FILE/x`), else None."""
     for parent in path.parents:
         if parent.exists():
             return None if parent.is_dir() else parent

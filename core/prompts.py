@@ -101,6 +101,8 @@ def _field(record, source, n) -> str:
 
 
 def _read_file(path: Path) -> list:
+    if path.is_dir():
+        raise TreeoptError(f"prompts file {path} is a directory: pass a .json or .jsonl file in it")
     if not path.is_file():
         raise TreeoptError(f"prompts file {path} not found: pass an existing .json or .jsonl file")
     try:

@@ -157,7 +157,7 @@ def read_meta(directory: str | Path) -> dict:
     path = Path(directory) / META
     if not path.is_file():
         raise TreeoptError(f"{directory} is not a calibration directory (no {META}): "
-                           "run `treeopt calibrate --out DIR` and pass that DIR")
+                           "run `treeopt calibrate --output-dir DIR` and pass that DIR")
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -265,7 +265,7 @@ def load_calibration(directory: str | Path) -> Calibration:
         check_rule(directory, "greedy")
     if not (directory / RANKS).is_file() or not (directory / META).is_file():
         raise TreeoptError(f"{directory} is not a calibration directory (no {RANKS} or {META}): "
-                           "run `treeopt calibrate --out DIR` and pass that DIR")
+                           "run `treeopt calibrate --output-dir DIR` and pass that DIR")
     meta = read_meta(directory)
     try:
         df = pd.read_parquet(directory / RANKS)

@@ -124,6 +124,8 @@ def read_tree_meta(spec: str | Path) -> tuple[Tree, dict]:
     if sep and head.endswith(".py") and tail.isidentifier():
         path, name = head, tail
     file = Path(path)
+    if file.is_dir():
+        raise TreeoptError(f"tree file {file} is a directory: pass a .json/.py/.txt tree file")
     if file.is_file():
         try:
             text = file.read_text()
@@ -151,7 +153,16 @@ def read_tree_meta(spec: str | Path) -> tuple[Tree, dict]:
 def read_tree(spec: str | Path, num_heads: int | None = None, top_k: int | None = None) -> Tree:
     """Read a tree from a file (.json, .py, other = TensorRT-LLM string), `file.py:name`, a published
     tree name or a literal list string; check it fits `num_heads` heads and top-`top_k` if given."""
-    return read_tree_meta(spec)[0].check(num_heads, top_k)
+    return checked(read_tree_meta(spec)[0], spec, num_heads, top_k)
+
+
+def checked(tree: Tree, spec: str | Path, num_heads: int | None = None, top_k: int | None = None) -> Tree:
+    """`tree.check(num_heads, top_k)`, its one-line error naming the tree's file (or spec)."""
+    try:
+        return tree.check(num_heads, top_k)
+    except TreeoptError as e:
+        name = str(spec) if Path(str(spec)).is_file() or len(str(spec)) < 60 else str(spec)[:57] + "..."
+        raise TreeoptError(f"{name}: {e}") from None
 
 
 def _plain(meta: dict) -> dict:

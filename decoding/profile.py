@@ -10,7 +10,7 @@ roofline_ms (1 = as fast as the machine allows). Everything else a decoding step
 KV compaction, Python) is the loop, which `treeopt bench` measures against this figure
 (loop_efficiency).
 
-With batch sizes B > 1 (`--batch-sizes 1,4,16`), a row times the same step for B sequences at once,
+With batch sizes B > 1 (`--serving-batches 1,4,16`), a row times the same step for B sequences at once,
 as a batched server runs it: one forward of B x (n+1) tokens over B cached contexts (a transformers
 DynamicCache, cut back after each forward) and the heads at B nodes. treeopt's own decoder is batch
 1, so B = 1 stays its exact call. The CSV's `batch_size` column tells the rows apart (files without
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -30,11 +29,12 @@ from treeopt.decoding.decoder import TreeDecoder, additive_mask, compiles_by_def
 from treeopt.decoding.roofline import Machine, measure_machine, step_cost
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write, check_writable
+from treeopt.core.settings import ProfileConfig
 from treeopt.core.tree import Tree
 
 DEFAULT_SIZES = (0, 1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 COLUMNS = ["batch_size", "nodes", "depth", "forward_ms", "base_ms", "heads_ms", "roofline_ms", "roofline_ratio", "compile_s",
-           "context", "device", "dtype", "compiled", "model"]
+           "context", "device", "dtype", "compiled", "model", "engine_reason"]
 
 
 def profile_tree(n: int, num_heads: int, shape: Tree | None = None) -> Tree:
@@ -143,11 +143,23 @@ def profile_latency(model, heads, sizes=DEFAULT_SIZES, context: int = 256, repea
         rows.append({"batch_size": b, "nodes": n, "depth": tree.depth, "forward_ms": base_ms + heads_ms, "base_ms": base_ms,
                      "heads_ms": heads_ms, "roofline_ms": roofline, "roofline_ratio": (base_ms + heads_ms) / roofline,
                      "compile_s": decoder.compile_s, "context": context, "device": str(weight.device),
-                     "dtype": str(weight.dtype).removeprefix("torch."), "compiled": compiled and b == 1,
-                     "model": model_name})
+                     "dtype": str(weight.dtype).removeprefix("torch."),
+                     "compiled": decoder.engine["engine"] == "compiled", "model": model_name,
+                     "engine_reason": ("batched steps run eagerly" if b > 1 else decoder.engine["reason"]
+                                       or ("" if compiled else "compiling not asked"))})
     df = pd.DataFrame(rows, columns=COLUMNS)
     df.attrs["machine"] = machine
     return df
+
+
+def engine(df: pd.DataFrame) -> str:
+    """What ran, from the rows: compiled, or eager and why (at which rows, when only some)."""
+    eager = df[~df["compiled"].astype(bool)]
+    if eager.empty:
+        return "compiled"
+    why = "; ".join(sorted({str(r) for r in eager["engine_reason"].fillna("") if str(r)}))
+    where = "eager" if len(eager) == len(df) else f"compiled, eager at {len(eager)} of {len(df)} rows"
+    return where + (f" ({why})" if why else "")
 
 
 def render_profile(df: pd.DataFrame) -> str:
@@ -157,7 +169,7 @@ def render_profile(df: pd.DataFrame) -> str:
     m = df.attrs["machine"]
     peaks = ", ".join(f"{k} {v:.0f}" for k, v in m.peak_gflops.items())
     head = (f"{m.device}, {m.threads} threads: read {m.bandwidth_gbs:.1f} GB/s, GEMM peak GFLOP/s {peaks}; "
-            f"{df['dtype'].iloc[0]}, {'compiled' if df['compiled'].iloc[0] else 'eager'}, context {df['context'].iloc[0]}")
+            f"{df['dtype'].iloc[0]}, {engine(df)}, context {df['context'].iloc[0]}")
     cols = ["nodes", "depth", "forward_ms", "base_ms", "heads_ms", "roofline_ms", "roofline_ratio", "compile_s"]
     return head + "\n" + render_table(df[(["batch_size"] if df["batch_size"].nunique() > 1 else []) + cols])
 
@@ -183,12 +195,13 @@ def checked_sizes(sizes, context: int) -> list[int]:
 def checked_batch_sizes(batch_sizes) -> list[int]:
     batch_sizes = sorted(set(int(b) for b in batch_sizes))
     if not batch_sizes or batch_sizes[0] < 1:
-        raise TreeoptError(f"--batch-sizes {batch_sizes}: give batch sizes >= 1, e.g. 1,4,16")
+        raise TreeoptError(f"--serving-batches {batch_sizes}: give batch sizes >= 1, e.g. 1,4,16")
     return batch_sizes
 
 
 def parse_sizes(text: str | None, default=DEFAULT_SIZES, option: str = "--sizes") -> tuple[int, ...]:
-    if not text:
+    """'0,1,2' -> (0, 1, 2); None -> `default`; '' -> () (none: checked_sizes refuses it)."""
+    if text is None:
         return tuple(default)
     try:
         return tuple(int(s) for s in text.replace(" ", "").split(",") if s)
@@ -196,28 +209,27 @@ def parse_sizes(text: str | None, default=DEFAULT_SIZES, option: str = "--sizes"
         raise TreeoptError(f"{option} {text!r}: give comma-separated integers, e.g. 0,1,2,4,8,16") from None
 
 
-def run_profile(model: str = "smollm2-135m", heads: str | None = None, sizes: str | None = None,
-                context: int = 256, repeats: int = 5, device: str = "auto", dtype: str = "auto",
-                out: str | Path = "latency.csv", progress: bool = True, threads: int | None = None,
-                device_map: str | None = None, max_memory: str | None = None,
-                batch_sizes: str | None = None, compiled: bool | None = None, tree: str | Path | None = None
-                ) -> pd.DataFrame:
-    """The CLI's twin: load the model and heads, profile (the prefixes of `tree`, a tree spec, when
-    given), write the CSV atomically."""
+def run_profile(config: ProfileConfig | None = None, progress: bool = True, **settings) -> pd.DataFrame:
+    """The CLI's twin: load the model and heads, profile (the prefixes of `config.tree`, a tree spec,
+    when given), write the CSV atomically (`settings`: ProfileConfig's fields, instead of `config`)."""
     from treeopt.core.treefile import read_tree
 
     from treeopt.decoding.heads import resolve_heads
     from treeopt.decoding.models import load_model, set_threads
 
-    set_threads(threads)
+    cfg = config or ProfileConfig(**settings)
+    model, heads, sizes, context, repeats, out, tree = (cfg.model, cfg.heads, cfg.sizes, cfg.context, cfg.repeats,
+                                                        cfg.out, cfg.tree)
+    device, dtype, device_map, max_memory, compiled = cfg.device, cfg.dtype, cfg.device_map, cfg.max_memory, cfg.compiled
     tree_sizes = checked_sizes(parse_sizes(sizes), context)
-    batches = checked_batch_sizes(parse_sizes(batch_sizes, (1,), "--batch-sizes"))
-    check_writable(out, fix="pass another --out")
+    batches = checked_batch_sizes(parse_sizes(cfg.serving_batches, (1,), "--serving-batches"))
+    check_writable(out, fix="pass another --output")
     shape = read_tree(tree) if tree is not None else None
     if shape is not None:
         tree_sizes = [n for n in tree_sizes if n <= len(shape)] if sizes is None else tree_sizes
         for n in tree_sizes:
             profile_tree(n, shape.depth, shape)  # a size the tree lacks fails here, before loading
+    set_threads(cfg.threads)
     loaded = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
                         attention="decode")
     medusa = resolve_heads(heads, loaded.model)

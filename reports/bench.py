@@ -35,11 +35,12 @@ from pathlib import Path
 import pandas as pd
 
 from treeopt.decoding.models import set_threads
-from treeopt.decoding.decoder import GREEDY, Acceptance, DecodeResult, TreeDecoder, compiles_by_default, greedy_reference
+from treeopt.decoding.decoder import GREEDY, Acceptance, DecodeResult, TreeDecoder, compiles_by_default, engine_ran, greedy_reference
 from treeopt.decoding.profile import time_step_forward
 from treeopt.core.env import versions
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import check_writable, locking, write_text
+from treeopt.core.settings import BenchConfig
 from treeopt.core.stage import Stage
 from treeopt.core.tree import Tree
 
@@ -126,7 +127,7 @@ def bench_decoding(model, heads, trees: dict[str, Tree], prompts: list[list[int]
     `on_record(record)` is called after each new one (to save progress). Trees decode under `acceptance`:
     with typical acceptance (seeded, so reruns give the same tokens) outputs are samples, not plain greedy's."""
     if not prompts:
-        raise TreeoptError("no prompts to benchmark: check --prompts and --limit")
+        raise TreeoptError("no prompts to benchmark: check --prompts and --first")
     for name, tree in trees.items():
         if tree.num_nodes and heads is None:
             raise TreeoptError("bench needs Medusa heads for its trees: pass --heads DIR or --heads random")
@@ -190,7 +191,8 @@ def bench_decoding(model, heads, trees: dict[str, Tree], prompts: list[list[int]
     table["overhead"] = table["step_ms"] / table["step_ms"].iloc[0]
     table["speedup"] = table["tokens_per_s"] / table["tokens_per_s"].iloc[0]
     settings = {"max_new_tokens": max_new_tokens, "context_for_forward_ms": context, "warmup_tokens": warmup_tokens,
-                "compiled": compiled, "compile_s": {name: dec.compile_s for name, dec in decoders.items()}}
+                **engine_ran(decoders.values(), compiled),
+                "compile_s": {name: dec.compile_s for name, dec in decoders.items()}}
     return BenchResult(table[COLUMNS], settings, [records[k] for k in sorted(records, key=lambda k: (k[1], methods.index(k[0])))])
 
 
@@ -211,26 +213,27 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
-@locking("out")
-def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), cartesian=(),
-              prompts: str | None = None, limit: int | None = 20, max_new_tokens: int = 128,
-              device: str = "auto", dtype: str = "auto", calibration: str | None = None,
-              out: str | Path | None = None, repeats: int = 5, progress: bool = True,
-              threads: int | None = None, compiled: bool | None = None, device_map: str | None = None,
-              max_memory: str | None = None, acceptance: Acceptance = GREEDY) -> BenchResult:
-    """The CLI's twin: load everything, benchmark, write bench.csv and bench.json into `out`.
-    An interrupted run with the same settings resumes from `out`/.bench-records/. A calibration must
-    record the same acceptance rule (typical: the same temperature and thresholds)."""
+def run_bench(config: BenchConfig | None = None, progress: bool = True, **settings) -> BenchResult:
+    """The CLI's twin: load everything, benchmark, write bench.csv and bench.json into `config.out`
+    (`settings`: BenchConfig's fields, instead of `config`). An interrupted run with the same settings
+    resumes from `out`/.bench-records/. A calibration must record the same acceptance rule (typical:
+    the same temperature and thresholds)."""
+    return _run_bench(config or BenchConfig(**settings), progress)
+
+
+@locking("cfg.out")
+def _run_bench(cfg: BenchConfig, progress: bool) -> BenchResult:
+    """run_bench's work, holding the lock on `cfg.out`."""
     from treeopt.decoding.heads import resolve_heads
     from treeopt.decoding.models import chat_prompt, check_context, load_model, stop_token_ids
     from treeopt.core.prompts import default_prompts, load_instructions
+    from treeopt.core.treefile import checked
 
-    if max_new_tokens < 1:
-        raise TreeoptError("--max-new-tokens must be at least 1")
-    set_threads(threads)
-    methods = tree_methods(trees, cartesian)
-    if not methods:
-        raise TreeoptError("nothing to compare with plain decoding: pass --trees FILE and/or --cartesian 2x3")
+    model, heads, prompts, calibration, out = cfg.model, cfg.heads, cfg.prompts, cfg.calibration, cfg.out
+    limit, max_new_tokens, repeats, compiled = cfg.first, cfg.max_new_tokens, cfg.repeats, cfg.compiled
+    device, dtype, device_map, max_memory = cfg.device, cfg.dtype, cfg.device_map, cfg.max_memory
+    acceptance = Acceptance(cfg.acceptance, cfg.temperature, cfg.posterior_threshold, cfg.posterior_alpha, cfg.seed)
+    methods = tree_methods(cfg.trees, cfg.cartesian)
     cal = None
     if calibration is not None:
         from treeopt.core.record import check_rule, load_record
@@ -245,7 +248,8 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
     source = prompts or default_prompts()
     instructions = load_instructions(source, limit)
     if out is not None:
-        check_writable(out, directory=True, fix="pass another --out")
+        check_writable(out, directory=True, fix="pass another --output-dir")
+    set_threads(cfg.threads)
     loaded = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
                         attention="decode")
     medusa = resolve_heads(heads, loaded.model)
@@ -254,8 +258,8 @@ def run_bench(model: str = "smollm2-135m", heads: str | None = None, trees=(), c
 
         check_record_heads(cal.meta, calibration, heads, loaded.model)
     compiled = compiles_by_default(loaded.model) if compiled is None else compiled
-    for tree in methods.values():
-        tree.check(num_heads=medusa.num_heads)
+    for name, tree in methods.items():
+        checked(tree, name, num_heads=medusa.num_heads)
     ids = [chat_prompt(loaded.tokenizer, s) for s in instructions]
     check_context(loaded.model, ids, max_new_tokens, instructions, str(source))
     stops = stop_token_ids(loaded.model, loaded.tokenizer)
@@ -323,7 +327,8 @@ def render(result: BenchResult) -> str:
     s = result.settings
     compile_s = sum(s.get("compile_s", {}).values())
     head = (f"{s.get('model', '')} on {s.get('device', '')} {s.get('dtype', '')}"
-            f"{f', compiled ({compile_s:.0f} s compiling)' if s.get('compiled') else ', eager'}: "
+            f"{f', compiled ({compile_s:.0f} s compiling)' if s.get('compiled') else ', eager'}"
+            f"{f' ({reason})' if (reason := s.get('engine_reason')) and not s.get('compiled') else ''}: "
             f"{result.table['prompts'].iloc[0]} prompts, up to {s.get('max_new_tokens')} new tokens, heads {s.get('heads', '')}")
     rule = s.get("acceptance") or {}
     if rule.get("mode") == "typical":

@@ -28,6 +28,7 @@ from matplotlib.transforms import Bbox  # noqa: E402
 
 from treeopt.core.errors import TreeoptError  # noqa: E402
 from treeopt.core.fileio import atomic_write  # noqa: E402
+from treeopt.core.settings import DEFAULT_ACCEPTANCE_MODEL  # noqa: E402
 from treeopt.core.tree import Tree  # noqa: E402
 
 ROOT = -1  # the implicit root: the base model's own next token
@@ -487,7 +488,7 @@ def predicted_vs_measured_figure(bench: pd.DataFrame, title: str = "predicted vs
 
 
 def draw_tree(spec: str | Path, out: str | Path, calibration: str | Path | None = None,
-              model: str = "empirical") -> Path:
+              model: str = DEFAULT_ACCEPTANCE_MODEL) -> Path:
     """`treeopt plot`: the diagram of a tree spec (file, published name or list string), coloured by
     each node's acceptance probability under `calibration` (a calibration directory) when given."""
     from treeopt.core.treefile import read_tree_meta

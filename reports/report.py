@@ -33,31 +33,25 @@ import numpy as np
 import pandas as pd
 
 from treeopt.core.errors import TreeoptError
+from treeopt.core import layout
 from treeopt.core.fileio import write_text
+from treeopt.core.layout import (BENCH, BENCH_META, DEMO, FIGURES, FIT_PROMPTS, HELD_PROMPTS, LATENCY, PROMPT_SOURCE,
+                                 REPORT_HTML, REPORT_MD, SWEEP, TREE)
+from treeopt.core.settings import DEFAULT_ACCEPTANCE_MODEL
 
-CALIBRATION = "calibration/"
-HELDOUT = "calibration-heldout/"
-FIT_PROMPTS = "prompts/fit.json"
-HELD_PROMPTS = "prompts/bench.json"
-PROMPT_SOURCE = "prompts/source.json"
-TREE = "tree.json"
-SWEEP = "sweep.csv"
-BENCH = "bench/bench.csv"
-BENCH_META = "bench/bench.json"
-LATENCY = "latency.csv"
-DEMO = "demo.json"
-FIGURES = "figures"
+CALIBRATION = layout.CALIBRATION + "/"  # directories: named with their slash in the report
+HELDOUT = layout.HELDOUT + "/"
 
 # What makes each input (RUN_DIR is replaced by the run's directory), for the sections that lack it.
 MAKERS = {
-    CALIBRATION: "treeopt calibrate --prompts RUN_DIR/prompts/fit.json --out RUN_DIR/calibration",
-    HELDOUT: "treeopt calibrate --prompts RUN_DIR/prompts/bench.json --out RUN_DIR/calibration-heldout",
-    TREE: "treeopt search -c RUN_DIR/calibration --out RUN_DIR/tree.json",
-    SWEEP: "treeopt sweep -c RUN_DIR/calibration --latency RUN_DIR/latency.csv --out RUN_DIR/sweep.csv",
+    CALIBRATION: "treeopt calibrate --prompts RUN_DIR/prompts/fit.json --output-dir RUN_DIR/calibration",
+    HELDOUT: "treeopt calibrate --prompts RUN_DIR/prompts/bench.json --output-dir RUN_DIR/calibration-heldout",
+    TREE: "treeopt search -c RUN_DIR/calibration --output RUN_DIR/tree.json",
+    SWEEP: "treeopt sweep -c RUN_DIR/calibration --latency RUN_DIR/latency.csv --output RUN_DIR/sweep.csv",
     BENCH: "treeopt bench --tree RUN_DIR/tree.json --prompts RUN_DIR/prompts/bench.json -c RUN_DIR/calibration "
-           "--out RUN_DIR/bench",
-    LATENCY: "treeopt profile --out RUN_DIR/latency.csv",
-    DEMO: "treeopt demo --out RUN_DIR",
+           "--output-dir RUN_DIR/bench",
+    LATENCY: "treeopt profile --output RUN_DIR/latency.csv",
+    DEMO: "treeopt demo --output-dir RUN_DIR",
 }
 MAKERS[BENCH_META] = MAKERS[BENCH]
 
@@ -177,7 +171,7 @@ def load_run(directory: str | Path) -> Run:
 
     directory = Path(directory)
     if not directory.is_dir():
-        raise TreeoptError(f"run directory {directory} not found: pass the --out of `treeopt demo` (e.g. runs/demo)")
+        raise TreeoptError(f"run directory {directory} not found: pass the --output-dir of `treeopt demo` (e.g. runs/demo)")
     run = Run(directory)
     run.calibration = _read_calibration(run, CALIBRATION)
     run.heldout = _read_calibration(run, HELDOUT)
@@ -255,7 +249,7 @@ CEILING = "ceiling-{}"
 
 
 def _model(run: Run) -> str:
-    return run.tree_meta.get("acceptance_model", "empirical")
+    return run.tree_meta.get("acceptance_model", DEFAULT_ACCEPTANCE_MODEL)
 
 
 def compared_trees(run: Run) -> dict[str, object]:
@@ -759,15 +753,15 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     run = load_run(run_dir)
     if all(x is None for x in (run.calibration, run.heldout, run.tree, run.bench, run.sweep, run.latency)):
         raise TreeoptError(f"{run.directory} holds none of calibration/, tree.json, sweep.csv, bench/bench.csv, "
-                           "latency.csv: pass a run directory (e.g. the --out of `treeopt demo`)")
+                           "latency.csv: pass a run directory (e.g. the --output-dir of `treeopt demo`)")
     # a damaged tree.json hides the acceptance model every prediction rests on: none is shown
     trees = {} if run.damaged(TREE) else compared_trees(run)
     table = None if run.damaged(TREE) else like_for_like(run, trees)
     figures, failed = make_figures(run, trees)
     page = sections(run, table, trees, figures, failed)
     title = f"treeopt report: {run.directory.name}"
-    md_path = write_text(run.directory / "report.md", _markdown(title, page, figures, run.directory))
-    html_path = write_text(run.directory / "report.html", _html(title, page, figures, run.directory))
+    md_path = write_text(run.directory / REPORT_MD, _markdown(title, page, figures, run.directory))
+    html_path = write_text(run.directory / REPORT_HTML, _html(title, page, figures, run.directory))
     return md_path, html_path
 
 

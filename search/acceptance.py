@@ -39,10 +39,10 @@ from treeopt.core.errors import TreeoptError
 from treeopt.core.record import Calibration
 from treeopt.core.replay import node_hits, positions, replay_prefixes
 from treeopt.core.tree import Path as RankPath
+from treeopt.core.settings import DEFAULT_ACCEPTANCE_MODEL as DEFAULT_MODEL
 from treeopt.core.tree import Tree
 
 MODELS = ("smoothed", "empirical", "independent")
-DEFAULT_MODEL = "smoothed"
 # The candidates `choose_strength` cross-validates: all > 0, so every node the heads can reach has a
 # nonzero value and `--nodes N` always gets N nodes (s = 0, the empirical model, gives unseen nodes 0).
 STRENGTHS = (1.0, 4.0, 16.0, 64.0, math.inf)

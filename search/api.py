@@ -25,6 +25,7 @@ from treeopt.core.fileio import atomic_write, check_writable
 from treeopt.core.prompts import overlap, overlap_warning
 from treeopt.core.published import BASELINES, PUBLISHED
 from treeopt.core.record import Calibration, check_rule, load_calibration, load_typical
+from treeopt.core.settings import SearchConfig, SweepConfig
 from treeopt.core.tables import render_table
 from treeopt.core.tree import Tree
 from treeopt.core.treefile import file_format, read_tree_meta, write_tree
@@ -49,9 +50,9 @@ def open_source(directory: str | Path, acceptance: str = "greedy", model: str = 
     return Greedy(calibration, resolve_model(calibration, model))
 
 
-def search_report(calibration: str | Path, nodes: int | str = 64, model: str = DEFAULT_MODEL,
+def search_report(calibration: str | Path, nodes: int | str = SearchConfig.nodes, model: str = DEFAULT_MODEL,
                   max_depth: int | None = None, top_k: int | None = None, latency: str | Path | None = None,
-                  max_nodes: int = 256, out: str | Path | None = None, format: str | None = None,
+                  max_nodes: int = SearchConfig.max_nodes, out: str | Path | None = None, format: str | None = None,
                   batch_size: int = 1, target: str | None = None, acceptance: str = "greedy",
                   prior: str | Path | None = None) -> tuple[SearchResult, pd.DataFrame, str]:
     """`treeopt search`: search (within `target`'s rules, see `treeopt.search.targets`), compare with the
@@ -62,7 +63,7 @@ def search_report(calibration: str | Path, nodes: int | str = 64, model: str = D
     lat = read_latency(latency, batch_size) if latency is not None else None
     tgt = get_target(target)
     if out is not None:
-        check_writable(out, fix="pass another --out")
+        check_writable(out, fix="pass another --output")
     auto = str(nodes) == "auto"
     if auto and lat is None:
         raise TreeoptError("--nodes auto needs --latency FILE (forward time vs tree size, from `treeopt profile`)")
@@ -156,7 +157,7 @@ def export_report(tree: str | Path, out: str | Path, format: str | None = None, 
     after that consumer's check (and `target`'s); the depth rule uses the heads the tree file records."""
     t, meta = read_tree_meta(tree)
     tgt = get_target(target)
-    check_writable(out, fix="pass another --out")
+    check_writable(out, fix="pass another --output")
     path = export(t, out, format, meta.get("num_heads"), tgt, {**meta, **({"target": tgt.name} if tgt else {})})
     checked = " and ".join(t.consumer for t in export_targets(file_format(out, format), tgt))
     return f"wrote {path}" + (f" (checked against {checked}'s rules)" if checked else "")
@@ -198,7 +199,7 @@ def _overlap(spec: str, meta: dict, cal: Calibration) -> str:
     return overlap_warning(overlap(measured, theirs), len(measured), f"evaluation (tree {spec} was searched on {own})")
 
 
-def sweep_report(calibration: str | Path, max_nodes: int = 256, model: str = DEFAULT_MODEL,
+def sweep_report(calibration: str | Path, max_nodes: int = SweepConfig.max_nodes, model: str = DEFAULT_MODEL,
                  latency: str | Path | None = None, max_depth: int | None = None, top_k: int | None = None,
                  replayed: bool = False, out: str | Path | None = None, acceptance: str = "greedy",
                  prior: str | Path | None = None) -> tuple[pd.DataFrame, str]:
@@ -207,7 +208,7 @@ def sweep_report(calibration: str | Path, max_nodes: int = 256, model: str = DEF
     lats = list(read_latencies(latency).values()) if latency is not None else []
     lat = lats[0] if lats else None  # the smallest batch size's, for the baselines
     if out is not None:
-        check_writable(out, fix="pass another --out")
+        check_writable(out, fix="pass another --output")
     df = sweep(source, max_nodes, latency=lats or None, max_depth=max_depth, top_k=top_k, replayed=replayed)
     lines = [source.header(), f"{source.model} model; row N = the first N nodes of one greedy search; tokens_per_step: "
                            f"{FOLDS}-fold cross-validated replay over prompts (uniform_tokens_per_step: 1 + sum of "
@@ -232,8 +233,8 @@ def sweep_report(calibration: str | Path, max_nodes: int = 256, model: str = DEF
 
 def schedule_report(calibration: str | Path, latency: str | Path, batch_sizes: list[int] | None = None,
                     model: str = DEFAULT_MODEL, max_depth: int | None = None, top_k: int | None = None,
-                    max_nodes: int = 256, out: str | Path | None = None) -> tuple[list[dict], str]:
-    """`treeopt search --batch-sizes 1,4,16 --latency FILE`: the best tree at each batch size (all of the
+                    max_nodes: int = SearchConfig.max_nodes, out: str | Path | None = None) -> tuple[list[dict], str]:
+    """`treeopt search --serving-batches 1,4,16 --latency FILE`: the best tree at each batch size (all of the
     latency file's when `batch_sizes` is None), written as one schedule file (search/schedule.py)."""
     source = open_source(calibration, "greedy", model)
     cal, model = source.calibration, source.model
@@ -241,7 +242,7 @@ def schedule_report(calibration: str | Path, latency: str | Path, batch_sizes: l
     if batch_sizes:
         lats = {b: read_latency(latency, b) for b in batch_sizes}
     if out is not None:
-        check_writable(out, fix="pass another --out")
+        check_writable(out, fix="pass another --output")
     entries = batch_schedule(cal, lats, model, max_nodes, max_depth, top_k)
     table = pd.DataFrame([{k: e[k] for k in ("batch_size", "nodes", "predicted_tokens_per_step", "forward_ms",
                                              "predicted_tokens_per_s", "predicted_speedup")} for e in entries])

@@ -48,7 +48,7 @@ def read_latency(path: str | Path, batch_size: int = 1) -> Latency:
     latencies = read_latencies(path)
     if batch_size not in latencies:
         raise TreeoptError(f"latency file {path} has no rows for batch size {batch_size} (it has "
-                           f"{', '.join(map(str, latencies))}): run `treeopt profile --batch-sizes {batch_size}`")
+                           f"{', '.join(map(str, latencies))}): run `treeopt profile --serving-batches {batch_size}`")
     return latencies[batch_size]
 
 

@@ -21,7 +21,7 @@ def limits(record: Record, max_depth: int | None, top_k: int | None) -> tuple[in
     if max_depth is not None and max_depth < 1:
         raise TreeoptError(f"--max-depth {max_depth} must be at least 1")
     if top_k is not None and not 1 <= top_k <= k:
-        raise TreeoptError(f"--top-k {top_k} must be between 1 and the calibration's top-k {k}: "
+        raise TreeoptError(f"--max-rank {top_k} must be between 1 and the calibration's top-k {k}: "
                            f"re-run calibrate with a larger --top-k to search wider trees")
     return min(max_depth or K, K), top_k or k
 

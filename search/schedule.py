@@ -1,9 +1,9 @@
 """A batch-size schedule: the tree to serve at each batch size, from one calibration and a latency
-profile per batch size (`treeopt profile --batch-sizes 1,4,16,64`).
+profile per batch size (`treeopt profile --serving-batches 1,4,16,64`).
 
 Every entry is the prefix of one greedy search whose size maximizes B x tokens/step / step time at
 that batch size (treeopt.search.budget.choose_nodes), so the trees nest: a larger batch takes a prefix of a
-smaller batch's tree. The file (`treeopt search --batch-sizes ... -o schedule.json`):
+smaller batch's tree. The file (`treeopt search --serving-batches ... -o schedule.json`):
 
     {"acceptance_model": "smoothed:inf", "calibration": "cal", "latency": "latency.csv", "schedule": [
       {"batch_size": 1, "nodes": 24, "medusa_choices": [[0], [0, 0], ...], "predicted_tokens_per_step": 1.9,
@@ -63,5 +63,5 @@ def read_schedule(path: str | Path) -> tuple[dict[int, Tree], list[dict]]:
         entries = json.loads(Path(path).read_text())["schedule"]
         return {int(e["batch_size"]): Tree.from_choices(e["medusa_choices"]) for e in entries}, entries
     except (OSError, ValueError, KeyError, TypeError):
-        raise TreeoptError(f"{path} is not a schedule file: write one with `treeopt search --batch-sizes 1,4,16 "
+        raise TreeoptError(f"{path} is not a schedule file: write one with `treeopt search --serving-batches 1,4,16 "
                            "--latency FILE -o schedule.json`") from None

@@ -1,4 +1,4 @@
-"""`treeopt profile --batch-sizes`: the batched tree forward it times, and the CSV's batch_size column."""
+"""`treeopt profile --serving-batches`: the batched tree forward it times, and the CSV's batch_size column."""
 
 import pandas as pd
 import pytest
@@ -42,7 +42,7 @@ def test_profile_cli_batch_sizes(tiny_model_dir, tmp_path):
 
     out = tmp_path / "latency.csv"
     r = CliRunner().invoke(app, ["profile", "--model", str(tiny_model_dir), "--heads", "random", "--sizes", "0,4",
-                                 "--batch-sizes", "1,3", "--context", "8", "--repeats", "1", "--device", "cpu",
+                                 "--serving-batches", "1,3", "--context", "8", "--repeats", "1", "--device", "cpu",
                                  "-o", str(out)])
     assert r.exit_code == 0, r.output
     df = pd.read_csv(out)

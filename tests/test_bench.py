@@ -31,8 +31,8 @@ def test_bench_cli_writes_csv_and_json(tiny_model_dir, prompts_file, tmp_path):
     tree = tmp_path / "chain3.json"
     tree.write_text(json.dumps({"medusa_choices": [[0], [0, 0], [0, 0, 0]]}))
     out = tmp_path / "bench"
-    args = ["bench", "--model", str(tiny_model_dir), "--heads", "random", "--trees", str(tree),
-            "--cartesian", "8x3,2x2", "--prompts", str(prompts_file), "--limit", "2", "--max-new-tokens", "12",
+    args = ["bench", "--model", str(tiny_model_dir), "--heads", "random", "--tree", str(tree),
+            "--cartesian", "8x3,2x2", "--prompts", str(prompts_file), "--first", "2", "--max-new-tokens", "12",
             "--device", "cpu", "--dtype", "float32", "--repeats", "1", "-o", str(out)]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
@@ -58,7 +58,7 @@ def test_bench_resumes_from_partial_records(tiny_model_dir, prompts_file, tmp_pa
     import treeopt.reports.bench as bench
 
     out = tmp_path / "bench"
-    kw = dict(model=str(tiny_model_dir), heads="random", cartesian=["2x2"], prompts=str(prompts_file), limit=2,
+    kw = dict(model=str(tiny_model_dir), heads="random", cartesian=["2x2"], prompts=str(prompts_file), first=2,
               max_new_tokens=8, device="cpu", out=out, repeats=1, progress=False)
     calls = []
     real = bench.bench_decoding

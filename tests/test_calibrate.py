@@ -138,7 +138,7 @@ def test_interrupted_run_resumes_to_identical_files(tmp_path, tiny, prompts_file
 def test_other_settings_into_same_dir_is_an_error(tmp_path, tiny, prompts_file, heads_dir):
     run(config(tmp_path / "a", prompts_file, heads_dir, limit=2), tiny)
     before = files(tmp_path / "a")
-    with pytest.raises(TreeoptError, match="other settings.*top_k 40 -> 5.*new --out DIR"):
+    with pytest.raises(TreeoptError, match="other settings.*top_k 40 -> 5.*new --output-dir DIR"):
         run(config(tmp_path / "a", prompts_file, heads_dir, limit=2, top_k=5), tiny)
     assert files(tmp_path / "a") == before
     (tmp_path / "x").mkdir()
@@ -161,7 +161,7 @@ def one_line_error(stderr, match):
 
 def test_cli_end_to_end(tmp_path, tiny_model_dir, prompts_file, heads_dir):
     code, stdout, stderr = cli("--model", tiny_model_dir, "--heads", heads_dir, "--prompts", prompts_file,
-                               "--limit", 3, "--max-new-tokens", 6, "--top-k", 5, "--batch-size", 2, "--out", tmp_path / "c")
+                               "--limit", 3, "--max-new-tokens", 6, "--top-k", 5, "--batch-size", 2, "--output-dir", tmp_path / "c")
     assert code == 0, stderr
     assert "3 prompts" in stdout and "top-5 accuracy" in stdout
     cal = load_calibration(tmp_path / "c")
@@ -184,7 +184,7 @@ def test_cli_bad_inputs_one_line(tmp_path, tiny_model_dir, heads_dir, content, h
     elif heads == "none":
         heads_dir = tmp_path / "missing"
     code, _, stderr = cli("--model", tiny_model_dir, "--heads", heads_dir, "--prompts", tmp_path / "p.json",
-                          "--out", tmp_path / "c")
+                          "--output-dir", tmp_path / "c")
     assert code == 2 and one_line_error(stderr, match)
 
 
@@ -201,11 +201,11 @@ def test_limit_draws_across_sources_and_first_keeps_the_order(tmp_path):
 
 
 def test_bad_numbers(tmp_path, tiny_model_dir, prompts_file):
-    code, _, stderr = cli("--model", tiny_model_dir, "--prompts", prompts_file, "--top-k", 0, "--out", tmp_path)
+    code, _, stderr = cli("--model", tiny_model_dir, "--prompts", prompts_file, "--top-k", 0, "--output-dir", tmp_path)
     assert code == 2 and one_line_error(stderr, "--top-k is 0")
 
 
 def test_alpaca_eval_offline_names_dataset_path(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code, _, stderr = cli("--model", tiny_model_dir, "--prompts", "alpaca_eval", "--out", tmp_path)
+    code, _, stderr = cli("--model", tiny_model_dir, "--prompts", "alpaca_eval", "--output-dir", tmp_path)
     assert code == 2 and one_line_error(stderr, "--prompts PATH")

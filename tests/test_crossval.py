@@ -141,6 +141,6 @@ def test_search_file_and_evaluate_report_the_held_out_figures(cal, make_calibrat
     # evaluated on another calibration sharing 3 prompts with the tree's own: a warning with the count
     other = make_calibration(random_ranks([30] * 5, 3, 5, seed=12), top_k=5, name="other",
                              instructions=["prompt 0", "Prompt  1", "new", "prompt 7", "newer"])
-    r = runner.invoke(app, ["evaluate", str(out), "-c", str(other.directory)])
+    r = runner.invoke(app, ["evaluate", "-t", str(out), "-c", str(other.directory)])
     assert r.exit_code == 0, r.output
     assert "warning: 3 of the 5 evaluation" in r.output and "how much calibration is enough" in r.output

@@ -112,7 +112,7 @@ def test_read_only_out_dir(read_only, tiny, prompts, calibration, no_model):
     for args in (["calibrate", *tiny, "-p", prompts, "-o", read_only / "cal"],
                  ["search", "-c", calibration, "-n", 4, "-o", read_only / "tree.json"],
                  ["profile", *tiny, "--sizes", "0,2", "-o", read_only / "latency.csv"],
-                 ["plot", "[[0], [1]]", "-o", read_only / "tree.png"]):
+                 ["plot", "-t", "[[0], [1]]", "-o", read_only / "tree.png"]):
         one_line(cli(*args), 2, str(read_only), "permission denied", "pass another")
     assert not list(read_only.iterdir())
 
@@ -325,7 +325,7 @@ def test_search_killed_leaves_the_old_tree_whole(tmp_path, calibration):
 def test_bench_killed_resumes_with_its_records(tmp_path, tiny, prompts, caplog):
     from treeopt.reports.bench import RECORDS
 
-    args = ["bench", *tiny, "-t", "[[0], [1], [0, 0]]", "-p", prompts, "--limit", 3, "--max-new-tokens", 5,
+    args = ["bench", *tiny, "-t", "[[0], [1], [0, 0]]", "-p", prompts, "--first", 3, "--max-new-tokens", 5,
             "--repeats", 1, "--threads", 1]
     out = tmp_path / "bench"
     killed(out, 5, *args, "-o", out)  # the manifest and 3 of the 6 records were saved

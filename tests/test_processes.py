@@ -40,7 +40,7 @@ def test_two_processes_equal_one(tmp_path, tiny_model_dir):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                          "-m", "treeopt", "calibrate", "--quiet", *cli, "--out", str(tmp_path / "two")],
+                          "-m", "treeopt", "calibrate", "--quiet", *cli, "--output-dir", str(tmp_path / "two")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     shards = [json.loads(p.read_text()) for p in sorted((tmp_path / "two" / SHARDS).glob("*.done.json"))]

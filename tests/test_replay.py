@@ -103,9 +103,9 @@ def test_prediction_tracks_replay_and_held_out_split(make_calibration):
 def test_evaluate_command(make_calibration, tmp_path):
     cal = make_calibration(random_ranks([100] * 6, 3, 4, seed=8), top_k=4)
     write_tree(search(cal, 10).tree, tmp_path / "t.py")
-    r = CliRunner().invoke(app, ["evaluate", str(tmp_path / "t.py"), "mc_sim_7b_63", "[[0], [0, 0]]",
+    r = CliRunner().invoke(app, ["evaluate", "-t", str(tmp_path / "t.py"), "-t", "mc_sim_7b_63", "-t", "[[0], [0, 0]]",
                                  "-c", str(cal.directory), "--split", "0.5", "--seed", "3"])
     assert r.exit_code == 0, r.output
     assert "replayed" in r.output and "how much calibration is enough" in r.output and "only 30 of its nodes fit 3 heads x top-4" in r.output  # mc_sim_7b_63
-    r = CliRunner().invoke(app, ["evaluate", "nope.json", "-c", str(cal.directory)])
+    r = CliRunner().invoke(app, ["evaluate", "-t", "nope.json", "-c", str(cal.directory)])
     assert r.exit_code == 2 and "not found" in r.output

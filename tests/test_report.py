@@ -118,7 +118,7 @@ def test_partial_run_says_what_is_missing_in_each_section(tmp_path, full_run):
     text = md.read_text()
     for section in SECTIONS:
         assert f"## {section}\n" in text  # no section dropped in silence
-    for missing, command in (("calibration/", "treeopt calibrate --prompts"), ("calibration-heldout/", "--out "
+    for missing, command in (("calibration/", "treeopt calibrate --prompts"), ("calibration-heldout/", "--output-dir "
                              f"{tmp_path.as_posix()}/calibration-heldout"), ("sweep.csv", "treeopt sweep"),
                              ("latency.csv", "treeopt profile")):
         assert f"`{missing}` is missing: make it with `" in text and command in text

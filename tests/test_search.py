@@ -220,7 +220,7 @@ def test_batch_sizes_in_latency_files_sweep_and_schedule(make_calibration, tmp_p
     tps = lambda b, n: b * search(cal, n).tokens_per_step / lats[b].forward(n) * 1000  # noqa: E731
     assert all(tps(b, n) >= tps(b, m) for b, n in zip((1, 4, 16), picks) for m in (1, 4, 8, 16, 32, 64))
     assert read_latency(tmp_path / "latency.csv", 16).batch_size == 16
-    with pytest.raises(TreeoptError, match="batch-sizes 2"):
+    with pytest.raises(TreeoptError, match="serving-batches 2"):
         read_latency(f, 2)
 
     df = sweep(cal, 64, latency=list(lats.values()))
@@ -233,7 +233,7 @@ def test_batch_sizes_in_latency_files_sweep_and_schedule(make_calibration, tmp_p
     assert [e["nodes"] for e in entries] == picks
     runner = CliRunner()
     out = tmp_path / "schedule.json"
-    r = runner.invoke(app, ["search", "-c", str(cal.directory), "--latency", str(f), "--batch-sizes", "1,4,16",
+    r = runner.invoke(app, ["search", "-c", str(cal.directory), "--latency", str(f), "--serving-batches", "1,4,16",
                             "-o", str(out)])
     assert r.exit_code == 0, r.output
     trees, written = read_schedule(out)
@@ -241,7 +241,7 @@ def test_batch_sizes_in_latency_files_sweep_and_schedule(make_calibration, tmp_p
     assert trees[16] == trees[1][:picks[2]]  # prefixes of one greedy search
     assert written[0]["predicted_speedup"] == pytest.approx(entries[0]["predicted_speedup"])
     r = runner.invoke(app, ["search", "-c", str(cal.directory), "--nodes", "auto", "--latency", str(f),
-                            "--batch-size", "16", "-o", str(tmp_path / "t.json")])
+                            "--serving-batch", "16", "-o", str(tmp_path / "t.json")])
     assert r.exit_code == 0 and read_tree_meta(tmp_path / "t.json")[0].num_nodes == picks[2]
     r = runner.invoke(app, ["sweep", "-c", str(cal.directory), "--latency", str(f), "--max-nodes", "64"])
     assert r.exit_code == 0 and "at batch size 16: N = " + str(picks[2]) in r.output

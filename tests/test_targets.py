@@ -153,10 +153,10 @@ def test_search_refuses_exports_a_consumer_would_reject_or_alter(make_calibratio
     r = runner.invoke(app, [*base[:-1], "64", "--target", "trtllm"])
     assert r.exit_code == 2 and "--nodes 63 or fewer" in r.output
     # export: the Medusa tree passes TensorRT-LLM's rules, and is no chain
-    r = runner.invoke(app, ["export", str(tmp_path / "t.py"), "-o", str(tmp_path / "t.txt"), "--target", "trtllm"])
+    r = runner.invoke(app, ["export", "-t", str(tmp_path / "t.py"), "-o", str(tmp_path / "t.txt"), "--target", "trtllm"])
     assert r.exit_code == 0 and "TensorRT-LLM" in r.output
     assert CONSUMERS["trtllm"]((tmp_path / "t.txt").read_text(), 2) == intended(tree)
-    r = runner.invoke(app, ["export", str(tmp_path / "t.py"), "-o", str(tmp_path / "c.json"), "--format", "chain"])
+    r = runner.invoke(app, ["export", "-t", str(tmp_path / "t.py"), "-o", str(tmp_path / "c.json"), "--format", "chain"])
     assert r.exit_code == 2 and "top-1 chain only" in r.output and not (tmp_path / "c.json").exists()
     one_line_error(format_tree, Tree(((0,), (1,))), "chain", match="--target chain")
 

@@ -146,7 +146,7 @@ def test_cli_teacher_forced(tmp_path, chat_model_dir, heads_dir):
                                                      {"role": "user", "content": "w9"}, {"role": "assistant", "content": "w9 w8"}]})
                             + "\n" for w in WORDS))
     r = CliRunner().invoke(app, ["calibrate", "--quiet", "--model", str(chat_model_dir), "--heads", str(heads_dir),
-                                 "--teacher-forced", str(data), "--limit", "4", "--top-k", "5", "--out", str(tmp_path / "c")])
+                                 "--teacher-forced", str(data), "--limit", "4", "--top-k", "5", "--output-dir", str(tmp_path / "c")])
     assert r.exit_code == 0, r.output
     assert "8 assistant turns" in r.stdout
     cal = load_calibration(tmp_path / "c")

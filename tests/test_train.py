@@ -111,7 +111,7 @@ def test_shards_resume_after_interruption(tiny, tmp_path, prompts_file, monkeypa
     h, t, _, _ = read_shard(whole[0])
     assert torch.equal(tiny.model.lm_head(h.float()).argmax(-1), t)
     # other data settings in the same work directory are refused
-    with pytest.raises(TreeoptError, match="data set made with other settings.*new --work directory"):
+    with pytest.raises(TreeoptError, match="data set made with other settings.*new --output-dir directory"):
         generate_data(cfg_for(tmp_path / "b", prompts, **{**kw, "max_new_tokens": 5}), tiny)
 
 
@@ -195,5 +195,5 @@ def test_cli_one_line_error(tmp_path):
 
     from treeopt.cli import app
 
-    r = CliRunner().invoke(app, ["train-heads", "--work", str(tmp_path), "--prompts", "x/alpaca_eval.json"])
+    r = CliRunner().invoke(app, ["train-heads", "--output-dir", str(tmp_path), "--prompts", "x/alpaca_eval.json"])
     assert r.exit_code == 2 and "error:" in r.output and "never train" in r.output and "Traceback" not in r.output

@@ -291,7 +291,7 @@ def test_search_evaluate_sweep_typical(typical_dir, tmp_path):
     assert r.exit_code == 0, r.output
     meta = json.loads((tmp_path / "t.json").read_text())
     assert meta["acceptance"] == "typical" and meta["temperature"] == 1.0 and meta["posterior_threshold"] == 0.09
-    r = runner.invoke(app, ["evaluate", str(tmp_path / "t.json"), "-c", str(cal), "--acceptance", "typical", "--split", "0.5"])
+    r = runner.invoke(app, ["evaluate", "-t", str(tmp_path / "t.json"), "-c", str(cal), "--acceptance", "typical", "--split", "0.5"])
     assert r.exit_code == 0 and "best_cartesian" in r.output, r.output
     r = runner.invoke(app, ["sweep", "-c", str(cal), "--acceptance", "typical", "--max-nodes", "8", "--replay"])
     assert r.exit_code == 0 and "in_sample_tokens_per_step" in r.output, r.output
@@ -317,7 +317,7 @@ def test_search_typical_with_a_greedy_prior(typical_dir, tiny_model_dir, tmp_pat
     assert float(meta["prior_strength"]) in typical.STRENGTHS and meta["prior_calibration"] == str(tmp_path / "g")
     lo, hi = meta["predicted_interval"]
     assert lo <= meta["predicted_tokens_per_step"] <= hi and meta["cv_folds"] == 4
-    for command in (["evaluate", str(tmp_path / "t.json")], ["sweep", "--max-nodes", "6"]):
+    for command in (["evaluate", "-t", str(tmp_path / "t.json")], ["sweep", "--max-nodes", "6"]):
         r = runner.invoke(app, [*command, "-c", str(cal), "--acceptance", "typical", "--prior-calibration", str(tmp_path / "g")])
         assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["search", "-c", str(tmp_path / "g"), "-n", "6", "--prior-calibration", str(tmp_path / "g")])
@@ -329,7 +329,7 @@ def test_search_typical_with_a_greedy_prior(typical_dir, tiny_model_dir, tmp_pat
 def test_bench_typical_is_seeded_and_predicted(typical_dir, tiny_model_dir, tmp_path):
     cal, prompts = typical_dir
     args = ["bench", "--model", str(tiny_model_dir), "--heads", "random", "-t", "[[0], [1], [0, 0]]",
-            "-p", str(prompts), "--limit", "2", "--max-new-tokens", "16", "--device", "cpu", "--repeats", "1",
+            "-p", str(prompts), "--first", "2", "--max-new-tokens", "16", "--device", "cpu", "--repeats", "1",
             "--acceptance", "typical", "--temperature", "1.0", "--posterior-alpha", "1.1", "--seed", "3",
             "-c", str(cal)]
     runs = []

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from treeopt.core.errors import TreeoptError
+from treeopt.core.settings import DEFAULT_MODEL, at_least, positive
+
 MAGPIE = "magpie"
 SHARD = "shard-{:05d}.safetensors"
 HELD_OUT_EVERY = 33  # ~3% of the sequences, picked by a hash of (shard, index)
@@ -13,7 +16,7 @@ HELD_OUT_EVERY = 33  # ~3% of the sequences, picked by a hash of (shard, index)
 class TrainConfig:
     work: str  # holds data/ shards, checkpoints and the log
     heads_out: str | None = None  # where the final heads are saved (Medusa layout)
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     prompts: str = MAGPIE  # `magpie`, a .json/.jsonl file, or a Hugging Face dataset id
     num_prompts: int = 2000  # sequences to generate (an upper bound with magpie: duplicates are dropped)
     max_new_tokens: int = 192
@@ -38,3 +41,19 @@ class TrainConfig:
     eval_prompts: int = 40  # AlpacaEval prompts x eval_tokens for the report's metric (0: skip); never trained on
     eval_tokens: int = 128
     max_steps: int | None = None  # stop training after this many steps in this run (checkpointed); resume later
+    stage: str = "all"  # all, data (generate shards only) or train (train on the shards there are)
+
+    OPTION = {"work": "--output-dir", "heads_out": "--save-heads"}
+
+    def __post_init__(self):
+        """Every number checked before a model loads (`treeopt train-heads` reads these)."""
+        if self.stage not in ("all", "data", "train"):
+            raise TreeoptError(f"unknown --stage {self.stage!r}: use all, data or train")
+        at_least(self, num_prompts=1, max_new_tokens=1, batch_size=1, magpie_max_tokens=1, num_heads=1, num_layers=1,
+                 batch_tokens=1, eval_prompts=0, eval_tokens=1, weight_decay=0, max_steps=1)
+        positive(self, "epochs", "lr", "magpie_temperature", "magpie_top_p", "checkpoint_every_s", "max_train_s",
+                 "max_gen_s")
+        if not 0 <= self.distill <= 1:
+            raise TreeoptError(f"--distill is {self.distill}: pass a weight between 0 and 1")
+        if not 0 < self.decay <= 1:
+            raise TreeoptError(f"decay is {self.decay}: pass a weight in (0, 1]")

@@ -107,7 +107,7 @@ def generate_data(cfg: TrainConfig, loaded=None, log=print, progress: bool = Fal
     refuse_calibration_set(cfg.prompts)
     data = Path(cfg.work) / "data"
     Stage(data, _data_fingerprint(cfg), what="heads-training data set", manifest_name="data.json",
-          elsewhere="use a new --work directory").open()
+          elsewhere="use a new --output-dir directory").open()
     num_shards = math.ceil(cfg.num_prompts / cfg.batch_size)
     paths = [data / SHARD.format(i) for i in range(num_shards)]
     if all(p.is_file() for p in paths):

@@ -27,7 +27,8 @@ import torch
 from treeopt.training.config import TrainConfig
 from treeopt.training.data import Corpus, generate_data, load_corpus, refuse_calibration_set, write_shard
 from treeopt.core.errors import TreeoptError
-from treeopt.core.fileio import atomic_write, locking, write_text
+from treeopt.core.fileio import atomic_write, check_writable, locking, write_text
+from treeopt.core.settings import DEFAULT_MODEL
 from treeopt.core.stage import differences
 
 
@@ -241,15 +242,18 @@ def format_accuracy(metrics: dict) -> str:
 
 
 @locking("cfg.work")
-def train_heads(cfg: TrainConfig, stage: str = "all", log=print, progress: bool = True) -> dict:
+def train_heads(cfg: TrainConfig, stage: str | None = None, log=print, progress: bool = True) -> dict:
     """`treeopt train-heads`: stage `data` (generate shards), `train` (train on the shards there are),
-    or `all`; then evaluate and save the heads to cfg.heads_out. Re-running resumes."""
+    or `all` (None: cfg.stage); then evaluate and save the heads to cfg.heads_out. Re-running resumes."""
     from treeopt.decoding.models import load_model
 
+    stage = stage or cfg.stage
     if stage not in ("all", "data", "train"):
         raise TreeoptError(f"unknown --stage {stage!r}: use all, data or train")
     refuse_calibration_set(cfg.prompts)
-    work = Path(cfg.work)
+    work = check_writable(cfg.work, directory=True, fix="pass another --output-dir")
+    if cfg.heads_out:
+        check_writable(cfg.heads_out, directory=True, fix="pass another --save-heads")
     if stage == "train":
         paths = sorted((work / "data").glob("shard-*.safetensors"))
         if not paths:
@@ -277,4 +281,4 @@ def train_heads(cfg: TrainConfig, stage: str = "all", log=print, progress: bool 
 
 def _base_name(loaded) -> str:
     name = getattr(loaded.model.config, "_name_or_path", "") or loaded.name
-    return "HuggingFaceTB/SmolLM2-135M-Instruct" if loaded.name == "smollm2-135m" else name
+    return "HuggingFaceTB/SmolLM2-135M-Instruct" if loaded.name == DEFAULT_MODEL else name

@@ -1,4 +1,8 @@
-"""The `treeopt` command line. It only parses arguments and calls library functions."""
+"""The `treeopt` command line. It only parses arguments and calls library functions.
+
+Every command's settings are one dataclass (treeopt.core.settings, CalibrationConfig, TrainConfig,
+DemoConfig): each option reads its default from the field of the same name (`opt`), and the dataclass
+checks every number and combination before any model loads or any file is written."""
 
 from __future__ import annotations
 
@@ -8,10 +12,53 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+import typer.core
 
-from treeopt.core.errors import FAILED_RUN, TreeoptError
+from treeopt.core import layout
+from treeopt.core.errors import BAD_INPUT, FAILED_RUN, TreeoptError
+from treeopt.core.settings import (BenchConfig, CalibrationConfig, DecodeConfig, EngineSettings, EvaluateConfig, ExportConfig,
+                                   ModelSettings, PlotConfig, ProfileConfig, RuleSettings, SearchConfig,
+                                   SearchSettings, SweepConfig, default)
+from treeopt.demo import DemoConfig
+from treeopt.training.config import TrainConfig
+
+
+_click = getattr(typer.core, "_click", None)  # the click typer runs on (typer >= 0.29 vendors its own)
+if _click is None:  # pragma: no cover  older typer: the click package
+    import click as _click
+
+
+_NoArgsIsHelp = getattr(_click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2 (older: a UsageError)
+
+
+class _Group(typer.core.TyperGroup):
+    """Typer's group whose usage errors (a bad number, an unknown option) are one `error:` line, exit 2,
+    like every other bad input (not a boxed panel)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NoArgsIsHelp as e:
+            typer.echo(e.ctx.get_help() if e.ctx else str(e))
+            rv = 0
+        except _click.exceptions.UsageError as e:
+            name = e.ctx.info_name if e.ctx and e.ctx.parent else next(
+                (a for a in (sys.argv[1:] if args is None else args) if a in self.commands), None)
+            typer.echo(f"error: {e.format_message()} (see `treeopt {name + ' ' if name else ''}--help`)", err=True)
+            rv = BAD_INPUT
+        except _click.exceptions.ClickException as e:
+            typer.echo(f"error: {e.format_message()}", err=True)
+            rv = e.exit_code
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            rv = FAILED_RUN
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
 
 app = typer.Typer(
+    cls=_Group,
     help="treeopt: calibrate Medusa heads, search the best speculative-decoding tree, decode and benchmark it.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -28,9 +75,10 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show the full trace
     ROOT["debug"] = debug
 
 
-def command(*args, **kwargs):
+def command(*args, resumable: bool = False, **kwargs):
     """app.command whose every failure ends in one line on stderr (naming the file, the problem and the
-    fix) and exit status 2 for bad input, 1 for a failed run; `treeopt --debug COMMAND` shows the traceback."""
+    fix) and exit status 2 for bad input, 1 for a failed run; `treeopt --debug COMMAND` shows the traceback.
+    `resumable`: an interrupted run of it resumes when run again (and says so)."""
 
     def register(fn):
         @functools.wraps(fn)
@@ -38,7 +86,8 @@ def command(*args, **kwargs):
             try:
                 return fn(*a, **kw)
             except KeyboardInterrupt:
-                typer.echo("interrupted: run the same command again to resume", err=True)
+                typer.echo("interrupted: run the same command again to resume" if resumable else "interrupted",
+                           err=True)
                 raise typer.Exit(130)
             except (typer.Exit, typer.Abort, typer.TyperException):  # typer's own: usage errors, exits
                 raise
@@ -63,29 +112,58 @@ def one_line(e: Exception) -> str:
             "(a bug: run `treeopt --debug ...` for the traceback and report it)")
 
 
+def opt(config, name: str, *flags: str, **kw):
+    """typer.Option for field `name` of `config`, its default read from the field (one definition)."""
+    value = default(config, name)
+    return typer.Option(None if value == () else value, *flags, **kw)
+
+
+def joined(config, name: str, *flags: str, **kw):
+    """typer.Option for a tuple field given as one comma-separated string ('' for none)."""
+    return typer.Option(",".join(default(config, name)), *flags, **kw)
+
+
+def settings(config, given: dict, **extra):
+    """`config` built from the command's arguments of the same names (the rest are the CLI's own)."""
+    from dataclasses import fields
+
+    names = {f.name for f in fields(config)}
+    values = {k: (tuple(v) if isinstance(v, list) else () if v is None and default(config, k) == () else v)
+              for k, v in given.items() if k in names}
+    return config(**values, **extra)
+
+
 # Options shared by several commands: one name (and short flag) per idea everywhere.
-ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="smollm2-135m (bundled), a local directory, or a Hugging Face id.")
-HeadsOpt = typer.Option(None, "--heads", help="Medusa heads directory; default: the heads shipped for the bundled model; `random` for untrained ones.")
-DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto.")
-ThreadsOpt = typer.Option(None, "--threads", help="torch CPU threads; 1 is best on a machine shared with other jobs.")
-DtypeOpt = typer.Option("auto", "--dtype", help="auto (bfloat16 where the device computes it natively, else float32), float32 (exact reference), bfloat16 or float16.")
-CompileOpt = typer.Option(None, "--compile/--eager", help="torch.compile the decoding steps (default: on a CPU in bfloat16, the fast path; one graph for all tree sizes, a minute or two to compile, apart from the timings; eager when compiling fails, with a note).")
-DeviceMapOpt = typer.Option(None, "--device-map", help="auto (or balanced, sequential): spread a large model over the GPUs with accelerate (--device is then unused).")
-MaxMemoryOpt = typer.Option(None, "--max-memory", help="With --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB.")
+ModelOpt = opt(ModelSettings, "model", "--model", "-m", help="smollm2-135m (bundled), a local directory, or a Hugging Face id.")
+HeadsOpt = opt(ModelSettings, "heads", "--heads", help="Medusa heads directory; default: the heads shipped for the bundled model; `random` for untrained ones.")
+DeviceOpt = opt(ModelSettings, "device", "--device", help="cpu, cuda or auto.")
+DtypeOpt = opt(ModelSettings, "dtype", "--dtype", help="auto (bfloat16 where the device computes it natively, else float32), float32 (exact reference), bfloat16 or float16.")
+ThreadsOpt = opt(EngineSettings, "threads", "--threads", help="torch CPU threads; 1 is best on a machine shared with other jobs.")
+CompileOpt = opt(EngineSettings, "compiled", "--compile/--eager", help="torch.compile the decoding steps (default: on a CPU in bfloat16, the fast path; one graph for all tree sizes, a minute or two to compile, apart from the timings; eager when compiling fails, with a note).")
+DeviceMapOpt = opt(EngineSettings, "device_map", "--device-map", help="auto (or balanced, sequential): spread a large model over the GPUs with accelerate (--device is then unused).")
+MaxMemoryOpt = opt(EngineSettings, "max_memory", "--max-memory", help="With --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB.")
 PromptsOpt = typer.Option(None, "--prompts", "-p", help="Prompt source: alpaca_eval (hub, via `datasets`), a .json/.jsonl file with an `instruction` or `prompt` field, or a Hugging Face dataset id; default: ../shared/data/alpaca_eval.json if present, else alpaca_eval.")
-CalibrationOpt = typer.Option(..., "--calibration", "-c", help="Calibration directory (from `treeopt calibrate`).")
-AcceptanceModelOpt = typer.Option("smoothed", "--acceptance-model", help="How node acceptance is estimated from the calibration: smoothed (joint rank counts shrunk toward the product of accuracies, strength cross-validated; smoothed:S fixes it), empirical (joint rank counts) or independent (Medusa paper's product of accuracies).")
-AcceptanceOpt = typer.Option("greedy", "--acceptance", help="The acceptance rule: greedy (lossless) or typical (Medusa's typical acceptance, temperature > 0).")
-TemperatureOpt = typer.Option(0.7, "--temperature", help="typical: sampling temperature.")
-ThresholdOpt = typer.Option(0.09, "--posterior-threshold", help="typical: epsilon, the hard threshold.")
-AlphaOpt = typer.Option(0.3, "--posterior-alpha", help="typical: delta, the entropy-scaled threshold.")
-PriorOpt = typer.Option(None, "--prior-calibration", help="typical: a greedy calibration of the same model and heads; the search shrinks the record's node gains toward its node values, strength cross-validated over the record's prompts.")
-LatencyOpt = typer.Option(None, "--latency", help="Latency CSV (nodes,forward_ms) from `treeopt profile`: adds tokens/s.")
+CalibrationOpt = opt(SearchSettings, "calibration", "--calibration", "-c", help="Calibration directory (from `treeopt calibrate`).")
+AcceptanceModelOpt = opt(SearchSettings, "acceptance_model", "--acceptance-model", help="How node acceptance is estimated from the calibration: smoothed (joint rank counts shrunk toward the product of accuracies, strength cross-validated; smoothed:S fixes it), empirical (joint rank counts) or independent (Medusa paper's product of accuracies).")
+AcceptanceOpt = opt(RuleSettings, "acceptance", "--acceptance", help="The acceptance rule: greedy (lossless) or typical (Medusa's typical acceptance, temperature > 0).")
+TemperatureOpt = opt(RuleSettings, "temperature", "--temperature", help="typical: sampling temperature.")
+ThresholdOpt = opt(RuleSettings, "posterior_threshold", "--posterior-threshold", help="typical: epsilon, the hard threshold.")
+AlphaOpt = opt(RuleSettings, "posterior_alpha", "--posterior-alpha", help="typical: delta, the entropy-scaled threshold.")
+PriorOpt = opt(SearchSettings, "prior", "--prior-calibration", help="typical: a greedy calibration of the same model and heads; the search shrinks the record's node gains toward its node values, strength cross-validated over the record's prompts.")
+LatencyOpt = opt(SearchSettings, "latency", "--latency", help="Latency CSV (nodes,forward_ms) from `treeopt profile`: adds tokens/s.")
+MaxDepthOpt = opt(SearchConfig, "max_depth", "--max-depth", help="Deepest path (default: number of heads).")
+MaxRankOpt = opt(SearchConfig, "max_rank", "--max-rank", help="Ranks allowed per head: highest rank + 1 (default: the calibration's --top-k).")
+FormatOpt = opt(SearchConfig, "fmt", "--format", help="json, python (Medusa's medusa_choices = [...]), trtllm (--medusa_choices string), vllm (--speculative-config keys) or chain (top-1 chain length); default from the suffix.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars (they are also off when stderr is not a terminal).")
+TreeHelp = "a .json/.py/.py:NAME/.txt tree file, a published name (mc_sim_7b_63) or '[[0], [0, 0]]'"
 
 
 def _progress(quiet: bool) -> bool:
-    """Progress bars on long stages: on a terminal, unless --quiet."""
+    """Progress bars on long stages (and transformers' while loading): on a terminal, unless --quiet."""
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     return not quiet and sys.stderr.isatty()
 
 
@@ -99,70 +177,66 @@ def info(
     """Print the model, the heads, the device and library versions."""
     from treeopt.info import describe
 
-    typer.echo(describe(model=model, heads=heads, device=device, dtype=dtype))
+    typer.echo(describe(**vars(settings(ModelSettings, locals()))))
 
 
 # --- train-heads (treeopt.training.train) ---
 
 
-@command("train-heads")
+@command("train-heads", resumable=True)
 def train_heads_cmd(
-    work: Path = typer.Option(..., "--work", help="Directory for data shards, checkpoints and the report; re-run the same command to resume."),
-    heads_out: Optional[Path] = typer.Option(None, "--heads-out", help="Where to save the trained heads (Medusa layout)."),
-    prompts: str = typer.Option("magpie", "--prompts", "-p", help="`magpie` (user turns sampled from the model itself), a .json/.jsonl file with an `instruction` or `prompt` field, or a Hugging Face dataset id."),
-    num_prompts: int = typer.Option(2000, "--num-prompts", help="Sequences to generate (magpie: an upper bound, duplicates are dropped)."),
-    max_new_tokens: int = typer.Option(192, "--max-new-tokens", help="Greedy continuation length per prompt."),
-    batch_size: int = typer.Option(48, "--batch-size", help="Sequences per generation batch (= one shard)."),
-    magpie_max_tokens: int = typer.Option(64, "--magpie-max-tokens", help="Longest sampled instruction (longer ones are dropped)."),
-    num_heads: int = typer.Option(4, "--num-heads"),
-    num_layers: int = typer.Option(1, "--num-layers", help="ResBlocks per head."),
-    epochs: float = typer.Option(2.0, "--epochs"),
-    lr: float = typer.Option(1e-3, "--lr"),
-    batch_tokens: int = typer.Option(2048, "--batch-tokens", help="Hidden rows per optimizer step."),
-    distill: float = typer.Option(0.5, "--distill", help="Weight of the KL to the base model's distribution (0: hard targets only)."),
-    full_vocab: bool = typer.Option(False, "--full-vocab", help="Softmax over the whole vocabulary (default: over the tokens the data holds, several times faster)."),
-    eval_prompts: int = typer.Option(40, "--eval-prompts", help="AlpacaEval prompts for the report's held-out metric (evaluation only; 0 skips)."),
-    seed: int = typer.Option(0, "--seed"),
-    stage: str = typer.Option("all", "--stage", help="all, data (generate shards only) or train (train on the shards there are)."),
+    work: Path = opt(TrainConfig, "work", "--output-dir", "-o", help="Directory for data shards, checkpoints and the report; re-run the same command to resume."),
+    heads_out: Optional[Path] = opt(TrainConfig, "heads_out", "--save-heads", help="Directory to save the trained heads in (Medusa layout)."),
+    prompts: str = opt(TrainConfig, "prompts", "--prompts", "-p", help="`magpie` (user turns sampled from the model itself), a .json/.jsonl file with an `instruction` or `prompt` field, or a Hugging Face dataset id."),
+    num_prompts: int = opt(TrainConfig, "num_prompts", "--num-prompts", help="Sequences to generate (magpie: an upper bound, duplicates are dropped)."),
+    max_new_tokens: int = opt(TrainConfig, "max_new_tokens", "--max-new-tokens", help="Greedy continuation length per prompt."),
+    batch_size: int = opt(TrainConfig, "batch_size", "--batch-size", help="Sequences per generation batch (= one shard)."),
+    magpie_max_tokens: int = opt(TrainConfig, "magpie_max_tokens", "--magpie-max-tokens", help="Longest sampled instruction (longer ones are dropped)."),
+    num_heads: int = opt(TrainConfig, "num_heads", "--num-heads"),
+    num_layers: int = opt(TrainConfig, "num_layers", "--num-layers", help="ResBlocks per head."),
+    epochs: float = opt(TrainConfig, "epochs", "--epochs"),
+    lr: float = opt(TrainConfig, "lr", "--lr"),
+    batch_tokens: int = opt(TrainConfig, "batch_tokens", "--batch-tokens", help="Hidden rows per optimizer step."),
+    distill: float = opt(TrainConfig, "distill", "--distill", help="Weight of the KL to the base model's distribution, 0..1 (0: hard targets only)."),
+    full_vocab: bool = opt(TrainConfig, "full_vocab", "--full-vocab", help="Softmax over the whole vocabulary (default: over the tokens the data holds, several times faster)."),
+    eval_prompts: int = opt(TrainConfig, "eval_prompts", "--eval-prompts", help="AlpacaEval prompts for the report's held-out metric (evaluation only; 0 skips)."),
+    seed: int = opt(TrainConfig, "seed", "--seed"),
+    stage: str = opt(TrainConfig, "stage", "--stage", help="all, data (generate shards only) or train (train on the shards there are)."),
     max_gen_minutes: Optional[float] = typer.Option(None, "--max-gen-minutes", help="Stop generating after this long (re-run to continue)."),
     max_train_minutes: Optional[float] = typer.Option(None, "--max-train-minutes", help="Stop training after this long, checkpointed (re-run to continue)."),
     model: str = ModelOpt,
-    device: str = DeviceOpt,
+    device: str = opt(TrainConfig, "device", "--device", help="cpu, cuda or auto."),
     quiet: bool = QuietOpt,
 ):
     """Train Medusa-1 heads (backbone frozen) on the model's own greedy continuations, and save them."""
-    from treeopt.training.train import TrainConfig, train_heads
+    from treeopt.training.train import train_heads
 
-    cfg = TrainConfig(work=str(work), heads_out=str(heads_out) if heads_out else None, model=model, prompts=prompts,
-                      num_prompts=num_prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                      magpie_max_tokens=magpie_max_tokens, num_heads=num_heads, num_layers=num_layers, epochs=epochs,
-                      lr=lr, batch_tokens=batch_tokens, distill=distill, full_vocab=full_vocab, seed=seed,
-                      device=device, eval_prompts=eval_prompts,
-                      max_gen_s=None if max_gen_minutes is None else max_gen_minutes * 60,
-                      max_train_s=None if max_train_minutes is None else max_train_minutes * 60)
-    train_heads(cfg, stage=stage, log=lambda s: typer.echo(s, err=True), progress=_progress(quiet))
+    minutes = lambda m: None if m is None else m * 60  # noqa: E731
+    cfg = settings(TrainConfig, {**locals(), "work": str(work), "heads_out": str(heads_out) if heads_out else None},
+                   max_gen_s=minutes(max_gen_minutes), max_train_s=minutes(max_train_minutes))
+    train_heads(cfg, log=lambda s: typer.echo(s, err=True), progress=_progress(quiet))
 
 
 # --- calibrate (calibrate/) ---
-@command()
+@command(resumable=True)
 def calibrate(
     model: str = ModelOpt,
     heads: Optional[str] = HeadsOpt,
     prompts: Optional[str] = PromptsOpt,
-    teacher_forced: Optional[str] = typer.Option(None, "--teacher-forced", help="Chat data (ShareGPT `conversations` or OpenAI `messages`; .json/.jsonl or a Hugging Face dataset id): rank the heads on its assistant turns in one forward per conversation, instead of generating from --prompts."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Use N prompts drawn at random across the prompt file's sources (its `dataset` or `source` field; seeded by --seed); teacher-forced: the first N conversations."),
-    first: Optional[int] = typer.Option(None, "--first", help="Use the first N prompts (conversations), in file order (instead of --limit)."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Greedy continuation length cap (stops earlier at EOS); teacher-forced: the cap on each assistant turn."),
-    top_k: int = typer.Option(10, "--top-k", help="Ranks >= top-k are recorded as a miss."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generation batch (1: exactly unbatched greedy); teacher-forced: at most that many sequences per forward, batched by length."),
-    shard_size: int = typer.Option(32, "--shard-size", help="Prompts per resumable shard (rounded up to whole batches)."),
-    seed: int = typer.Option(0, "--seed", help="typical: the seed of the sampled roots."),
-    out: Path = typer.Option(Path("calibration"), "--out", "-o", help="Output directory; rerun the same command to resume."),
+    teacher_forced: Optional[str] = opt(CalibrationConfig, "teacher_forced", "--teacher-forced", help="Chat data (ShareGPT `conversations` or OpenAI `messages`; .json/.jsonl or a Hugging Face dataset id): rank the heads on its assistant turns in one forward per conversation, instead of generating from --prompts."),
+    limit: Optional[int] = opt(CalibrationConfig, "limit", "--limit", help="Use N prompts drawn at random across the prompt file's sources (its `dataset` or `source` field; seeded by --seed); teacher-forced: the first N conversations."),
+    first: Optional[int] = opt(CalibrationConfig, "first", "--first", help="Use the first N prompts (conversations), in file order (instead of --limit)."),
+    max_new_tokens: int = opt(CalibrationConfig, "max_new_tokens", "--max-new-tokens", help="Greedy continuation length cap (stops earlier at EOS); teacher-forced: the cap on each assistant turn."),
+    top_k: int = opt(CalibrationConfig, "top_k", "--top-k", help="Ranks recorded per head: ranks >= top-k are recorded as a miss."),
+    batch_size: int = opt(CalibrationConfig, "batch_size", "--batch-size", help="Prompts per generation batch (1: exactly unbatched greedy); teacher-forced: at most that many sequences per forward, batched by length."),
+    shard_size: int = opt(CalibrationConfig, "shard_size", "--shard-size", help="Prompts per resumable shard (rounded up to whole batches)."),
+    seed: int = opt(CalibrationConfig, "seed", "--seed", help="The seed of the prompt draw (--limit) and, typical, of the sampled roots."),
+    out: Path = opt(CalibrationConfig, "out", "--output-dir", "-o", help="Output directory; rerun the same command to resume."),
     acceptance: str = AcceptanceOpt,
     temperature: float = TemperatureOpt,
     posterior_threshold: float = ThresholdOpt,
     posterior_alpha: float = AlphaOpt,
-    probe: Optional[str] = typer.Option(None, "--probe", help="typical: the probe's internal nodes (a tree spec; each gets all its top-k children); default top-4 x top-2 x top-1."),
+    probe: Optional[str] = opt(CalibrationConfig, "probe", "--probe", help="typical: the probe's internal nodes (a tree spec; each gets all its top-k children); default top-4 x top-2 x top-1."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     device_map: Optional[str] = DeviceMapOpt,
@@ -172,31 +246,10 @@ def calibrate(
     """Record where every head ranks the base model's greedy tokens (ranks.parquet, accuracy.csv, ...);
     with --acceptance typical, every probe node's typical test in each step of a seeded decode with
     the probe tree (typical.parquet)."""
-    from treeopt.core.record import load_calibration
-    from treeopt.calibrate.run import CalibrationConfig, calibrate as generated
-    from treeopt.calibrate.teacher import calibrate_teacher_forced
+    from treeopt.calibrate.api import run_calibration
 
-    run_calibration = calibrate_teacher_forced if teacher_forced else generated
-    config = CalibrationConfig(out=out, model=model, heads=heads, prompts=prompts, teacher_forced=teacher_forced,
-                               limit=limit, first=first,
-                               max_new_tokens=max_new_tokens, top_k=top_k, batch_size=batch_size,
-                               shard_size=shard_size, seed=seed, device=device, dtype=dtype, device_map=device_map,
-                               max_memory=max_memory, progress=_progress(quiet))
-    if acceptance != "greedy":
-        from treeopt.calibrate.typical import calibrate_typical
-        from treeopt.decoding.decoder import Acceptance
-        from treeopt.core.treefile import read_tree
-
-        rule = Acceptance(acceptance, temperature, posterior_threshold, posterior_alpha, seed)
-        path = calibrate_typical(config, rule, read_tree(probe) if probe else None)
-        typer.echo(f"wrote {path}: typical acceptance record (typical.parquet, calibration.json)")
-        return
-    cal = load_calibration(run_calibration(config))
-    top = ", ".join(f"head {k + 1} {a:.3f}" for k, a in enumerate(cal.accuracy.sum(1)))
-    typer.echo(f"wrote {out}: {cal.meta['num_prompts']} {'assistant turns' if teacher_forced else 'prompts'}, "
-               f"{cal.num_positions} positions, "
-               f"{cal.meta['tokens_per_s']:.1f} tok/s; top-{cal.top_k} accuracy: {top}")
-
+    config = settings(CalibrationConfig, locals(), progress=_progress(quiet))
+    typer.echo(run_calibration(config))
 
 
 # --- search, evaluate, sweep (search/) ---
@@ -205,56 +258,55 @@ def calibrate(
 @command()
 def search(
     calibration: Path = CalibrationOpt,
-    nodes: str = typer.Option("64", "--nodes", "-n", help="Tree size (root excluded), or `auto` (needs --latency)."),
+    nodes: str = opt(SearchConfig, "nodes", "--nodes", "-n", help="Tree size (root excluded), or `auto` (needs --latency)."),
     acceptance_model: str = AcceptanceModelOpt,
     latency: Optional[Path] = LatencyOpt,
-    max_depth: Optional[int] = typer.Option(None, "--max-depth", help="Deepest path (default: number of heads)."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Highest rank + 1 per head (default: the calibration's top-k)."),
-    max_nodes: int = typer.Option(256, "--max-nodes", help="Largest size --nodes auto considers."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Tree file to write (.json, .py, .txt)."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="json, python (Medusa's medusa_choices = [...]), trtllm (--medusa_choices string), vllm (--speculative-config keys) or chain (top-1 chain length); default from the suffix."),
-    target: Optional[str] = typer.Option(None, "--target", help="Search within a consumer's rules: medusa, trtllm, vllm or chain (see the README's 'Deploying a tree')."),
-    batch_size: int = typer.Option(1, "--batch-size", help="Sequences decoded together: --latency's rows for that batch size (`treeopt profile --batch-sizes`)."),
-    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="e.g. 1,4,16,64: a schedule, the best tree at each batch size (needs --latency; -o writes one JSON file)."),
+    max_depth: Optional[int] = MaxDepthOpt,
+    max_rank: Optional[int] = MaxRankOpt,
+    max_nodes: int = opt(SearchConfig, "max_nodes", "--max-nodes", help="Largest size --nodes auto considers."),
+    out: Optional[Path] = opt(SearchConfig, "out", "--output", "-o", help="Tree file to write (.json, .py, .txt)."),
+    fmt: Optional[str] = FormatOpt,
+    target: Optional[str] = opt(SearchConfig, "target", "--target", help="Search within a consumer's rules: medusa, trtllm, vllm or chain (see the README's 'Deploying a tree')."),
+    serving_batch: int = opt(SearchConfig, "serving_batch", "--serving-batch", help="Sequences the server decodes together: --latency's rows for that batch size (`treeopt profile --serving-batches`)."),
+    serving_batches: Optional[str] = opt(SearchConfig, "serving_batches", "--serving-batches", help="e.g. 1,4,16,64: a schedule, the best tree at each serving batch size (needs --latency; -o writes one JSON file)."),
     acceptance: str = AcceptanceOpt,
     prior: Optional[Path] = PriorOpt,
 ):
     """Search the tree that maximizes expected tokens/step; compare it with the baselines."""
+    from treeopt.core.settings import int_list
     from treeopt.search.api import schedule_report, search_report
 
-    if batch_sizes is not None:
-        if latency is None:
-            raise TreeoptError("--batch-sizes needs --latency FILE profiled at those batch sizes "
-                               "(`treeopt profile --batch-sizes 1,4,16`)")
-        if not all(b.strip().isdigit() for b in batch_sizes.split(",")):
-            raise TreeoptError(f"--batch-sizes {batch_sizes!r}: give comma-separated integers, e.g. 1,4,16,64")
-        sizes = [int(b) for b in batch_sizes.split(",")]
-        typer.echo(schedule_report(calibration, latency, sizes, acceptance_model, max_depth, top_k, max_nodes, out)[1])
+    c = settings(SearchConfig, locals())
+    if c.serving_batches is not None:
+        sizes = list(int_list(c.serving_batches, "--serving-batches", 1))
+        typer.echo(schedule_report(c.calibration, c.latency, sizes, c.acceptance_model, c.max_depth, c.max_rank,
+                                   c.max_nodes, c.out)[1])
         return
-    typer.echo(search_report(calibration, nodes, acceptance_model, max_depth, top_k, latency, max_nodes, out, fmt,
-                             batch_size, target, acceptance, prior)[2])
+    typer.echo(search_report(c.calibration, c.nodes, c.acceptance_model, c.max_depth, c.max_rank, c.latency,
+                             c.max_nodes, c.out, c.fmt, c.serving_batch, c.target, c.acceptance, c.prior)[2])
 
 
 @command()
 def export(
-    tree: str = typer.Argument(..., help="Tree file (.json, .py, .py:NAME, .txt), published name (mc_sim_7b_63) or '[[0], [0, 0]]'."),
-    out: Path = typer.Option(..., "--out", "-o", help="File to write."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="json, python (Medusa), trtllm, vllm or chain; default from the suffix."),
-    target: Optional[str] = typer.Option(None, "--target", help="Also check this consumer's rules: medusa, trtllm, vllm or chain."),
+    tree: str = opt(ExportConfig, "tree", "--tree", "-t", help=f"The tree: {TreeHelp}."),
+    out: Path = opt(ExportConfig, "out", "--output", "-o", help="File to write."),
+    fmt: Optional[str] = opt(ExportConfig, "fmt", "--format", help="json, python (Medusa), trtllm, vllm or chain; default from the suffix."),
+    target: Optional[str] = opt(ExportConfig, "target", "--target", help="Also check this consumer's rules: medusa, trtllm, vllm or chain."),
 ):
     """Write a tree for a consumer, after checking that consumer's rules (one line naming a broken rule)."""
     from treeopt.search.api import export_report
 
-    typer.echo(export_report(tree, out, fmt, target))
+    c = settings(ExportConfig, locals())
+    typer.echo(export_report(c.tree, c.out, c.fmt, c.target))
 
 
 @command()
 def evaluate(
-    trees: List[str] = typer.Argument(..., help="Tree files (.json, .py, .py:NAME, .txt), published names (mc_sim_7b_63) or '[[0], [0, 0]]'."),
+    trees: Optional[List[str]] = opt(EvaluateConfig, "trees", "--tree", "-t", help=f"A tree to replay (repeat the option for more): {TreeHelp}."),
     calibration: Path = CalibrationOpt,
     acceptance_model: str = AcceptanceModelOpt,
-    split: Optional[float] = typer.Option(None, "--split", help="Fit on this fraction of prompts, replay on the rest (e.g. 0.8)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the prompt split."),
+    split: Optional[float] = opt(EvaluateConfig, "split", "--split", help="Fit on this fraction of prompts, replay on the rest (e.g. 0.8)."),
+    seed: int = opt(EvaluateConfig, "seed", "--seed", help="Seed of the prompt split."),
     latency: Optional[Path] = LatencyOpt,
     acceptance: str = AcceptanceOpt,
     prior: Optional[Path] = PriorOpt,
@@ -262,29 +314,30 @@ def evaluate(
     """Replay trees on a calibration (exact greedy Medusa decoding) next to the baselines."""
     from treeopt.search.api import evaluate_report
 
-    typer.echo(evaluate_report(trees, calibration, acceptance_model, split, seed, latency, acceptance=acceptance,
-                               prior=prior)[1])
+    c = settings(EvaluateConfig, locals())
+    typer.echo(evaluate_report(list(c.trees), c.calibration, c.acceptance_model, c.split, c.seed, c.latency,
+                               acceptance=c.acceptance, prior=c.prior)[1])
 
 
 @command()
 def sweep(
     calibration: Path = CalibrationOpt,
-    max_nodes: int = typer.Option(256, "--max-nodes", help="Largest tree size."),
+    max_nodes: int = opt(SweepConfig, "max_nodes", "--max-nodes", help="Largest tree size."),
     acceptance_model: str = AcceptanceModelOpt,
     latency: Optional[Path] = LatencyOpt,
-    max_depth: Optional[int] = typer.Option(None, "--max-depth", help="Deepest path (default: number of heads)."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Highest rank + 1 per head."),
-    replayed: bool = typer.Option(False, "--replay", help="Also replay every size (slower)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="CSV to write."),
+    max_depth: Optional[int] = MaxDepthOpt,
+    max_rank: Optional[int] = MaxRankOpt,
+    replayed: bool = opt(SweepConfig, "replayed", "--replay", help="Also replay every size (slower)."),
+    out: Optional[Path] = opt(SweepConfig, "out", "--output", "-o", help="CSV to write."),
     acceptance: str = AcceptanceOpt,
     prior: Optional[Path] = PriorOpt,
 ):
     """Predicted tokens/step (and tokens/s with --latency) of the best tree of every size 0..N."""
     from treeopt.search.api import sweep_report
 
-    typer.echo(sweep_report(calibration, max_nodes, acceptance_model, latency, max_depth, top_k, replayed, out,
-                            acceptance=acceptance, prior=prior)[1])
-
+    c = settings(SweepConfig, locals())
+    typer.echo(sweep_report(c.calibration, c.max_nodes, c.acceptance_model, c.latency, c.max_depth, c.max_rank,
+                            c.replayed, c.out, acceptance=c.acceptance, prior=c.prior)[1])
 
 
 # --- decode, bench, profile (decoding/) ---
@@ -293,13 +346,13 @@ def sweep(
 @command()
 def decode(
     instruction: str = typer.Argument(..., help="The user turn to answer."),
-    tree: Optional[str] = typer.Option(None, "--tree", "-t", help="Tree: a .json/.py/.txt tree file, a published name or '[[0], [0, 0]]'; none: plain decoding."),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    tree: Optional[str] = opt(DecodeConfig, "tree", "--tree", "-t", help=f"The tree: {TreeHelp}; none: plain decoding."),
+    max_new_tokens: int = opt(DecodeConfig, "max_new_tokens", "--max-new-tokens"),
     acceptance: str = AcceptanceOpt,
     temperature: float = TemperatureOpt,
     posterior_threshold: float = ThresholdOpt,
     posterior_alpha: float = AlphaOpt,
-    seed: int = typer.Option(0, "--seed", help="typical: the sampling seed."),
+    seed: int = opt(DecodeConfig, "seed", "--seed", help="typical: the sampling seed."),
     model: str = ModelOpt,
     heads: Optional[str] = HeadsOpt,
     device: str = DeviceOpt,
@@ -311,30 +364,31 @@ def decode(
     """Answer one instruction with Medusa tree decoding; print the reply and tokens/step."""
     from treeopt.decoding.decoder import Acceptance, run_decode
 
-    rule = Acceptance(acceptance, temperature, posterior_threshold, posterior_alpha, seed)
-    text, r = run_decode(instruction, tree, model, heads, max_new_tokens, rule, device, dtype, compiled, device_map,
-                         max_memory)
+    c = settings(DecodeConfig, locals())
+    rule = Acceptance(c.acceptance, c.temperature, c.posterior_threshold, c.posterior_alpha, c.seed)
+    text, r = run_decode(instruction, c.tree, c.model, c.heads, c.max_new_tokens, rule, c.device, c.dtype, c.compiled,
+                         c.device_map, c.max_memory)
     typer.echo(text)
     typer.echo(f"{len(r.tokens)} tokens in {r.steps} steps: {r.tokens_per_step:.2f} tokens/step, "
                f"{len(r.tokens) / max(r.decode_s, 1e-9):.1f} tokens/s decoding, prefill {r.prefill_s * 1e3:.0f} ms", err=True)
 
 
-@command()
+@command(resumable=True)
 def bench(
-    trees: Optional[List[str]] = typer.Option(None, "--trees", "--tree", "-t", help="Tree to benchmark (repeat the option for more): a tree file, a published name or '[[0], [0, 0]]'."),
-    cartesian: Optional[List[str]] = typer.Option(None, "--cartesian", help="Cartesian trees, top-k per depth: 2x3,3x2x2."),
+    trees: Optional[List[str]] = opt(BenchConfig, "trees", "--tree", "-t", help=f"A tree to benchmark (repeat the option for more): {TreeHelp}."),
+    cartesian: Optional[List[str]] = opt(BenchConfig, "cartesian", "--cartesian", help="Cartesian trees, top-k per depth: 2x3,3x2x2."),
     prompts: Optional[str] = PromptsOpt,
-    limit: Optional[int] = typer.Option(20, "--limit", help="Prompts to use (the first N)."),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", "-c", help="Calibration directory: adds predicted tokens/step."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory for bench.csv and bench.json (re-run to resume)."),
-    repeats: int = typer.Option(5, "--repeats", help="Timed forwards per tree size for forward_ms."),
+    first: Optional[int] = opt(BenchConfig, "first", "--first", help="Use the first N prompts, in file order."),
+    max_new_tokens: int = opt(BenchConfig, "max_new_tokens", "--max-new-tokens"),
+    calibration: Optional[Path] = opt(BenchConfig, "calibration", "--calibration", "-c", help="Calibration directory: adds predicted tokens/step."),
+    out: Optional[Path] = opt(BenchConfig, "out", "--output-dir", "-o", help="Directory for bench.csv and bench.json (re-run to resume)."),
+    repeats: int = opt(BenchConfig, "repeats", "--repeats", help="Timed forwards per tree size for forward_ms."),
     threads: Optional[int] = ThreadsOpt,
     acceptance: str = AcceptanceOpt,
     temperature: float = TemperatureOpt,
     posterior_threshold: float = ThresholdOpt,
     posterior_alpha: float = AlphaOpt,
-    seed: int = typer.Option(0, "--seed", help="typical: the sampling seed (the same seed gives the same numbers)."),
+    seed: int = opt(BenchConfig, "seed", "--seed", help="typical: the sampling seed (the same seed gives the same numbers)."),
     model: str = ModelOpt,
     heads: Optional[str] = HeadsOpt,
     device: str = DeviceOpt,
@@ -345,28 +399,22 @@ def bench(
     quiet: bool = QuietOpt,
 ):
     """Plain greedy vs tree decoding on the same prompts: tokens/step, overhead, speedup, lossless match."""
-    from treeopt.decoding.decoder import Acceptance
     from treeopt.reports.bench import render, run_bench
 
-    rule = Acceptance(acceptance, temperature, posterior_threshold, posterior_alpha, seed)
-    result = run_bench(model=model, heads=heads, trees=trees or (), cartesian=cartesian or (), prompts=prompts,
-                       limit=limit, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
-                       calibration=str(calibration) if calibration else None, out=out, repeats=repeats,
-                       progress=_progress(quiet), threads=threads, compiled=compiled, device_map=device_map,
-                       max_memory=max_memory, acceptance=rule)
-    typer.echo(render(result))
-    if out is not None:
-        typer.echo(f"wrote {out / 'bench.csv'} and {out / 'bench.json'}", err=True)
+    c = settings(BenchConfig, locals())
+    typer.echo(render(run_bench(c, progress=_progress(quiet))))
+    if c.out is not None:
+        typer.echo(f"wrote {Path(c.out) / 'bench.csv'} and {Path(c.out) / 'bench.json'}", err=True)
 
 
 @command()
 def profile(
-    out: Path = typer.Option(Path("latency.csv"), "--out", "-o", help="CSV to write (what `search --nodes auto --latency` reads)."),
-    sizes: Optional[str] = typer.Option(None, "--sizes", help="Tree sizes, comma-separated; default 0,1,2,4,8,16,24,32,48,64,96,128,192,256."),
-    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Sequences per forward, comma-separated (e.g. 1,4,16): one set of rows each; default 1."),
-    context: int = typer.Option(256, "--context", help="Tokens already in the KV cache."),
-    repeats: int = typer.Option(5, "--repeats", help="Timed forwards per size (the median is kept)."),
-    tree: Optional[str] = typer.Option(None, "--tree", "-t", help="Time this tree's first N nodes at each size N (e.g. `search -n 64`'s tree: the shapes `--nodes auto` chooses among; default sizes: those it holds); default: balanced trees."),
+    out: Path = opt(ProfileConfig, "out", "--output", "-o", help="CSV to write (what `search --nodes auto --latency` reads)."),
+    sizes: Optional[str] = opt(ProfileConfig, "sizes", "--sizes", help="Tree sizes, comma-separated; default 0,1,2,4,8,16,24,32,48,64,96,128,192,256 (with --tree: those it holds)."),
+    serving_batches: str = opt(ProfileConfig, "serving_batches", "--serving-batches", help="Sequences per forward, comma-separated (e.g. 1,4,16): one set of rows each."),
+    context: int = opt(ProfileConfig, "context", "--context", help="Tokens already in the KV cache."),
+    repeats: int = opt(ProfileConfig, "repeats", "--repeats", help="Timed forwards per size (the median is kept)."),
+    tree: Optional[str] = opt(ProfileConfig, "tree", "--tree", "-t", help="Time this tree's first N nodes at each size N (e.g. `search -n 64`'s tree: the shapes `--nodes auto` chooses among); default: balanced trees."),
     threads: Optional[int] = ThreadsOpt,
     model: str = ModelOpt,
     heads: Optional[str] = HeadsOpt,
@@ -380,11 +428,9 @@ def profile(
     """Time one decoding step vs tree size on this device, beside the machine's roofline, into a CSV."""
     from treeopt.decoding.profile import render_profile, run_profile
 
-    df = run_profile(model=model, heads=heads, sizes=sizes, context=context, repeats=repeats, device=device,
-                     dtype=dtype, out=out, progress=_progress(quiet), threads=threads, device_map=device_map,
-                     max_memory=max_memory, batch_sizes=batch_sizes, compiled=compiled, tree=tree)
-    typer.echo(render_profile(df))
-    typer.echo(f"wrote {out}", err=True)
+    c = settings(ProfileConfig, locals())
+    typer.echo(render_profile(run_profile(c, progress=_progress(quiet))))
+    typer.echo(f"wrote {c.out}", err=True)
 
 
 # --- plot, report, demo (reports/) ---
@@ -392,20 +438,21 @@ def profile(
 
 @command()
 def plot(
-    tree: str = typer.Argument(..., help="Tree: a .json/.py/.txt tree file, a published name (mc_sim_7b_63) or '[[0], [0, 0]]'."),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", "-c", help="Calibration directory: colour nodes by acceptance probability."),
-    out: Path = typer.Option(Path("tree.png"), "--out", "-o", help="Picture to write: .png or .svg."),
+    tree: str = opt(PlotConfig, "tree", "--tree", "-t", help=f"The tree: {TreeHelp}."),
+    calibration: Optional[Path] = opt(PlotConfig, "calibration", "--calibration", "-c", help="Calibration directory: colour nodes by acceptance probability."),
+    out: Path = opt(PlotConfig, "out", "--output", "-o", help="Picture to write: .png or .svg."),
     acceptance_model: str = AcceptanceModelOpt,
 ):
     """Draw a tree: one level per head, nodes labelled by rank, coloured by acceptance probability."""
     from treeopt.reports.plots import draw_tree
 
-    typer.echo(draw_tree(tree, out, calibration=calibration, model=acceptance_model))
+    c = settings(PlotConfig, locals())
+    typer.echo(draw_tree(c.tree, c.out, calibration=c.calibration, model=c.acceptance_model))
 
 
 @command()
 def report(
-    run_dir: Path = typer.Argument(..., help="Run directory (e.g. the --out of `treeopt demo`)."),
+    run_dir: Path = typer.Argument(..., help="Run directory (e.g. the --output-dir of `treeopt demo`)."),
 ):
     """Write RUN_DIR/report.md and a self-contained RUN_DIR/report.html with the run's tables and charts."""
     from treeopt.reports.report import write_report
@@ -414,19 +461,19 @@ def report(
     typer.echo(f"wrote {md}\nwrote {page}")
 
 
-@command()
+@command(resumable=True)
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run directory (re-running resumes it)."),
-    limit: int = typer.Option(24, "--limit", help="Prompts to calibrate on, drawn at random across the prompt file's sources (seeded by --seed)."),
-    bench_prompts: int = typer.Option(8, "--bench-prompts", help="Held-out prompts to benchmark on, drawn the same way among the others."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the prompt draw."),
-    max_new_tokens: int = typer.Option(96, "--max-new-tokens", help="New tokens per prompt (calibration and bench)."),
-    nodes: str = typer.Option("16", "--nodes", help="Size of the searched tree (16 keeps a CPU demo short; 64 on a GPU), or `auto`: the size of best predicted tokens/s on this machine (uses the profile)."),
-    top_k: int = typer.Option(10, "--top-k", help="Ranks per head recorded by the calibration."),
-    cartesian: str = typer.Option("best", "--cartesian", help="Cartesian baselines: `best` (the best one as large as the searched tree) and/or e.g. 2x3; each is benched beside a searched tree of its size."),
-    published: str = typer.Option("mc_sim_7b_63", "--published", help="Medusa's published trees to bench (beside a searched tree of their size), comma-separated; '' for none."),
-    chain: bool = typer.Option(True, "--chain/--no-chain", help="Bench the top-1 chain (what vLLM and TGI draft) beside a searched tree of its size."),
-    profile_sizes: str = typer.Option("0,1,2,4,8,16,32,64", "--profile-sizes", help="Tree sizes to time (latency.csv); '' to skip."),
+    out: Path = typer.Option(Path(layout.DEMO_DIR), "--output-dir", "-o", help="Run directory (re-running resumes it)."),
+    fit_prompts: int = opt(DemoConfig, "fit_prompts", "--limit", help="Prompts to calibrate on, drawn at random across the prompt file's sources (seeded by --seed)."),
+    bench_prompts: int = opt(DemoConfig, "bench_prompts", "--bench-prompts", help="Held-out prompts to benchmark on, drawn the same way among the others."),
+    seed: int = opt(DemoConfig, "seed", "--seed", help="Seed of the prompt draw."),
+    max_new_tokens: int = opt(DemoConfig, "max_new_tokens", "--max-new-tokens", help="New tokens per prompt (calibration and bench)."),
+    nodes: str = opt(DemoConfig, "nodes", "--nodes", help="Size of the searched tree (16 keeps a CPU demo short; 64 on a GPU), or `auto`: the size of best predicted tokens/s on this machine (uses the profile)."),
+    top_k: int = opt(DemoConfig, "top_k", "--top-k", help="Ranks recorded per head by the calibration."),
+    cartesian: str = joined(DemoConfig, "cartesian", "--cartesian", help="Cartesian baselines, comma-separated: `best` (the best one as large as the searched tree) and/or e.g. 2x3; each is benched beside a searched tree of its size; '' for none."),
+    published: str = joined(DemoConfig, "published", "--published", help="Medusa's published trees to bench (beside a searched tree of their size), comma-separated; '' for none."),
+    chain: bool = opt(DemoConfig, "chain", "--chain/--no-chain", help="Bench the top-1 chain (what vLLM and TGI draft) beside a searched tree of its size."),
+    profile_sizes: str = opt(DemoConfig, "profile_sizes", "--profile-sizes", help="Tree sizes to time (latency.csv); '' to skip."),
     prompts: Optional[str] = PromptsOpt,
     model: str = ModelOpt,
     heads: Optional[str] = HeadsOpt,
@@ -438,16 +485,9 @@ def demo(
 ):
     """The main job, small: calibrate on a random sample of AlpacaEval, search the tree, bench each baseline
     (Cartesian, published, chain) beside a searched tree of its size on held-out prompts, write the report."""
-    from treeopt.demo import DemoConfig, run_demo
+    from treeopt.demo import run_demo
 
-    split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
-    if nodes != "auto" and not nodes.isdigit():
-        raise TreeoptError(f"--nodes {nodes!r}: pass a number of nodes, e.g. 64, or auto")
-    config = DemoConfig(model=model, heads=heads, prompts=prompts, seed=seed, fit_prompts=limit,
-                        bench_prompts=bench_prompts, max_new_tokens=max_new_tokens, top_k=top_k,
-                        nodes=nodes if nodes == "auto" else int(nodes),
-                        cartesian=split(cartesian), published=split(published), chain=chain,
-                        profile_sizes=profile_sizes, device=device, dtype=dtype, compiled=compiled, threads=threads)
+    config = settings(DemoConfig, locals())
     run_demo(out, config, log=typer.echo, progress=_progress(quiet))
 
 

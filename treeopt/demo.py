@@ -32,40 +32,56 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from treeopt.core import layout
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import check_writable, locking, write_text
-from treeopt.core.record import ACCURACY, CONTINUATIONS, META, RANKS
+from treeopt.core.layout import DEMO, HELDOUT, PROFILE_TREE, STAGES
+from treeopt.core.settings import (DEFAULT_ACCEPTANCE_MODEL, BenchConfig, CalibrationConfig, EngineSettings,
+                                   ModelSettings, ProfileConfig, at_least, int_list)
 from treeopt.core.stage import Stage
 from treeopt.core.validate import sha256_file
 
-DEMO = "demo.json"
-STAGES = "stages"  # OUT/stages/NAME/: the settings and input hashes that made a stage's outputs, and their fingerprints
 OUTPUTS = "outputs"  # the one part of a demo stage
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    model: str = "smollm2-135m"
-    heads: str | None = None  # None: the heads shipped for the bundled model
+    """The demo's settings: the defaults of the commands it runs (ModelSettings, CalibrationConfig), apart
+    from those a short run on a CPU needs. Every number and every tree spec is checked here, before the
+    demo writes anything."""
+    OPTION = {"fit_prompts": "--limit"}
+    model: str = ModelSettings.model
+    heads: str | None = ModelSettings.heads  # None: the heads shipped for the bundled model
     prompts: str | None = None  # None: treeopt.core.prompts.default_prompts() (AlpacaEval)
     seed: int = 0  # of the random draw of the fit and bench prompts
     fit_prompts: int = 24  # calibrate on these
     bench_prompts: int = 8  # and bench on the next ones
     max_new_tokens: int = 96  # per prompt, in calibration and bench
-    top_k: int = 10  # ranks the calibration records per head
+    top_k: int = CalibrationConfig.top_k  # ranks the calibration records per head
     nodes: int | str = 16  # searched tree size (64 on a GPU), or "auto": best predicted tokens/s (needs the profile)
     cartesian: tuple[str, ...] = ("best",)  # Cartesian baselines: "best" = the best one as large as the searched tree, or e.g. "2x3"
     published: tuple[str, ...] = ("mc_sim_7b_63",)  # Medusa's published trees to bench
     chain: bool = True  # bench the top-1 chain (what vLLM and TGI draft) too
     profile_sizes: str = "0,1,2,4,8,16,32,64"  # latency profile sizes ("" to skip the profile)
-    device: str = "auto"
-    dtype: str = "auto"
-    compiled: bool | None = None  # torch.compile the decoding steps (profile and bench); None: on the CPU bf16 fast path
-    threads: int | None = None  # torch CPU threads (None: torch's default); 1 is best on a shared machine
+    device: str = ModelSettings.device
+    dtype: str = ModelSettings.dtype
+    compiled: bool | None = EngineSettings.compiled  # torch.compile the decoding steps (profile and bench)
+    threads: int | None = EngineSettings.threads  # torch CPU threads (None: torch's default); 1 is best on a shared machine
 
-
-HELDOUT = "calibration-heldout"
-PROFILE_TREE = "profile-tree.json"  # the searched tree whose prefixes the profile times
+    def __post_init__(self):
+        split = lambda v: tuple(x.strip() for x in v.split(",") if x.strip()) if isinstance(v, str) else tuple(v)  # noqa: E731
+        object.__setattr__(self, "cartesian", split(self.cartesian))
+        object.__setattr__(self, "published", split(self.published))
+        nodes = str(self.nodes)
+        if nodes != "auto" and not nodes.isdigit():
+            raise TreeoptError(f"--nodes {nodes!r} is not a number: pass a number of nodes, e.g. 64, or auto")
+        object.__setattr__(self, "nodes", nodes if nodes == "auto" else int(nodes))
+        at_least(self, fit_prompts=1, bench_prompts=1, max_new_tokens=1, top_k=1, threads=1,
+                 **({} if self.nodes == "auto" else {"nodes": 1}))
+        CalibrationConfig(top_k=self.top_k, max_new_tokens=self.max_new_tokens)  # the calibration's own checks
+        sizes = int_list(self.profile_sizes, "--profile-sizes", 0)
+        if self.nodes == "auto" and not sizes:
+            raise TreeoptError("--nodes auto needs the latency profile: drop --profile-sizes '' or pass --nodes N")
 
 
 @dataclass
@@ -95,7 +111,7 @@ def _check_settings(out: Path, cfg: DemoConfig) -> dict:
     if old.get("settings") != _settings(cfg):
         changed = sorted(k for k, v in _settings(cfg).items() if old.get("settings", {}).get(k) != v)
         raise TreeoptError(f"{out} holds a demo run with other settings ({', '.join(changed)}): "
-                           "pass another --out, or delete that directory to start over")
+                           "pass another --output-dir, or delete that directory to start over")
     return old
 
 
@@ -142,8 +158,6 @@ def split_prompts(cfg: DemoConfig, log: Callable[[str], None] = print,
     out even where the file repeats a prompt."""
     from treeopt.core.prompts import load_prompts, normalized, stratified_sample
 
-    if cfg.fit_prompts < 1 or cfg.bench_prompts < 1:
-        raise TreeoptError("--limit and --bench-prompts must both be at least 1")
     source = source or prompt_source(cfg, log)[0]
     instructions, sources = load_prompts(source)
     fit = stratified_sample(sources, cfg.fit_prompts, cfg.seed)
@@ -158,19 +172,20 @@ def split_prompts(cfg: DemoConfig, log: Callable[[str], None] = print,
 
 
 @locking("out")
-def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None,
+def run_demo(out: str | Path = layout.DEMO_DIR, config: DemoConfig | None = None,
              log: Callable[[str], None] = print, progress: bool = False) -> DemoResult:
     """Run (or resume) every stage of the demo into `out`; returns where the report is. `progress`
     shows progress bars on the long stages (calibrations, profile, bench)."""
+    from treeopt.core.record import ACCURACY, CONTINUATIONS, META, RANKS
     from treeopt.decoding.models import set_threads
 
     cfg = config or DemoConfig()
     set_threads(cfg.threads)
-    out = check_writable(out, directory=True, fix="pass another --out")
+    out = check_writable(out, directory=True, fix="pass another --output-dir")
     _check_inputs(cfg)
     old = _check_settings(out, cfg)
     stages: dict[str, float] = dict(old.get("stages", {}))
-    result = DemoResult(out, out / "report.html")
+    result = DemoResult(out, out / layout.REPORT_HTML)
     t_start = time.perf_counter()
 
     def stage(name: str, settings: dict, inputs: list[Path], outputs: list[Path], fn):
@@ -196,8 +211,8 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None,
         log(f"[{name}] {stages[name]:.1f} s")
         _save(out, cfg, stages, old)
 
-    fit_file, bench_file = out / "prompts" / "fit.json", out / "prompts" / "bench.json"
-    cal_file, latency, tree_file = out / "calibration" / META, out / "latency.csv", out / "tree.json"
+    fit_file, bench_file, source_file = out / layout.FIT_PROMPTS, out / layout.HELD_PROMPTS, out / layout.PROMPT_SOURCE
+    cal_file, latency, tree_file = out / layout.CALIBRATION / META, out / layout.LATENCY, out / layout.TREE
     held_file = out / HELDOUT / META
 
     def prompts():
@@ -205,13 +220,13 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None,
         fit, held = split_prompts(cfg, log, source)
         write_text(fit_file, json.dumps(fit, indent=1) + "\n")
         write_text(bench_file, json.dumps(held, indent=1) + "\n")
-        write_text(out / "prompts" / "source.json", json.dumps({"source": source, "note": note, "seed": cfg.seed,
+        write_text(source_file, json.dumps({"source": source, "note": note, "seed": cfg.seed,
                                                                 "fit": len(fit), "held_out": len(held)}, indent=1) + "\n")
 
     c = _settings(cfg)
     model = {k: c[k] for k in ("model", "heads", "device", "dtype")}
     stage("prompts", {k: c[k] for k in ("prompts", "seed", "fit_prompts", "bench_prompts")}, [],
-          [fit_file, bench_file, out / "prompts" / "source.json"], prompts)
+          [fit_file, bench_file, source_file], prompts)
     calibration = {**model, "max_new_tokens": c["max_new_tokens"], "top_k": c["top_k"]}
     files = lambda d: [d / f for f in (RANKS, CONTINUATIONS, ACCURACY, META)]  # noqa: E731  a calibration's files
     stage("calibrate", calibration, [fit_file], files(cal_file.parent),
@@ -223,11 +238,11 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None,
                           "compiled": c["compiled"]}, [cal_file], [latency, out / PROFILE_TREE],
               lambda: _profile(cfg, out, progress))
     stage("search", {"nodes": c["nodes"]}, [cal_file] + ([latency] if cfg.profile_sizes else []),
-          [tree_file, out / "sweep.csv"], lambda: _search(cfg, out, log))
+          [tree_file, out / layout.SWEEP], lambda: _search(cfg, out, log))
     stage("bench", {**model, "max_new_tokens": c["max_new_tokens"], "cartesian": c["cartesian"],
                     "published": c["published"], "chain": c["chain"], "compiled": c["compiled"]},
           [bench_file, cal_file, tree_file],
-          [out / "bench" / f for f in ("bench.csv", "bench.json")], lambda: _bench(cfg, out, bench_file, log, progress))
+          [out / layout.BENCH, out / layout.BENCH_META], lambda: _bench(cfg, out, bench_file, log, progress))
 
     from treeopt.reports.report import write_report
 
@@ -236,7 +251,7 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None,
     stages["report"] = result.stages["report"] = round(time.perf_counter() - t0, 2)
     result.wall_s = round(time.perf_counter() - t_start, 2)
     _save(out, cfg, stages, old, wall_s=result.wall_s)
-    log(f"report: {out / 'report.html'} (and {out / 'report.md'})")
+    log(f"report: {out / layout.REPORT_HTML} (and {out / layout.REPORT_MD})")
     return result
 
 
@@ -269,7 +284,7 @@ def _save(out: Path, cfg: DemoConfig, stages: dict, old: dict, wall_s: float | N
 
 
 def _calibrate(cfg: DemoConfig, prompts: Path, out: Path, progress: bool):
-    from treeopt.calibrate.run import CalibrationConfig, calibrate
+    from treeopt.calibrate.run import calibrate
 
     calibrate(CalibrationConfig(out=out, model=cfg.model, heads=cfg.heads, prompts=str(prompts),
                                 max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, device=cfg.device,
@@ -283,22 +298,23 @@ def _profile(cfg: DemoConfig, out: Path, progress: bool):
     from treeopt.search.api import search_report
 
     sizes = parse_sizes(cfg.profile_sizes)
-    tree = search_report(out / "calibration", max(sizes), out=out / PROFILE_TREE)[0].tree
-    run_profile(model=cfg.model, heads=cfg.heads, sizes=",".join(str(n) for n in sizes if n <= len(tree)),
-                context=cfg.max_new_tokens + 64, device=cfg.device, dtype=cfg.dtype, out=out / "latency.csv",
-                progress=progress, threads=cfg.threads, compiled=cfg.compiled, tree=out / PROFILE_TREE)
+    tree = search_report(out / layout.CALIBRATION, max(sizes), out=out / PROFILE_TREE)[0].tree
+    run_profile(ProfileConfig(model=cfg.model, heads=cfg.heads, sizes=",".join(str(n) for n in sizes if n <= len(tree)),
+                              context=cfg.max_new_tokens + 64, device=cfg.device, dtype=cfg.dtype,
+                              out=out / layout.LATENCY, threads=cfg.threads, compiled=cfg.compiled,
+                              tree=out / PROFILE_TREE), progress=progress)
 
 
 def _search(cfg: DemoConfig, out: Path, log):
     from treeopt.search.api import search_report, sweep_report
 
-    latency = out / "latency.csv" if (out / "latency.csv").is_file() else None
+    latency = out / layout.LATENCY if (out / layout.LATENCY).is_file() else None
     if cfg.nodes == "auto" and latency is None:
         raise TreeoptError("--nodes auto needs the latency profile: drop --profile-sizes '' or pass --nodes N")
-    result, _, text = search_report(out / "calibration", cfg.nodes, latency=latency, out=out / "tree.json")
+    result, _, text = search_report(out / layout.CALIBRATION, cfg.nodes, latency=latency, out=out / layout.TREE)
     max_nodes = max(len(result.tree), 128)
     log(text)
-    sweep_report(out / "calibration", max_nodes=max_nodes, latency=latency, out=out / "sweep.csv")
+    sweep_report(out / layout.CALIBRATION, max_nodes=max_nodes, latency=latency, out=out / layout.SWEEP)
 
 
 def cartesian_specs(cfg: DemoConfig, calibration, nodes: int) -> list[str]:
@@ -325,7 +341,7 @@ def bench_trees(cfg: DemoConfig, out: Path, calibration) -> list[str]:
     from treeopt.core.tree import Tree, truncate
     from treeopt.core.treefile import read_tree, read_tree_meta, write_tree
 
-    tree, meta = read_tree_meta(out / "tree.json")
+    tree, meta = read_tree_meta(out / layout.TREE)
     baselines: dict[str, tuple[Tree, dict]] = {}
     for spec in cartesian_specs(cfg, calibration, len(tree)):
         baselines[f"cartesian-{spec}"] = (Tree.cartesian([int(k) for k in spec.split("x")]), {})
@@ -337,15 +353,15 @@ def bench_trees(cfg: DemoConfig, out: Path, calibration) -> list[str]:
     if cfg.chain:
         baselines[f"chain-{calibration.num_heads}"] = (Tree.chain(calibration.num_heads), {"source": "top-1 chain"})
     sizes = sorted({len(tree)} | {len(t) for t, _ in baselines.values()})
-    found = search(calibration, max(sizes), meta.get("acceptance_model", "empirical"))
+    found = search(calibration, max(sizes), meta.get("acceptance_model", DEFAULT_ACCEPTANCE_MODEL))
     files = []
     for n in sizes:
         if n == len(tree):
-            files.append(write_tree(tree, out / "trees" / f"searched-{n}.json", **meta))
+            files.append(write_tree(tree, out / layout.TREES / f"searched-{n}.json", **meta))
         elif n <= len(found.tree):  # a small calibration may hold no n-node tree of nonzero value
-            files.append(write_tree(found.tree[:n], out / "trees" / f"searched-{n}.json",
+            files.append(write_tree(found.tree[:n], out / layout.TREES / f"searched-{n}.json",
                                     source=f"searched on {calibration.directory}"))
-        files += [write_tree(t, out / "trees" / f"{name}.json", **m) for name, (t, m) in baselines.items() if len(t) == n]
+        files += [write_tree(t, out / layout.TREES / f"{name}.json", **m) for name, (t, m) in baselines.items() if len(t) == n]
     return [str(f) for f in files]
 
 
@@ -353,9 +369,9 @@ def _bench(cfg: DemoConfig, out: Path, bench_file: Path, log, progress: bool):
     from treeopt.reports.bench import render, run_bench
     from treeopt.core.record import load_calibration
 
-    trees = bench_trees(cfg, out, load_calibration(out / "calibration"))
-    result = run_bench(model=cfg.model, heads=cfg.heads, trees=trees, prompts=str(bench_file), limit=None,
-                       max_new_tokens=cfg.max_new_tokens, device=cfg.device, dtype=cfg.dtype,
-                       calibration=str(out / "calibration"), out=out / "bench", progress=progress,
-                       threads=cfg.threads, compiled=cfg.compiled)
+    trees = bench_trees(cfg, out, load_calibration(out / layout.CALIBRATION))
+    result = run_bench(BenchConfig(model=cfg.model, heads=cfg.heads, trees=tuple(trees), prompts=str(bench_file),
+                                   first=None, max_new_tokens=cfg.max_new_tokens, device=cfg.device, dtype=cfg.dtype,
+                                   calibration=str(out / layout.CALIBRATION), out=out / layout.BENCH_DIR,
+                                   threads=cfg.threads, compiled=cfg.compiled), progress=progress)
     log(render(result))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from treeopt.core.env import versions
 from treeopt.core.errors import TreeoptError
+from treeopt.core.settings import DEFAULT_MODEL
 
 
-def describe(model: str = "smollm2-135m", heads: str | None = None, device: str = "auto", dtype: str = "auto") -> str:
+def describe(model: str = DEFAULT_MODEL, heads: str | None = None, device: str = "auto", dtype: str = "auto") -> str:
     import torch
 
     from treeopt.decoding.heads import resolve_heads

@@ -270,7 +270,7 @@ def load_typical(directory: str | Path) -> TypicalRecord:
         df = pd.read_parquet(directory / TYPICAL)
         probe = Tree(tuple(map(tuple, meta["probe"])))
         flags = df[flag_columns(len(probe))].to_numpy(bool)
-        order = np.lexsort((df["step"].to_numpy(), df["prompt_id"].to_numpy()))  # no step: a record of an older design
+        order = np.lexsort((df["step"].to_numpy(), df["prompt_id"].to_numpy()))  # no `step` column: not a step record
     except Exception as e:  # pyarrow, KeyError, TreeoptError: a damaged or partial record
         raise TreeoptError(f"{directory} has an unreadable typical record ({type(e).__name__}): "
                            "re-run `treeopt calibrate --acceptance typical`") from None

@@ -131,12 +131,6 @@ def replay(tree: Tree, calibration: Calibration | Positions) -> ReplayResult:
     return ReplayResult(rows.prompt_ids, rows.ends - rows.starts, steps)
 
 
-def walk_steps(prompt_ids: np.ndarray, starts: np.ndarray, ends: np.ndarray, depth: np.ndarray) -> ReplayResult:
-    """Steps over logged texts: prompt p's rows are starts[p]..ends[p]-1 (one per position, in order);
-    a step at row t accepts depth[t] [N] tokens after its root and moves to t + 1 + depth[t]."""
-    rows = Positions(np.empty((len(depth), 0), np.int16), 0, prompt_ids, starts, ends)
-    return ReplayResult(prompt_ids, ends - starts, _steps(rows, depth[None])[0])
-
 
 def replay_prefixes(tree: Tree, calibration: Calibration | Positions, sizes) -> list[ReplayResult]:
     """`replay(tree[:m])` for every m in `sizes`, walking the tree once. A greedily grown tree lists

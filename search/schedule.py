@@ -22,10 +22,8 @@ from treeopt.search.acceptance import DEFAULT_MODEL, resolve_model
 from treeopt.search.budget import Latency, choose_nodes
 from treeopt.search.crossval import cross_validated_curve, sweep_sizes
 from treeopt.search.grow import search
-from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import write_text
 from treeopt.core.record import Calibration
-from treeopt.core.tree import Tree
 
 
 def batch_schedule(calibration: Calibration, latencies: dict[int, Latency], model: str = DEFAULT_MODEL,
@@ -55,13 +53,3 @@ def write_schedule(path: str | Path, entries: list[dict], **meta) -> Path:
     rows = ",\n".join("  " + json.dumps(e) for e in entries)
     write_text(path, "{" + ", ".join(fields + [f'"schedule": [\n{rows}\n]']) + "}\n")
     return Path(path)
-
-
-def read_schedule(path: str | Path) -> tuple[dict[int, Tree], list[dict]]:
-    """{batch size: tree} and the entries as written."""
-    try:
-        entries = json.loads(Path(path).read_text())["schedule"]
-        return {int(e["batch_size"]): Tree.from_choices(e["medusa_choices"]) for e in entries}, entries
-    except (OSError, ValueError, KeyError, TypeError):
-        raise TreeoptError(f"{path} is not a schedule file: write one with `treeopt search --serving-batches 1,4,16 "
-                           "--latency FILE -o schedule.json`") from None

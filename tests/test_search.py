@@ -207,7 +207,7 @@ def test_batch_sizes_in_latency_files_sweep_and_schedule(make_calibration, tmp_p
     picks fewer nodes as B grows, the sweep has one curve per batch size, the schedule file maps each
     batch size to its tree."""
     from treeopt.search.budget import read_latencies
-    from treeopt.search.schedule import batch_schedule, read_schedule
+    from treeopt.search.schedule import batch_schedule
 
     cal = make_calibration(random_ranks([300, 250, 200], 3, 5, seed=7), top_k=5)
     f = tmp_path / "latency.csv"
@@ -236,7 +236,8 @@ def test_batch_sizes_in_latency_files_sweep_and_schedule(make_calibration, tmp_p
     r = runner.invoke(app, ["search", "-c", str(cal.directory), "--latency", str(f), "--serving-batches", "1,4,16",
                             "-o", str(out)])
     assert r.exit_code == 0, r.output
-    trees, written = read_schedule(out)
+    written = json.loads(out.read_text())["schedule"]
+    trees = {e["batch_size"]: Tree.from_choices(e["medusa_choices"]) for e in written}
     assert list(trees) == [1, 4, 16] and [t.num_nodes for t in trees.values()] == picks
     assert trees[16] == trees[1][:picks[2]]  # prefixes of one greedy search
     assert written[0]["predicted_speedup"] == pytest.approx(entries[0]["predicted_speedup"])

@@ -48,10 +48,7 @@ def held_out(calibration: Calibration, groups: Sequence[np.ndarray], sizes: Sequ
         if fit_prompts is not None:
             rest = rng.choice(rest, min(fit_prompts, len(rest)), replace=False)
         fit, test = calibration.subset(rest), calibration.subset(group)
-        if target is not None and target.cartesian:
-            results = [replay(search(fit, m, model, max_depth, top_k, target).tree, test) for m in sizes]
-        else:
-            results = replay_prefixes(search(fit, max(sizes), model, max_depth, top_k, target).tree, test, sizes)
+        results = replay_prefixes(search(fit, max(sizes), model, max_depth, top_k, target).tree, test, sizes)
         for out, r in zip(per_size, results):
             out.append(r)
     return [concat(rs) for rs in per_size]

@@ -82,6 +82,9 @@ AlphaOpt = typer.Option(0.3, "--posterior-alpha", help="typical: delta, the entr
 PriorOpt = typer.Option(None, "--prior-calibration", help="typical: a greedy calibration of the same model and heads; the search shrinks the record's node gains toward its node values, strength cross-validated over the record's prompts.")
 LatencyOpt = typer.Option(None, "--latency", help="Latency CSV (nodes,forward_ms) from `treeopt profile`: adds tokens/s.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars (they are also off when stderr is not a terminal).")
+EngineOpt = typer.Option("treeopt", "--engine", help="treeopt (its own decoder) or vllm (vLLM >= 0.32 in its own environment, driven as a subprocess; see --vllm-python).")
+VllmPythonOpt = typer.Option(None, "--vllm-python", help="--engine vllm: the python of vLLM's environment (default $TREEOPT_VLLM_PYTHON, else .venv-vllm/bin/python beside the checkout, from `scripts/setup.sh --vllm`).")
+ChainsOpt = typer.Option("1,2,3,4", "--chains", help="--engine vllm: chain lengths k to run (vLLM drafts each head's top-1, k tokens); plain vLLM (k = 0) always runs.")
 
 
 def _progress(quiet: bool) -> bool:
@@ -218,9 +221,17 @@ def search(
     batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="e.g. 1,4,16,64: a schedule, the best tree at each batch size (needs --latency; -o writes one JSON file)."),
     acceptance: str = AcceptanceOpt,
     prior: Optional[Path] = PriorOpt,
+    engine: str = EngineOpt,
 ):
-    """Search the tree that maximizes expected tokens/step; compare it with the baselines."""
+    """Search the tree that maximizes expected tokens/step; compare it with the baselines.
+    --engine vllm: the chain length of best vLLM throughput per batch size (needs --latency from
+    `treeopt profile --engine vllm`), written as vLLM's --speculative-config JSON."""
     from treeopt.search.api import schedule_report, search_report
+
+    if engine == "vllm":
+        _vllm_search(calibration, latency, batch_sizes, batch_size, out, acceptance_model, fmt, target, nodes)
+        return
+    _treeopt_engine(engine)
 
     if batch_sizes is not None:
         if latency is None:
@@ -246,6 +257,21 @@ def export(
     from treeopt.search.api import export_report
 
     typer.echo(export_report(tree, out, fmt, target))
+
+
+@command("export-heads")
+def export_heads_cmd(
+    heads: str = typer.Argument(..., help="Medusa heads treeopt loads: a directory (Medusa's medusa_lm_head.pt or .safetensors, own or shared lm_head) or `default` (the heads shipped for the bundled model)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to write."),
+    fmt: str = typer.Option("vllm", "--format", help="vllm: the checkpoint vLLM's Medusa drafter loads (vLLM >= 0.32: `--speculative-config '{\"method\": \"medusa\", \"model\": OUT, \"num_speculative_tokens\": k}'`)."),
+    model: str = ModelOpt,
+):
+    """Write heads for a serving engine, then check the written weights give the heads' own top-k."""
+    from treeopt.decoding.heads import export_heads
+
+    if fmt != "vllm":
+        raise TreeoptError(f"--format {fmt!r}: export-heads writes vllm")
+    typer.echo(export_heads(heads, out, model))
 
 
 @command()
@@ -278,12 +304,47 @@ def sweep(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="CSV to write."),
     acceptance: str = AcceptanceOpt,
     prior: Optional[Path] = PriorOpt,
+    engine: str = EngineOpt,
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="--engine vllm: the batch sizes of --latency to size (default: all of them)."),
 ):
-    """Predicted tokens/step (and tokens/s with --latency) of the best tree of every size 0..N."""
+    """Predicted tokens/step (and tokens/s with --latency) of the best tree of every size 0..N.
+    --engine vllm: predicted vLLM tokens/s of every chain length at each batch size of --latency."""
     from treeopt.search.api import sweep_report
+
+    if engine == "vllm":
+        _vllm_search(calibration, latency, batch_sizes, None, out, acceptance_model, None, None, None, sweep=True)
+        return
+    _treeopt_engine(engine)
 
     typer.echo(sweep_report(calibration, max_nodes, acceptance_model, latency, max_depth, top_k, replayed, out,
                             acceptance=acceptance, prior=prior)[1])
+
+
+def _treeopt_engine(engine: str) -> None:
+    if engine not in ("treeopt", "vllm"):
+        raise TreeoptError(f"--engine {engine!r}: use treeopt or vllm")
+
+
+def _sizes(text: Optional[str], option: str) -> Optional[List[int]]:
+    if text is None:
+        return None
+    if not all(b.strip().isdigit() for b in text.split(",")):
+        raise TreeoptError(f"{option} {text!r}: give comma-separated integers, e.g. 1,4,16")
+    return [int(b) for b in text.split(",")]
+
+
+def _vllm_search(calibration, latency, batch_sizes, batch_size, out, acceptance_model, fmt, target, nodes,
+                 sweep: bool = False) -> None:
+    """search/sweep --engine vllm: options that size trees for treeopt's engine are refused."""
+    from treeopt.search.api import vllm_schedule_report
+
+    if latency is None:
+        raise TreeoptError("--engine vllm needs --latency FILE from `treeopt profile --engine vllm`")
+    for name, value, default in (("--format", fmt, None), ("--target", target, None), ("--nodes", nodes, "64")):
+        if value is not None and value != default:
+            raise TreeoptError(f"{name} sizes a tree for treeopt's engine; --engine vllm chooses the chain length itself")
+    sizes = _sizes(batch_sizes, "--batch-sizes") or ([batch_size] if batch_size not in (None, 1) else None)
+    typer.echo(vllm_schedule_report(calibration, latency, sizes, acceptance_model, out, sweep=sweep)[1])
 
 
 
@@ -343,10 +404,30 @@ def bench(
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemoryOpt,
     quiet: bool = QuietOpt,
+    engine: str = EngineOpt,
+    chains: str = ChainsOpt,
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="--engine vllm: concurrent requests, comma-separated (e.g. 1,4,16); default 1."),
+    vllm_python: Optional[Path] = VllmPythonOpt,
 ):
-    """Plain greedy vs tree decoding on the same prompts: tokens/step, overhead, speedup, lossless match."""
+    """Plain greedy vs tree decoding on the same prompts: tokens/step, overhead, speedup, lossless match.
+    --engine vllm: plain vLLM vs vLLM with the heads at each --chains length and --batch-sizes."""
     from treeopt.decoding.decoder import Acceptance
     from treeopt.reports.bench import render, run_bench
+
+    if engine == "vllm":
+        from treeopt.reports.vllm_bench import bench_vllm, render_vllm_bench
+
+        refused = [n for n, v in (("--trees", trees), ("--cartesian", cartesian), ("--device-map", device_map),
+                                  ("--threads", threads), ("--max-memory", max_memory)) if v]
+        if refused or acceptance != "greedy" or device not in ("auto", "cpu"):
+            raise TreeoptError(f"--engine vllm runs greedy top-1 chains on this CPU: drop {', '.join(refused) or '--acceptance/--device'} (chain lengths: --chains)")
+        df = bench_vllm(model=model, heads=heads, prompts=prompts, limit=limit, max_new_tokens=max_new_tokens,
+                        chains=_sizes(chains, "--chains"), batch_sizes=_sizes(batch_sizes, "--batch-sizes") or [1],
+                        calibration=calibration, out=out or Path("bench-vllm"), python=vllm_python, dtype=dtype,
+                        eager=compiled is not True, log=lambda m: typer.echo(m, err=True))
+        typer.echo(render_vllm_bench(df))
+        return
+    _treeopt_engine(engine)
 
     rule = Acceptance(acceptance, temperature, posterior_threshold, posterior_alpha, seed)
     result = run_bench(model=model, heads=heads, trees=trees or (), cartesian=cartesian or (), prompts=prompts,
@@ -376,9 +457,30 @@ def profile(
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemoryOpt,
     quiet: bool = QuietOpt,
+    engine: str = EngineOpt,
+    chains: str = typer.Option("0,1,2,3,4", "--chains", help="--engine vllm: chain lengths k to time (0: plain)."),
+    new_tokens: int = typer.Option(32, "--new-tokens", help="--engine vllm: tokens generated per request per timing."),
+    vllm_python: Optional[Path] = VllmPythonOpt,
 ):
-    """Time one decoding step vs tree size on this device, beside the machine's roofline, into a CSV."""
+    """Time one decoding step vs tree size on this device, beside the machine's roofline, into a CSV.
+    --engine vllm: vLLM's time per step and per token, plain and with a k-token chain, per batch size."""
     from treeopt.decoding.profile import render_profile, run_profile
+
+    if engine == "vllm":
+        from treeopt.decoding.vllm_engine import profile_vllm, render_vllm_profile
+
+        refused = [n for n, v in (("--sizes", sizes), ("--tree", tree), ("--device-map", device_map),
+                                  ("--threads", threads), ("--max-memory", max_memory)) if v]
+        if refused:
+            raise TreeoptError(f"{', '.join(refused)}: not for --engine vllm (it times chains: --chains)")
+        df = profile_vllm(model=model, heads=heads, chains=_sizes(chains, "--chains"),
+                          batch_sizes=_sizes(batch_sizes, "--batch-sizes") or [1], context=context,
+                          new_tokens=new_tokens, python=vllm_python, out=out, dtype=dtype, eager=compiled is not True,
+                          log=lambda m: typer.echo(m, err=True))
+        typer.echo(render_vllm_profile(df))
+        typer.echo(f"wrote {out}", err=True)
+        return
+    _treeopt_engine(engine)
 
     df = run_profile(model=model, heads=heads, sizes=sizes, context=context, repeats=repeats, device=device,
                      dtype=dtype, out=out, progress=_progress(quiet), threads=threads, device_map=device_map,

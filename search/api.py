@@ -258,6 +258,12 @@ def schedule_report(calibration: str | Path, latency: str | Path, batch_sizes: l
     return entries, "\n".join(lines)
 
 
+MEDUSA_FIXED_K = ("note: vLLM 0.32's Medusa drafter keeps k fixed (`vllm/v1/spec_decode/medusa.py`, MedusaProposer.propose "
+                  "asserts num_speculative_tokens == the configured one) and stops on a schedule whose k changes: "
+                  "for Medusa heads serve each batch range with its own k (the table); the ranges serve "
+                  "drafters that vary k")
+
+
 def vllm_schedule_report(calibration: str | Path, latency: str | Path, batch_sizes: list[int] | None = None,
                          model: str = DEFAULT_MODEL, out: str | Path | None = None,
                          sweep: bool = False) -> tuple[list[dict], str]:
@@ -292,6 +298,8 @@ def vllm_schedule_report(calibration: str | Path, latency: str | Path, batch_siz
                                              "predicted_tokens_per_s", "predicted_speedup")} for e in entries])
     lines.append(render_table(table))
     config = speculative_config(entries)
+    if config is not None and "num_speculative_tokens_per_batch_size" in config:
+        lines.append(MEDUSA_FIXED_K)
     if config is None:
         lines.append("speculation loses at every batch size: serve vLLM without --speculative-config")
     else:

@@ -214,3 +214,37 @@ def test_vllm_runs_the_exported_heads_losslessly(tmp_path):
     spec = df[df["k"] == 2]
     assert (spec["drafts"] > 0).all() and (spec["tokens_per_step"] >= 1).all()
     assert (df[df["k"] == 0]["drafts"] == 0).all()
+
+
+def test_search_and_sweep_engine_vllm_write_vllms_config(make_calibration, tmp_path):
+    from typer.testing import CliRunner
+
+    from treeopt.cli import app
+
+    rng = np.random.default_rng(1)
+    cal = make_calibration([np.where(rng.random((120, 4)) < [0.7, 0.5, 0.3, 0.1], 0, 3).astype(np.int16)
+                            for _ in range(6)], top_k=4)
+    rows = [f"{k},{ms},{b}" for b, step in ((1, 1.0), (16, 12.0)) for k, ms in enumerate(10 + step * np.arange(5))]
+    lat = tmp_path / "latency-vllm.csv"
+    lat.write_text("nodes,forward_ms,batch_size\n" + "\n".join(rows) + "\n")
+    runner = CliRunner()
+    base = ["search", "-c", str(cal.directory), "--engine", "vllm", "--latency", str(lat)]
+    r = runner.invoke(app, [*base, "-o", str(tmp_path / "spec.json")])
+    assert r.exit_code == 0, r.output
+    config = json.loads((tmp_path / "spec.json").read_text())
+    assert config["method"] == "medusa" and 1 <= config["num_speculative_tokens"] <= 4
+    assert validate_ranges(config["num_speculative_tokens_per_batch_size"])[-1] == (16, 16, 0)  # batch 16: plain
+    assert "keeps k fixed" in r.output
+    r = runner.invoke(app, [*base, "--batch-sizes", "16", "-o", str(tmp_path / "plain.json")])
+    assert r.exit_code == 0 and "speculation loses" in r.output and json.loads((tmp_path / "plain.json").read_text()) == {}
+    r = runner.invoke(app, [*base, "--target", "trtllm"])
+    assert r.exit_code == 2 and "chooses the chain length" in r.output
+    r = runner.invoke(app, ["sweep", "-c", str(cal.directory), "--engine", "vllm", "--latency", str(lat),
+                            "-o", str(tmp_path / "sweep.csv")])
+    assert r.exit_code == 0, r.output
+    import pandas as pd
+
+    sweep = pd.read_csv(tmp_path / "sweep.csv")
+    assert len(sweep) == 10 and (sweep.groupby("batch_size")["chosen"].count() == 1).all()
+    r = runner.invoke(app, ["search", "-c", str(cal.directory), "--engine", "tgi"])
+    assert r.exit_code == 2 and "--engine 'tgi'" in r.output

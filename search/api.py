@@ -154,8 +154,11 @@ def export_report(tree: str | Path, out: str | Path, format: str | None = None, 
     tgt = get_target(target)
     check_writable(out, fix="pass another --out")
     path = export(t, out, format, meta.get("num_heads"), tgt, {**meta, **({"target": tgt.name} if tgt else {})})
-    checked = " and ".join(t.consumer for t in export_targets(file_format(out, format), tgt))
-    return f"wrote {path}" + (f" (checked against {checked}'s rules)" if checked else "")
+    fmt = file_format(out, format)
+    checked = " and ".join(t.consumer for t in export_targets(fmt, tgt))
+    drafts = (f"; vLLM drafts each head's top-1, the chain {t.choices} (add \"model\": the heads from "
+              "`treeopt export-heads --format vllm`)") if fmt == "vllm" else ""
+    return f"wrote {path}" + (f" (checked against {checked}'s rules)" if checked else "") + drafts
 
 
 def evaluate_report(trees: list[str], calibration: str | Path, model: str = DEFAULT_MODEL, split: float | None = None,

@@ -215,8 +215,8 @@ def search(
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Highest rank + 1 per head (default: the calibration's top-k)."),
     max_nodes: int = typer.Option(256, "--max-nodes", help="Largest size --nodes auto considers."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Tree file to write (.json, .py, .txt)."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="json, python (Medusa's medusa_choices = [...]), trtllm (--medusa_choices string), vllm (--speculative-config keys) or chain (top-1 chain length); default from the suffix."),
-    target: Optional[str] = typer.Option(None, "--target", help="Search within a consumer's rules: medusa, trtllm, vllm or chain (see the README's 'Deploying a tree')."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="json, python (Medusa's medusa_choices = [...]), trtllm (the --medusa_choices string of TensorRT-LLM's TensorRT-engine Medusa path, for releases before that backend's removal, NVIDIA/TensorRT-LLM#15918), vllm (vLLM >= 0.32's --speculative-config: a top-1 chain of k tokens) or chain (top-1 chain length); default from the suffix."),
+    target: Optional[str] = typer.Option(None, "--target", help="Search within a consumer's rules: medusa, trtllm (TensorRT-LLM's engine backend, releases before NVIDIA/TensorRT-LLM#15918), vllm (>= 0.32: a top-1 chain) or chain (see the README's 'Deploying a tree')."),
     batch_size: int = typer.Option(1, "--batch-size", help="Sequences decoded together: --latency's rows for that batch size (`treeopt profile --batch-sizes`)."),
     batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="e.g. 1,4,16,64: a schedule, the best tree at each batch size (needs --latency; -o writes one JSON file)."),
     acceptance: str = AcceptanceOpt,
@@ -250,8 +250,8 @@ def search(
 def export(
     tree: str = typer.Argument(..., help="Tree file (.json, .py, .py:NAME, .txt), published name (mc_sim_7b_63) or '[[0], [0, 0]]'."),
     out: Path = typer.Option(..., "--out", "-o", help="File to write."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="json, python (Medusa), trtllm, vllm or chain; default from the suffix."),
-    target: Optional[str] = typer.Option(None, "--target", help="Also check this consumer's rules: medusa, trtllm, vllm or chain."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="json, python (Medusa), trtllm (TensorRT-LLM's engine backend, releases before NVIDIA/TensorRT-LLM#15918), vllm (vLLM >= 0.32: a top-1 chain) or chain; default from the suffix."),
+    target: Optional[str] = typer.Option(None, "--target", help="Also check this consumer's rules: medusa, trtllm (releases before NVIDIA/TensorRT-LLM#15918), vllm (>= 0.32) or chain."),
 ):
     """Write a tree for a consumer, after checking that consumer's rules (one line naming a broken rule)."""
     from treeopt.search.api import export_report

@@ -16,6 +16,9 @@ for several batch sizes, `num_speculative_tokens_per_batch_size`, a list of incl
 `validate_and_normalize_dynamic_sd_schedule`, requires positive, low <= high, k >= 0, sorted and
 non-overlapping, the first starting at 1; `build_dynamic_sd_schedule_lookup` carries the last range's
 k to every larger batch and caps each k at `num_speculative_tokens`, so that is the largest k.
+vLLM 0.32's Medusa drafter itself keeps k fixed (`MedusaProposer.propose` asserts
+`num_speculative_tokens == self.num_speculative_tokens`, and vLLM stops there on a schedule whose k
+changes): with Medusa heads each batch range is served with its own k (`treeopt.search.api` says so).
 """
 
 from __future__ import annotations

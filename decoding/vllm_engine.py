@@ -155,49 +155,64 @@ def prepare(model: str, heads: str | None, out: Path):
 # ---- profile --engine vllm ------------------------------------------------------------------------------
 
 PROFILE_COLUMNS = ["engine", "batch_size", "context", "nodes", "forward_ms", "ms_per_token", "tokens_per_step",
-                   "prefill_ms", "new_tokens", "vllm", "dtype", "model"]
+                   "tokens_per_s", "prefill_ms", "new_tokens", "requests", "vllm", "dtype", "model"]
 
 
 def profile_vllm(model: str = "smollm2-135m", heads: str | None = None, chains=(0, 1, 2, 3, 4), batch_sizes=(1,),
                  context: int = 256, new_tokens: int = 64, python: str | Path | None = None,
-                 out: Path = Path("latency-vllm.csv"), dtype: str = "auto", eager: bool = True, seed: int = 0,
+                 out: Path = Path("latency-vllm.csv"), dtype: str = "auto", eager: bool = True,
+                 prompts: str | None = None, limit: int | None = None, seed: int = 0,
                  log=lambda s: None) -> pd.DataFrame:
     """vLLM's time per decoding step and per generated token, plain (nodes 0) and with a k-token Medusa
-    chain (nodes k), for each batch size (concurrent requests) at `context` tokens of prompt.
+    chain (nodes k), for each batch size B (concurrent requests).
 
-    Per engine (one per k) and batch size: B random-token prompts of `context` tokens are generated
-    twice, for 1 token (prefill) and for `new_tokens` + 1 (ignore EOS); step time = (second - first)
-    ÷ steps, steps = `new_tokens` plain, else vLLM's drafts ÷ B. Rows are `treeopt search --latency`'s
-    columns (nodes, forward_ms, batch_size), so a search prices chains with vLLM's own step times."""
+    The requests: B random-token prompts of `context` tokens, or with `prompts` the first `limit` of
+    those instructions (chat template applied; real acceptance), B at a time. Each engine (one per k)
+    generates them twice at each B, for 1 token (prefill) and for `new_tokens` + 1 (ignoring EOS); step
+    time = (second - first) ÷ steps per request group, steps = `new_tokens` plain, else vLLM's drafts ÷
+    requests x B. Rows carry `treeopt search --latency`'s columns (nodes, forward_ms, batch_size), so a
+    search prices chains with vLLM's own step times, and tokens_per_s (the second pass's tokens ÷ its
+    wall time) and tokens_per_step (vLLM's counters)."""
     python = vllm_python(python)
     dtype = engine_dtype(dtype)
     work = Path(out).with_suffix("")
-    model_dir, heads_dir, _, lm = prepare(model, heads, work.parent / (work.name + "-engine"))
-    vocab = lm.get_output_embeddings().weight.shape[0]
+    model_dir, heads_dir, tokenizer, lm = prepare(model, heads, work.parent / (work.name + "-engine"))
     rng = np.random.default_rng(seed)
+    vocab = lm.get_output_embeddings().weight.shape[0]
+    if prompts is not None:
+        from treeopt.decoding.models import chat_prompt
+        from treeopt.core.prompts import load_instructions
+
+        chat = [chat_prompt(tokenizer, s) for s in load_instructions(prompts, limit)]
+        requests = lambda b: chat  # noqa: E731
+        context = max(map(len, chat))
+    else:
+        requests = lambda b: rng.integers(0, vocab, (b, context)).tolist()  # noqa: E731
     rows = []
     for k in chains:
-        runs, warm = [], [{"name": "warmup", "prompts": rng.integers(0, vocab, (2, context)).tolist(),
-                           "max_new_tokens": 8, "batch_size": 2, "ignore_eos": True}]
+        runs = []
         for b in batch_sizes:
-            prompts = rng.integers(0, vocab, (b, context)).tolist()
-            runs += [{"name": f"prefill-{b}", "prompts": prompts, "max_new_tokens": 1, "batch_size": b, "ignore_eos": True},
-                     {"name": f"decode-{b}", "prompts": prompts, "max_new_tokens": new_tokens + 1, "batch_size": b,
+            ids = requests(b)
+            runs += [{"name": f"prefill-{b}", "prompts": ids, "max_new_tokens": 1, "batch_size": b, "ignore_eos": True},
+                     {"name": f"decode-{b}", "prompts": ids, "max_new_tokens": new_tokens + 1, "batch_size": b,
                       "ignore_eos": True}]
         log(f"vLLM profile: chain {k}, batch sizes {', '.join(map(str, batch_sizes))}")
         result = run_job({"model": model_dir, "dtype": dtype, "enforce_eager": eager,
-                          "max_model_len": context + new_tokens + 16,
-                          "max_num_seqs": max(batch_sizes), "speculative_config": speculative_config(heads_dir, k),
-                          "warmup": warm, "runs": runs}, python)
+                          "max_model_len": context + new_tokens + 16, "max_num_seqs": max(batch_sizes),
+                          "speculative_config": speculative_config(heads_dir, k),
+                          "warmup": [{**runs[1], "name": "warmup", "prompts": runs[1]["prompts"][:2], "max_new_tokens": 8}],
+                          "runs": runs}, python)
         done = parse_runs(result)
         for prefill, decode in zip(done[0::2], done[1::2]):
-            b = decode.batch_size
-            steps = new_tokens if k == 0 else decode.drafts / b
+            b, n = decode.batch_size, len(decode.tokens)
+            groups = -(-n // b)  # request groups of b, run one after another
+            steps = new_tokens * groups if k == 0 else decode.drafts / b
             ms = (decode.wall_s - prefill.wall_s) * 1e3
             rows.append({"engine": "vllm", "batch_size": b, "context": context, "nodes": k,
                          "forward_ms": ms / steps, "ms_per_token": ms / (decode.generated - prefill.generated) * b,
-                         "tokens_per_step": decode.tokens_per_step, "prefill_ms": prefill.wall_s * 1e3,
-                         "new_tokens": new_tokens, "vllm": result["vllm"], "dtype": dtype, "model": model})
+                         "tokens_per_step": decode.tokens_per_step, "tokens_per_s": decode.tokens_per_s,
+                         "prefill_ms": prefill.wall_s * 1e3 / groups, "new_tokens": new_tokens,
+                         "requests": n, "vllm": result["vllm"], "dtype": dtype, "model": model})
     df = pd.DataFrame(rows, columns=PROFILE_COLUMNS).sort_values(["batch_size", "nodes"], kind="stable")
     write_text(Path(out), df.to_csv(index=False))
     return df

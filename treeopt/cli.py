@@ -460,6 +460,8 @@ def profile(
     engine: str = EngineOpt,
     chains: str = typer.Option("0,1,2,3,4", "--chains", help="--engine vllm: chain lengths k to time (0: plain)."),
     new_tokens: int = typer.Option(32, "--new-tokens", help="--engine vllm: tokens generated per request per timing."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", "-p", help="--engine vllm: time on these instructions (chat template; real acceptance) instead of random-token prompts of --context tokens."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="--engine vllm with --prompts: the first N."),
     vllm_python: Optional[Path] = VllmPythonOpt,
 ):
     """Time one decoding step vs tree size on this device, beside the machine's roofline, into a CSV.
@@ -476,11 +478,13 @@ def profile(
         df = profile_vllm(model=model, heads=heads, chains=_sizes(chains, "--chains"),
                           batch_sizes=_sizes(batch_sizes, "--batch-sizes") or [1], context=context,
                           new_tokens=new_tokens, python=vllm_python, out=out, dtype=dtype, eager=compiled is not True,
-                          log=lambda m: typer.echo(m, err=True))
+                          prompts=prompts, limit=limit, log=lambda m: typer.echo(m, err=True))
         typer.echo(render_vllm_profile(df))
         typer.echo(f"wrote {out}", err=True)
         return
     _treeopt_engine(engine)
+    if prompts is not None or limit is not None:
+        raise TreeoptError("--prompts/--limit: only with --engine vllm (treeopt's profile times random contexts)")
 
     df = run_profile(model=model, heads=heads, sizes=sizes, context=context, repeats=repeats, device=device,
                      dtype=dtype, out=out, progress=_progress(quiet), threads=threads, device_map=device_map,

@@ -24,13 +24,14 @@ def main():
     ap.add_argument("--prompts", required=True)
     ap.add_argument("--limit", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--k", type=int, required=True, help="vLLM's chain length (treeopt's choice at batch 1)")
+    ap.add_argument("--k", type=int, nargs="+", required=True,
+                    help="vLLM's chain lengths (treeopt's choice at batch 1 first; 0: plain only)")
     ap.add_argument("--tree", required=True, help="treeopt's searched tree")
     ap.add_argument("-o", "--out", type=Path, required=True)
     a = ap.parse_args()
     work = a.out.with_suffix("")
-    vllm = bench_vllm(prompts=a.prompts, limit=a.limit, max_new_tokens=a.max_new_tokens, chains=(a.k,),
-                      batch_sizes=(1,), out=work / "vllm")
+    vllm = bench_vllm(prompts=a.prompts, limit=a.limit, max_new_tokens=a.max_new_tokens,
+                      chains=tuple(k for k in a.k if k > 0), batch_sizes=(1,), out=work / "vllm")
     ours = run_bench(trees=[a.tree], prompts=a.prompts, limit=a.limit, max_new_tokens=a.max_new_tokens, threads=1,
                      out=work / "treeopt", progress=False)
     per_prompt = pd.DataFrame(json.loads((work / "treeopt" / "bench.json").read_text())["per_prompt"])

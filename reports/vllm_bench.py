@@ -42,7 +42,7 @@ def bench_vllm(model: str = "smollm2-135m", heads: str | None = None, prompts: s
 
     if max_new_tokens < 1:
         raise TreeoptError("--max-new-tokens must be at least 1")
-    if any(k < 1 for k in chains):
+    if not chains or any(k < 1 for k in chains):
         raise TreeoptError(f"--chains {list(chains)}: chain lengths are positive (plain vLLM always runs as k = 0)")
     python = vllm_python(python)
     dtype = engine_dtype(dtype)

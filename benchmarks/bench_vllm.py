@@ -27,9 +27,10 @@ def main():
     ap.add_argument("--k", type=int, nargs="+", required=True,
                     help="vLLM's chain lengths (treeopt's choice at batch 1 first; 0: plain only)")
     ap.add_argument("--tree", required=True, help="treeopt's searched tree")
-    ap.add_argument("-o", "--out", type=Path, required=True)
+    ap.add_argument("-o", "--out", type=Path, required=True, help="the table (CSV)")
+    ap.add_argument("--work", type=Path, default=Path("runs/bench_vllm"), help="the runs' own files (exported heads, logs)")
     a = ap.parse_args()
-    work = a.out.with_suffix("")
+    work = a.work
     vllm = bench_vllm(prompts=a.prompts, limit=a.limit, max_new_tokens=a.max_new_tokens,
                       chains=tuple(k for k in a.k if k > 0), batch_sizes=(1,), out=work / "vllm")
     ours = run_bench(trees=[a.tree], prompts=a.prompts, limit=a.limit, max_new_tokens=a.max_new_tokens, threads=1,

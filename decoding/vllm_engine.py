@@ -75,7 +75,8 @@ def engine_env(python: Path) -> dict[str, str]:
 
 
 def run_job(job: dict, python: Path, log: Path | None = None, timeout: float | None = None) -> dict:
-    """Run one job through the runner with vLLM's python; its result. vLLM's own output goes to `log`."""
+    """Run one job through the runner with vLLM's python; its result. vLLM's own output goes to `log`
+    (default: a temporary file, gone with the run)."""
     job = {**ENGINE_DEFAULTS, **job}
     with tempfile.TemporaryDirectory(prefix="treeopt-vllm-") as tmp:
         job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
@@ -176,7 +177,8 @@ def profile_vllm(model: str = "smollm2-135m", heads: str | None = None, chains=(
     python = vllm_python(python)
     dtype = engine_dtype(dtype)
     work = Path(out).with_suffix("")
-    model_dir, heads_dir, tokenizer, lm = prepare(model, heads, work.parent / (work.name + "-engine"))
+    engine_dir = work.parent / (work.name + "-engine")  # the exported heads and vLLM's logs
+    model_dir, heads_dir, tokenizer, lm = prepare(model, heads, engine_dir)
     rng = np.random.default_rng(seed)
     vocab = lm.get_output_embeddings().weight.shape[0]
     if prompts is not None:
@@ -201,7 +203,7 @@ def profile_vllm(model: str = "smollm2-135m", heads: str | None = None, chains=(
                           "max_model_len": context + new_tokens + 16, "max_num_seqs": max(batch_sizes),
                           "speculative_config": speculative_config(heads_dir, k),
                           "warmup": [{**runs[1], "name": "warmup", "prompts": runs[1]["prompts"][:2], "max_new_tokens": 8}],
-                          "runs": runs}, python)
+                          "runs": runs}, python, log=engine_dir / f"vllm-k{k}.log")
         done = parse_runs(result)
         for prefill, decode in zip(done[0::2], done[1::2]):
             b, n = decode.batch_size, len(decode.tokens)

@@ -20,6 +20,7 @@ from treeopt.core.errors import TreeoptError
 DEFAULT_MODEL = "smollm2-135m"  # the bundled model (SmolLM2-135M-Instruct, treeopt.decoding.models)
 DEFAULT_ACCEPTANCE_MODEL = "smoothed"  # the acceptance estimator (treeopt.search.acceptance)
 ACCEPTANCE_RULES = ("greedy", "typical")
+ENGINES = ("treeopt", "vllm")  # treeopt's own decoder; vLLM >= 0.32 in its own environment (a subprocess)
 
 # field -> the option that sets it, where that is not `--` + the field's name
 OPTION = {"out": "--output", "work": "--output-dir", "heads_out": "--save-heads", "trees": "--tree",
@@ -158,6 +159,25 @@ class CalibrationConfig(RuleSettings):
 
 
 @dataclass(frozen=True, kw_only=True)
+class EngineChoice:
+    """Which engine a command measures or sizes for; with vLLM, `vllm_only` fields apply, else the rest."""
+    engine: str = "treeopt"
+
+    def check_engine(self, vllm_only=(), treeopt_only=()) -> None:
+        if self.engine not in ENGINES:
+            raise TreeoptError(f"--engine {self.engine!r}: use treeopt or vllm")
+        if self.engine == "vllm":
+            not_with(self, "--engine vllm", *treeopt_only)
+        else:
+            not_with(self, f"--engine {self.engine}", *vllm_only)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VllmSettings(EngineChoice):
+    vllm_python: str | Path | None = None  # vLLM's python; None: $TREEOPT_VLLM_PYTHON, else .venv-vllm/bin/python
+
+
+@dataclass(frozen=True, kw_only=True)
 class SearchSettings:
     """What search, sweep and evaluate share."""
     calibration: str | Path = ...  # the calibration directory (required)
@@ -176,7 +196,7 @@ class SearchSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
-class SearchConfig(SearchSettings):
+class SearchConfig(SearchSettings, EngineChoice):
     nodes: str = "64"  # tree size (root excluded), or `auto` (needs latency)
     max_depth: int | None = None  # deepest path (None: the number of heads)
     max_rank: int | None = None  # ranks allowed per head, highest + 1 (None: the calibration's top-k)
@@ -189,13 +209,16 @@ class SearchConfig(SearchSettings):
 
     def __post_init__(self):
         self.check_search()
+        self.check_engine(treeopt_only=("nodes", "fmt", "target", "acceptance", "max_depth", "max_rank"))
+        if self.engine == "vllm" and self.latency is None:
+            raise TreeoptError("--engine vllm needs --latency FILE from `treeopt profile --engine vllm`")
         nodes = str(self.nodes)
         if nodes != "auto" and not nodes.isdigit():
             raise TreeoptError(f"--nodes {nodes!r} is not a number: pass a number of nodes, e.g. 64, or auto")
         if nodes == "auto" and self.latency is None:
             raise TreeoptError("--nodes auto needs --latency FILE (from `treeopt profile`)")
         at_least(self, max_depth=1, max_rank=1, max_nodes=1, serving_batch=1)
-        if self.serving_batches is not None:
+        if self.serving_batches is not None and self.engine == "treeopt":
             not_with(self, "--serving-batches (a schedule, one tree per batch size)", "nodes", "fmt", "target",
                      "acceptance", "serving_batch")
             if not int_list(self.serving_batches, "--serving-batches", 1):
@@ -209,15 +232,21 @@ class SearchConfig(SearchSettings):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SweepConfig(SearchSettings):
+class SweepConfig(SearchSettings, EngineChoice):
     max_nodes: int = 256  # the largest tree size
     max_depth: int | None = None
     max_rank: int | None = None
     replayed: bool = False  # also replay every size (slower)
     out: str | Path | None = None  # CSV to write
+    serving_batches: str | None = None  # engine vllm: the batch sizes of the latency file to size (None: all)
 
     def __post_init__(self):
         self.check_search()
+        self.check_engine(vllm_only=("serving_batches",),
+                          treeopt_only=("max_nodes", "max_depth", "max_rank", "replayed", "acceptance"))
+        if self.engine == "vllm" and self.latency is None:
+            raise TreeoptError("--engine vllm needs --latency FILE from `treeopt profile --engine vllm`")
+        int_list(self.serving_batches, "--serving-batches", 1)
         at_least(self, max_nodes=1, max_depth=1, max_rank=1)
 
 
@@ -263,7 +292,7 @@ class DecodeConfig(EngineSettings, RuleSettings):
 
 
 @dataclass(frozen=True, kw_only=True)
-class BenchConfig(EngineSettings, RuleSettings):
+class BenchConfig(EngineSettings, RuleSettings, VllmSettings):
     OPTION = {"out": "--output-dir"}
     trees: tuple[str, ...] = ()  # tree files, published names or list strings
     cartesian: tuple[str, ...] = ()  # Cartesian trees, top-k per depth: 2x3
@@ -273,28 +302,64 @@ class BenchConfig(EngineSettings, RuleSettings):
     calibration: str | Path | None = None  # adds predicted tokens/step
     out: str | Path | None = None  # directory for bench.csv and bench.json
     repeats: int = 5  # timed forwards per tree size for forward_ms
+    chains: str = "1,2,3,4"  # engine vllm: chain lengths k to run (plain vLLM, k = 0, always runs)
+    serving_batches: str | None = None  # engine vllm: concurrent requests, comma-separated (None: 1)
 
     def __post_init__(self):
         EngineSettings.__post_init__(self)
         self.check_rule()
         at_least(self, first=1, max_new_tokens=1, repeats=1)
-        if not self.trees and not self.cartesian:
+        self.check_engine(vllm_only=("chains", "serving_batches", "vllm_python"),
+                          treeopt_only=("trees", "cartesian", "device_map", "max_memory", "threads", "acceptance",
+                                        "repeats"))
+        if self.engine == "vllm":
+            if not int_list(self.chains, "--chains", 1):
+                raise TreeoptError("--chains is empty: give chain lengths, e.g. 1,2,3,4")
+            int_list(self.serving_batches, "--serving-batches", 1)
+            if self.device not in ("auto", "cpu"):
+                raise TreeoptError(f"--engine vllm runs on this CPU: drop --device {self.device}")
+        elif not self.trees and not self.cartesian:
             raise TreeoptError("nothing to compare with plain decoding: pass --tree FILE and/or --cartesian 2x3")
 
 
 @dataclass(frozen=True, kw_only=True)
-class ProfileConfig(EngineSettings):
+class ProfileConfig(EngineSettings, VllmSettings):
     out: str | Path = "latency.csv"  # what `search --nodes auto --latency` reads
     sizes: str | None = None  # tree sizes, comma-separated; None: treeopt.decoding.profile.DEFAULT_SIZES (or the tree's)
     serving_batches: str = "1"  # sequences per forward, comma-separated: one set of rows each
     context: int = 256  # tokens already in the KV cache
     repeats: int = 5  # timed forwards per size (the median is kept)
     tree: str | Path | None = None  # time this tree's first N nodes at each size N
+    chains: str = "0,1,2,3,4"  # engine vllm: chain lengths k to time (0: plain)
+    new_tokens: int = 32  # engine vllm: tokens generated per request per timing
+    prompts: str | None = None  # engine vllm: time on these instructions (real acceptance), not random tokens
+    first: int | None = None  # engine vllm with prompts: the first N
 
     def __post_init__(self):
         EngineSettings.__post_init__(self)
-        at_least(self, context=1, repeats=1)
+        at_least(self, context=1, repeats=1, new_tokens=1, first=1)
+        self.check_engine(vllm_only=("chains", "new_tokens", "prompts", "first", "vllm_python"),
+                          treeopt_only=("sizes", "tree", "device_map", "max_memory", "threads", "repeats"))
+        if self.engine == "vllm" and not int_list(self.chains, "--chains", 0):
+            raise TreeoptError("--chains is empty: give chain lengths, e.g. 0,1,2,3,4")
+        if self.first is not None and self.prompts is None:
+            raise TreeoptError("--first is for --prompts: pass --prompts FILE too, or drop --first")
         if self.sizes is not None and not int_list(self.sizes, "--sizes", 0):
             raise TreeoptError("--sizes is empty: give tree sizes, e.g. 0,1,2,4,8 (or drop it for the default sizes)")
         if not int_list(self.serving_batches, "--serving-batches", 1):
             raise TreeoptError("--serving-batches is empty: give batch sizes, e.g. 1,4,16")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportHeadsConfig:
+    OPTION = {"out": "--output-dir"}
+    model: str = DEFAULT_MODEL  # the base model the heads were trained for (a shared lm_head is its own)
+    heads: str | None = None  # a directory (either published Medusa layout), or None: the shipped heads
+    fmt: str = "vllm"  # vllm: the checkpoint vLLM's Medusa drafter loads
+    out: str | Path = ...  # the directory to write (required)
+
+    def __post_init__(self):
+        if self.fmt != "vllm":
+            raise TreeoptError(f"--format {self.fmt!r}: export-heads writes vllm")
+        if self.out is ...:
+            raise TreeoptError("pass --output-dir DIR: where to write the heads")

@@ -1,6 +1,6 @@
 """Tree files: read and write a `Tree` as JSON, as a Python file for the Medusa repo, as
-TensorRT-LLM's `--medusa_choices` string, as vLLM's `--speculative-config` snippet, or as a top-1
-chain length. All round-trip (paths and their order).
+TensorRT-LLM's `--medusa_choices` string, as vLLM's `--speculative-config`, or as a top-1 chain
+length. All round-trip (paths and their order).
 
 - ``json``: ``{"medusa_choices": [[0], [0, 0], ...], "nodes": N, "predicted_tokens_per_step": x,
   "acceptance": "greedy" or "typical" (the rule the tree was searched for; typical adds temperature,
@@ -8,11 +8,15 @@ chain length. All round-trip (paths and their order).
   "best_chain_length": c, ...}``.
 - ``python``: ``medusa_choices = [[0], [0, 0], ...]`` (drops into medusa/model/medusa_choices.py),
   plus ``treeopt_meta = {...}``. Read with `ast.literal_eval`, never executed.
-- ``trtllm``: one line ``[[0], [0, 0], [1]]``, for ``--medusa_choices``. TensorRT-LLM sorts the
-  paths itself and accepts leaf-only lists: the reader adds missing ancestors.
-- ``vllm``: ``{"num_speculative_tokens": N, "speculative_token_tree": "[(0,), (0, 0), (1,)]"}``, the
-  keys to add to vLLM's ``--speculative-config`` (the tree is the string vLLM reads with
-  `ast.literal_eval`; vLLM sorts it breadth-first itself).
+- ``trtllm``: one line ``[[0], [0, 0], [1]]``, for ``--medusa_choices`` of TensorRT-LLM's TensorRT-engine
+  Medusa path (``trtllm-build`` engines; the releases before that backend's removal,
+  NVIDIA/TensorRT-LLM#15918: current TensorRT-LLM reads no tree). TensorRT-LLM sorts the paths itself
+  and accepts leaf-only lists: the reader adds missing ancestors.
+- ``vllm``: ``{"method": "medusa", "num_speculative_tokens": k}``, vLLM's ``--speculative-config``
+  (add ``"model"``: the heads from ``treeopt export-heads --format vllm``). vLLM (>= 0.32, which
+  dropped ``speculative_token_tree`` with its tree attention) drafts a top-1 chain of k tokens for every
+  method, so only a chain is written so, and the file holds nothing else: vLLM's `SpeculativeConfig`
+  forbids unknown keys.
 - ``chain``: ``{"chain_length": L, "predicted_tokens_per_step": x, ...}`` for servers that draft a
   top-1 chain (TGI ``--speculate L``, llama.cpp ``--draft-max L``); only a chain can be written so.
 
@@ -97,14 +101,13 @@ def parse_json(text: str, source: str = "json file") -> tuple[Tree, dict]:
                            "`treeopt search -o tree.json` or fix the syntax") from None
     if isinstance(obj, list):  # a bare medusa_choices list
         return Tree.from_choices(_choices(obj, source)), {}
-    if isinstance(obj, dict) and isinstance(obj.get("speculative_token_tree"), str):  # vLLM's snippet
-        meta = {k: v for k, v in obj.items() if k != "speculative_token_tree"}
-        return Tree.from_choices(_choices(_literal(obj["speculative_token_tree"], source), source)), meta
+    if isinstance(obj, dict) and "speculative_token_tree" in obj:
+        raise TreeoptError(f"{source} holds speculative_token_tree, which vLLM >= 0.32 rejects (it drafts a top-1 "
+                           "chain): re-export with `treeopt export TREE --format vllm` (a chain)")
+    if isinstance(obj, dict) and "num_speculative_tokens" in obj and "medusa_choices" not in obj:  # vLLM's config
+        return _chain(obj["num_speculative_tokens"], source), {k: v for k, v in obj.items() if k != "num_speculative_tokens"}
     if isinstance(obj, dict) and "chain_length" in obj:
-        length = obj["chain_length"]
-        if not isinstance(length, int) or isinstance(length, bool) or length < 0:
-            raise TreeoptError(f"{source}: chain_length {length!r} is not a whole number: write e.g. 3")
-        return Tree.chain(length), {k: v for k, v in obj.items() if k != "chain_length"}
+        return _chain(obj["chain_length"], source), {k: v for k, v in obj.items() if k != "chain_length"}
     if not isinstance(obj, dict) or "medusa_choices" not in obj:
         raise TreeoptError(f"{source} has no \"medusa_choices\" key: {FIX}")
     meta = {k: v for k, v in obj.items() if k != "medusa_choices"}
@@ -114,6 +117,12 @@ def parse_json(text: str, source: str = "json file") -> tuple[Tree, dict]:
             raise TreeoptError(f"{source} is damaged: it says {key} {meta[key]!r} but its medusa_choices have "
                                f"{have}: write it again (`treeopt search -o FILE`, `treeopt export`)")
     return tree, meta
+
+
+def _chain(length, source: str) -> Tree:
+    if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+        raise TreeoptError(f"{source}: chain length {length!r} is not a whole number: write e.g. 3")
+    return Tree.chain(length)
 
 
 def read_tree_meta(spec: str | Path) -> tuple[Tree, dict]:
@@ -183,11 +192,14 @@ def format_tree(tree: Tree, format: str = "json", **meta) -> str:
     meta = _plain(meta)
     if format == "json":
         return _json_lines({"medusa_choices": tree.choices, "nodes": tree.num_nodes, "depth": tree.depth, **meta})
+    if format in ("vllm", "chain") and tree != Tree.chain(tree.num_nodes):
+        raise TreeoptError(f"{'vLLM drafts' if format == 'vllm' else 'a chain file holds'} a top-1 chain only, the tree "
+                           f"branches: search with --target {format}")
     if format == "vllm":
-        return _json_lines({"num_speculative_tokens": tree.num_nodes, "speculative_token_tree": str(list(tree.paths))})
+        if tree.num_nodes == 0:
+            raise TreeoptError("a chain of 0 tokens is plain decoding: serve vLLM without --speculative-config")
+        return _json_lines({"method": "medusa", "num_speculative_tokens": tree.num_nodes})
     if format == "chain":
-        if tree != Tree.chain(tree.num_nodes):
-            raise TreeoptError("only a top-1 chain can be written as a chain length: search with --target chain")
         return _json_lines({"chain_length": tree.num_nodes, **meta})
     if format == "python":
         info = ", ".join(f"{k.replace('_', ' ')} {v:.3g}" if isinstance(v, float) else f"{k.replace('_', ' ')} {v}"

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from treeopt.decoding.models import DEFAULT_MODEL, layer_devices
+from treeopt.core.settings import DEFAULT_MODEL
 from treeopt.core.env import DATA_DIR
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write, write_text
@@ -257,3 +258,107 @@ def _read_heads(spec: str | None, model, num_heads: int = 4) -> MedusaHeads:
     else:
         heads = MedusaHeads.load(spec, model)
     return heads
+
+
+# ---- vLLM's Medusa checkpoint --------------------------------------------------------------------
+# The layout vLLM's Medusa loader reads (vllm 0.32, `vllm/model_executor/models/medusa.py`):
+# `Medusa.__init__` builds `num_heads` `ResidualBlock`s of `num_hidden_layers` Linear layers each
+# (bias iff `medusa_fc_bias`), parameters `blocks.{h}.layers.{l}.weight/bias`, applied as
+# x + SiLU(W x + b) like treeopt's ResBlock; with `original_lm_head` one shared `lm_head`, which
+# `Medusa.load_weights` fills from the weight named `lm_heads.0.weight`, else one `lm_heads.{h}`
+# per head. `vllm/transformers_utils/configs/medusa.py`, `MedusaConfig.from_pretrained`, renames any
+# config key holding "num" and "heads" (or "layers") to `num_heads` (`num_hidden_layers`), so the
+# config carries only those two. `SpeculativeConfig.__post_init__` (`vllm/config/speculative.py`)
+# sets `num_heads` to `num_speculative_tokens`: vLLM builds and runs the first k heads only.
+VLLM_WEIGHTS = "model.safetensors"
+
+
+def vllm_state(heads: MedusaHeads, lm_head_weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The weights of `heads` named as vLLM's Medusa model names its parameters. Shared-lm_head heads
+    need the base model's output projection `lm_head_weight` [V, H] (SmolLM2's tied embedding)."""
+    c = heads.config
+    state = {}
+    for h, head in enumerate(heads.heads):
+        for l in range(c.num_layers):
+            state[f"blocks.{h}.layers.{l}.weight"] = head[l].linear.weight
+            state[f"blocks.{h}.layers.{l}.bias"] = head[l].linear.bias
+        if c.own_lm_head:
+            state[f"lm_heads.{h}.weight"] = head[c.num_layers].weight
+    if not c.own_lm_head:
+        if lm_head_weight is None or tuple(lm_head_weight.shape) != (c.vocab_size, c.hidden_size):
+            raise TreeoptError(f"these heads share the base model's lm_head [{c.vocab_size}, {c.hidden_size}]: "
+                               "export them with the model they were trained for (--model)")
+        state["lm_heads.0.weight"] = lm_head_weight
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+
+
+def vllm_config(heads: MedusaHeads) -> dict:
+    """config.json of vLLM's Medusa checkpoint (see the comment above `VLLM_WEIGHTS`)."""
+    c = heads.config
+    return {"model_type": "medusa", "architectures": ["MedusaModel"], "hidden_size": c.hidden_size,
+            "vocab_size": c.vocab_size, "num_heads": c.num_heads, "num_hidden_layers": c.num_layers,
+            "medusa_fc_bias": True, "original_lm_head": not c.own_lm_head, "truncated_vocab_size": c.vocab_size,
+            "base_model_name_or_path": c.base_model_name_or_path}
+
+
+def export_vllm(heads: MedusaHeads, directory: str | Path, lm_head_weight: torch.Tensor | None = None) -> Path:
+    """Write `heads` as a checkpoint vLLM's Medusa drafter loads (`--speculative-config
+    '{"method": "medusa", "model": DIRECTORY, ...}'`), atomically per file."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = vllm_state(heads, lm_head_weight)
+    atomic_write(directory / VLLM_WEIGHTS, lambda p: save_file(state, str(p)))
+    write_text(directory / CONFIG, json.dumps(vllm_config(heads), indent=2) + "\n")
+    return directory
+
+
+def vllm_logits(directory: str | Path, hidden: torch.Tensor) -> torch.Tensor:
+    """hidden [..., H] -> logits [K, ..., V] computed from an exported vLLM checkpoint the way vLLM's
+    `Medusa.forward` and `Medusa.compute_logits` do (each block, then its lm_head or the shared one):
+    the reverse check of `export_vllm`."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    cfg = json.loads((directory / CONFIG).read_text())
+    state = load_file(str(directory / VLLM_WEIGHTS))
+    out = []
+    for h in range(cfg["num_heads"]):
+        x = hidden.float()
+        for l in range(cfg["num_hidden_layers"]):
+            w, b = state[f"blocks.{h}.layers.{l}.weight"], state.get(f"blocks.{h}.layers.{l}.bias")
+            x = x + torch.nn.functional.silu(torch.nn.functional.linear(x, w, b if cfg["medusa_fc_bias"] else None))
+        lm = state["lm_heads.0.weight"] if cfg["original_lm_head"] else state[f"lm_heads.{h}.weight"]
+        out.append(x @ lm.T)
+    return torch.stack(out)
+
+
+def same_top_k(heads: MedusaHeads, directory: str | Path, hidden: torch.Tensor, lm_head: nn.Module | None,
+               k: int = 10) -> bool:
+    """Whether the checkpoint in `directory` ranks the same top-k tokens as `heads` on `hidden` [N, H]."""
+    with torch.no_grad():
+        ours = heads.float()(hidden.float(), None if lm_head is None else lm_head.float())  # [K, N, V]
+        theirs = vllm_logits(directory, hidden)  # [K, N, V]
+    return bool(torch.equal(ours.topk(k, dim=-1).indices, theirs.topk(k, dim=-1).indices))
+
+
+def export_heads(spec: str | None, out: str | Path, model: str = DEFAULT_MODEL) -> str:
+    """`treeopt export-heads --heads HEADS --format vllm -o OUT`: write the heads for vLLM, then check the
+    written weights give the heads' top-10 on the model's own hidden states of a prompt."""
+    from treeopt.decoding.models import chat_prompt, load_model
+
+    loaded = load_model(model, device="cpu", dtype="float32")
+    heads = resolve_heads(spec, loaded.model).float()
+    lm_head = loaded.model.get_output_embeddings()
+    path = export_vllm(heads, out, lm_head.weight)
+    ids = torch.tensor([chat_prompt(loaded.tokenizer, "Write a short poem about the sea and explain it.")])
+    with torch.no_grad():
+        hidden = loaded.model(ids, output_hidden_states=True).hidden_states[-1][0]  # [S, H]
+    if not same_top_k(heads, path, hidden, lm_head):
+        raise TreeoptError(f"{path}: the exported weights rank other tokens than the heads (a bug: report it)")
+    c = heads.config
+    return (f"wrote {path}: {c.num_heads} heads, {c.num_layers} ResBlock(s) each, "
+            f"{'own lm_heads' if c.own_lm_head else 'the base lm_head shared'}; top-10 checked equal on "
+            f"{hidden.shape[0]} hidden states\nserve with: vllm serve {loaded.source} --speculative-config "
+            f"'{{\"method\": \"medusa\", \"model\": \"{path}\", \"num_speculative_tokens\": {c.num_heads}}}'")

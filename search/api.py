@@ -4,6 +4,7 @@ tables and the text the CLI prints. One stack for every acceptance rule: the rec
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -159,8 +160,11 @@ def export_report(tree: str | Path, out: str | Path, format: str | None = None, 
     tgt = get_target(target)
     check_writable(out, fix="pass another --output")
     path = export(t, out, format, meta.get("num_heads"), tgt, {**meta, **({"target": tgt.name} if tgt else {})})
-    checked = " and ".join(t.consumer for t in export_targets(file_format(out, format), tgt))
-    return f"wrote {path}" + (f" (checked against {checked}'s rules)" if checked else "")
+    fmt = file_format(out, format)
+    checked = " and ".join(t.consumer for t in export_targets(fmt, tgt))
+    drafts = (f"; vLLM drafts each head's top-1, the chain {t.choices} (add \"model\": the heads from "
+              "`treeopt export-heads --format vllm`)") if fmt == "vllm" else ""
+    return f"wrote {path}" + (f" (checked against {checked}'s rules)" if checked else "") + drafts
 
 
 def evaluate_report(trees: list[str], calibration: str | Path, model: str = DEFAULT_MODEL, split: float | None = None,
@@ -252,4 +256,56 @@ def schedule_report(calibration: str | Path, latency: str | Path, batch_sizes: l
         path = write_schedule(out, entries, acceptance_model=model, calibration=str(cal.directory),
                               latency=str(latency))
         lines.append(f"wrote {path}")
+    return entries, "\n".join(lines)
+
+
+MEDUSA_FIXED_K = ("note: vLLM 0.32's Medusa drafter keeps k fixed (`vllm/v1/spec_decode/medusa.py`, MedusaProposer.propose "
+                  "asserts num_speculative_tokens == the configured one) and stops on a schedule whose k changes: "
+                  "for Medusa heads serve each batch range with its own k (the table); the ranges serve "
+                  "drafters that vary k")
+
+
+def vllm_schedule_report(calibration: str | Path, latency: str | Path, batch_sizes: list[int] | None = None,
+                         model: str = DEFAULT_MODEL, out: str | Path | None = None,
+                         sweep: bool = False) -> tuple[list[dict], str]:
+    """`treeopt search --engine vllm` (and `sweep --engine vllm`): the chain length of best predicted
+    vLLM throughput at each batch size of `latency` (`treeopt profile --engine vllm`), from the
+    calibration's cross-validated chain predictions; -o writes vLLM's --speculative-config JSON
+    (search) or the table as CSV (sweep). See `treeopt.search.vllm`."""
+    from treeopt.search.vllm import speculative_config, vllm_schedule, write_vllm_config
+
+    cal = load_calibration(calibration)
+    model = resolve_model(cal, model)
+    lats = read_latencies(latency)
+    if batch_sizes:
+        lats = {b: read_latency(latency, b) for b in batch_sizes}
+    if out is not None:
+        check_writable(out, fix="pass another --out")
+    max_k = min(cal.num_heads, max(int(lat.nodes[-1]) for lat in lats.values()))
+    entries = vllm_schedule(cal, lats, max_k, model)
+    lines = [_header(cal), f"vLLM's top-1 chain of best predicted tokens/s at each batch size of {latency} "
+             f"({model} model, cross-validated chain tokens/step); k = 0: plain decoding", ""]
+    if sweep:
+        rows = [{"batch_size": e["batch_size"], "k": k, "predicted_tokens_per_s": t,
+                 "chosen": "*" if k == e["k"] else ""}
+                for e in entries for k, t in enumerate(e["predicted_tokens_per_s_by_k"])]
+        table = pd.DataFrame(rows)
+        lines.append(render_table(table))
+        if out is not None:
+            atomic_write(out, lambda p: table.to_csv(p, index=False))
+            lines.append(f"wrote {out}")
+        return entries, "\n".join(lines)
+    table = pd.DataFrame([{k: e[k] for k in ("batch_size", "k", "predicted_tokens_per_step", "step_ms", "plain_step_ms",
+                                             "predicted_tokens_per_s", "predicted_speedup")} for e in entries])
+    lines.append(render_table(table))
+    config = speculative_config(entries)
+    if config is not None and "num_speculative_tokens_per_batch_size" in config:
+        lines.append(MEDUSA_FIXED_K)
+    if config is None:
+        lines.append("speculation loses at every batch size: serve vLLM without --speculative-config")
+    else:
+        lines.append("--speculative-config (add \"model\": the heads from `treeopt export-heads --format vllm`): "
+                     + json.dumps(config))
+    if out is not None:
+        lines.append(f"wrote {write_vllm_config(out, config)}")
     return entries, "\n".join(lines)

@@ -97,9 +97,6 @@ def search_auto(record: Record, latency: Latency, model: str = DEFAULT_MODEL, ma
     """`--nodes auto`: the greedy tree whose size (of `treeopt.search.crossval.sweep_sizes`, as far as the
     latency file, `max_nodes` and the target's node cap go) maximizes predicted tokens/s, tokens/step
     by cross-validated replay."""
-    if target is not None and target.cartesian:
-        raise TreeoptError(f"--nodes auto cannot size a tree for --target {target.name} (its Cartesian trees are "
-                           "not prefixes of one another): pass --nodes N")
     source = as_source(record, model).resolved(STRENGTH_SIZES, max_depth, top_k)
     caps = [max_nodes, int(latency.nodes[-1])] + ([target.max_nodes] if target is not None and target.max_nodes else [])
     full = search(source, min(caps), max_depth=max_depth, top_k=top_k, target=target)

@@ -198,45 +198,31 @@ def trtllm(text: str, num_heads: int) -> Built:
     return cpp
 
 
-def vllm(text: str, num_heads: int) -> Built:
-    """vLLM's tree for EAGLE/MTP drafters, from the `--speculative-config` snippet.
+VLLM_SPECULATIVE_KEYS = {"method", "model", "num_speculative_tokens", "num_speculative_tokens_per_batch_size"}
 
-    `vllm/config/speculative.py`, `SpeculativeConfig.__post_init__`: `speculative_token_tree` is
-    read with `ast.literal_eval` and sorted by (length, path); its tests build the proposer with
-    `num_speculative_tokens == len(speculative_token_tree)` (`tests/v1/spec_decode/test_eagle.py`).
-    `vllm/v1/attention/backends/tree_attn.py`, `_prepare_tree_attn_bias`: each ancestor is found
-    with `list.index` (a missing one raises ValueError). `vllm/v1/spec_decode/eagle.py`,
-    `EagleProposer.__init__`: nodes per level n_l and children per node c_l = n_l // n_(l-1)
-    (c_1 = n_1); `propose_tree` drafts, under every node of level l - 1 in order, the top-c_l tokens
-    of draft step l. So it drafts the Cartesian tree c_1 x c_2 x ..., whatever the list says; a
-    drafted count that differs from the list's breaks the per-request shapes. Depth is not bounded
-    by heads here (the drafter is recurrent); `num_heads` is unused."""
+
+def vllm(text: str, num_heads: int) -> Built:
+    """vLLM 0.32 with Medusa heads, from the `--speculative-config` JSON.
+
+    `vllm/config/speculative.py`: `SpeculativeConfig` is a pydantic dataclass with extra="forbid"
+    (`vllm/config/utils.py`, `config`), so a key it lacks (`speculative_token_tree`, gone with its tree
+    attention) is rejected; `_verify_args` requires `num_speculative_tokens` > 0; `__post_init__` sets
+    the Medusa config's `num_heads` to it, so vLLM builds k heads and `DefaultModelLoader` fails on
+    weights a k > `num_heads` checkpoint lacks. `vllm/v1/spec_decode/medusa.py`,
+    `MedusaProposer.propose`: draft token j is head j's argmax, a top-1 chain of k tokens."""
     try:
-        snippet = json.loads(text)
-        tree_text, n = snippet["speculative_token_tree"], snippet["num_speculative_tokens"]
+        config = json.loads(text)
+        n = config["num_speculative_tokens"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise Rejected(f"not a speculative-config snippet: {e}") from None
-    choices = sorted((tuple(c) for c in _literal(tree_text)), key=lambda t: (len(t), t))
-    if not choices:
-        raise Rejected("IndexError: tree_choices[-1]")
-    if n != len(choices):
-        raise Rejected(f"num_speculative_tokens {n} != {len(choices)} tree nodes")
-    for c in choices:
-        for d in range(1, len(c)):
-            if c[:d] not in choices:
-                raise Rejected(f"ValueError: {c[:d]} is not in list")
-    per_level = [sum(len(c) == d for c in choices) for d in range(1, len(choices[-1]) + 1)]
-    if 0 in per_level:
-        raise Rejected("ZeroDivisionError: an empty level")
-    children = [per_level[0]] + [per_level[d] // per_level[d - 1] for d in range(1, len(per_level))]
-    drafted: list[tuple[Token, ...]] = [()]
-    level: list[tuple[Token, ...]] = [()]
-    for d, c in enumerate(children):
-        level = [p + ((d, r),) for p in level for r in range(c)]
-        drafted += level
-    if len(drafted) - 1 != n:
-        raise Rejected(f"the drafter proposes {len(drafted) - 1} tokens for {n} tree slots")
-    return Built(n, frozenset(drafted[1:]))
+        raise Rejected(f"not a speculative config: {e}") from None
+    extra = set(config) - VLLM_SPECULATIVE_KEYS - {"draft_tensor_parallel_size", "quantization", "revision"}
+    if extra:
+        raise Rejected(f"pydantic ValidationError: unexpected keyword argument(s) {sorted(extra)}")
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise Rejected(f"ValueError: Expected num_speculative_tokens to be greater than zero ({n})")
+    if n > num_heads:
+        raise Rejected(f"ValueError: {n} Medusa heads built, the checkpoint holds {num_heads} (weights not initialized)")
+    return Built(n, frozenset(tuple((j, 0) for j in range(d)) for d in range(1, n + 1)))
 
 
 def chain(text: str, num_heads: int) -> Built:

@@ -49,11 +49,8 @@ def held_out(source: Source, groups: Sequence[np.ndarray], sizes: Sequence[int],
         if fit_prompts is not None:
             rest = rng.choice(rest, min(fit_prompts, len(rest)), replace=False)
         fit, test = source.subset(rest), source.subset(group)
-        if target is not None and target.cartesian:
-            results = [test.replay(search(fit, m, max_depth=max_depth, top_k=top_k, target=target).tree) for m in sizes]
-        else:
-            results = test.replay_prefixes(search(fit, max(sizes), max_depth=max_depth, top_k=top_k, target=target).tree,
-                                           sizes)
+        results = test.replay_prefixes(search(fit, max(sizes), max_depth=max_depth, top_k=top_k, target=target).tree,
+                                       sizes)
         for out, r in zip(per_size, results):
             out.append(r)
     return [concat(rs) for rs in per_size]

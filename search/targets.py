@@ -9,24 +9,25 @@ through it):
   ``TOPK = 10`` and reads node (depth d, rank r) at candidate index r + 10 (d - 1) + 1, so rank 15 at
   depth 1 silently reads head 2's rank-5 token; depth <= the number of heads (deeper indices overrun
   the candidates).
-- ``trtllm`` (TensorRT-LLM's Medusa path, `--medusa_choices`): at most 63 nodes (the engine's
+- ``trtllm`` (TensorRT-LLM's TensorRT-engine Medusa path, `--medusa_choices`, in the releases before
+  that backend's removal, NVIDIA/TensorRT-LLM#15918; current TensorRT-LLM reads no tree): at most 63 nodes (the engine's
   ``max_draft_len``, `examples/medusa/convert_checkpoint.py` ``--max_medusa_token_len 63``); ranks
   <= 15 (the C++ runtime packs each rank into 4 bits of a prefix key); depth <= the number of heads;
   the first level holds ranks 0..m-1 without gaps (the Python runtime numbers first-level nodes by
   their rank). A node whose parent is missing is attached to the root by the C++ runtime; treeopt's
   trees always hold every parent.
-- ``vllm`` (``speculative_token_tree`` for EAGLE/MTP drafters): its drafter gives every node of a
-  level the same number c of children, the drafter's top-c (`vllm/v1/spec_decode/eagle.py`,
-  `EagleProposer.propose_tree`), so only Cartesian trees (top-k1 x top-k2 x ...) are drafted as
-  written; ``num_speculative_tokens`` = the number of nodes.
+- ``vllm`` (vLLM >= 0.32, ``--speculative-config`` ``num_speculative_tokens``): a top-1 chain, whatever
+  the method; for Medusa each head's argmax (`vllm/v1/spec_decode/medusa.py`, `MedusaProposer.propose`),
+  and at most one token per head (`SpeculativeConfig.__post_init__` sets the drafter's `num_heads` to
+  ``num_speculative_tokens``; the loader then finds no weights for a head the checkpoint lacks).
 - ``chain`` (TGI ``--speculate``, llama.cpp ``--draft-max``): a top-1 chain; only its length is passed.
 
 Every target also keeps the depth within the calibrated heads (a calibration sees no deeper).
 
 The search applies a target inside the growth, never by cutting a finished tree: the node cap bounds
 the growth, the rank cap and chain-only bound the candidates (top-k), first-level contiguity makes
-rank r at depth 1 wait for rank r - 1 (`grow`: every prefix of the result keeps the rule), and a
-Cartesian target searches the Cartesian shapes (`cartesian_shape`, exhaustive).
+rank r at depth 1 wait for rank r - 1 (`grow`: every prefix of the result keeps the rule).
+`cartesian_shape` is the exhaustive search of the best Cartesian tree (the Cartesian baseline).
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ class Target:
     max_rank: int | None = None  # highest rank allowed
     max_depth: int | None = None  # beyond the number of heads
     first_level_contiguous: bool = False
-    cartesian: bool = False
     chain: bool = False
 
 
@@ -60,7 +60,7 @@ TARGETS = {
     "medusa": Target("medusa", "Medusa", "python", max_rank=9),
     "trtllm": Target("trtllm", "TensorRT-LLM", "trtllm", max_nodes=63, max_rank=15, max_depth=16,
                      first_level_contiguous=True),
-    "vllm": Target("vllm", "vLLM", "vllm", cartesian=True),
+    "vllm": Target("vllm", "vLLM", "vllm", max_rank=0, chain=True),
     "chain": Target("chain", "TGI/llama.cpp", "chain", max_rank=0, chain=True),
 }
 FORMAT_TARGET = {t.format: t for t in TARGETS.values()}  # the consumer each export format is for
@@ -77,11 +77,6 @@ def get_target(name: str | None) -> Target | None:
     if name not in TARGETS:
         raise TreeoptError(f"unknown target {name!r}: use --target {', '.join(TARGETS)}")
     return TARGETS[name]
-
-
-def level_widths(tree: Tree) -> list[int]:
-    """Distinct ranks at each depth: the shape of the Cartesian tree that would hold `tree`."""
-    return [len({p[d] for p in tree.paths if len(p) > d}) for d in range(tree.depth)]
 
 
 def check(tree: Tree, target: Target, num_heads: int | None = None) -> str | None:
@@ -104,8 +99,6 @@ def check(tree: Tree, target: Target, num_heads: int | None = None) -> str | Non
         first = sorted(p[0] for p in tree.paths if len(p) == 1)
         if first != list(range(len(first))):
             return f"{t.consumer} needs first-level ranks 0..m-1 without gaps, the tree has {first}"
-    if t.cartesian and set(tree.paths) != set(Tree.cartesian(level_widths(tree)).paths):
-        return f"{t.consumer} drafts the same top-c children under every node of a level (a Cartesian tree), the tree is not one"
     return None
 
 
@@ -129,10 +122,6 @@ def bounds(target: Target, nodes: int, depth: int, top_k: int) -> tuple[int, int
 def grow(model, nodes: int, depth: int, top_k: int, target: Target) -> tuple[list[Path], np.ndarray]:
     """The greedy growth of `model` (an acceptance model of `treeopt.search.acceptance`) within `target`'s
     rules, `depth` and `top_k` already within its `bounds`: paths in insertion order, values [n]."""
-    if target.cartesian:
-        ks = cartesian_shape(model, nodes, depth, top_k)
-        tree = Tree.cartesian(ks) if ks else Tree(())
-        return list(tree.paths), model.values(tree)
     if not target.first_level_contiguous:
         return model.greedy(nodes, depth, top_k)
     pool = max(nodes, 1)

@@ -13,13 +13,14 @@ from typer.testing import CliRunner
 from treeopt.cli import app
 from treeopt.core.errors import TreeoptError
 from treeopt.core.settings import (BenchConfig, CalibrationConfig, DecodeConfig, EvaluateConfig, ExportConfig,
+                                   ExportHeadsConfig,
                                    ModelSettings, PlotConfig, ProfileConfig, SearchConfig, SweepConfig, default)
 from treeopt.demo import DemoConfig
 from treeopt.training.config import TrainConfig
 
 runner = CliRunner()
 CONFIGS = {"info": ModelSettings, "train-heads": TrainConfig, "calibrate": CalibrationConfig, "search": SearchConfig,
-           "export": ExportConfig, "evaluate": EvaluateConfig, "sweep": SweepConfig, "decode": DecodeConfig,
+           "export": ExportConfig, "export-heads": ExportHeadsConfig, "evaluate": EvaluateConfig, "sweep": SweepConfig, "decode": DecodeConfig,
            "bench": BenchConfig, "profile": ProfileConfig, "plot": PlotConfig, "demo": DemoConfig}
 CLI_ONLY = {"quiet", "max_gen_minutes", "max_train_minutes", "instruction", "run_dir", "out@demo"}
 NO_MODEL = ["--model", "/nonexistent/model"]  # a check that ran after loading would fail on the model instead

@@ -15,8 +15,6 @@ from test_search import in_memory
 from test_tree import one_line_error, trees
 from typer.testing import CliRunner
 
-from treeopt.search.acceptance import expected_tokens_per_step
-from treeopt.search.baselines import best_cartesian
 from treeopt.search.budget import Latency, best_chain_length, search_auto
 from treeopt.search.consumers import CONSUMERS, Rejected, deploys, intended, trtllm_cpp, trtllm_python
 from treeopt.search.grow import search
@@ -26,7 +24,7 @@ from treeopt.core.errors import TreeoptError
 from treeopt.core.tree import Tree
 from treeopt.core.treefile import format_tree, read_tree_meta
 
-HEADS_BOUND = ("medusa", "trtllm")  # consumers whose own code bounds depth by the heads
+HEADS_BOUND = ("medusa", "trtllm", "vllm")  # consumers whose own code bounds depth by the heads
 
 
 @st.composite
@@ -54,8 +52,8 @@ def test_constrained_searches_deploy_unchanged(cal, name, nodes, model):
         return
     assert check(tree, target, cal.num_heads) is None
     assert deploys(tree, name, cal.num_heads)
-    if not target.cartesian:  # a greedy growth: every prefix keeps the rules (what --nodes auto picks from)
-        assert all(check(tree[:m], target, cal.num_heads) is None for m in range(1, len(tree) + 1))
+    # a greedy growth: every prefix keeps the rules (what --nodes auto picks from)
+    assert all(check(tree[:m], target, cal.num_heads) is None for m in range(1, len(tree) + 1))
 
 
 @settings(max_examples=200, deadline=None)
@@ -82,15 +80,17 @@ def test_consumers_on_known_cases():
     assert CONSUMERS["medusa"](wide, 2).paths == {((1, 5),)}
     with pytest.raises(Rejected, match="IndexError"):
         CONSUMERS["medusa"](format_tree(Tree.chain(3), "python"), 2)
-    # vLLM drafts c = n_2 // n_1 children under every level-1 node: 1 // 2 = 0 for [(0,), (1,), (0, 0)]
-    with pytest.raises(Rejected, match="proposes 2 tokens for 3"):
-        CONSUMERS["vllm"](format_tree(two, "vllm"), 2)
-    three = Tree(((0,), (1,), (0, 0), (0, 1)))  # 2 // 2 = 1: drafts (0, 0) and (1, 0), not (0, 1)
-    assert CONSUMERS["vllm"](format_tree(three, "vllm"), 2).paths == {((0, 0),), ((0, 1),), ((0, 0), (1, 0)),
-                                                                      ((0, 1), (1, 0))}
-    snippet = json.loads(format_tree(Tree.cartesian([2, 2]), "vllm"))
-    assert snippet == {"num_speculative_tokens": 6,
-                       "speculative_token_tree": "[(0,), (1,), (0, 0), (0, 1), (1, 0), (1, 1)]"}
+    # vLLM 0.32 drafts a top-1 chain of num_speculative_tokens; it has no speculative_token_tree field
+    assert json.loads(format_tree(Tree.chain(3), "vllm")) == {"method": "medusa", "num_speculative_tokens": 3}
+    assert CONSUMERS["vllm"](format_tree(Tree.chain(3), "vllm"), 4) == intended(Tree.chain(3))
+    with pytest.raises(Rejected, match="unexpected"):
+        CONSUMERS["vllm"]('{"num_speculative_tokens": 2, "speculative_token_tree": "[(0,), (0, 0)]"}', 2)
+    with pytest.raises(Rejected, match="greater than zero"):
+        CONSUMERS["vllm"]('{"method": "medusa", "num_speculative_tokens": 0}', 2)
+    with pytest.raises(Rejected, match="checkpoint holds 2"):
+        CONSUMERS["vllm"](format_tree(Tree.chain(3), "vllm"), 2)
+    with pytest.raises(TreeoptError, match="top-1 chain only"):
+        format_tree(two, "vllm")
     # TensorRT-LLM's Python runtime numbers first-level nodes by rank: [1] alone makes two nodes
     assert trtllm_python("[[1]]", 2).tokens == 2 and trtllm_cpp("[[1]]", 2) == intended(Tree(((1,),)))
 
@@ -124,9 +124,7 @@ def test_constraints_that_do_not_bind_change_nothing():
     for n in (5, 16, 40):
         assert search(cal, n, target=TARGETS["medusa"]).tree == search(cal, n).tree
     assert search(cal, 10, target=TARGETS["chain"]).tree == Tree.chain(best_chain_length(cal))
-    vllm = search(cal, 16, target=TARGETS["vllm"]).tree
-    assert vllm == Tree.cartesian(best_cartesian(cal, 16))
-    assert expected_tokens_per_step(vllm, cal) <= expected_tokens_per_step(search(cal, 16).tree, cal)
+    assert search(cal, 10, target=TARGETS["vllm"]).tree == Tree.chain(best_chain_length(cal))  # vLLM drafts a chain
 
 
 def test_search_refuses_exports_a_consumer_would_reject_or_alter(make_calibration, tmp_path):
@@ -167,5 +165,4 @@ def test_auto_size_keeps_the_node_cap():
     assert search_auto(cal, flat).tree.num_nodes > 63
     tree = search_auto(cal, flat, target=TARGETS["trtllm"]).tree
     assert tree.num_nodes == 63 and check(tree, TARGETS["trtllm"], 4) is None
-    with pytest.raises(TreeoptError, match="pass --nodes N"):
-        search_auto(cal, flat, target=TARGETS["vllm"])
+    assert search_auto(cal, flat, target=TARGETS["vllm"]).tree == Tree.chain(4)  # a chain, at most one node per head

@@ -16,9 +16,10 @@ import typer.core
 
 from treeopt.core import layout
 from treeopt.core.errors import BAD_INPUT, FAILED_RUN, TreeoptError
-from treeopt.core.settings import (BenchConfig, CalibrationConfig, DecodeConfig, EngineSettings, EvaluateConfig, ExportConfig,
-                                   ModelSettings, PlotConfig, ProfileConfig, RuleSettings, SearchConfig,
-                                   SearchSettings, SweepConfig, default)
+from treeopt.core.settings import (BenchConfig, CalibrationConfig, DecodeConfig, EngineChoice, EngineSettings,
+                                   EvaluateConfig, ExportConfig, ExportHeadsConfig, ModelSettings, PlotConfig,
+                                   ProfileConfig, RuleSettings, SearchConfig, SearchSettings, SweepConfig,
+                                   VllmSettings, default)
 from treeopt.demo import DemoConfig
 from treeopt.training.config import TrainConfig
 
@@ -156,6 +157,8 @@ MaxRankOpt = opt(SearchConfig, "max_rank", "--max-rank", help="Ranks allowed per
 FormatOpt = opt(SearchConfig, "fmt", "--format", help="json, python (Medusa's medusa_choices = [...]), trtllm (--medusa_choices string), vllm (--speculative-config keys) or chain (top-1 chain length); default from the suffix.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars (they are also off when stderr is not a terminal).")
 TreeHelp = "a .json/.py/.py:NAME/.txt tree file, a published name (mc_sim_7b_63) or '[[0], [0, 0]]'"
+EngineOpt = opt(EngineChoice, "engine", "--engine", help="treeopt (its own decoder) or vllm (vLLM >= 0.32 in its own environment, driven as a subprocess; see --vllm-python).")
+VllmPythonOpt = opt(VllmSettings, "vllm_python", "--vllm-python", help="--engine vllm: the python of vLLM's environment (default $TREEOPT_VLLM_PYTHON, else .venv-vllm/bin/python beside the checkout, from `scripts/setup.sh --vllm`).")
 
 
 def _progress(quiet: bool) -> bool:
@@ -271,16 +274,22 @@ def search(
     serving_batches: Optional[str] = opt(SearchConfig, "serving_batches", "--serving-batches", help="e.g. 1,4,16,64: a schedule, the best tree at each serving batch size (needs --latency; -o writes one JSON file)."),
     acceptance: str = AcceptanceOpt,
     prior: Optional[Path] = PriorOpt,
+    engine: str = EngineOpt,
 ):
-    """Search the tree that maximizes expected tokens/step; compare it with the baselines."""
+    """Search the tree that maximizes expected tokens/step; compare it with the baselines.
+    --engine vllm: the chain length of best vLLM throughput per serving batch size (needs --latency from
+    `treeopt profile --engine vllm`), written as vLLM's --speculative-config JSON."""
     from treeopt.core.settings import int_list
-    from treeopt.search.api import schedule_report, search_report
+    from treeopt.search.api import schedule_report, search_report, vllm_schedule_report
 
     c = settings(SearchConfig, locals())
+    if c.engine == "vllm":
+        sizes = int_list(c.serving_batches, "--serving-batches", 1) or (
+            [c.serving_batch] if c.serving_batch != 1 else None)
+        typer.echo(vllm_schedule_report(c.calibration, c.latency, sizes and list(sizes), c.acceptance_model, c.out)[1])
+        return
     if c.serving_batches is not None:
         sizes = list(int_list(c.serving_batches, "--serving-batches", 1))
-        typer.echo(schedule_report(c.calibration, c.latency, sizes, c.acceptance_model, c.max_depth, c.max_rank,
-                                   c.max_nodes, c.out)[1])
         return
     typer.echo(search_report(c.calibration, c.nodes, c.acceptance_model, c.max_depth, c.max_rank, c.latency,
                              c.max_nodes, c.out, c.fmt, c.serving_batch, c.target, c.acceptance, c.prior)[2])
@@ -290,14 +299,28 @@ def search(
 def export(
     tree: str = opt(ExportConfig, "tree", "--tree", "-t", help=f"The tree: {TreeHelp}."),
     out: Path = opt(ExportConfig, "out", "--output", "-o", help="File to write."),
-    fmt: Optional[str] = opt(ExportConfig, "fmt", "--format", help="json, python (Medusa), trtllm, vllm or chain; default from the suffix."),
-    target: Optional[str] = opt(ExportConfig, "target", "--target", help="Also check this consumer's rules: medusa, trtllm, vllm or chain."),
+    fmt: Optional[str] = opt(ExportConfig, "fmt", "--format", help="json, python (Medusa), trtllm (TensorRT-LLM's engine backend, releases before NVIDIA/TensorRT-LLM#15918), vllm (vLLM >= 0.32: a top-1 chain) or chain; default from the suffix."),
+    target: Optional[str] = opt(ExportConfig, "target", "--target", help="Also check this consumer's rules: medusa, trtllm (releases before NVIDIA/TensorRT-LLM#15918), vllm (>= 0.32) or chain."),
 ):
     """Write a tree for a consumer, after checking that consumer's rules (one line naming a broken rule)."""
     from treeopt.search.api import export_report
 
     c = settings(ExportConfig, locals())
     typer.echo(export_report(c.tree, c.out, c.fmt, c.target))
+
+
+@command("export-heads")
+def export_heads_cmd(
+    heads: Optional[str] = HeadsOpt,
+    out: Path = opt(ExportHeadsConfig, "out", "--output-dir", "-o", help="Directory to write."),
+    fmt: str = opt(ExportHeadsConfig, "fmt", "--format", help="vllm: the checkpoint vLLM's Medusa drafter loads (vLLM >= 0.32: `--speculative-config '{\"method\": \"medusa\", \"model\": OUT, \"num_speculative_tokens\": k}'`)."),
+    model: str = ModelOpt,
+):
+    """Write heads for a serving engine, then check the written weights give the heads' own top-k."""
+    from treeopt.decoding.heads import export_heads
+
+    c = settings(ExportHeadsConfig, locals())
+    typer.echo(export_heads(c.heads, c.out, c.model))
 
 
 @command()
@@ -331,14 +354,24 @@ def sweep(
     out: Optional[Path] = opt(SweepConfig, "out", "--output", "-o", help="CSV to write."),
     acceptance: str = AcceptanceOpt,
     prior: Optional[Path] = PriorOpt,
+    engine: str = EngineOpt,
+    serving_batches: Optional[str] = opt(SweepConfig, "serving_batches", "--serving-batches", help="--engine vllm: the batch sizes of --latency to size (default: all of them)."),
 ):
-    """Predicted tokens/step (and tokens/s with --latency) of the best tree of every size 0..N."""
+    """Predicted tokens/step (and tokens/s with --latency) of the best tree of every size 0..N.
+    --engine vllm: predicted vLLM tokens/s of every chain length at each batch size of --latency."""
     from treeopt.search.api import sweep_report
 
     c = settings(SweepConfig, locals())
+    if c.engine == "vllm":
+        from treeopt.core.settings import int_list
+        from treeopt.search.api import vllm_schedule_report
+
+        sizes = int_list(c.serving_batches, "--serving-batches", 1)
+        typer.echo(vllm_schedule_report(c.calibration, c.latency, sizes and list(sizes), c.acceptance_model, c.out,
+                                        sweep=True)[1])
+        return
     typer.echo(sweep_report(c.calibration, c.max_nodes, c.acceptance_model, c.latency, c.max_depth, c.max_rank,
                             c.replayed, c.out, acceptance=c.acceptance, prior=c.prior)[1])
-
 
 # --- decode, bench, profile (decoding/) ---
 
@@ -397,11 +430,27 @@ def bench(
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemoryOpt,
     quiet: bool = QuietOpt,
+    engine: str = EngineOpt,
+    chains: str = opt(BenchConfig, "chains", "--chains", help="--engine vllm: chain lengths k to run (vLLM drafts each head's top-1, k tokens); plain vLLM (k = 0) always runs."),
+    serving_batches: Optional[str] = opt(BenchConfig, "serving_batches", "--serving-batches", help="--engine vllm: concurrent requests, comma-separated (e.g. 1,4,16); default 1."),
+    vllm_python: Optional[Path] = VllmPythonOpt,
 ):
-    """Plain greedy vs tree decoding on the same prompts: tokens/step, overhead, speedup, lossless match."""
+    """Plain greedy vs tree decoding on the same prompts: tokens/step, overhead, speedup, lossless match.
+    --engine vllm: plain vLLM vs vLLM with the heads at each --chains length and --serving-batches."""
+    from treeopt.core.settings import int_list
     from treeopt.reports.bench import render, run_bench
 
     c = settings(BenchConfig, locals())
+    if c.engine == "vllm":
+        from treeopt.reports.vllm_bench import bench_vllm, render_vllm_bench
+
+        df = bench_vllm(model=c.model, heads=c.heads, prompts=c.prompts, limit=c.first, max_new_tokens=c.max_new_tokens,
+                        chains=list(int_list(c.chains, "--chains", 1)),
+                        batch_sizes=list(int_list(c.serving_batches, "--serving-batches", 1) or [1]),
+                        calibration=c.calibration, out=c.out or Path("bench-vllm"), python=c.vllm_python, dtype=c.dtype,
+                        eager=c.compiled is not True, log=lambda m: typer.echo(m, err=True))
+        typer.echo(render_vllm_bench(df))
+        return
     typer.echo(render(run_bench(c, progress=_progress(quiet))))
     if c.out is not None:
         typer.echo(f"wrote {Path(c.out) / 'bench.csv'} and {Path(c.out) / 'bench.json'}", err=True)
@@ -424,11 +473,30 @@ def profile(
     device_map: Optional[str] = DeviceMapOpt,
     max_memory: Optional[str] = MaxMemoryOpt,
     quiet: bool = QuietOpt,
+    engine: str = EngineOpt,
+    chains: str = opt(ProfileConfig, "chains", "--chains", help="--engine vllm: chain lengths k to time (0: plain)."),
+    new_tokens: int = opt(ProfileConfig, "new_tokens", "--new-tokens", help="--engine vllm: tokens generated per request per timing."),
+    prompts: Optional[str] = opt(ProfileConfig, "prompts", "--prompts", "-p", help="--engine vllm: time on these instructions (chat template; real acceptance) instead of random-token prompts of --context tokens."),
+    first: Optional[int] = opt(ProfileConfig, "first", "--first", help="--engine vllm with --prompts: the first N, in file order."),
+    vllm_python: Optional[Path] = VllmPythonOpt,
 ):
-    """Time one decoding step vs tree size on this device, beside the machine's roofline, into a CSV."""
+    """Time one decoding step vs tree size on this device, beside the machine's roofline, into a CSV.
+    --engine vllm: vLLM's time per step and per token, plain and with a k-token chain, per batch size."""
     from treeopt.decoding.profile import render_profile, run_profile
 
     c = settings(ProfileConfig, locals())
+    if c.engine == "vllm":
+        from treeopt.core.settings import int_list
+        from treeopt.decoding.vllm_engine import profile_vllm, render_vllm_profile
+
+        df = profile_vllm(model=c.model, heads=c.heads, chains=list(int_list(c.chains, "--chains", 0)),
+                          batch_sizes=list(int_list(c.serving_batches, "--serving-batches", 1)), context=c.context,
+                          new_tokens=c.new_tokens, python=c.vllm_python, out=Path(c.out), dtype=c.dtype,
+                          eager=c.compiled is not True, prompts=c.prompts, limit=c.first,
+                          log=lambda m: typer.echo(m, err=True))
+        typer.echo(render_vllm_profile(df))
+        typer.echo(f"wrote {c.out}", err=True)
+        return
     typer.echo(render_profile(run_profile(c, progress=_progress(quiet))))
     typer.echo(f"wrote {c.out}", err=True)
 

@@ -280,10 +280,10 @@ def vllm_schedule_report(calibration: str | Path, latency: str | Path, batch_siz
     if batch_sizes:
         lats = {b: read_latency(latency, b) for b in batch_sizes}
     if out is not None:
-        check_writable(out, fix="pass another --out")
+        check_writable(out, fix="pass another --output")
     max_k = min(cal.num_heads, max(int(lat.nodes[-1]) for lat in lats.values()))
     entries = vllm_schedule(cal, lats, max_k, model)
-    lines = [_header(cal), f"vLLM's top-1 chain of best predicted tokens/s at each batch size of {latency} "
+    lines = [Greedy(cal, model).header(), f"vLLM's top-1 chain of best predicted tokens/s at each batch size of {latency} "
              f"({model} model, cross-validated chain tokens/step); k = 0: plain decoding", ""]
     if sweep:
         rows = [{"batch_size": e["batch_size"], "k": k, "predicted_tokens_per_s": t,

@@ -290,6 +290,8 @@ def search(
         return
     if c.serving_batches is not None:
         sizes = list(int_list(c.serving_batches, "--serving-batches", 1))
+        typer.echo(schedule_report(c.calibration, c.latency, sizes, c.acceptance_model, c.max_depth, c.max_rank,
+                                   c.max_nodes, c.out)[1])
         return
     typer.echo(search_report(c.calibration, c.nodes, c.acceptance_model, c.max_depth, c.max_rank, c.latency,
                              c.max_nodes, c.out, c.fmt, c.serving_batch, c.target, c.acceptance, c.prior)[2])

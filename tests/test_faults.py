@@ -354,7 +354,7 @@ READS_TREE = {"bench", "evaluate", "export", "plot", "decode", "profile"}  # a t
 READS_LATENCY = {"search", "evaluate", "sweep"}  # a latency CSV
 READS_PROMPTS = {"decode", "calibrate", "bench", "demo"}  # prompts the model reads
 WRITES_RUN = {"calibrate", "bench", "demo", "train-heads"}  # a run directory (locked)
-NEITHER = {"info"}
+NEITHER = {"info", "export-heads"}  # export-heads reads heads only; its output is checked against them
 
 
 def test_every_command_is_in_a_fault_class():

@@ -58,23 +58,58 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise TreeoptError(f"unknown --device {device!r}: use cpu, cuda or auto") from None
 
 
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (`avx2`, `fma`, `avx512_bf16`, ...: Linux /proc/cpuinfo; elsewhere empty)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = re.search(r"^flags\s*:(.*)$", text, re.MULTILINE)
+    return frozenset(line.group(1).split()) if line else frozenset()
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes bfloat16 in hardware: a CUDA GPU that supports it, or a CPU with
     AVX512-BF16 or AMX-BF16 (Linux /proc/cpuinfo flags; elsewhere False)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+@dataclass(frozen=True)
+class DecodePath:
+    """How treeopt decodes on a device by default (`--dtype auto`, `--compile` unset), and why."""
+
+    dtype: torch.dtype
+    compiled: bool  # torch.compile the decoding steps
+    packed_lm_head: bool  # float32 eager on a CPU: the vocabulary projection through MKL's prepacked GEMM
+    why: str
+
+
+def decode_path(device: torch.device) -> DecodePath:
+    """The default path for `device`, chosen by what it computes natively (measured figures:
+    docs/speed-cpu-avx2.md). float32 eager stays the exact reference on every device."""
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if native_bf16(device) else torch.float32
+        return DecodePath(dtype, False, False, f"a CUDA GPU: {str(dtype).removeprefix('torch.')}, eager")
     if device.type != "cpu":
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+        return DecodePath(torch.float32, False, False, f"{device.type}: float32, eager (the reference)")
+    flags = cpu_flags()
+    if native_bf16(device):
+        return DecodePath(torch.bfloat16, True, False, "a CPU with native bf16 ({}): bfloat16 weights, compiled "
+                          "steps (oneDNN prepacked bf16 linears, fused heads)".format(
+                              ", ".join(sorted(flags & {"avx512_bf16", "amx_bf16"}))))
+    if {"avx2", "fma"} <= flags and torch.backends.mkl.is_available():
+        return DecodePath(torch.float32, False, True, "an AVX2 CPU without native bf16 (no avx512_bf16/amx_bf16): "
+                          "float32 (bf16 math is emulated), eager (compiling the float32 steps takes many minutes "
+                          "on such a CPU), the vocabulary projection through MKL's prepacked GEMM (about 2x "
+                          "F.linear at 1-5 rows)")
+    return DecodePath(torch.float32, False, False, "a CPU without AVX2 or native bf16: float32, eager (the reference)")
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device | None = None) -> torch.dtype:
-    """A torch dtype from --dtype; `auto` is bfloat16 where `device` computes it natively, else float32
-    (the exact reference)."""
+    """A torch dtype from --dtype; `auto` is `decode_path(device).dtype`: bfloat16 where `device` computes
+    it natively, else float32 (the exact reference)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == AUTO:

@@ -9,8 +9,9 @@ from treeopt.core.errors import TreeoptError
 def describe(model: str = "smollm2-135m", heads: str | None = None, device: str = "auto", dtype: str = "auto") -> str:
     import torch
 
+    from treeopt.decoding.decoder import PackedLinear, compile_cache_dir, compiles_by_default, decode_lm_head
     from treeopt.decoding.heads import resolve_heads
-    from treeopt.decoding.models import load_model
+    from treeopt.decoding.models import decode_path, load_model
 
     lm = load_model(model, device=device, dtype=dtype)
     cfg = lm.model.config
@@ -22,6 +23,13 @@ def describe(model: str = "smollm2-135m", heads: str | None = None, device: str 
         f"device       {lm.model.device}  dtype {lm.model.dtype}"
         + (f"  ({torch.cuda.get_device_name()})" if lm.model.device.type == "cuda" else f"  ({torch.get_num_threads()} threads)"),
     ]
+    path = decode_path(lm.model.device)
+    compiled = compiles_by_default(lm.model)
+    packed = isinstance(decode_lm_head(lm.model, compiled), PackedLinear)
+    lines += [f"path         {'compiled' if compiled else 'eager'}, {'packed MKL' if packed else 'F.linear'} lm_head "
+              f"(--dtype auto, --compile unset): {path.why}",
+              "  reference  --dtype float32 --eager: float32 arithmetic throughout (outputs equal plain greedy decoding)",
+              f"  compiled   steps cached in {compile_cache_dir()} (TORCHINDUCTOR_CACHE_DIR overrides)"]
     try:
         h = resolve_heads(heads, lm.model)
         c = h.config

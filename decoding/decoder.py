@@ -23,7 +23,6 @@ import hashlib
 import os
 import sys
 import time
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,41 +117,6 @@ def compiles_by_default(model) -> bool:
     return path.compiled and weight.dtype == path.dtype
 
 
-class PackedLinear(torch.nn.Module):
-    """`linear` (no bias) through MKL's prepacked float32 GEMM: the same float32 product as F.linear (only
-    the blocking differs), which on an AVX2 CPU runs the few-row products of a decoding step about twice as
-    fast as MKL's small-M path. Holds the packed copy; the original stays with the model."""
-
-    def __init__(self, linear: torch.nn.Linear):
-        super().__init__()
-        self.weight = linear.weight  # [V, H]
-        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight.detach(), 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., H] -> [..., V]"""
-        rows = x.reshape(-1, x.shape[-1])  # [M, H]
-        y = torch.ops.mkl._mkl_linear(rows, self.packed, self.weight, None, 1)  # [M, V]
-        return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
-def decode_lm_head(model, compiled: bool) -> torch.nn.Module:
-    """The vocabulary projection a decoder runs: the model's, or (eager, float32, where `decode_path`
-    packs it) a PackedLinear of it."""
-    lm_head = model.get_output_embeddings()
-    weight = lm_head.weight
-    packs = (not compiled and weight.dtype == torch.float32 and type(lm_head) is torch.nn.Linear
-             and lm_head.bias is None and decode_path(weight.device).packed_lm_head)
-    if not packs:
-        return lm_head
-    packed = _PACKED.get(id(weight))  # one packed copy per weight, shared by the decoders alive
-    if packed is None or packed.weight is not weight:
-        packed = _PACKED[id(weight)] = PackedLinear(lm_head)
-    return packed
-
-
-_PACKED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id(weight) -> its PackedLinear
-
-
 def compile_cache_dir() -> Path:
     """Where torch keeps compiled steps between processes: treeopt's cache dir / compiled / one folder per
     torch version and CPU (its ISA flags), so a second run loads the kernels instead of building them.
@@ -240,7 +204,7 @@ class TreeDecoder:
         compiled: torch.compile the verification and heads steps."""
         self.model = model
         self.base = model.get_decoder()
-        self.lm_head = decode_lm_head(model, compiled)
+        self.lm_head = model.get_output_embeddings()
         weight = self.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.layer_devices = layer_devices(model)  # the cache's, one per layer (several with a device map)

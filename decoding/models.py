@@ -82,7 +82,7 @@ class DecodePath:
 
     dtype: torch.dtype
     compiled: bool  # torch.compile the decoding steps
-    packed_lm_head: bool  # float32 eager on a CPU: the vocabulary projection through MKL's prepacked GEMM
+    weight_first: bool  # float32 on a CPU: every linear as (W @ x.T).T (WeightFirstLinear)
     why: str
 
 
@@ -102,9 +102,38 @@ def decode_path(device: torch.device) -> DecodePath:
     if {"avx2", "fma"} <= flags and torch.backends.mkl.is_available():
         return DecodePath(torch.float32, False, True, "an AVX2 CPU without native bf16 (no avx512_bf16/amx_bf16): "
                           "float32 (bf16 math is emulated), eager (compiling the float32 steps takes many minutes "
-                          "on such a CPU), the vocabulary projection through MKL's prepacked GEMM (about 2x "
-                          "F.linear at 1-5 rows)")
+                          "on such a CPU), every linear as (W @ x.T).T (BLAS's tall path: about 2x F.linear's "
+                          "small-M path at 1-9 rows)")
     return DecodePath(torch.float32, False, False, "a CPU without AVX2 or native bf16: float32, eager (the reference)")
+
+
+class WeightFirstLinear(torch.nn.Module):
+    """`linear` as (W @ x.T).T + b: the same float32 product as F.linear (only the blocking differs), run
+    by BLAS as a tall [out, in] x [in, M] product that reads W once, where MKL's small-M path of F.linear
+    (x @ W.T) runs a decoding step's few rows at 2-3x the cost of one (benchmarks/bench_cpu_linear.py).
+    Shares the linear's parameters."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias  # [out, in], [out] or None
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out]"""
+        rows = x.reshape(-1, x.shape[-1])  # [M, in]
+        y = (self.weight @ rows.T).T  # [M, out]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def weight_first(model: torch.nn.Module) -> torch.nn.Module:
+    """Swap every nn.Linear of `model` (in place) for a WeightFirstLinear over the same parameters."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(module, name, WeightFirstLinear(child))
+    return model
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device | None = None) -> torch.dtype:
@@ -248,7 +277,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | tor
     path = model_path(name)
     local = Path(path).exists()
     placement = {"device_map": device_map, "max_memory": parse_max_memory(max_memory)} if device_map else {}
-    if attention == "decode":
+    decoding = attention == "decode"
+    if decoding:
         attention = decode_attention(dev)  # with a device map: where `--device auto` would run
     if attention:
         placement["attn_implementation"] = attention
@@ -278,6 +308,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | tor
                            f"to {', '.join(offloaded) or 'disk'}, which treeopt does not run): raise --max-memory "
                            "or add GPUs")
     model.eval().requires_grad_(False)
+    if decoding and not device_map and dt == torch.float32 and decode_path(dev).weight_first:
+        weight_first(model)  # the decode-time load on an AVX2 CPU
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=path)

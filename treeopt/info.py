@@ -9,11 +9,11 @@ from treeopt.core.errors import TreeoptError
 def describe(model: str = "smollm2-135m", heads: str | None = None, device: str = "auto", dtype: str = "auto") -> str:
     import torch
 
-    from treeopt.decoding.decoder import PackedLinear, compile_cache_dir, compiles_by_default, decode_lm_head
+    from treeopt.decoding.decoder import compile_cache_dir, compiles_by_default
     from treeopt.decoding.heads import resolve_heads
-    from treeopt.decoding.models import decode_path, load_model
+    from treeopt.decoding.models import WeightFirstLinear, decode_path, load_model
 
-    lm = load_model(model, device=device, dtype=dtype)
+    lm = load_model(model, device=device, dtype=dtype, attention="decode")  # as decode, profile and bench load it
     cfg = lm.model.config
     params = sum(p.numel() for p in lm.model.parameters())
     lines = [
@@ -25,8 +25,8 @@ def describe(model: str = "smollm2-135m", heads: str | None = None, device: str 
     ]
     path = decode_path(lm.model.device)
     compiled = compiles_by_default(lm.model)
-    packed = isinstance(decode_lm_head(lm.model, compiled), PackedLinear)
-    lines += [f"path         {'compiled' if compiled else 'eager'}, {'packed MKL' if packed else 'F.linear'} lm_head "
+    weight_first = isinstance(lm.model.get_output_embeddings(), WeightFirstLinear)
+    lines += [f"path         {'compiled' if compiled else 'eager'}, {'(W @ x.T).T' if weight_first else 'F.linear'} linears "
               f"(--dtype auto, --compile unset): {path.why}",
               "  reference  --dtype float32 --eager: float32 arithmetic throughout (outputs equal plain greedy decoding)",
               f"  compiled   steps cached in {compile_cache_dir()} (TORCHINDUCTOR_CACHE_DIR overrides)"]

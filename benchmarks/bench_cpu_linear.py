@@ -4,7 +4,7 @@
     flock -x /tmp/cpu.lock python benchmarks/bench_cpu_linear.py --threads 2
 
 Kernels: F.linear (MKL's small-M sgemm), x @ W.T, (W @ x.T).T, oneDNN (mkldnn_linear), MKL prepacked
-(`torch.ops.mkl._mkl_linear`, what `decoding.decoder.PackedLinear` runs), bf16 weights computed in
+(`torch.ops.mkl._mkl_linear`, the weight packed for one row), bf16 weights computed in
 float32 (upcast per call), bf16 x bf16 (F.linear), int8 weights (`torch.ops.aten._weight_int8pack_mm`).
 """
 
@@ -40,7 +40,7 @@ def kernels(W: torch.Tensor) -> dict:
         "x @ W.T": lambda x: x @ W.T,
         "(W @ x.T).T": lambda x: (W @ x.T).T,
         "mkldnn_linear": lambda x: torch.ops.aten.mkldnn_linear(x.to_mkldnn(), dnn).to_dense(),
-        "MKL prepacked": lambda x: torch.ops.mkl._mkl_linear(x, packed, W, None, 1),
+        "MKL packed for 1 row": lambda x: torch.ops.mkl._mkl_linear(x, packed, W, None, 1),
         "bf16 W, fp32 math": lambda x: F.linear(x, bf.float()),
         "bf16 x bf16": lambda x: F.linear(x.bfloat16(), bf),
         "int8 W (bf16 x)": lambda x: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, scale.bfloat16()),

@@ -19,9 +19,12 @@ forward and emits the root + the accepted nodes; output stops after EOS (kept) o
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -29,7 +32,8 @@ from treeopt.decoding.buffers import TreeBuffers, tree_buffers
 from treeopt.decoding.cache import TreeCache
 from treeopt.core.errors import TreeoptError
 from treeopt.core.settings import DecodeConfig, RuleSettings
-from treeopt.decoding.models import DEFAULT_MODEL, cache_argument, layer_devices, stop_token_ids
+from treeopt.decoding.models import (DEFAULT_MODEL, cache_argument, cache_dir, cpu_flags, decode_path, layer_devices,
+                                     stop_token_ids)
 from treeopt.core.tree import Tree
 
 
@@ -108,10 +112,28 @@ def _max_window(config) -> int | None:
 
 
 def compiles_by_default(model) -> bool:
-    """`--compile` unset: compile where the fast path is, a CPU in bfloat16 (what `--dtype auto` picks where
-    the CPU computes bf16 natively); eager elsewhere (float32 is the exact reference; CUDA untested here)."""
+    """`--compile` unset: compile where `decode_path` says so for the model's device and the model is in
+    that path's dtype (a CPU with native bf16 in bfloat16); eager elsewhere (float32 is the exact reference)."""
     weight = model.get_output_embeddings().weight
-    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+    path = decode_path(weight.device)
+    return path.compiled and weight.dtype == path.dtype
+
+
+def compile_cache_dir() -> Path:
+    """Where torch keeps compiled steps between processes: treeopt's cache dir / compiled / one folder per
+    torch version and CPU (its ISA flags), so a second run loads the kernels instead of building them.
+    torch's own cache keys hold the rest (the graph: the model's layers, shapes and dtype; the compiler)."""
+    cpu = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:12]
+    return cache_dir() / "compiled" / f"torch-{torch.__version__}-cpu-{cpu}"
+
+
+def use_compile_cache() -> Path:
+    """Point inductor's on-disk caches (FX graphs, AOT autograd graphs, built kernels) at
+    `compile_cache_dir()`, unless TORCHINDUCTOR_CACHE_DIR names another place; returns the folder."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+    torch._inductor.config.fx_graph_cache = True
+    torch._functorch.config.enable_autograd_cache = True
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
 def engine_ran(decoders, asked: bool) -> dict:
@@ -130,6 +152,7 @@ def compile_step(fn, device: torch.device):
     are dynamic, so one graph serves every tree size and cache capacity (dynamo specializes the one-token
     plain step apart, and the heads step per tree depth)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    use_compile_cache()
     if device.type != "cpu":
         return torch.compile(fn, dynamic=True)
     # Freezing folds the weights into the graph as constants, prepacked for oneDNN (bf16 linears run

@@ -59,23 +59,87 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise TreeoptError(f"unknown --device {device!r}: use cpu, cuda or auto") from None
 
 
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (`avx2`, `fma`, `avx512_bf16`, ...: Linux /proc/cpuinfo; elsewhere empty)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = re.search(r"^flags\s*:(.*)$", text, re.MULTILINE)
+    return frozenset(line.group(1).split()) if line else frozenset()
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes bfloat16 in hardware: a CUDA GPU that supports it, or a CPU with
     AVX512-BF16 or AMX-BF16 (Linux /proc/cpuinfo flags; elsewhere False)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+@dataclass(frozen=True)
+class DecodePath:
+    """How treeopt decodes on a device by default (`--dtype auto`, `--compile` unset), and why."""
+
+    dtype: torch.dtype
+    compiled: bool  # torch.compile the decoding steps
+    weight_first: bool  # float32 on a CPU: every linear as (W @ x.T).T (WeightFirstLinear)
+    why: str
+
+
+def decode_path(device: torch.device) -> DecodePath:
+    """The default path for `device`, chosen by what it computes natively (measured figures:
+    docs/speed-cpu-avx2.md). float32 eager stays the exact reference on every device."""
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if native_bf16(device) else torch.float32
+        return DecodePath(dtype, False, False, f"a CUDA GPU: {str(dtype).removeprefix('torch.')}, eager")
     if device.type != "cpu":
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+        return DecodePath(torch.float32, False, False, f"{device.type}: float32, eager (the reference)")
+    flags = cpu_flags()
+    if native_bf16(device):
+        return DecodePath(torch.bfloat16, True, False, "a CPU with native bf16 ({}): bfloat16 weights, compiled "
+                          "steps (oneDNN prepacked bf16 linears, fused heads)".format(
+                              ", ".join(sorted(flags & {"avx512_bf16", "amx_bf16"}))))
+    if {"avx2", "fma"} <= flags and torch.backends.mkl.is_available():
+        return DecodePath(torch.float32, False, True, "an AVX2 CPU without native bf16 (no avx512_bf16/amx_bf16): "
+                          "float32 (bf16 math is emulated), eager (compiling the float32 steps takes many minutes "
+                          "on such a CPU), every linear as (W @ x.T).T (BLAS's tall path: about 2x F.linear's "
+                          "small-M path at 1-9 rows)")
+    return DecodePath(torch.float32, False, False, "a CPU without AVX2 or native bf16: float32, eager (the reference)")
+
+
+class WeightFirstLinear(torch.nn.Module):
+    """`linear` as (W @ x.T).T + b: the same float32 product as F.linear (only the blocking differs), run
+    by BLAS as a tall [out, in] x [in, M] product that reads W once, where MKL's small-M path of F.linear
+    (x @ W.T) runs a decoding step's few rows at 2-3x the cost of one (benchmarks/bench_cpu_linear.py).
+    Shares the linear's parameters."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias  # [out, in], [out] or None
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out]"""
+        rows = x.reshape(-1, x.shape[-1])  # [M, in]
+        y = (self.weight @ rows.T).T  # [M, out]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def weight_first(model: torch.nn.Module) -> torch.nn.Module:
+    """Swap every nn.Linear of `model` (in place) for a WeightFirstLinear over the same parameters."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(module, name, WeightFirstLinear(child))
+    return model
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device | None = None) -> torch.dtype:
-    """A torch dtype from --dtype; `auto` is bfloat16 where `device` computes it natively, else float32
-    (the exact reference)."""
+    """A torch dtype from --dtype; `auto` is `decode_path(device).dtype`: bfloat16 where `device` computes
+    it natively, else float32 (the exact reference)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == AUTO:
@@ -217,7 +281,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | tor
     path = model_path(name)
     local = Path(path).exists()
     placement = {"device_map": device_map, "max_memory": parse_max_memory(max_memory)} if device_map else {}
-    if attention == "decode":
+    decoding = attention == "decode"
+    if decoding:
         attention = decode_attention(dev)  # with a device map: where `--device auto` would run
     if attention:
         placement["attn_implementation"] = attention
@@ -247,6 +312,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | tor
                            f"to {', '.join(offloaded) or 'disk'}, which treeopt does not run): raise --max-memory "
                            "or add GPUs")
     model.eval().requires_grad_(False)
+    if decoding and dtype == AUTO and not device_map and dt == torch.float32 and decode_path(dev).weight_first:
+        weight_first(model)  # the decode-time load on an AVX2 CPU; --dtype float32 keeps F.linear, the exact reference
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=path)

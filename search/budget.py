@@ -5,6 +5,7 @@ the step time climbs sooner and the best tree shrinks."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from treeopt.search.targets import Target
 from treeopt.core.errors import TreeoptError
 from treeopt.core.tree import Tree
 from treeopt.core.validate import cut_short
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -83,13 +86,22 @@ def read_latencies(path: str | Path) -> dict[int, Latency]:
 
 
 def choose_nodes(sizes: np.ndarray, tokens_per_step: np.ndarray, latency: Latency) -> int:
-    """The size >= 1 of `sizes` that maximizes predicted tokens/s, given tokens/step at those sizes."""
+    """The size of `sizes` that maximizes predicted tokens/s, given tokens/step at those sizes: the best
+    size >= 1, or 0 (plain decoding, with a warning) where `sizes` and the profile hold 0 and no tree
+    beats it on the profiled machine."""
     sizes = np.asarray(sizes)
-    tps = np.where(sizes >= 1, latency.tokens_per_second(tokens_per_step, sizes), np.nan)  # [S]
-    if not np.isfinite(tps).any():
+    tps = latency.tokens_per_second(tokens_per_step, sizes)  # [S]
+    trees = np.where(sizes >= 1, tps, np.nan)  # [S]
+    if not np.isfinite(trees).any():
         raise TreeoptError(f"latency file {latency.source} covers no tree size from 1 to {sizes.max()}: "
                            "profile the sizes you search (`treeopt profile`)")
-    return int(sizes[np.nanargmax(tps)])
+    best = int(np.nanargmax(trees))
+    plain = tps[sizes == 0]
+    if plain.size and np.isfinite(plain[0]) and trees[best] <= plain[0]:
+        log.warning(f"no tree beats plain decoding on the machine {latency.source} profiled (best: "
+                    f"{int(sizes[best])} nodes, {trees[best] / plain[0]:.2f}x): choosing plain decoding (0 nodes)")
+        return 0
+    return int(sizes[best])
 
 
 def search_auto(record: Record, latency: Latency, model: str = DEFAULT_MODEL, max_nodes: int = 256,

@@ -120,9 +120,10 @@ def test_demo_prompts_offline_without_a_local_copy(monkeypatch):
     monkeypatch.setattr(treeopt.core.prompts, "local_alpaca_eval", lambda: None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     said = []
-    fit, held = split_prompts(DemoConfig(), log=said.append)
+    cfg = DemoConfig()
+    fit, held = split_prompts(cfg, log=said.append)
     texts = [{r["instruction"] for r in part} for part in (fit, held)]
-    assert len(fit) == 24 and len(held) == 8 and not texts[0] & texts[1]
+    assert len(fit) == cfg.fit_prompts and len(held) == cfg.bench_prompts and not texts[0] & texts[1]
     assert "offline.json" in said[0]
     source, note = prompt_source(DemoConfig(), log=said.append)
     assert source.endswith("offline.json") and "not AlpacaEval" in note  # the report shows this note

@@ -62,6 +62,40 @@ def test_auto_dtype_is_bfloat16_only_where_native(monkeypatch):
     assert resolve_dtype("auto", cpu) == torch.bfloat16
 
 
+def test_decode_path_follows_the_cpu_flags(monkeypatch, tmp_path):
+    import treeopt.decoding.decoder as decoder
+    import treeopt.decoding.models as models
+
+    cpu = torch.device("cpu")
+    cases = {frozenset({"avx2", "fma", "amx_bf16"}): (torch.bfloat16, True, False),
+             frozenset({"avx2", "fma"}): (torch.float32, False, torch.backends.mkl.is_available()),
+             frozenset({"sse4_2"}): (torch.float32, False, False)}
+    for flags, (dtype, compiled, weight_first) in cases.items():
+        monkeypatch.setattr(models, "cpu_flags", lambda f=flags: f)
+        path = models.decode_path(cpu)
+        assert (path.dtype, path.compiled, path.weight_first) == (dtype, compiled, weight_first)
+        assert resolve_dtype("auto", cpu) == dtype
+    monkeypatch.setenv("TREEOPT_CACHE", str(tmp_path))
+    monkeypatch.setattr(decoder, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    avx2 = decoder.compile_cache_dir()
+    monkeypatch.setattr(decoder, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512_bf16"}))
+    assert decoder.compile_cache_dir() != avx2 and avx2.parent == tmp_path / "compiled"
+    assert torch.__version__ in avx2.name
+
+
+def test_weight_first_linear_is_the_same_product():
+    from treeopt.decoding.models import WeightFirstLinear, weight_first
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8, bias=False))
+    x = torch.randn(3, 5, 16)  # [B, S, H]
+    want = net(x)
+    weight_first(net)
+    assert all(isinstance(m, WeightFirstLinear) for m in net)
+    torch.testing.assert_close(net(x), want)
+    assert net(x[0, 0]).shape == (8,)
+
+
 def test_cache_argument_follows_the_model_signature(tiny_llama, caplog):
     from treeopt.decoding.decoder import TreeDecoder
     from treeopt.decoding.models import cache_argument

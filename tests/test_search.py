@@ -149,6 +149,20 @@ def test_latency_file_and_auto_nodes(make_calibration, tmp_path):
             read_latency(f)
 
 
+def test_auto_picks_plain_where_no_tree_wins(make_calibration, caplog):
+    sizes, curve = np.arange(5), np.array([1.0, 1.3, 1.5, 1.6, 1.65])
+    slow = Latency(np.arange(5), np.array([10.0, 14.0, 16.0, 18.0, 20.0]))  # every tree loses to plain
+    with caplog.at_level("WARNING"):
+        assert choose_nodes(sizes, curve, slow) == 0
+    assert "no tree beats plain decoding" in caplog.text and "2 nodes, 0.94x" in caplog.text
+    fast = Latency(np.arange(5), np.array([10.0, 11.0, 12.0, 16.0, 20.0]))
+    assert choose_nodes(sizes, curve, fast) == 2  # 1.5 / 12 beats 1 / 10
+    assert choose_nodes(sizes[1:], curve[1:], slow) == 2  # no plain size to compare: the best tree
+    cal = make_calibration(random_ranks([200, 150], 3, 5, seed=2), top_k=5)
+    flat = Latency(np.array([0, 64]), np.array([10.0, 1000.0]))
+    assert search_auto(cal, flat).tree.num_nodes == 0
+
+
 def test_sweep_is_the_prefix_curve(make_calibration, tmp_path):
     cal = make_calibration(random_ranks([80, 90], 3, 4, seed=4), top_k=4)
     f = tmp_path / "latency.csv"

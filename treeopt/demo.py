@@ -54,9 +54,9 @@ class DemoConfig:
     heads: str | None = ModelSettings.heads  # None: the heads shipped for the bundled model
     prompts: str | None = None  # None: treeopt.core.prompts.default_prompts() (AlpacaEval)
     seed: int = 0  # of the random draw of the fit and bench prompts
-    fit_prompts: int = 24  # calibrate on these
-    bench_prompts: int = 8  # and bench on the next ones
-    max_new_tokens: int = 96  # per prompt, in calibration and bench
+    fit_prompts: int = 12  # calibrate on these
+    bench_prompts: int = 4  # and bench on the next ones
+    max_new_tokens: int = 48  # per prompt, in calibration and bench
     top_k: int = CalibrationConfig.top_k  # ranks the calibration records per head
     nodes: int | str = 16  # searched tree size (64 on a GPU), or "auto": best predicted tokens/s (needs the profile)
     cartesian: tuple[str, ...] = ("best",)  # Cartesian baselines: "best" = the best one as large as the searched tree, or e.g. "2x3"

@@ -10,10 +10,11 @@ from treeopt.core.settings import DEFAULT_MODEL
 def describe(model: str = DEFAULT_MODEL, heads: str | None = None, device: str = "auto", dtype: str = "auto") -> str:
     import torch
 
+    from treeopt.decoding.decoder import compile_cache_dir, compiles_by_default
     from treeopt.decoding.heads import resolve_heads
-    from treeopt.decoding.models import load_model
+    from treeopt.decoding.models import WeightFirstLinear, decode_path, load_model
 
-    lm = load_model(model, device=device, dtype=dtype)
+    lm = load_model(model, device=device, dtype=dtype, attention="decode")  # as decode, profile and bench load it
     cfg = lm.model.config
     params = sum(p.numel() for p in lm.model.parameters())
     lines = [
@@ -23,6 +24,13 @@ def describe(model: str = DEFAULT_MODEL, heads: str | None = None, device: str =
         f"device       {lm.model.device}  dtype {lm.model.dtype}"
         + (f"  ({torch.cuda.get_device_name()})" if lm.model.device.type == "cuda" else f"  ({torch.get_num_threads()} threads)"),
     ]
+    path = decode_path(lm.model.device)
+    compiled = compiles_by_default(lm.model)
+    weight_first = isinstance(lm.model.get_output_embeddings(), WeightFirstLinear)
+    lines += [f"path         {'compiled' if compiled else 'eager'}, {'(W @ x.T).T' if weight_first else 'F.linear'} linears "
+              f"(--dtype auto, --compile unset): {path.why}",
+              "  reference  --dtype float32 --eager: float32 arithmetic throughout (outputs equal plain greedy decoding)",
+              f"  compiled   steps cached in {compile_cache_dir()} (TORCHINDUCTOR_CACHE_DIR overrides)"]
     try:
         h = resolve_heads(heads, lm.model)
         c = h.config

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from treeopt.decoding.models import DEFAULT_MODEL, layer_devices
-from treeopt.core.settings import DEFAULT_MODEL
 from treeopt.core.env import DATA_DIR
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write, write_text

@@ -192,7 +192,18 @@ class TreeDecoder:
                  top_k: int | None = None, time_model: bool = False, compiled: bool = False):
         """stop_ids: tokens that end the output (kept); None = the model's EOS ids, () = never stop.
         time_model: also time the model's work inside each step (adds a synchronize on CUDA).
-        compiled: torch.compile the verification and heads steps."""
+        compiled: torch.compile the verification and heads steps.
+        heads: MedusaHeads, or any treeopt.decoding.drafters.Drafter (heads run on the fast paths below;
+        another drafter proposes every node's token itself, between the tree forwards)."""
+        from treeopt.decoding.drafters import Drafter
+
+        self.drafter = None  # a drafter other than heads
+        if isinstance(heads, Drafter):
+            if heads.kind == "heads":
+                heads = heads.heads
+            else:
+                heads.check(model, tree)
+                self.drafter, heads = heads, None
         self.model = model
         self.base = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
@@ -200,7 +211,7 @@ class TreeDecoder:
         self.device, self.dtype = weight.device, weight.dtype
         self.layer_devices = layer_devices(model)  # the cache's, one per layer (several with a device map)
         self.cache_argument = cache_argument(model)
-        if heads is None and tree.num_nodes:
+        if heads is None and self.drafter is None and tree.num_nodes:
             raise TreeoptError("a tree needs Medusa heads: pass --heads DIR or --heads random")
         if heads is not None:
             heads.check_compatible(model)
@@ -283,7 +294,7 @@ class TreeDecoder:
         verification step made them already."""
         if depth is not None and depth != self.tree.depth:
             return self._propose(hidden, depth)
-        if self.tree.depth == 0:
+        if self.tree.depth == 0 or self.drafter is not None:
             return torch.empty(0, self.buf.top_k, dtype=torch.long, device=self.device)
         if self.fused and row is not None:
             return self.row_topk[row]
@@ -319,11 +330,14 @@ class TreeDecoder:
         p = probs[parent, tokens]  # [M] node's token under its parent's distribution
         return p > threshold[parent], torch.log(p)
 
-    def accept(self, tokens: torch.Tensor, logits: torch.Tensor, argmax: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [N], logits [N, V] (argmax [N], when known) -> accepted node indices [m+1], root first."""
+    def accept(self, tokens: torch.Tensor, logits: torch.Tensor, argmax: torch.Tensor | None = None,
+               valid: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [N], logits [N, V] (argmax [N], when known; valid [N]: the nodes that hold a candidate)
+        -> accepted node indices [m+1], root first."""
         if self.buf.num_nodes == 1:
             return self.buf.paths[0, :1]
-        return choose_path(self.buf, *self.flags(tokens, logits, argmax=argmax))
+        ok, logp = self.flags(tokens, logits, argmax=argmax)
+        return choose_path(self.buf, ok if valid is None else ok & valid, logp)
 
     # ---- a whole generation -----------------------------------------------------------------------
 
@@ -354,7 +368,7 @@ class TreeDecoder:
             positions = self.buf.depth + 0  # (a guard on its dispatch keys would otherwise recompile at the first call)
             self.verify.eager(tokens, self.bias, positions)
             _, hidden, _, _ = self.verify.warm(tokens, self.bias, positions)
-            if self.tree.depth:
+            if self.tree.depth and self.heads is not None:
                 self.propose.warm(hidden[0])  # the step after prefill, and after a fused tree forward
 
     @torch.inference_mode()
@@ -369,6 +383,9 @@ class TreeDecoder:
         if self.acceptance.mode == "typical":
             self.generator.manual_seed(self.acceptance.seed)
         cache, bias, buf = self.cache, self.bias, self.buf
+        if self.drafter is not None:
+            self.drafter.start(list(prompt_ids), cache.max_len)
+            context = [int(t) for t in prompt_ids]  # the accepted text, for the drafter
 
         synchronize(self.device)
         t0 = time.perf_counter()
@@ -385,11 +402,17 @@ class TreeDecoder:
         while True:
             steps += 1
             cur = cache.length
-            tokens = torch.cat([root.view(1), topk.flatten()[buf.candidate_index]])  # [N]
+            valid = None
+            if self.drafter is None:
+                tokens = torch.cat([root.view(1), topk.flatten()[buf.candidate_index]])  # [N]
+            else:
+                ta = clock()
+                tokens, valid = self.drafter.propose(context, root, buf)  # [N], [N] or None
+                model_s += clock() - ta
             ta = clock()
             logits, hidden, argmax = self.tree_forward(tokens)  # [N, V], [N, H], [N]
             model_s += clock() - ta
-            nodes = self.accept(tokens, logits, argmax)  # [m+1]
+            nodes = self.accept(tokens, logits, argmax, valid)  # [m+1]
             cache.commit(nodes)
             bias[:, cur : cur + nodes.shape[0]] = 0  # the rest of cur..cur+N: the next step's tree_bias
             last = nodes[-1]
@@ -399,6 +422,8 @@ class TreeDecoder:
             if hit is not None:
                 new, stopped = new[: hit + 1], True
             out.extend(new)
+            if self.drafter is not None:
+                context += new
             if stopped or len(out) >= max_new_tokens:
                 break
             root = self.next_root(logits[last], argmax[last])

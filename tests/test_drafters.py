@@ -1,0 +1,132 @@
+"""Every drafter behind treeopt.decoding.drafters: its calibration ranks replay the steps the tree
+decoder takes with it, prompt by prompt (float32, tiny random models), and its proposals are right
+(n-gram: vLLM's rule against a brute-force reference; a draft model equal to the base model: every
+token accepted)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from treeopt.core.drafter import parse_drafter
+from treeopt.core.errors import TreeoptError
+from treeopt.core.record import Calibration
+from treeopt.core.replay import replay
+from treeopt.core.tree import Tree
+from treeopt.decoding import decoder
+from treeopt.decoding.drafters import DraftModelDrafter, HeadsDrafter, NgramDrafter, ngram_propose
+from treeopt.decoding.heads import random_heads
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def brute_ngram(context: list[int], min_n: int, max_n: int, k: int) -> list[int]:
+    """vLLM's prompt lookup, literally: for n = max..min, the earliest start s whose n tokens equal the
+    last n and end before the last token; the k tokens after it."""
+    L = len(context)
+    for n in range(max_n, min_n - 1, -1):
+        for s in range(0, L - n):
+            if context[s:s + n] == context[L - n:]:
+                return context[s + n:s + n + k]
+    return []
+
+
+def test_ngram_matches_brute_force_reference():
+    rng = np.random.default_rng(0)
+    for trial in range(400):
+        L = int(rng.integers(1, 40))
+        ctx = rng.integers(0, int(rng.integers(2, 6)), size=L).tolist()  # small alphabets: many matches
+        lo = int(rng.integers(1, 4))
+        hi = lo + int(rng.integers(0, 3))
+        k = int(rng.integers(1, 6))
+        assert ngram_propose(ctx, lo, hi, k) == brute_ngram(ctx, lo, hi, k), (ctx, lo, hi, k)
+    assert ngram_propose([1, 2, 3, 1, 2], 2, 2, 3) == [3, 1, 2]
+    assert ngram_propose([7, 1, 2, 9, 1, 2, 5, 1, 2], 2, 2, 1) == [9]  # the earliest occurrence, as vLLM
+    assert ngram_propose([1, 2, 3], 1, 3, 2) == []
+
+
+def test_parse_drafter():
+    assert str(parse_drafter(None)) == "heads"
+    assert str(parse_drafter("ngram")) == "ngram:5-5"
+    assert (parse_drafter("ngram:2-4").min_n, parse_drafter("ngram:2-4").max_n) == (2, 4)
+    assert parse_drafter("draft:some/dir").path == "some/dir"
+    for bad in ("medusa", "ngram:4-2", "ngram:x", "draft"):
+        with pytest.raises(TreeoptError):
+            parse_drafter(bad)
+
+
+def perturbed(model, scale: float, seed: int = 1):
+    """A copy of `model` with noise on every weight: a draft model that agrees with it often, not always."""
+    g = torch.Generator().manual_seed(seed)
+    draft = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * p.std().clamp(min=1e-3))
+    return draft
+
+
+def replay_matches_decoder(model, drafter, tree: Tree, top_k: int, prompts, max_new_tokens: int = 30):
+    """Calibration ranks of `drafter` on each prompt's greedy continuation -> replayed steps, compared
+    with the decoder's steps prompt by prompt; returns the nodes accepted in all."""
+    ranks, steps, accepted = [], [], 0
+    for prompt in prompts:
+        result = decoder.TreeDecoder(model, drafter, tree, stop_ids=()).generate(prompt, max_new_tokens)
+        reference = decoder.greedy_reference(model, prompt, max_new_tokens, stop_ids=(2,))
+        tokens = reference.tokens[:max_new_tokens]
+        if 2 in tokens:  # the reference stops at EOS; the decoder was told never to stop
+            tokens = tokens[: tokens.index(2) + 1]
+        assert result.tokens[: len(tokens)] == tokens  # greedy decoding with any drafter is lossless
+        result = decoder.TreeDecoder(model, drafter, tree, stop_ids={2}).generate(prompt, max_new_tokens)
+        assert result.tokens == tokens
+        ranks.append(drafter.ranks(prompt, tokens, top_k, tree.depth).numpy())
+        steps.append(result.steps)
+        accepted += sum(result.accepted)
+    lengths = [len(r) for r in ranks]
+    cal = Calibration(np.concatenate(ranks), np.repeat(np.arange(len(ranks)), lengths).astype(np.int32),
+                      np.concatenate([np.arange(T) for T in lengths]).astype(np.int32), top_k)
+    assert replay(tree, cal).steps.tolist() == steps
+    return accepted
+
+
+PROMPTS = [[5, 9, 5, 9, 5], [3, 4, 5, 6, 7, 8], [11, 12, 11]]
+
+
+def test_ngram_replay_equals_decoder(tiny_llama):
+    chain = Tree(((0,), (0, 0), (0, 0, 0)))
+    accepted = replay_matches_decoder(tiny_llama, NgramDrafter(1, 3), chain, top_k=4, prompts=PROMPTS, max_new_tokens=40)
+    assert accepted > 5  # a random Llama repeats itself: the lookup accepts tokens
+
+
+def test_ngram_refuses_a_tree(tiny_llama):
+    with pytest.raises(TreeoptError, match="chain"):
+        decoder.TreeDecoder(tiny_llama, NgramDrafter(1, 3), Tree.cartesian([2, 1]))
+
+
+def test_draft_model_replay_equals_decoder(tiny_llama):
+    drafter = DraftModelDrafter(perturbed(tiny_llama, 0.3))
+    tree = Tree(Tree.cartesian([3, 2]).paths + ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 0, 0)))
+    accepted = replay_matches_decoder(tiny_llama, drafter, tree, top_k=3, prompts=PROMPTS)
+    assert accepted > 10
+    chain = Tree(((0,), (0, 0), (0, 0, 0)))
+    assert replay_matches_decoder(tiny_llama, drafter, chain, top_k=1, prompts=PROMPTS) > 5
+
+
+def test_draft_model_equal_to_base_accepts_every_token(tiny_llama):
+    drafter = DraftModelDrafter(tiny_llama)
+    chain = Tree(((0,), (0, 0), (0, 0, 0)))
+    result = decoder.TreeDecoder(tiny_llama, drafter, chain, stop_ids=()).generate([3, 4, 5], 41)
+    assert result.accepted == [3] * 11  # root + 3 accepted at every step (the last one cut at 41)
+    assert len(result.tokens) == 41 and result.steps == 11
+    ranks = drafter.ranks([3, 4, 5], result.tokens, 4, 3).numpy()
+    assert (ranks[ranks >= 0] == 0).all()
+
+
+def test_heads_drafter_decodes_as_heads(tiny_llama):
+    heads = random_heads(tiny_llama, num_heads=3, seed=0)
+    tree = Tree.cartesian([3, 2])
+    a = decoder.TreeDecoder(tiny_llama, heads, tree, stop_ids=()).generate([3, 4, 5], 20)
+    b = decoder.TreeDecoder(tiny_llama, HeadsDrafter(heads), tree, stop_ids=()).generate([3, 4, 5], 20)
+    assert (a.tokens, a.accepted) == (b.tokens, b.accepted)

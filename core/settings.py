@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
+from treeopt.core.drafter import parse_drafter
 from treeopt.core.errors import TreeoptError
 
 DEFAULT_MODEL = "smollm2-135m"  # the bundled model (SmolLM2-135M-Instruct, treeopt.decoding.models)
@@ -123,6 +124,8 @@ class CalibrationConfig(RuleSettings):
     out: str | Path = "calibration"
     model: str = DEFAULT_MODEL
     heads: str | None = None  # a directory, `random`, or None for the heads shipped for the bundled model
+    drafter: str = "heads"  # heads (--heads), ngram[:MIN-MAX] (vLLM's prompt lookup) or draft:MODEL (treeopt.core.drafter)
+    draft_depth: int = 4  # ngram, draft: the depths recorded (r1..rK); heads: their number
     prompts: str | None = None  # `alpaca_eval`, a .json/.jsonl path; None: the local AlpacaEval copy, else the hub's
     teacher_forced: str | None = None  # chat data for calibrate/teacher.py (instead of prompts and generation)
     limit: int | None = None  # N prompts drawn across the sources, seeded by `seed` (`select_prompts`)
@@ -146,6 +149,14 @@ class CalibrationConfig(RuleSettings):
         if self.limit is not None and self.first is not None:
             raise TreeoptError("--limit and --first both choose the prompts: pass one of them")
         at_least(self, max_new_tokens=1, top_k=1, batch_size=1, shard_size=1, limit=1, first=1)
+        kind = parse_drafter(self.drafter).kind
+        if kind == "heads":
+            not_with(self, "--drafter heads (one depth per head)", "draft_depth")
+        else:
+            not_with(self, f"--drafter {kind}", "heads", "teacher_forced")
+            if self.acceptance != "greedy":
+                raise TreeoptError(f"--drafter {kind} calibrates for --acceptance greedy: drop --acceptance")
+        at_least(self, draft_depth=1)
         if self.top_k > 32767:
             raise TreeoptError(f"--top-k {self.top_k} is too large: ranks are stored as int16, pass at most 32767")
         if self.acceptance == "typical":

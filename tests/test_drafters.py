@@ -130,3 +130,57 @@ def test_heads_drafter_decodes_as_heads(tiny_llama):
     a = decoder.TreeDecoder(tiny_llama, heads, tree, stop_ids=()).generate([3, 4, 5], 20)
     b = decoder.TreeDecoder(tiny_llama, HeadsDrafter(heads), tree, stop_ids=()).generate([3, 4, 5], 20)
     assert (a.tokens, a.accepted) == (b.tokens, b.accepted)
+
+
+@pytest.mark.parametrize("drafter", ["ngram:1-3", "draft"])
+def test_calibrate_records_any_drafter_and_replays_the_decoder(tmp_path, tiny_model_dir, drafter):
+    """`treeopt calibrate --drafter`: the same files, naming the drafter; a rerun resumes (same bytes);
+    the record replays the decoder's steps with that drafter, prompt by prompt."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from treeopt.cli import app
+    from treeopt.core.record import RANKS, load_calibration
+    from treeopt.decoding.drafters import resolve_drafter
+    from treeopt.decoding.models import load_model
+
+    spec = f"draft:{tiny_model_dir}" if drafter == "draft" else drafter
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"instruction": w}) + "\n" for w in ["w4 w5 w4", "w7", "w9 w9 w3 w9", "w12 w5"]))
+    args = ["calibrate", "--model", str(tiny_model_dir), "--drafter", spec, "--draft-depth", "3", "--prompts",
+            str(prompts), "--max-new-tokens", "24", "--top-k", "5", "--batch-size", "1", "--shard-size", "2",
+            "--output-dir", str(tmp_path / "c"), "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    first = (tmp_path / "c" / RANKS).read_bytes()
+    assert CliRunner().invoke(app, args).exit_code == 0 and (tmp_path / "c" / RANKS).read_bytes() == first
+    cal = load_calibration(tmp_path / "c")
+    assert cal.meta["drafter"]["kind"] == drafter.split(":")[0] and len(cal.meta["drafter"]["sha256"]) == 64
+    assert cal.meta["settings"]["drafter"] == spec and cal.ranks.shape[1] == 3
+
+    loaded = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    drafting = resolve_drafter(spec, loaded.model)
+    chain = Tree(((0,), (0, 0), (0, 0, 0)))
+    steps = []
+    conts = cal.continuations().sort_values("prompt_id")
+    for ids, tokens in zip(conts["prompt_ids"], conts["tokens"]):
+        out = decoder.TreeDecoder(loaded.model, drafting, chain).generate(list(ids), 24)
+        assert out.tokens == list(tokens)
+        steps.append(out.steps)
+    assert replay(chain, cal).steps.tolist() == steps
+    if drafter == "draft":  # the base model drafting for itself: every recorded rank is 0
+        assert (cal.ranks[cal.ranks >= 0] == 0).all()
+
+
+def test_drafter_options_checked():
+    from treeopt.core.settings import CalibrationConfig
+
+    with pytest.raises(TreeoptError, match="--heads"):
+        CalibrationConfig(drafter="ngram", heads="x")
+    with pytest.raises(TreeoptError, match="--draft-depth"):
+        CalibrationConfig(draft_depth=3)
+    with pytest.raises(TreeoptError, match="greedy"):
+        CalibrationConfig(drafter="ngram", acceptance="typical")
+    with pytest.raises(TreeoptError, match="unknown --drafter"):
+        CalibrationConfig(drafter="eagle")

@@ -222,6 +222,8 @@ def train_heads_cmd(
 def calibrate(
     model: str = ModelOpt,
     heads: Optional[str] = HeadsOpt,
+    drafter: str = opt(CalibrationConfig, "drafter", "--drafter", help="What drafts: heads (--heads), ngram[:MIN-MAX] (vLLM's prompt lookup, chains only) or draft:MODEL (a causal LM sharing the tokenizer)."),
+    draft_depth: int = opt(CalibrationConfig, "draft_depth", "--draft-depth", help="ngram, draft: the depths recorded (r1..rK); heads record one per head."),
     prompts: Optional[str] = PromptsOpt,
     teacher_forced: Optional[str] = opt(CalibrationConfig, "teacher_forced", "--teacher-forced", help="Chat data (ShareGPT `conversations` or OpenAI `messages`; .json/.jsonl or a Hugging Face dataset id): rank the heads on its assistant turns in one forward per conversation, instead of generating from --prompts."),
     limit: Optional[int] = opt(CalibrationConfig, "limit", "--limit", help="Use N prompts drawn at random across the prompt file's sources (its `dataset` or `source` field; seeded by --seed); teacher-forced: the first N conversations."),

@@ -65,6 +65,17 @@ def not_with(config, mode: str, *names) -> None:
         raise TreeoptError(f"{mode} does not use {', '.join(given)}: drop {'it' if len(given) == 1 else 'them'}")
 
 
+def check_drafter(config) -> str:
+    """`config.drafter` parses (treeopt.core.drafter), and a drafter other than heads is given neither
+    --heads nor another rule than greedy; returns its kind."""
+    kind = parse_drafter(config.drafter).kind
+    if kind != "heads":
+        not_with(config, f"--drafter {kind}", "heads")
+        if config.acceptance != "greedy":
+            raise TreeoptError(f"--drafter {kind} drafts for --acceptance greedy: drop --acceptance")
+    return kind
+
+
 def int_list(text: str | None, option: str, lo: int) -> tuple[int, ...] | None:
     """'1,4,16' -> (1, 4, 16); None -> None; '' -> () (none). Every number at least `lo`."""
     if text is None:
@@ -149,13 +160,11 @@ class CalibrationConfig(RuleSettings):
         if self.limit is not None and self.first is not None:
             raise TreeoptError("--limit and --first both choose the prompts: pass one of them")
         at_least(self, max_new_tokens=1, top_k=1, batch_size=1, shard_size=1, limit=1, first=1)
-        kind = parse_drafter(self.drafter).kind
+        kind = check_drafter(self)
         if kind == "heads":
             not_with(self, "--drafter heads (one depth per head)", "draft_depth")
         else:
-            not_with(self, f"--drafter {kind}", "heads", "teacher_forced")
-            if self.acceptance != "greedy":
-                raise TreeoptError(f"--drafter {kind} calibrates for --acceptance greedy: drop --acceptance")
+            not_with(self, f"--drafter {kind}", "teacher_forced")
         at_least(self, draft_depth=1)
         if self.top_k > 32767:
             raise TreeoptError(f"--top-k {self.top_k} is too large: ranks are stored as int16, pass at most 32767")
@@ -265,11 +274,13 @@ class PlotConfig:
 @dataclass(frozen=True, kw_only=True)
 class DecodeConfig(EngineSettings, RuleSettings):
     tree: str | None = None  # None: plain decoding
+    drafter: str = "heads"  # heads (--heads), ngram[:MIN-MAX] or draft:MODEL (treeopt.core.drafter)
     max_new_tokens: int = 128
 
     def __post_init__(self):
         EngineSettings.__post_init__(self)
         self.check_rule()
+        check_drafter(self)
         at_least(self, max_new_tokens=1)
 
 
@@ -278,6 +289,7 @@ class BenchConfig(EngineSettings, RuleSettings):
     OPTION = {"out": "--output-dir"}
     trees: tuple[str, ...] = ()  # tree files, published names or list strings
     cartesian: tuple[str, ...] = ()  # Cartesian trees, top-k per depth: 2x3
+    drafter: str = "heads"  # heads (--heads), ngram[:MIN-MAX] or draft:MODEL (treeopt.core.drafter)
     prompts: str | None = None  # None: treeopt.core.prompts.default_prompts()
     first: int = 20  # the first N prompts, in file order
     max_new_tokens: int = 128
@@ -288,6 +300,7 @@ class BenchConfig(EngineSettings, RuleSettings):
     def __post_init__(self):
         EngineSettings.__post_init__(self)
         self.check_rule()
+        check_drafter(self)
         at_least(self, first=1, max_new_tokens=1, repeats=1)
         if not self.trees and not self.cartesian:
             raise TreeoptError("nothing to compare with plain decoding: pass --tree FILE and/or --cartesian 2x3")

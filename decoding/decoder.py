@@ -510,9 +510,10 @@ def greedy_reference(model, prompt_ids, max_new_tokens: int, stop_ids=None) -> D
 def run_decode(instruction: str, tree: str | None = None, model: str = DEFAULT_MODEL, heads: str | None = None,
                max_new_tokens: int = DecodeConfig.max_new_tokens, acceptance: Acceptance = GREEDY, device: str = "auto",
                dtype: str = "auto", compiled: bool | None = None, device_map: str | None = None,
-               max_memory: str | None = None) -> tuple[str, DecodeResult]:
+               max_memory: str | None = None, drafter: str = "heads") -> tuple[str, DecodeResult]:
     """The CLI's twin: decode one instruction (as a chat turn) with a tree spec (file, published name
-    or list string; None = plain decoding) and return the reply text and the result."""
+    or list string; None = plain decoding) drafted by `drafter` (treeopt.decoding.drafters: heads, by
+    --heads `heads`, ngram[:MIN-MAX] or draft:MODEL) and return the reply text and the result."""
     from treeopt.decoding.heads import resolve_heads
     from treeopt.decoding.models import chat_prompt, check_context, load_model
     from treeopt.core.treefile import checked, read_tree
@@ -520,9 +521,15 @@ def run_decode(instruction: str, tree: str | None = None, model: str = DEFAULT_M
     shape = read_tree(tree) if tree else Tree(())
     loaded = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
                         attention="decode")
-    medusa = resolve_heads(heads, loaded.model) if shape.num_nodes else None
-    if medusa is not None:
-        checked(shape, tree, num_heads=medusa.num_heads)
+    from treeopt.decoding.drafters import parse_drafter, resolve_drafter
+
+    spec = parse_drafter(drafter)
+    if spec.kind == "heads":
+        medusa = resolve_heads(spec.path or heads, loaded.model) if shape.num_nodes else None
+        if medusa is not None:
+            checked(shape, tree, num_heads=medusa.num_heads)
+    else:
+        medusa = resolve_drafter(spec, loaded.model) if shape.num_nodes else None
     stops = stop_token_ids(loaded.model, loaded.tokenizer)
     ids = chat_prompt(loaded.tokenizer, instruction)
     check_context(loaded.model, [ids], max_new_tokens, [instruction])

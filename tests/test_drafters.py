@@ -172,6 +172,22 @@ def test_calibrate_records_any_drafter_and_replays_the_decoder(tmp_path, tiny_mo
     if drafter == "draft":  # the base model drafting for itself: every recorded rank is 0
         assert (cal.ranks[cal.ranks >= 0] == 0).all()
 
+    # bench and decode with the same drafter: lossless, and the record's prediction is what it measures
+    bench = ["bench", "--model", str(tiny_model_dir), "--drafter", spec, "--tree", "[[0], [0, 0], [0, 0, 0]]",
+             "--prompts", str(prompts), "--first", "4", "--max-new-tokens", "24", "--device", "cpu", "--dtype",
+             "float32", "--repeats", "1", "--calibration", str(tmp_path / "c"), "-o", str(tmp_path / "b")]
+    result = CliRunner().invoke(app, bench)
+    assert result.exit_code == 0, result.output
+    row = json.loads((tmp_path / "b" / "bench.json").read_text())["rows"][2]
+    assert row["match_rate"] == 1.0
+    assert row["tokens_per_step"] == pytest.approx(row["predicted_tokens_per_step"], abs=1e-6)
+    result = CliRunner().invoke(app, ["decode", "w4 w5 w4", "--model", str(tiny_model_dir), "--drafter", spec,
+                                      "--tree", "[[0], [0, 0]]", "--max-new-tokens", "8", "--device", "cpu"])
+    assert result.exit_code == 0 and "tokens/step" in result.output, result.output
+    other = "ngram:2-2" if drafter == "draft" else "ngram:1-2"  # a record of another drafter is refused
+    result = CliRunner().invoke(app, [*bench[:4], other, *bench[5:]])
+    assert result.exit_code == 2 and "calibrated with --drafter" in result.output, result.output
+
 
 def test_drafter_options_checked():
     from treeopt.core.settings import CalibrationConfig

@@ -48,3 +48,8 @@ def parse_drafter(text: str | None) -> DrafterSpec:
     if kind == "draft" and not rest:
         raise TreeoptError(f"--drafter draft needs its model: pass --drafter draft:MODEL (a directory or a hub id)")
     return DrafterSpec(kind, rest or None)
+
+
+def drafter_of(meta: dict) -> str:
+    """The drafter a calibration record names (`--drafter`, treeopt.core.drafter); heads when it names none."""
+    return (meta.get("settings") or {}).get("drafter") or "heads"

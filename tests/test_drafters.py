@@ -172,6 +172,10 @@ def test_calibrate_records_any_drafter_and_replays_the_decoder(tmp_path, tiny_mo
     if drafter == "draft":  # the base model drafting for itself: every recorded rank is 0
         assert (cal.ranks[cal.ranks >= 0] == 0).all()
 
+    # search reads the record unchanged, and names its drafter
+    result = CliRunner().invoke(app, ["search", "-c", str(tmp_path / "c"), "--nodes", "3", "--max-rank", "1"])
+    assert result.exit_code == 0 and f"drafter {spec}, 3 depths" in result.output, result.output
+
     # bench and decode with the same drafter: lossless, and the record's prediction is what it measures
     bench = ["bench", "--model", str(tiny_model_dir), "--drafter", spec, "--tree", "[[0], [0, 0], [0, 0, 0]]",
              "--prompts", str(prompts), "--first", "4", "--max-new-tokens", "24", "--device", "cpu", "--dtype",

@@ -68,18 +68,19 @@ def perturbed(model, scale: float, seed: int = 1):
     return draft
 
 
-def replay_matches_decoder(model, drafter, tree: Tree, top_k: int, prompts, max_new_tokens: int = 30):
-    """Calibration ranks of `drafter` on each prompt's greedy continuation -> replayed steps, compared
-    with the decoder's steps prompt by prompt; returns the nodes accepted in all."""
+def replay_matches_decoder(model, drafter, tree: Tree, top_k: int, prompts, max_new_tokens: int = 30, stop=(2,)):
+    """Calibration ranks of `drafter` on each prompt's greedy continuation (ending at a `stop` token)
+    -> replayed steps, compared with the decoder's steps prompt by prompt; returns the nodes accepted in all."""
     ranks, steps, accepted = [], [], 0
     for prompt in prompts:
         result = decoder.TreeDecoder(model, drafter, tree, stop_ids=()).generate(prompt, max_new_tokens)
-        reference = decoder.greedy_reference(model, prompt, max_new_tokens, stop_ids=(2,))
+        reference = decoder.greedy_reference(model, prompt, max_new_tokens, stop_ids=stop)
         tokens = reference.tokens[:max_new_tokens]
-        if 2 in tokens:  # the reference stops at EOS; the decoder was told never to stop
-            tokens = tokens[: tokens.index(2) + 1]
+        end = next((i for i, t in enumerate(tokens) if t in stop), None)
+        if end is not None:  # the reference stops there; the decoder was told never to stop
+            tokens = tokens[: end + 1]
         assert result.tokens[: len(tokens)] == tokens  # greedy decoding with any drafter is lossless
-        result = decoder.TreeDecoder(model, drafter, tree, stop_ids={2}).generate(prompt, max_new_tokens)
+        result = decoder.TreeDecoder(model, drafter, tree, stop_ids=set(stop)).generate(prompt, max_new_tokens)
         assert result.tokens == tokens
         ranks.append(drafter.ranks(prompt, tokens, top_k, tree.depth).numpy())
         steps.append(result.steps)
@@ -204,3 +205,23 @@ def test_drafter_options_checked():
         CalibrationConfig(drafter="ngram", acceptance="typical")
     with pytest.raises(TreeoptError, match="unknown --drafter"):
         CalibrationConfig(drafter="eagle")
+
+
+@pytest.mark.slow
+def test_bundled_model_ngram_and_itself_as_draft(smollm2):
+    """The bundled model (fp32): n-gram lookup's record replays the decoder's chain steps prompt by
+    prompt, and the model drafting for itself has every token accepted."""
+    from treeopt.decoding.models import chat_prompt, stop_token_ids
+
+    model, tok = smollm2.model, smollm2.tokenizer
+    stop = tuple(sorted(stop_token_ids(model, tok)))
+    prompts = [chat_prompt(tok, s) for s in ("List the days of the week, then list them again.",
+                                             "Write a Python function that adds two numbers.")]
+    chain = Tree(((0,), (0, 0), (0, 0, 0)))
+    assert replay_matches_decoder(model, NgramDrafter(1, 3), chain, top_k=4, prompts=prompts, max_new_tokens=48,
+                                  stop=stop) > 5
+    drafter = DraftModelDrafter(model)
+    result = decoder.TreeDecoder(model, drafter, chain, stop_ids=()).generate(prompts[0], 48)
+    assert result.accepted == [3] * 12
+    ranks = drafter.ranks(prompts[0], result.tokens, 4, 3).numpy()
+    assert (ranks[ranks >= 0] == 0).all()

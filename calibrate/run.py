@@ -3,7 +3,9 @@
 One pass per batch: treeopt.decoding.generate's batched greedy loop makes the continuations (a row that stops
 takes the next prompt at once) and hands back the hidden states it computed on the way (the same
 states a teacher-forced forward of prompt + continuation gives, up to float rounding), and the heads
-rank the true tokens on them (calibrate/ranks.py). Prompts go in shards of `shard_size` under
+rank the true tokens on them (calibrate/ranks.py); another drafter (`--drafter ngram` or `draft:MODEL`,
+treeopt.decoding.drafters) ranks them by its own `ranks`, fed the true prefix at every depth, into the
+same files (`drafter_ranks`). Prompts go in shards of `shard_size` under
 DIR/shards/, each written atomically with a manifest of the run's settings, so an interrupted run
 resumes where it stopped; the final files are written by treeopt.core.record.
 
@@ -65,8 +67,8 @@ def run_meta(config: CalibrationConfig, loaded, settings: dict, acceptance: str,
     kind = parse_drafter(config.drafter).kind
     drafter = {"kind": kind, "source": (config.heads or "default") if kind == "heads" else str(parse_drafter(config.drafter)),
                "sha256": settings.get("heads_sha256") or settings.get("drafter_sha256")}
-    return {"model": loaded.name, "model_source": loaded.source, "heads": config.heads or "default",
-            "drafter": drafter, "acceptance": acceptance, "num_heads": settings["num_heads"], "prompts": prompts, "limit": config.limit,
+    return {"model": loaded.name, "model_source": loaded.source,
+            "heads": (config.heads or "default") if kind == "heads" else None, "drafter": drafter, "acceptance": acceptance, "num_heads": settings["num_heads"], "prompts": prompts, "limit": config.limit,
             "first": config.first, "num_prompts": num_prompts, "top_k": config.top_k,
             "max_new_tokens": config.max_new_tokens, "seed": config.seed, "dtype": settings["dtype"], "device": device,
             **own, "settings": settings}

@@ -1,4 +1,4 @@
-"""Where the base model's true tokens rank in each Medusa head's distribution (see calibrate/format.py).
+"""Where the base model's true tokens rank in each Medusa head's distribution (the files: `treeopt.core.record`).
 
 Head k at the hidden state before y_t predicts y_{t+k}. Its rank is the number of vocabulary entries
 whose logit beats the true token's: no sort and no [K, N, V] tensor, only [rows, block] tiles of

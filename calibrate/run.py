@@ -77,7 +77,7 @@ def run_meta(config: CalibrationConfig, loaded, settings: dict, acceptance: str,
 @locking("config.out")
 def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
               on_shard: Callable[[int], None] | None = None) -> Path:
-    """Run a calibration into `config.out` and return that directory (see calibrate/format.py).
+    """Run a calibration into `config.out` and return that directory (its files: `treeopt.core.record`).
 
     `loaded` (treeopt.decoding.models.LoadedModel) and `heads` (MedusaHeads) skip loading them; `on_shard(i)` is
     called after shard i is written (progress hooks, tests)."""

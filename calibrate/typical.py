@@ -17,12 +17,12 @@ Exact: at every logged step, the nodes any subtree S of P accepts from that step
 tests/test_typical.py checks this against the decoder at logged steps.
 Estimated: S's tokens/step = 1 + mean of d_S over the logged steps, i.e. S's own steps are taken to
 start where P's did. They do not: S accepts less, so its steps start inside P's runs, after text S
-chose. Measured (benchmarks/bench_typical.py, README "Typical acceptance") on held-out prompts, for
+chose. Measured (benchmarks/bench_typical.py, docs/typical.md) on held-out prompts, for
 trees not searched on the record; a tree searched on it is predicted by cross-validation over the
 record's prompts (search/typical.py), as its in-sample figure is biased up (selection).
-A first design logged a sampled walk (a step with a sampled root at every position of a sampled text)
-and replayed S over it; its test agreed with the decoder's at the decoder's own step starts, but the
-sampled text is not the decoder's, and it over-predicted more.
+A record of a sampled walk (a step with a sampled root at every position of a sampled text) replayed
+with S over-predicts more: its test agrees with the decoder's at the decoder's own step starts, but the
+sampled text is not the decoder's (docs/typical.md).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The value of a node (rank path) p = (i1, ..., id) is the probability that a decoding step accepts
 it, i.e. that the true continuation's ranks start with p. A step accepts exactly the tree nodes on
 the path to its deepest match, so the expected number of accepted tokens is the sum of the tree's
-node values, and the predicted tokens/step = 1 + that sum. Two models:
+node values, and the predicted tokens/step = 1 + that sum. Three models:
 
 - ``independent`` (the Medusa paper): value(p) = prod_j a_j^(i_j), with a_k^(i) from
   ``Calibration.accuracy`` (each head divides by its own number of valid positions).

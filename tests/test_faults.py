@@ -404,10 +404,10 @@ RECORD_FAULTS = {  # what is done to the record -> (its damaged file, words of t
 
 RECORD_COMMANDS = {  # a command that reads the record at C (tmp: a scratch directory)
     "search": lambda c, tmp, tiny, prompts: ["search", "-c", c, "-n", 4],
-    "evaluate": lambda c, tmp, tiny, prompts: ["evaluate", "[[0], [1]]", "-c", c],
+    "evaluate": lambda c, tmp, tiny, prompts: ["evaluate", "-t", "[[0], [1]]", "-c", c],
     "sweep": lambda c, tmp, tiny, prompts: ["sweep", "-c", c, "--max-nodes", 4],
-    "plot": lambda c, tmp, tiny, prompts: ["plot", "[[0], [1]]", "-c", c, "-o", tmp / "t.png"],
-    "bench": lambda c, tmp, tiny, prompts: ["bench", *tiny, "-t", "[[0]]", "-p", prompts, "--limit", 1, "-c", c],
+    "plot": lambda c, tmp, tiny, prompts: ["plot", "-t", "[[0], [1]]", "-c", c, "-o", tmp / "t.png"],
+    "bench": lambda c, tmp, tiny, prompts: ["bench", *tiny, "-t", "[[0]]", "-p", prompts, "--first", 1, "-c", c],
 }
 assert set(RECORD_COMMANDS) == READS_RECORD - {"report"}
 
@@ -478,10 +478,10 @@ def test_bench_refuses_a_calibration_of_other_heads(tmp_path, tiny, prompts, cal
     from treeopt.decoding.heads import random_heads
 
     other = random_heads(tiny_llama, num_heads=4, seed=1).save(tmp_path / "other-heads")
-    args = ["bench", *tiny[:2], "--heads", other, "--device", "cpu", "-t", "[[0]]", "-p", prompts, "--limit", 1,
+    args = ["bench", *tiny[:2], "--heads", other, "--device", "cpu", "-t", "[[0]]", "-p", prompts, "--first", 1,
             "--max-new-tokens", 3, "--repeats", 1, "-c", calibration]
     one_line(cli(*args), 2, str(calibration), "calibrated with heads random", f"not with --heads {other}")
-    same = ["bench", *tiny, "-t", "[[0]]", "-p", prompts, "--limit", 1, "--max-new-tokens", 3, "--repeats", 1,
+    same = ["bench", *tiny, "-t", "[[0]]", "-p", prompts, "--first", 1, "--max-new-tokens", 3, "--repeats", 1,
             "-c", calibration]
     r = cli(*same)
     assert r.exit_code == 0, r.stderr
@@ -497,10 +497,10 @@ TREE_FAULTS = {  # the text of tree.json -> words of the error
 }
 
 TREE_COMMANDS = {  # a command that reads the tree file T
-    "bench": lambda t, tmp, tiny, prompts, cal: ["bench", *tiny, "-t", t, "-p", prompts, "--limit", 1],
-    "evaluate": lambda t, tmp, tiny, prompts, cal: ["evaluate", t, "-c", cal],
-    "export": lambda t, tmp, tiny, prompts, cal: ["export", t, "-o", tmp / "out.json"],
-    "plot": lambda t, tmp, tiny, prompts, cal: ["plot", t, "-o", tmp / "t.png"],
+    "bench": lambda t, tmp, tiny, prompts, cal: ["bench", *tiny, "-t", t, "-p", prompts, "--first", 1],
+    "evaluate": lambda t, tmp, tiny, prompts, cal: ["evaluate", "-t", t, "-c", cal],
+    "export": lambda t, tmp, tiny, prompts, cal: ["export", "-t", t, "-o", tmp / "out.json"],
+    "plot": lambda t, tmp, tiny, prompts, cal: ["plot", "-t", t, "-o", tmp / "t.png"],
     "decode": lambda t, tmp, tiny, prompts, cal: ["decode", "w3 w4", "-t", t, *tiny],
     "profile": lambda t, tmp, tiny, prompts, cal: ["profile", "-t", t, *tiny, "-o", tmp / "latency.csv"],
 }
@@ -525,7 +525,7 @@ LATENCY_FAULTS = {  # the text of latency.csv -> words of the error
 
 LATENCY_COMMANDS = {  # a command that reads the latency file L
     "search": lambda lat, cal: ["search", "-c", cal, "--nodes", "auto", "--latency", lat],
-    "evaluate": lambda lat, cal: ["evaluate", "[[0]]", "-c", cal, "--latency", lat],
+    "evaluate": lambda lat, cal: ["evaluate", "-t", "[[0]]", "-c", cal, "--latency", lat],
     "sweep": lambda lat, cal: ["sweep", "-c", cal, "--max-nodes", 4, "--latency", lat],
 }
 assert set(LATENCY_COMMANDS) == READS_LATENCY
@@ -649,7 +649,7 @@ LOCK_COMMANDS = {  # a command that writes the run directory D
     "calibrate": lambda d, tiny, prompts: ["calibrate", *tiny, "-p", prompts, "-o", d],
     "bench": lambda d, tiny, prompts: ["bench", *tiny, "-t", "[[0]]", "-p", prompts, "-o", d],
     "demo": lambda d, tiny, prompts: ["demo", *tiny, "-p", prompts, "-o", d],
-    "train-heads": lambda d, tiny, prompts: ["train-heads", "--work", d, "-p", prompts, "--model", tiny[1],
+    "train-heads": lambda d, tiny, prompts: ["train-heads", "--output-dir", d, "-p", prompts, "--model", tiny[1],
                                              "--device", "cpu"],
 }
 assert set(LOCK_COMMANDS) == WRITES_RUN

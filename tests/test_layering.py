@@ -101,13 +101,34 @@ def test_every_module_is_in_a_layer():
         assert layer_of(mod) in LAYERS
 
 
+def readme_diagram(readme: str) -> str:
+    """The code block of the README's `## Layout` section."""
+    return readme.split("## Layout", 1)[1].split("```")[1]
+
+
+def diagram_gaps(diagram: str) -> list[str]:
+    """What the layout diagram leaves out: a top-level package (its folder, `folder/`), or a module's stem."""
+    gaps = [f"package {folder}/" for folder in FOLDERS if not re.search(rf"(?<![\w./]){folder}/", diagram)]
+    gaps += [mod for mod, path in project_files().items()
+             if path.stem not in ("__init__", "__main__") and not re.search(rf"\b{path.stem}\b", diagram)]
+    return gaps
+
+
 def test_the_readme_layout_names_every_module():
-    """The README's layout diagram lists every module of every package, so the map stays true."""
-    readme = (ROOT / "README.md").read_text()
-    diagram = readme.split("## Layout", 1)[1].split("```")[1]
-    missing = [mod for mod, path in project_files().items()
-               if path.stem not in ("__init__", "__main__") and not re.search(rf"\b{path.stem}\b", diagram)]
-    assert missing == []
+    """The README's layout diagram names every package and every module in it, so the map stays true."""
+    assert diagram_gaps(readme_diagram((ROOT / "README.md").read_text())) == []
+
+
+@pytest.mark.parametrize("folder", sorted(FOLDERS))
+def test_the_readme_check_catches_a_lost_package(folder):
+    diagram = readme_diagram((ROOT / "README.md").read_text())
+    lost = re.sub(rf"(?<![\w./]){folder}/", "", diagram)
+    assert f"package {folder}/" in diagram_gaps(lost)
+
+
+def test_the_readme_check_catches_a_lost_module():
+    diagram = readme_diagram((ROOT / "README.md").read_text())
+    assert "treeopt.search.crossval" in diagram_gaps(re.sub(r"\bcrossval\b", "", diagram))
 
 
 def core_test_modules() -> list[str]:

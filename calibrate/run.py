@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterator
@@ -81,11 +81,14 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
 
     `loaded` (treeopt.decoding.models.LoadedModel) and `heads` (MedusaHeads) skip loading them; `on_shard(i)` is
     called after shard i is written (progress hooks, tests)."""
+    from treeopt.core.drafter import parse_drafter
     from treeopt.decoding.drafters import Drafter
     from treeopt.decoding.models import chat_prompt, check_context, stop_token_ids
     from treeopt.core.prompts import default_prompts
 
     config.check()
+    if parse_drafter(config.drafter).kind == "ngram":  # one candidate per depth: rank 0 or a miss
+        config = replace(config, top_k=1)
     source = config.prompts or default_prompts()
     instructions, sources = select_prompts(source, config.limit, config.first, config.seed)
     check_writable(config.out, directory=True, fix="pass another --output-dir")

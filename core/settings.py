@@ -165,6 +165,8 @@ class CalibrationConfig(RuleSettings):
             not_with(self, "--drafter heads (one depth per head)", "draft_depth")
         else:
             not_with(self, f"--drafter {kind}", "teacher_forced")
+        if kind == "ngram" and self.top_k not in (1, default(type(self), "top_k")):
+            raise TreeoptError("--drafter ngram proposes one token per depth, so its record has top-k 1: drop --top-k")
         at_least(self, draft_depth=1)
         if self.top_k > 32767:
             raise TreeoptError(f"--top-k {self.top_k} is too large: ranks are stored as int16, pass at most 32767")

@@ -150,8 +150,8 @@ def test_calibrate_records_any_drafter_and_replays_the_decoder(tmp_path, tiny_mo
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"instruction": w}) + "\n" for w in ["w4 w5 w4", "w7", "w9 w9 w3 w9", "w12 w5"]))
     args = ["calibrate", "--model", str(tiny_model_dir), "--drafter", spec, "--draft-depth", "3", "--prompts",
-            str(prompts), "--max-new-tokens", "24", "--top-k", "5", "--batch-size", "1", "--shard-size", "2",
-            "--output-dir", str(tmp_path / "c"), "--quiet"]
+            str(prompts), "--max-new-tokens", "24", "--batch-size", "1", "--shard-size", "2",
+            "--output-dir", str(tmp_path / "c"), "--quiet"] + (["--top-k", "5"] if drafter == "draft" else [])
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     first = (tmp_path / "c" / RANKS).read_bytes()
@@ -159,6 +159,7 @@ def test_calibrate_records_any_drafter_and_replays_the_decoder(tmp_path, tiny_mo
     cal = load_calibration(tmp_path / "c")
     assert cal.meta["drafter"]["kind"] == drafter.split(":")[0] and len(cal.meta["drafter"]["sha256"]) == 64
     assert cal.meta["settings"]["drafter"] == spec and cal.ranks.shape[1] == 3
+    assert cal.top_k == (5 if drafter == "draft" else 1)  # n-gram lookup: one candidate per depth
 
     loaded = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
     drafting = resolve_drafter(spec, loaded.model)
@@ -174,8 +175,10 @@ def test_calibrate_records_any_drafter_and_replays_the_decoder(tmp_path, tiny_mo
         assert (cal.ranks[cal.ranks >= 0] == 0).all()
 
     # search reads the record unchanged, and names its drafter
-    result = CliRunner().invoke(app, ["search", "-c", str(tmp_path / "c"), "--nodes", "3", "--max-rank", "1"])
+    result = CliRunner().invoke(app, ["search", "-c", str(tmp_path / "c"), "--nodes", "3", "-o", str(tmp_path / "t.json")])
     assert result.exit_code == 0 and f"drafter {spec}, 3 depths" in result.output, result.output
+    if drafter != "draft":
+        assert json.loads((tmp_path / "t.json").read_text())["medusa_choices"] == [[0], [0, 0], [0, 0, 0]]
 
     # bench and decode with the same drafter: lossless, and the record's prediction is what it measures
     bench = ["bench", "--model", str(tiny_model_dir), "--drafter", spec, "--tree", "[[0], [0, 0], [0, 0, 0]]",
@@ -203,6 +206,8 @@ def test_drafter_options_checked():
         CalibrationConfig(draft_depth=3)
     with pytest.raises(TreeoptError, match="greedy"):
         CalibrationConfig(drafter="ngram", acceptance="typical")
+    with pytest.raises(TreeoptError, match="top-k 1"):
+        CalibrationConfig(drafter="ngram", top_k=4)
     with pytest.raises(TreeoptError, match="unknown --drafter"):
         CalibrationConfig(drafter="eagle")
 

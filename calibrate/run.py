@@ -82,7 +82,6 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
     `loaded` (treeopt.decoding.models.LoadedModel) and `heads` (MedusaHeads) skip loading them; `on_shard(i)` is
     called after shard i is written (progress hooks, tests)."""
     from treeopt.core.drafter import parse_drafter
-    from treeopt.decoding.drafters import Drafter
     from treeopt.decoding.models import chat_prompt, check_context, stop_token_ids
     from treeopt.core.prompts import default_prompts
 
@@ -111,7 +110,7 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
 
     def shard(ids: range) -> Iterator[list[Unit]]:
         prompts = [prompt_ids[i] for i in ids]
-        hidden = not isinstance(heads, Drafter)  # the heads read the base model's hidden states
+        hidden = getattr(heads, "needs_hidden", True)  # Medusa heads, and drafters that read them
         for batch_ids, batch in zip(_batched(ids, B), _continuations(model, prompts, config.max_new_tokens, stop, B, pad, hidden)):
             yield [Unit(pid, instructions[pid], c) for pid, c in zip(batch_ids, batch)]
 
@@ -240,7 +239,8 @@ def drafter_ranks(heads, lm_head, batch: list[Unit], top_k: int, depth: int) -> 
     from treeopt.decoding.drafters import Drafter
 
     if isinstance(heads, Drafter):
-        return [heads.ranks(u.continuation.prompt_ids, u.continuation.tokens, top_k, depth) for u in batch]
+        return [heads.ranks(u.continuation.prompt_ids, u.continuation.tokens, top_k, depth, u.continuation.hidden)
+                for u in batch]
     return batch_ranks(heads, lm_head, [u.continuation.hidden for u in batch], [u.continuation.tokens for u in batch], top_k)
 
 

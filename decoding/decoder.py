@@ -392,6 +392,7 @@ class TreeDecoder:
         hidden = self.prefill(prompt)  # [H]
         root = self.next_root(self.lm_head(hidden))
         topk = self.candidates(hidden)  # [D, top_k]
+        state = hidden  # [H] at the last accepted token, for a drafter
         synchronize(self.device)
         t1 = time.perf_counter()
 
@@ -407,7 +408,7 @@ class TreeDecoder:
                 tokens = torch.cat([root.view(1), topk.flatten()[buf.candidate_index]])  # [N]
             else:
                 ta = clock()
-                tokens, valid = self.drafter.propose(context, root, buf)  # [N], [N] or None
+                tokens, valid = self.drafter.propose(context, root, buf, state)  # [N], [N] or None
                 model_s += clock() - ta
             ta = clock()
             logits, hidden, argmax = self.tree_forward(tokens)  # [N, V], [N, H], [N]
@@ -429,6 +430,7 @@ class TreeDecoder:
             root = self.next_root(logits[last], argmax[last])
             ta = clock()
             topk = self.candidates(hidden[last], row=int(last))
+            state = hidden[last]
             model_s += clock() - ta
         synchronize(self.device)
         t2 = time.perf_counter()

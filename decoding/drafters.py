@@ -41,11 +41,14 @@ from treeopt.core.errors import TreeoptError
 from treeopt.core.record import MISSING
 from treeopt.core.tree import Tree
 
+
 class Drafter:
-    """The interface (see the module's docstring). `depth`: the deepest node it drafts (None: any)."""
+    """The interface (see the module's docstring). `depth`: the deepest node it drafts (None: any);
+    `needs_hidden`: it reads the base model's last hidden states (calibration keeps them for it)."""
 
     kind: str = ""
     depth: int | None = None
+    needs_hidden: bool = False
 
     def describe(self) -> dict:
         """{"kind", "source", "sha256"}: what a calibration records (the checkpoint's fingerprint)."""
@@ -57,10 +60,19 @@ class Drafter:
     def start(self, prompt_ids: list[int], capacity: int) -> None:
         """A new text: forget the last one; `capacity` positions at most (prompt + output + tree)."""
 
-    def propose(self, context: list[int], root: torch.Tensor, buf) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def propose(self, context: list[int], root: torch.Tensor, buf, hidden: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """context: the accepted token ids (prompt included), root (0-dim): the base model's next token,
+        hidden [H]: the base model's last hidden state at the last accepted token (the one that chose
+        root), buf: the tree (treeopt.decoding.buffers) -> (tokens [N] of every node, node 0 the root;
+        valid [N] bool or None: the nodes that hold a candidate; the others are never accepted)."""
         raise NotImplementedError
 
-    def ranks(self, prompt_ids: list[int], tokens: list[int], top_k: int, depth: int) -> torch.Tensor:
+    def ranks(self, prompt_ids: list[int], tokens: list[int], top_k: int, depth: int,
+              hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens y_0..y_{T-1} after prompt_ids (hidden [T, H]: the base model's state before each y_t,
+        when `needs_hidden`) -> ranks [T, depth] int16: r_d at t the rank of y_{t+d} at depth d with the
+        drafter fed y_t..y_{t+d-1} (y_t the root), clipped to top_k, MISSING past the end."""
         raise NotImplementedError
 
 
@@ -76,6 +88,7 @@ class HeadsDrafter(Drafter):
     """Medusa heads behind the interface; the decoder runs them on its own fast paths."""
 
     kind = "heads"
+    needs_hidden = True
 
     def __init__(self, heads, source: str | None = None):
         self.heads, self.source = heads, source or "default"
@@ -124,7 +137,7 @@ class NgramDrafter(Drafter):
             raise TreeoptError("n-gram lookup proposes one token per depth: pass a chain (e.g. --tree chain:3 "
                                "or [[0],[0,0],[0,0,0]]), not a tree")
 
-    def propose(self, context, root, buf):
+    def propose(self, context, root, buf, hidden=None):
         N, D = buf.num_nodes, buf.tree.depth
         found = ngram_propose(list(context) + [int(root)], self.min_n, self.max_n, D)  # chain: node d = depth d
         tokens = torch.zeros(N, dtype=torch.long, device=buf.depth.device)
@@ -133,7 +146,7 @@ class NgramDrafter(Drafter):
         valid = torch.arange(N, device=tokens.device) <= len(found)  # [N] nodes past the proposal never accept
         return tokens, valid
 
-    def ranks(self, prompt_ids, tokens, top_k, depth):
+    def ranks(self, prompt_ids, tokens, top_k, depth, hidden=None):
         """r_d at t: 0 when the proposal from prompt + y_0..y_t holds y_{t+d} at depth d, else top_k
         (a miss: no candidate of rank < top_k), MISSING past the end."""
         text, P, T = list(prompt_ids) + list(tokens), len(prompt_ids), len(tokens)
@@ -198,7 +211,7 @@ class DraftModelDrafter(Drafter):
                         **{self.cache_argument: self.cache}, use_cache=True)
         return self.lm_head(out.last_hidden_state[0])
 
-    def propose(self, context, root, buf):
+    def propose(self, context, root, buf, hidden=None):
         device = self.lm_head.weight.device
         text = list(context) + [int(root)]
         c, cache = self.cache.length, self.cache
@@ -234,7 +247,7 @@ class DraftModelDrafter(Drafter):
         return tokens, None
 
     @torch.inference_mode()
-    def ranks(self, prompt_ids, tokens, top_k, depth):
+    def ranks(self, prompt_ids, tokens, top_k, depth, hidden=None):
         """One teacher-forced forward of prompt + y: q[j], the rank of y_j after y_{<j}; r_d at t = q[t + d]."""
         P, T = len(prompt_ids), len(tokens)
         device = self.lm_head.weight.device

@@ -140,6 +140,7 @@ def select_prompts(source: str, limit: int | None = None, first: int | None = No
 def load(config: CalibrationConfig, procs: "Processes", loaded=None, heads=None):
     """The model (on this process's device when `accelerate launch` started several) and the heads, checked."""
     from treeopt.core.drafter import parse_drafter
+    from treeopt.decoding.drafters import HeadsDrafter
     from treeopt.decoding.heads import resolve_heads
     from treeopt.decoding.models import load_model
 
@@ -156,6 +157,8 @@ def load(config: CalibrationConfig, procs: "Processes", loaded=None, heads=None)
     else:
         spec = parse_drafter(config.drafter).path or config.heads
         heads = heads if heads is not None else resolve_heads(spec, loaded.model)
+        if isinstance(heads, HeadsDrafter):  # its Medusa heads, ranked by head_ranks
+            heads = heads.heads
         heads.check_compatible(loaded.model)
     vocab = loaded.model.get_output_embeddings().weight.shape[0]
     if config.top_k > vocab:

@@ -230,3 +230,23 @@ def test_bundled_model_ngram_and_itself_as_draft(smollm2):
     assert result.accepted == [3] * 12
     ranks = drafter.ranks(prompts[0], result.tokens, 4, 3).numpy()
     assert (ranks[ranks >= 0] == 0).all()
+
+
+def test_calibrating_heads_behind_the_interface_is_calibrating_heads(tmp_path, tiny_model_dir):
+    import json
+
+    from treeopt.calibrate.run import calibrate
+    from treeopt.core.record import RANKS
+    from treeopt.core.settings import CalibrationConfig
+    from treeopt.decoding.models import load_model
+
+    loaded = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    heads = random_heads(loaded.model, num_heads=2, seed=1, scale=0.3)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"instruction": w}) + "\n" for w in ["w4 w5", "w7"]))
+    kw = dict(prompts=str(prompts), max_new_tokens=8, top_k=5, progress=False)
+    a = calibrate(CalibrationConfig(out=tmp_path / "a", **kw), loaded=loaded, heads=heads)
+    b = calibrate(CalibrationConfig(out=tmp_path / "b", **kw), loaded=loaded, heads=HeadsDrafter(heads))
+    assert (a / RANKS).read_bytes() == (b / RANKS).read_bytes()
+    meta = json.loads((b / "calibration.json").read_text())
+    assert meta["drafter"]["kind"] == "heads" and meta["settings"]["heads_sha256"] == meta["drafter"]["sha256"]

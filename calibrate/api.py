@@ -20,6 +20,7 @@ def run_calibration(config: CalibrationConfig) -> str:
         path = calibrate_typical(config, rule, read_tree(config.probe) if config.probe else None)
         return f"wrote {path}: typical acceptance record (typical.parquet, calibration.json)"
     cal = load_calibration((calibrate_teacher_forced if config.teacher_forced else calibrate)(config))
-    top = ", ".join(f"head {k + 1} {a:.3f}" for k, a in enumerate(cal.accuracy.sum(1)))
+    unit = "head" if cal.meta.get("drafter", {}).get("kind", "heads") == "heads" else "depth"
+    top = ", ".join(f"{unit} {k + 1} {a:.3f}" for k, a in enumerate(cal.accuracy.sum(1)))
     return (f"wrote {config.out}: {cal.meta['num_prompts']} {'assistant turns' if config.teacher_forced else 'prompts'}, "
             f"{cal.num_positions} positions, {cal.meta['tokens_per_s']:.1f} tok/s; top-{cal.top_k} accuracy: {top}")

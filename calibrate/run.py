@@ -3,7 +3,9 @@
 One pass per batch: treeopt.decoding.generate's batched greedy loop makes the continuations (a row that stops
 takes the next prompt at once) and hands back the hidden states it computed on the way (the same
 states a teacher-forced forward of prompt + continuation gives, up to float rounding), and the heads
-rank the true tokens on them (calibrate/ranks.py). Prompts go in shards of `shard_size` under
+rank the true tokens on them (calibrate/ranks.py); another drafter (`--drafter ngram` or `draft:MODEL`,
+treeopt.decoding.drafters) ranks them by its own `ranks`, fed the true prefix at every depth, into the
+same files (`drafter_ranks`). Prompts go in shards of `shard_size` under
 DIR/shards/, each written atomically with a manifest of the run's settings, so an interrupted run
 resumes where it stopped; the final files are written by treeopt.core.record.
 
@@ -19,7 +21,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterator
@@ -43,17 +45,30 @@ TIMING = ("wall_time_s", "cpu_time_s", "ranks_time_s", "tokens_per_s")  # the on
 
 def run_settings(config: CalibrationConfig, name: str, dtype: str, heads, **own) -> dict:
     """The settings a calibration run resumes under (its parts' manifest, calibration.json's `settings`):
-    the keys every calibrator shares, then its own (`own`)."""
-    return {"model": name, "dtype": dtype, "heads_sha256": _fingerprint(heads), "num_heads": heads.num_heads,
-            "max_new_tokens": config.max_new_tokens, "top_k": config.top_k, **own}
+    the keys every calibrator shares, then its own (`own`). `heads`: MedusaHeads, or another drafter
+    (treeopt.decoding.drafters), recorded by its spec and fingerprint."""
+    from treeopt.decoding.drafters import Drafter
+
+    if isinstance(heads, Drafter):
+        drafter = {"drafter": str(config.drafter), "drafter_sha256": heads.describe()["sha256"],
+                   "num_heads": config.draft_depth}
+    else:
+        drafter = {"heads_sha256": _fingerprint(heads), "num_heads": heads.num_heads}
+    return {"model": name, "dtype": dtype, **drafter, "max_new_tokens": config.max_new_tokens, "top_k": config.top_k,
+            **own}
 
 
 def run_meta(config: CalibrationConfig, loaded, settings: dict, acceptance: str, prompts: str, num_prompts: int,
              device: str, **own) -> dict:
     """calibration.json of every calibrator (greedy, teacher-forced, typical): the keys they share, then
     their own (`own`), then the `settings` the run resumes under."""
-    return {"model": loaded.name, "model_source": loaded.source, "heads": config.heads or "default",
-            "acceptance": acceptance, "num_heads": settings["num_heads"], "prompts": prompts, "limit": config.limit,
+    from treeopt.core.drafter import parse_drafter
+
+    kind = parse_drafter(config.drafter).kind
+    drafter = {"kind": kind, "source": (config.heads or "default") if kind == "heads" else str(parse_drafter(config.drafter)),
+               "sha256": settings.get("heads_sha256") or settings.get("drafter_sha256")}
+    return {"model": loaded.name, "model_source": loaded.source,
+            "heads": (config.heads or "default") if kind == "heads" else None, "drafter": drafter, "acceptance": acceptance, "num_heads": settings["num_heads"], "prompts": prompts, "limit": config.limit,
             "first": config.first, "num_prompts": num_prompts, "top_k": config.top_k,
             "max_new_tokens": config.max_new_tokens, "seed": config.seed, "dtype": settings["dtype"], "device": device,
             **own, "settings": settings}
@@ -66,10 +81,13 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
 
     `loaded` (treeopt.decoding.models.LoadedModel) and `heads` (MedusaHeads) skip loading them; `on_shard(i)` is
     called after shard i is written (progress hooks, tests)."""
+    from treeopt.core.drafter import parse_drafter
     from treeopt.decoding.models import chat_prompt, check_context, stop_token_ids
     from treeopt.core.prompts import default_prompts
 
     config.check()
+    if parse_drafter(config.drafter).kind == "ngram":  # one candidate per depth: rank 0 or a miss
+        config = replace(config, top_k=1)
     source = config.prompts or default_prompts()
     instructions, sources = select_prompts(source, config.limit, config.first, config.seed)
     check_writable(config.out, directory=True, fix="pass another --output-dir")
@@ -92,7 +110,8 @@ def calibrate(config: CalibrationConfig, *, loaded=None, heads=None,
 
     def shard(ids: range) -> Iterator[list[Unit]]:
         prompts = [prompt_ids[i] for i in ids]
-        for batch_ids, batch in zip(_batched(ids, B), _continuations(model, prompts, config.max_new_tokens, stop, B, pad)):
+        hidden = getattr(heads, "needs_hidden", True)  # Medusa heads, and drafters that read them
+        for batch_ids, batch in zip(_batched(ids, B), _continuations(model, prompts, config.max_new_tokens, stop, B, pad, hidden)):
             yield [Unit(pid, instructions[pid], c) for pid, c in zip(batch_ids, batch)]
 
     merged = run_shards(Path(config.out), settings, n, shard_size, shard, heads, lm_head, config.top_k, procs,
@@ -120,6 +139,8 @@ def select_prompts(source: str, limit: int | None = None, first: int | None = No
 
 def load(config: CalibrationConfig, procs: "Processes", loaded=None, heads=None):
     """The model (on this process's device when `accelerate launch` started several) and the heads, checked."""
+    from treeopt.core.drafter import parse_drafter
+    from treeopt.decoding.drafters import HeadsDrafter
     from treeopt.decoding.heads import resolve_heads
     from treeopt.decoding.models import load_model
 
@@ -129,8 +150,16 @@ def load(config: CalibrationConfig, procs: "Processes", loaded=None, heads=None)
     device = procs.device if procs.count > 1 and config.device == "auto" else config.device
     loaded = loaded or load_model(config.model, device=device, dtype=config.dtype,
                                   device_map=config.device_map, max_memory=config.max_memory)
-    heads = heads if heads is not None else resolve_heads(config.heads, loaded.model)
-    heads.check_compatible(loaded.model)
+    if parse_drafter(config.drafter).kind != "heads":  # another drafter: in place of the heads
+        from treeopt.decoding.drafters import resolve_drafter
+
+        heads = heads if heads is not None else resolve_drafter(config.drafter, loaded.model)
+    else:
+        spec = parse_drafter(config.drafter).path or config.heads
+        heads = heads if heads is not None else resolve_heads(spec, loaded.model)
+        if isinstance(heads, HeadsDrafter):  # its Medusa heads, ranked by head_ranks
+            heads = heads.heads
+        heads.check_compatible(loaded.model)
     vocab = loaded.model.get_output_embeddings().weight.shape[0]
     if config.top_k > vocab:
         raise TreeoptError(f"--top-k {config.top_k} exceeds the vocabulary ({vocab}): pass a smaller one")
@@ -187,7 +216,7 @@ def run_shards(out: Path, settings: dict, n: int, shard_size: int, shard: Callab
         t_shard, cpu_shard, ranks, conts, ranks_time = time.perf_counter(), time.process_time(), [], [], 0.0
         for batch in shard(ids):
             t_ranks = time.perf_counter()
-            r = batch_ranks(heads, lm_head, [u.continuation.hidden for u in batch], [u.continuation.tokens for u in batch], top_k)
+            r = drafter_ranks(heads, lm_head, batch, top_k, settings["num_heads"])
             ranks_time += time.perf_counter() - t_ranks
             ranks += [_rank_frame(u.prompt_id, ri) for u, ri in zip(batch, r)]
             conts += [{"prompt_id": u.prompt_id, "instruction": u.instruction, "prompt_ids": u.continuation.prompt_ids,
@@ -207,6 +236,17 @@ def run_shards(out: Path, settings: dict, n: int, shard_size: int, shard: Callab
     return _read_shards(stage, [ids.start for ids in parts]) if procs.index == 0 else None
 
 
+def drafter_ranks(heads, lm_head, batch: list[Unit], top_k: int, depth: int) -> list[torch.Tensor]:
+    """Ranks [T_i, depth] of each unit's continuation: Medusa heads on its hidden states (batch_ranks),
+    another drafter (treeopt.decoding.drafters) by its own `ranks`, fed the true prefix."""
+    from treeopt.decoding.drafters import Drafter
+
+    if isinstance(heads, Drafter):
+        return [heads.ranks(u.continuation.prompt_ids, u.continuation.tokens, top_k, depth, u.continuation.hidden)
+                for u in batch]
+    return batch_ranks(heads, lm_head, [u.continuation.hidden for u in batch], [u.continuation.tokens for u in batch], top_k)
+
+
 def batch_ranks(heads, lm_head, hidden: list[torch.Tensor], tokens: list[list[int]], top_k: int) -> list[torch.Tensor]:
     """Ranks [T_i, K] of continuations i (hidden [T_i, H], tokens y_0..y_{T_i-1}), in one head_ranks call."""
     weight = lm_head.weight
@@ -215,11 +255,11 @@ def batch_ranks(heads, lm_head, hidden: list[torch.Tensor], tokens: list[list[in
     return list(ranks.cpu().split([len(t) for t in tokens]))
 
 
-def _continuations(model, prompts, max_new_tokens, stop, batch_size, pad):
+def _continuations(model, prompts, max_new_tokens, stop, batch_size, pad, with_hidden: bool = True):
     """greedy_continuations, in prompt order, in groups of `batch_size`."""
     from treeopt.decoding.generate import greedy_continuations
 
-    it = greedy_continuations(model, prompts, max_new_tokens, stop, batch_size, pad, with_hidden=True)
+    it = greedy_continuations(model, prompts, max_new_tokens, stop, batch_size, pad, with_hidden=with_hidden)
     while batch := list(islice(it, batch_size)):
         yield batch
 

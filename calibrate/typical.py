@@ -58,7 +58,9 @@ def probe_tree(internal: Tree, top_k: int, num_heads: int) -> Tree:
 class ProbeDecoder(TreeDecoder):
     """The decoder with the probe tree, keeping every step's flags: `steps` [S, n] after `generate`."""
 
-    def accept(self, tokens: torch.Tensor, logits: torch.Tensor, argmax: torch.Tensor | None = None) -> torch.Tensor:
+    def accept(self, tokens: torch.Tensor, logits: torch.Tensor, argmax: torch.Tensor | None = None,
+               valid: torch.Tensor | None = None) -> torch.Tensor:
+        # valid is None: the probe drafts with Medusa heads, every node holds a candidate
         ok, logp = self.flags(tokens, logits, argmax=argmax)  # [N]: the root's entry means nothing
         self.steps.append(ok[1:].cpu())
         return choose_path(self.buf, ok, logp)

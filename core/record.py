@@ -217,6 +217,17 @@ def check_heads(meta: dict, directory: str | Path, heads: str, sha256: str) -> N
                            f"or calibrate with --heads {heads}")
 
 
+def check_drafter(meta: dict, directory: str | Path, drafter: str, sha256: str | None) -> None:
+    """A one-line error when the record at `directory` was made by another drafter than --drafter
+    `drafter` (fingerprint `sha256`; None: heads, whose own check is check_heads). A record that names
+    no drafter is the heads'."""
+    theirs = (meta.get("settings") or {}).get("drafter") or "heads"
+    kind = drafter.split(":", 1)[0]
+    if theirs.split(":", 1)[0] != kind or (sha256 and (meta.get("settings") or {}).get("drafter_sha256") != sha256):
+        raise TreeoptError(f"{directory} was calibrated with --drafter {theirs}, not --drafter {drafter}: pass "
+                           f"--drafter {theirs}, or calibrate with --drafter {drafter}")
+
+
 def _integer_columns(df: pd.DataFrame, columns: list[str], path: Path) -> None:
     """Every column named is present, of an integer type, with no missing value."""
     absent = [c for c in columns if c not in df.columns]

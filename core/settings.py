@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
+from treeopt.core.drafter import parse_drafter
 from treeopt.core.errors import TreeoptError
 
 DEFAULT_MODEL = "smollm2-135m"  # the bundled model (SmolLM2-135M-Instruct, treeopt.decoding.models)
@@ -63,6 +64,17 @@ def not_with(config, mode: str, *names) -> None:
     given = [option_name(config, n) for n in names if getattr(config, n) != default(type(config), n)]
     if given:
         raise TreeoptError(f"{mode} does not use {', '.join(given)}: drop {'it' if len(given) == 1 else 'them'}")
+
+
+def check_drafter(config) -> str:
+    """`config.drafter` parses (treeopt.core.drafter), and a drafter other than heads is given neither
+    --heads nor another rule than greedy; returns its kind."""
+    kind = parse_drafter(config.drafter).kind
+    if kind != "heads":
+        not_with(config, f"--drafter {kind}", "heads")
+        if config.acceptance != "greedy":
+            raise TreeoptError(f"--drafter {kind} drafts for --acceptance greedy: drop --acceptance")
+    return kind
 
 
 def int_list(text: str | None, option: str, lo: int) -> tuple[int, ...] | None:
@@ -124,6 +136,8 @@ class CalibrationConfig(RuleSettings):
     out: str | Path = "calibration"
     model: str = DEFAULT_MODEL
     heads: str | None = None  # a directory, `random`, or None for the heads shipped for the bundled model
+    drafter: str = "heads"  # heads (--heads), ngram[:MIN-MAX] (vLLM's prompt lookup) or draft:MODEL (treeopt.core.drafter)
+    draft_depth: int = 4  # ngram, draft: the depths recorded (r1..rK); heads: their number
     prompts: str | None = None  # `alpaca_eval`, a .json/.jsonl path; None: the local AlpacaEval copy, else the hub's
     teacher_forced: str | None = None  # chat data for calibrate/teacher.py (instead of prompts and generation)
     limit: int | None = None  # N prompts drawn across the sources, seeded by `seed` (`select_prompts`)
@@ -147,6 +161,14 @@ class CalibrationConfig(RuleSettings):
         if self.limit is not None and self.first is not None:
             raise TreeoptError("--limit and --first both choose the prompts: pass one of them")
         at_least(self, max_new_tokens=1, top_k=1, batch_size=1, shard_size=1, limit=1, first=1)
+        kind = check_drafter(self)
+        if kind == "heads":
+            not_with(self, "--drafter heads (one depth per head)", "draft_depth")
+        else:
+            not_with(self, f"--drafter {kind}", "teacher_forced")
+        if kind == "ngram" and self.top_k not in (1, default(type(self), "top_k")):
+            raise TreeoptError("--drafter ngram proposes one token per depth, so its record has top-k 1: drop --top-k")
+        at_least(self, draft_depth=1)
         if self.top_k > 32767:
             raise TreeoptError(f"--top-k {self.top_k} is too large: ranks are stored as int16, pass at most 32767")
         if self.acceptance == "typical":
@@ -283,11 +305,13 @@ class PlotConfig:
 @dataclass(frozen=True, kw_only=True)
 class DecodeConfig(EngineSettings, RuleSettings):
     tree: str | None = None  # None: plain decoding
+    drafter: str = "heads"  # heads (--heads), ngram[:MIN-MAX] or draft:MODEL (treeopt.core.drafter)
     max_new_tokens: int = 128
 
     def __post_init__(self):
         EngineSettings.__post_init__(self)
         self.check_rule()
+        check_drafter(self)
         at_least(self, max_new_tokens=1)
 
 
@@ -296,6 +320,7 @@ class BenchConfig(EngineSettings, RuleSettings, VllmSettings):
     OPTION = {"out": "--output-dir"}
     trees: tuple[str, ...] = ()  # tree files, published names or list strings
     cartesian: tuple[str, ...] = ()  # Cartesian trees, top-k per depth: 2x3
+    drafter: str = "heads"  # heads (--heads), ngram[:MIN-MAX] or draft:MODEL (treeopt.core.drafter)
     prompts: str | None = None  # None: treeopt.core.prompts.default_prompts()
     first: int = 20  # the first N prompts, in file order
     max_new_tokens: int = 128
@@ -308,6 +333,7 @@ class BenchConfig(EngineSettings, RuleSettings, VllmSettings):
     def __post_init__(self):
         EngineSettings.__post_init__(self)
         self.check_rule()
+        check_drafter(self)
         at_least(self, first=1, max_new_tokens=1, repeats=1)
         self.check_engine(vllm_only=("chains", "serving_batches", "vllm_python"),
                           treeopt_only=("trees", "cartesian", "device_map", "max_memory", "threads", "acceptance",

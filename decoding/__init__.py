@@ -5,6 +5,8 @@ generation and the latency profile. Imports only `treeopt.core`.
   on one device or spread over GPUs by accelerate (`--dtype auto`: bfloat16 where the device computes it
   natively); `chat_prompt`, `stop_token_ids`, `layer_devices`.
 - `treeopt.decoding.heads.resolve_heads(spec, model)`: Medusa heads in either published layout.
+- `treeopt.decoding.drafters.resolve_drafter(spec, model)`: what drafts a tree's nodes behind one interface
+  (Medusa heads, vLLM's n-gram prompt lookup, a draft model), for the decoder and for calibration.
 - `treeopt.decoding.buffers.tree_buffers(tree)`: the tree's mask, depths, candidate indices, root-to-leaf paths.
 - `treeopt.decoding.cache.TreeCache` (static) / `SlotCache`: preallocated KV caches (transformers `Cache` subclasses).
 - `treeopt.decoding.decoder.TreeDecoder(model, heads, tree, Acceptance(...), compiled=...).generate(prompt_ids, max_new_tokens)`

@@ -215,7 +215,18 @@ class TreeDecoder:
                  top_k: int | None = None, time_model: bool = False, compiled: bool = False):
         """stop_ids: tokens that end the output (kept); None = the model's EOS ids, () = never stop.
         time_model: also time the model's work inside each step (adds a synchronize on CUDA).
-        compiled: torch.compile the verification and heads steps."""
+        compiled: torch.compile the verification and heads steps.
+        heads: MedusaHeads, or any treeopt.decoding.drafters.Drafter (heads run on the fast paths below;
+        another drafter proposes every node's token itself, between the tree forwards)."""
+        from treeopt.decoding.drafters import Drafter
+
+        self.drafter = None  # a drafter other than heads
+        if isinstance(heads, Drafter):
+            if heads.kind == "heads":
+                heads = heads.heads
+            else:
+                heads.check(model, tree)
+                self.drafter, heads = heads, None
         self.model = model
         self.base = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
@@ -223,7 +234,7 @@ class TreeDecoder:
         self.device, self.dtype = weight.device, weight.dtype
         self.layer_devices = layer_devices(model)  # the cache's, one per layer (several with a device map)
         self.cache_argument = cache_argument(model)
-        if heads is None and tree.num_nodes:
+        if heads is None and self.drafter is None and tree.num_nodes:
             raise TreeoptError("a tree needs Medusa heads: pass --heads DIR or --heads random")
         if heads is not None:
             heads.check_compatible(model)
@@ -306,7 +317,7 @@ class TreeDecoder:
         verification step made them already."""
         if depth is not None and depth != self.tree.depth:
             return self._propose(hidden, depth)
-        if self.tree.depth == 0:
+        if self.tree.depth == 0 or self.drafter is not None:
             return torch.empty(0, self.buf.top_k, dtype=torch.long, device=self.device)
         if self.fused and row is not None:
             return self.row_topk[row]
@@ -342,11 +353,14 @@ class TreeDecoder:
         p = probs[parent, tokens]  # [M] node's token under its parent's distribution
         return p > threshold[parent], torch.log(p)
 
-    def accept(self, tokens: torch.Tensor, logits: torch.Tensor, argmax: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [N], logits [N, V] (argmax [N], when known) -> accepted node indices [m+1], root first."""
+    def accept(self, tokens: torch.Tensor, logits: torch.Tensor, argmax: torch.Tensor | None = None,
+               valid: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [N], logits [N, V] (argmax [N], when known; valid [N]: the nodes that hold a candidate)
+        -> accepted node indices [m+1], root first."""
         if self.buf.num_nodes == 1:
             return self.buf.paths[0, :1]
-        return choose_path(self.buf, *self.flags(tokens, logits, argmax=argmax))
+        ok, logp = self.flags(tokens, logits, argmax=argmax)
+        return choose_path(self.buf, ok if valid is None else ok & valid, logp)
 
     # ---- a whole generation -----------------------------------------------------------------------
 
@@ -377,7 +391,7 @@ class TreeDecoder:
             positions = self.buf.depth + 0  # (a guard on its dispatch keys would otherwise recompile at the first call)
             self.verify.eager(tokens, self.bias, positions)
             _, hidden, _, _ = self.verify.warm(tokens, self.bias, positions)
-            if self.tree.depth:
+            if self.tree.depth and self.heads is not None:
                 self.propose.warm(hidden[0])  # the step after prefill, and after a fused tree forward
 
     @torch.inference_mode()
@@ -392,12 +406,16 @@ class TreeDecoder:
         if self.acceptance.mode == "typical":
             self.generator.manual_seed(self.acceptance.seed)
         cache, bias, buf = self.cache, self.bias, self.buf
+        if self.drafter is not None:
+            self.drafter.start(list(prompt_ids), cache.max_len)
+            context = [int(t) for t in prompt_ids]  # the accepted text, for the drafter
 
         synchronize(self.device)
         t0 = time.perf_counter()
         hidden = self.prefill(prompt)  # [H]
         root = self.next_root(self.lm_head(hidden))
         topk = self.candidates(hidden)  # [D, top_k]
+        state = hidden  # [H] at the last accepted token, for a drafter
         synchronize(self.device)
         t1 = time.perf_counter()
 
@@ -408,11 +426,17 @@ class TreeDecoder:
         while True:
             steps += 1
             cur = cache.length
-            tokens = torch.cat([root.view(1), topk.flatten()[buf.candidate_index]])  # [N]
+            valid = None
+            if self.drafter is None:
+                tokens = torch.cat([root.view(1), topk.flatten()[buf.candidate_index]])  # [N]
+            else:
+                ta = clock()
+                tokens, valid = self.drafter.propose(context, root, buf, state)  # [N], [N] or None
+                model_s += clock() - ta
             ta = clock()
             logits, hidden, argmax = self.tree_forward(tokens)  # [N, V], [N, H], [N]
             model_s += clock() - ta
-            nodes = self.accept(tokens, logits, argmax)  # [m+1]
+            nodes = self.accept(tokens, logits, argmax, valid)  # [m+1]
             cache.commit(nodes)
             bias[:, cur : cur + nodes.shape[0]] = 0  # the rest of cur..cur+N: the next step's tree_bias
             last = nodes[-1]
@@ -422,11 +446,14 @@ class TreeDecoder:
             if hit is not None:
                 new, stopped = new[: hit + 1], True
             out.extend(new)
+            if self.drafter is not None:
+                context += new
             if stopped or len(out) >= max_new_tokens:
                 break
             root = self.next_root(logits[last], argmax[last])
             ta = clock()
             topk = self.candidates(hidden[last], row=int(last))
+            state = hidden[last]
             model_s += clock() - ta
         synchronize(self.device)
         t2 = time.perf_counter()
@@ -508,9 +535,10 @@ def greedy_reference(model, prompt_ids, max_new_tokens: int, stop_ids=None) -> D
 def run_decode(instruction: str, tree: str | None = None, model: str = DEFAULT_MODEL, heads: str | None = None,
                max_new_tokens: int = DecodeConfig.max_new_tokens, acceptance: Acceptance = GREEDY, device: str = "auto",
                dtype: str = "auto", compiled: bool | None = None, device_map: str | None = None,
-               max_memory: str | None = None) -> tuple[str, DecodeResult]:
+               max_memory: str | None = None, drafter: str = "heads") -> tuple[str, DecodeResult]:
     """The CLI's twin: decode one instruction (as a chat turn) with a tree spec (file, published name
-    or list string; None = plain decoding) and return the reply text and the result."""
+    or list string; None = plain decoding) drafted by `drafter` (treeopt.decoding.drafters: heads, by
+    --heads `heads`, ngram[:MIN-MAX] or draft:MODEL) and return the reply text and the result."""
     from treeopt.decoding.heads import resolve_heads
     from treeopt.decoding.models import chat_prompt, check_context, load_model
     from treeopt.core.treefile import checked, read_tree
@@ -518,9 +546,15 @@ def run_decode(instruction: str, tree: str | None = None, model: str = DEFAULT_M
     shape = read_tree(tree) if tree else Tree(())
     loaded = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
                         attention="decode")
-    medusa = resolve_heads(heads, loaded.model) if shape.num_nodes else None
-    if medusa is not None:
-        checked(shape, tree, num_heads=medusa.num_heads)
+    from treeopt.decoding.drafters import parse_drafter, resolve_drafter
+
+    spec = parse_drafter(drafter)
+    if spec.kind == "heads":
+        medusa = resolve_heads(spec.path or heads, loaded.model) if shape.num_nodes else None
+        if medusa is not None:
+            checked(shape, tree, num_heads=medusa.num_heads)
+    else:
+        medusa = resolve_drafter(spec, loaded.model) if shape.num_nodes else None
     stops = stop_token_ids(loaded.model, loaded.tokenizer)
     ids = chat_prompt(loaded.tokenizer, instruction)
     check_context(loaded.model, [ids], max_new_tokens, [instruction])

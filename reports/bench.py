@@ -252,19 +252,32 @@ def _run_bench(cfg: BenchConfig, progress: bool) -> BenchResult:
     set_threads(cfg.threads)
     loaded = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
                         attention="decode")
-    medusa = resolve_heads(heads, loaded.model)
-    if cal is not None:
-        from treeopt.decoding.heads import check_record_heads
+    from treeopt.decoding.drafters import parse_drafter, resolve_drafter
 
-        check_record_heads(cal.meta, calibration, heads, loaded.model)
+    spec = parse_drafter(cfg.drafter)
+    if spec.kind == "heads":
+        medusa = resolve_heads(spec.path or heads, loaded.model)
+        if cal is not None:
+            from treeopt.decoding.heads import check_record_heads
+
+            from treeopt.core.record import check_drafter
+
+            check_drafter(cal.meta, calibration, "heads", None)
+            check_record_heads(cal.meta, calibration, spec.path or heads, loaded.model)
+    else:
+        medusa = resolve_drafter(spec, loaded.model)  # any other drafter (treeopt.decoding.drafters)
+        if cal is not None:
+            from treeopt.core.record import check_drafter
+
+            check_drafter(cal.meta, calibration, str(spec), medusa.describe()["sha256"])
     compiled = compiles_by_default(loaded.model) if compiled is None else compiled
     for name, tree in methods.items():
-        checked(tree, name, num_heads=medusa.num_heads)
+        checked(tree, name, num_heads=getattr(medusa, "num_heads", None))
     ids = [chat_prompt(loaded.tokenizer, s) for s in instructions]
     check_context(loaded.model, ids, max_new_tokens, instructions, str(source))
     stops = stop_token_ids(loaded.model, loaded.tokenizer)
     weight = loaded.model.get_output_embeddings().weight
-    settings = {"model": model, "model_source": loaded.source, "heads": heads or "default",
+    settings = {"model": model, "model_source": loaded.source, "heads": heads or "default", "drafter": str(spec),
                 "device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch."),
                 "prompts_source": str(source), "limit": limit, "max_new_tokens": max_new_tokens,
                 "calibration": str(calibration) if calibration else "", "stop_ids": sorted(stops),

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from treeopt.core.drafter import drafter_of
 from treeopt.core.errors import TreeoptError
 from treeopt.core import layout
 from treeopt.core.fileio import write_text
@@ -443,8 +444,11 @@ def inputs_table(run: Run) -> pd.DataFrame:
     """What the run was made of: model, heads, prompts (counts, overlap), acceptance rule, machine, versions."""
     cal = run.calibration
     meta = cal.meta if cal is not None else {}
+    drafter = drafter_of(meta) if meta else run.bench_meta.get("drafter") or "heads"
     rows = [("model", meta.get("model") or run.bench_meta.get("model") or run.demo.get("settings", {}).get("model")),
-            ("heads", meta.get("heads") or run.bench_meta.get("heads"))]
+            ("drafter", drafter)]
+    if drafter == "heads":
+        rows.append(("heads", meta.get("heads") or run.bench_meta.get("heads")))
     src = run.prompt_source
     source = src.get("source") or meta.get("dataset") or meta.get("prompts")
     if source:

@@ -15,6 +15,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from treeopt.search.acceptance import DEFAULT_MODEL, STRENGTH_SIZES, acceptance_model, resolve_model
+from treeopt.core.drafter import drafter_of
 from treeopt.core.record import Calibration
 from treeopt.core.replay import ReplayResult, replay, replay_prefixes
 from treeopt.core.tree import Path as RankPath
@@ -90,9 +91,9 @@ class Greedy:
         return replay_prefixes(tree, self.calibration, sizes)
 
     def header(self) -> str:
-        c = self.calibration
-        return (f"calibration {c.directory}: {c.num_positions} positions, {len(c.prompts)} prompts, "
-                f"{c.num_heads} heads, top-{c.top_k}")
+        c, drafter = self.calibration, drafter_of(self.calibration.meta)
+        depths = f"{c.num_heads} heads" if drafter == "heads" else f"drafter {drafter}, {c.num_heads} depths"
+        return f"calibration {c.directory}: {c.num_positions} positions, {len(c.prompts)} prompts, {depths}, top-{c.top_k}"
 
     def in_sample(self, tree: Tree, uniform: float) -> dict:
         return {"in_sample_tokens_per_step": self.replay(tree).tokens_per_step, "uniform_tokens_per_step": uniform}
@@ -101,7 +102,8 @@ class Greedy:
         c = self.calibration
         return {**fields, "acceptance": "greedy", "acceptance_model": self.model, "calibration": str(c.directory),
                 "calibration_positions": c.num_positions, "calibration_prompts": len(c.prompts),
-                "num_heads": c.num_heads, "calibration_top_k": c.top_k, **limits, **extra}
+                "num_heads": c.num_heads, "calibration_top_k": c.top_k, **limits, **extra,
+                **({} if drafter_of(c.meta) == "heads" else {"drafter": drafter_of(c.meta)})}
 
 
 Record = Source | Calibration  # what the search functions take (a calibration: under `model`)

@@ -136,6 +136,7 @@ def settings(config, given: dict, **extra):
 
 # Options shared by several commands: one name (and short flag) per idea everywhere.
 ModelOpt = opt(ModelSettings, "model", "--model", "-m", help="smollm2-135m (bundled), a local directory, or a Hugging Face id.")
+DrafterOpt = opt(CalibrationConfig, "drafter", "--drafter", help="What drafts: heads (--heads), ngram[:MIN-MAX] (vLLM's prompt lookup, chains only) or draft:MODEL (a causal LM sharing the tokenizer).")
 HeadsOpt = opt(ModelSettings, "heads", "--heads", help="Medusa heads directory; default: the heads shipped for the bundled model; `random` for untrained ones.")
 DeviceOpt = opt(ModelSettings, "device", "--device", help="cpu, cuda or auto.")
 DtypeOpt = opt(ModelSettings, "dtype", "--dtype", help="auto (bfloat16 where the device computes it natively, else float32), float32 (exact reference), bfloat16 or float16.")
@@ -225,6 +226,8 @@ def train_heads_cmd(
 def calibrate(
     model: str = ModelOpt,
     heads: Optional[str] = HeadsOpt,
+    drafter: str = DrafterOpt,
+    draft_depth: int = opt(CalibrationConfig, "draft_depth", "--draft-depth", help="ngram, draft: the depths recorded (r1..rK); heads record one per head."),
     prompts: Optional[str] = PromptsOpt,
     teacher_forced: Optional[str] = opt(CalibrationConfig, "teacher_forced", "--teacher-forced", help="Chat data (ShareGPT `conversations` or OpenAI `messages`; .json/.jsonl or a Hugging Face dataset id): rank the heads on its assistant turns in one forward per conversation, instead of generating from --prompts."),
     limit: Optional[int] = opt(CalibrationConfig, "limit", "--limit", help="Use N prompts drawn at random across the prompt file's sources (its `dataset` or `source` field; seeded by --seed); teacher-forced: the first N conversations."),
@@ -390,6 +393,7 @@ def decode(
     seed: int = opt(DecodeConfig, "seed", "--seed", help="typical: the sampling seed."),
     model: str = ModelOpt,
     heads: Optional[str] = HeadsOpt,
+    drafter: str = DrafterOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     compiled: Optional[bool] = CompileOpt,
@@ -402,7 +406,7 @@ def decode(
     c = settings(DecodeConfig, locals())
     rule = Acceptance(c.acceptance, c.temperature, c.posterior_threshold, c.posterior_alpha, c.seed)
     text, r = run_decode(instruction, c.tree, c.model, c.heads, c.max_new_tokens, rule, c.device, c.dtype, c.compiled,
-                         c.device_map, c.max_memory)
+                         c.device_map, c.max_memory, drafter=c.drafter)
     typer.echo(text)
     typer.echo(f"{len(r.tokens)} tokens in {r.steps} steps: {r.tokens_per_step:.2f} tokens/step, "
                f"{len(r.tokens) / max(r.decode_s, 1e-9):.1f} tokens/s decoding, prefill {r.prefill_s * 1e3:.0f} ms", err=True)
@@ -426,6 +430,7 @@ def bench(
     seed: int = opt(BenchConfig, "seed", "--seed", help="typical: the sampling seed (the same seed gives the same numbers)."),
     model: str = ModelOpt,
     heads: Optional[str] = HeadsOpt,
+    drafter: str = DrafterOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     compiled: Optional[bool] = CompileOpt,

@@ -46,7 +46,7 @@ def parse_drafter(text: str | None) -> DrafterSpec:
             raise TreeoptError(f"--drafter {text!r}: n-gram lengths need 1 <= MIN <= MAX, e.g. ngram:2-4")
         return DrafterSpec("ngram", min_n=lo, max_n=hi)
     if kind == "draft" and not rest:
-        raise TreeoptError(f"--drafter draft needs its model: pass --drafter draft:MODEL (a directory or a hub id)")
+        raise TreeoptError("--drafter draft needs its model: pass --drafter draft:MODEL (a directory or a hub id)")
     return DrafterSpec(kind, rest or None)
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from treeopt.core.errors import TreeoptError
 
-KINDS = ("heads", "ngram", "draft")
+KINDS = ("heads", "ngram", "draft", "eagle3")
 NGRAM_DEFAULT = (5, 5)  # vLLM's prompt_lookup_min/max when neither is given (SpeculativeConfig)
 
 
@@ -17,7 +17,7 @@ class DrafterSpec:
     or its n-gram lengths."""
 
     kind: str = "heads"
-    path: str | None = None
+    path: str | None = None  # heads/eagle3: None = the ones shipped for the bundled model
     min_n: int = NGRAM_DEFAULT[0]
     max_n: int = NGRAM_DEFAULT[1]
 
@@ -28,10 +28,10 @@ class DrafterSpec:
 
 
 def parse_drafter(text: str | None) -> DrafterSpec:
-    """`heads`, `heads:DIR`, `ngram`, `ngram:N`, `ngram:MIN-MAX`, `draft:MODEL` -> DrafterSpec."""
+    """`heads`, `heads:DIR`, `ngram`, `ngram:N`, `ngram:MIN-MAX`, `draft:MODEL`, `eagle3`, `eagle3:DIR` -> DrafterSpec."""
     text = (text or "heads").strip()
     kind, _, rest = text.partition(":")
-    fix = "pass --drafter heads, ngram[:MIN-MAX] or draft:MODEL"
+    fix = "pass --drafter heads, ngram[:MIN-MAX], draft:MODEL or eagle3[:DIR]"
     if kind not in KINDS:
         raise TreeoptError(f"unknown --drafter {text!r}: {fix}")
     if kind == "ngram":

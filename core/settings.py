@@ -136,7 +136,7 @@ class CalibrationConfig(RuleSettings):
     out: str | Path = "calibration"
     model: str = DEFAULT_MODEL
     heads: str | None = None  # a directory, `random`, or None for the heads shipped for the bundled model
-    drafter: str = "heads"  # heads (--heads), ngram[:MIN-MAX] (vLLM's prompt lookup) or draft:MODEL (treeopt.core.drafter)
+    drafter: str = "heads"  # heads (--heads), ngram[:MIN-MAX] (vLLM's prompt lookup), draft:MODEL or eagle3[:DIR] (treeopt.core.drafter)
     draft_depth: int = 4  # ngram, draft: the depths recorded (r1..rK); heads: their number
     prompts: str | None = None  # `alpaca_eval`, a .json/.jsonl path; None: the local AlpacaEval copy, else the hub's
     teacher_forced: str | None = None  # chat data for calibrate/teacher.py (instead of prompts and generation)
@@ -305,7 +305,7 @@ class PlotConfig:
 @dataclass(frozen=True, kw_only=True)
 class DecodeConfig(EngineSettings, RuleSettings):
     tree: str | None = None  # None: plain decoding
-    drafter: str = "heads"  # heads (--heads), ngram[:MIN-MAX] or draft:MODEL (treeopt.core.drafter)
+    drafter: str = "heads"  # heads (--heads), ngram[:MIN-MAX], draft:MODEL or eagle3[:DIR] (treeopt.core.drafter)
     max_new_tokens: int = 128
 
     def __post_init__(self):
@@ -320,7 +320,7 @@ class BenchConfig(EngineSettings, RuleSettings, VllmSettings):
     OPTION = {"out": "--output-dir"}
     trees: tuple[str, ...] = ()  # tree files, published names or list strings
     cartesian: tuple[str, ...] = ()  # Cartesian trees, top-k per depth: 2x3
-    drafter: str = "heads"  # heads (--heads), ngram[:MIN-MAX] or draft:MODEL (treeopt.core.drafter)
+    drafter: str = "heads"  # heads (--heads), ngram[:MIN-MAX], draft:MODEL or eagle3[:DIR] (treeopt.core.drafter)
     prompts: str | None = None  # None: treeopt.core.prompts.default_prompts()
     first: int = 20  # the first N prompts, in file order
     max_new_tokens: int = 128

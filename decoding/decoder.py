@@ -221,12 +221,14 @@ class TreeDecoder:
         from treeopt.decoding.drafters import Drafter
 
         self.drafter = None  # a drafter other than heads
+        self.aux_layers: tuple[int, ...] = ()  # the base model's layers whose entering hidden states it reads
         if isinstance(heads, Drafter):
             if heads.kind == "heads":
                 heads = heads.heads
             else:
                 heads.check(model, tree)
                 self.drafter, heads = heads, None
+                self.aux_layers = tuple(self.drafter.aux_layers)
         self.model = model
         self.base = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
@@ -280,21 +282,25 @@ class TreeDecoder:
 
     # ---- the pieces of a step ---------------------------------------------------------------------
 
-    def forward(self, ids: torch.Tensor, bias: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """ids [q], bias [q, capacity], positions [q] -> last hidden states [q, H]; writes K/V at the
-        slots placed in the cache."""
+    def forward(self, ids: torch.Tensor, bias: torch.Tensor, positions: torch.Tensor):
+        """ids [q], bias [q, capacity], positions [q] -> (last hidden states [q, H], the drafter's state
+        [q, S]: those, or with a drafter's `aux_layers` the hidden states entering them [q, A * H]);
+        writes K/V at the slots placed in the cache."""
         out = self.base(input_ids=ids[None], attention_mask=bias[None, None], position_ids=positions[None],
-                        **{self.cache_argument: self.cache}, use_cache=True)
-        return out.last_hidden_state[0]
+                        **{self.cache_argument: self.cache}, use_cache=True, output_hidden_states=bool(self.aux_layers))
+        hidden = out.last_hidden_state[0]
+        if not self.aux_layers:
+            return hidden, hidden
+        return hidden, torch.cat([out.hidden_states[i][0] for i in self.aux_layers], -1)
 
     def _verify(self, tokens: torch.Tensor, bias: torch.Tensor, positions: torch.Tensor):
         """The tree forward: tokens [N] -> (logits [N, V], hidden [N, H], each row's argmax [N], fused: the
         heads' top-k at every row [N, D, top_k], else None). The argmax is taken here, inside the compiled
         graph: eager bf16 argmax over the vocabulary costs ~0.2 ms a row on a CPU."""
-        hidden = self.forward(tokens, bias, positions)  # [N, H]
+        hidden, state = self.forward(tokens, bias, positions)  # [N, H], [N, S]
         if not self.fused:
             logits = self.lm_head(hidden)  # [N, V]
-            return logits, hidden, logits.argmax(-1), None
+            return logits, state, logits.argmax(-1), None
         rows = torch.cat([hidden[None], self.heads.features(hidden)[:self.depth]])  # [1 + D, N, H]
         logits = self.lm_head(rows)  # [1 + D, N, V]: one pass over the vocabulary matrix
         topk = torch.topk(logits[1:], self.buf.top_k, dim=-1).indices  # [D, N, top_k]
@@ -412,10 +418,9 @@ class TreeDecoder:
 
         synchronize(self.device)
         t0 = time.perf_counter()
-        hidden = self.prefill(prompt)  # [H]
+        hidden, state = self.prefill(prompt)  # [H], the drafter's state of the prompt's rows [P, S]
         root = self.next_root(self.lm_head(hidden))
         topk = self.candidates(hidden)  # [D, top_k]
-        state = hidden  # [H] at the last accepted token, for a drafter
         synchronize(self.device)
         t1 = time.perf_counter()
 
@@ -453,7 +458,7 @@ class TreeDecoder:
             root = self.next_root(logits[last], argmax[last])
             ta = clock()
             topk = self.candidates(hidden[last], row=int(last))
-            state = hidden[last]
+            state = hidden[nodes]  # [m+1, S] the accepted rows, for a drafter
             model_s += clock() - ta
         synchronize(self.device)
         t2 = time.perf_counter()
@@ -469,17 +474,18 @@ class TreeDecoder:
         logits, hidden, argmax, self.row_topk = self.verify(tokens, self.bias, self.buf.depth + cur)
         return logits, hidden, argmax
 
-    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
-        """Commit the prompt [P] (eagerly: its length varies) -> the hidden state of its last token [H]."""
+    def prefill(self, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Commit the prompt [P] (eagerly: its length varies) -> (the hidden state of its last token [H],
+        the drafter's state of every prompt row [P, S])."""
         P = prompt.shape[0]
         positions = torch.arange(P, device=self.device)
         slots = torch.arange(self.cache.max_len, device=self.device)
         mask = additive_mask(slots[None, :] <= positions[:, None], self.dtype)  # [P, capacity] causal
         self.cache.place(positions)
-        hidden = self.forward(prompt, mask, positions)[-1]
+        hidden, state = self.forward(prompt, mask, positions)
         self.cache.commit(positions)
         self.bias[:, :P] = 0
-        return hidden
+        return hidden[-1], state
 
     def _clock(self) -> float:
         synchronize(self.device)
@@ -538,7 +544,7 @@ def run_decode(instruction: str, tree: str | None = None, model: str = DEFAULT_M
                max_memory: str | None = None, drafter: str = "heads") -> tuple[str, DecodeResult]:
     """The CLI's twin: decode one instruction (as a chat turn) with a tree spec (file, published name
     or list string; None = plain decoding) drafted by `drafter` (treeopt.decoding.drafters: heads, by
-    --heads `heads`, ngram[:MIN-MAX] or draft:MODEL) and return the reply text and the result."""
+    --heads `heads`, ngram[:MIN-MAX], draft:MODEL or eagle3[:DIR]) and return the reply text and the result."""
     from treeopt.decoding.heads import resolve_heads
     from treeopt.decoding.models import chat_prompt, check_context, load_model
     from treeopt.core.treefile import checked, read_tree

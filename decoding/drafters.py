@@ -23,9 +23,12 @@ Kinds:
 - `ngram`: vLLM's prompt lookup, model-free, one candidate per depth (chains only); see `ngram_propose`.
 - `draft`: a causal LM sharing the base model's vocabulary, with its own static KV cache; it drafts
   a tree level by level, one forward per level (level 1 also feeds the tokens accepted since its last
-  step). A drafter with its own hidden-state recurrence (EAGLE-3) fits the same `propose`/`ranks` pair.
+  step).
+- `eagle3`: an EAGLE-3 drafter (treeopt.decoding.eagle3) over the base model's hidden states entering
+  its `aux_layers`, which the decoder hands it (`state`); level by level like a draft model, each node
+  fed its parent's output.
 
-`resolve_drafter("heads" | "ngram[:MIN-MAX]" | "draft:MODEL", heads=..., model=...)` builds one.
+`resolve_drafter("heads" | "ngram[:MIN-MAX]" | "draft:MODEL" | "eagle3:DIR", heads=..., model=...)` builds one.
 """
 
 from __future__ import annotations
@@ -44,11 +47,14 @@ from treeopt.core.tree import Tree
 
 class Drafter:
     """The interface (see the module's docstring). `depth`: the deepest node it drafts (None: any);
-    `needs_hidden`: it reads the base model's last hidden states (calibration keeps them for it)."""
+    `needs_hidden`: it reads the base model's last hidden states (calibration keeps them for it);
+    `aux_layers`: the base model's layers whose entering hidden states it reads as its `state` (the
+    decoder then hands it those, concatenated, instead of the last hidden states)."""
 
     kind: str = ""
     depth: int | None = None
     needs_hidden: bool = False
+    aux_layers: tuple[int, ...] = ()
 
     def describe(self) -> dict:
         """{"kind", "source", "sha256"}: what a calibration records (the checkpoint's fingerprint)."""
@@ -60,12 +66,14 @@ class Drafter:
     def start(self, prompt_ids: list[int], capacity: int) -> None:
         """A new text: forget the last one; `capacity` positions at most (prompt + output + tree)."""
 
-    def propose(self, context: list[int], root: torch.Tensor, buf, hidden: torch.Tensor | None = None
+    def propose(self, context: list[int], root: torch.Tensor, buf, state: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """context: the accepted token ids (prompt included), root (0-dim): the base model's next token,
-        hidden [H]: the base model's last hidden state at the last accepted token (the one that chose
-        root), buf: the tree (treeopt.decoding.buffers) -> (tokens [N] of every node, node 0 the root;
-        valid [N] bool or None: the nodes that hold a candidate; the others are never accepted)."""
+        state [m, S]: the base model's rows of the tokens accepted since the last call (the prompt's
+        after prefill; the last one chose root): its last hidden states [m, H], or with `aux_layers`
+        those layers' entering hidden states [m, A * H]; buf: the tree (treeopt.decoding.buffers) ->
+        (tokens [N] of every node, node 0 the root; valid [N] bool or None: the nodes that hold a
+        candidate; the others are never accepted)."""
         raise NotImplementedError
 
     def ranks(self, prompt_ids: list[int], tokens: list[int], top_k: int, depth: int,
@@ -74,6 +82,16 @@ class Drafter:
         when `needs_hidden`) -> ranks [T, depth] int16: r_d at t the rank of y_{t+d} at depth d with the
         drafter fed y_t..y_{t+d-1} (y_t the root), clipped to top_k, MISSING past the end."""
         raise NotImplementedError
+
+
+def state_sha256(module: torch.nn.Module) -> str:
+    """A checkpoint's fingerprint: every tensor of its state_dict, names, dtypes and shapes included."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _depth_targets(T: int, depth: int) -> np.ndarray:
@@ -137,7 +155,7 @@ class NgramDrafter(Drafter):
             raise TreeoptError("n-gram lookup proposes one token per depth: pass a chain (e.g. --tree chain:3 "
                                "or [[0],[0,0],[0,0,0]]), not a tree")
 
-    def propose(self, context, root, buf, hidden=None):
+    def propose(self, context, root, buf, state=None):
         N, D = buf.num_nodes, buf.tree.depth
         found = ngram_propose(list(context) + [int(root)], self.min_n, self.max_n, D)  # chain: node d = depth d
         tokens = torch.zeros(N, dtype=torch.long, device=buf.depth.device)
@@ -180,12 +198,7 @@ class DraftModelDrafter(Drafter):
         self.cache = None
 
     def describe(self) -> dict:
-        h = hashlib.sha256()
-        for name, t in sorted(self.model.state_dict().items()):
-            t = t.detach().cpu().contiguous()
-            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        return {"kind": "draft", "source": self.source, "sha256": h.hexdigest()}
+        return {"kind": "draft", "source": self.source, "sha256": state_sha256(self.model)}
 
     def check(self, model, tree: Tree) -> None:
         mine, theirs = self.lm_head.weight.shape[0], model.get_output_embeddings().weight.shape[0]
@@ -211,7 +224,7 @@ class DraftModelDrafter(Drafter):
                         **{self.cache_argument: self.cache}, use_cache=True)
         return self.lm_head(out.last_hidden_state[0])
 
-    def propose(self, context, root, buf, hidden=None):
+    def propose(self, context, root, buf, state=None):
         device = self.lm_head.weight.device
         text = list(context) + [int(root)]
         c, cache = self.cache.length, self.cache
@@ -263,6 +276,115 @@ class DraftModelDrafter(Drafter):
         return torch.from_numpy(np.where(idx < 0, MISSING, q.numpy()[np.maximum(idx, 0)]).astype(np.int16))
 
 
+# ---- EAGLE-3 -----------------------------------------------------------------------------------------
+
+class Eagle3Drafter(Drafter):
+    """An EAGLE-3 drafter (treeopt.decoding.eagle3) with its own KV buffers [capacity, nkv, d]. Per step:
+    the entries of the tokens accepted since its last step (the base model's `state` rows through `fc`,
+    each beside the token after it, the last beside the root) are committed; then level by level, as a
+    draft model does, each node that has children is fed its parent's output (scratch slots after the
+    text, a tree mask) and its top-k gives its children's tokens."""
+
+    kind = "eagle3"
+
+    def __init__(self, eagle, model, source: str = ""):
+        self.eagle, self.model, self.source = eagle, model, source
+        self.base = model.get_decoder()
+        self.aux_layers = tuple(eagle.config.aux_layers)
+        self.keys = self.values = None
+
+    def describe(self) -> dict:
+        return {"kind": "eagle3", "source": self.source, "sha256": state_sha256(self.eagle)}
+
+    def check(self, model, tree: Tree) -> None:
+        c = self.eagle.config
+        if c.vocab_size != model.config.vocab_size:
+            raise TreeoptError(f"the EAGLE-3 drafter's vocabulary ({c.vocab_size}) is not the base model's "
+                               f"({model.config.vocab_size}): pass the drafter trained for this model")
+        widest = max((p[-1] for p in tree.paths), default=-1)
+        if widest >= c.draft_vocab_size:
+            raise TreeoptError(f"the tree asks for rank {widest} of a {c.draft_vocab_size}-token draft vocabulary: "
+                               "pass a narrower tree")
+
+    def start(self, prompt_ids, capacity):
+        c, p = self.eagle.config, self.eagle.fc.weight
+        if self.keys is None or self.keys.shape[0] < capacity:
+            self.keys = torch.zeros(capacity, c.num_key_value_heads, c.head_dim, dtype=p.dtype, device=p.device)
+            self.values = torch.zeros_like(self.keys)
+        self.length = 0  # committed entries: positions 0..length-1
+
+    def _run(self, ids, hidden, positions, slots, seen):
+        """Entries ids/positions/slots [q], hidden [q, H], seen [q, capacity] bool -> outputs [q, H]; K/V at `slots`."""
+        q, k, v, residual = self.eagle.project(ids, hidden, positions)
+        self.keys[slots], self.values[slots] = k, v
+        return self.eagle.finish(self.eagle.attend(q, self.keys, self.values, seen), residual)
+
+    def propose(self, context, root, buf, state=None):
+        e, device = self.eagle, self.eagle.fc.weight.device
+        text = list(context) + [int(root)]
+        c = self.length
+        m = len(text) - 1 - c  # entries to commit: positions c..c+m-1, each with the token after it
+        if state is None or state.shape[0] != m:
+            raise RuntimeError("the EAGLE-3 drafter was not handed the accepted rows")  # a decoder bug, not bad input
+        slots = torch.arange(self.keys.shape[0], device=device)
+        pos = torch.arange(c, c + m, device=device)
+        ids = torch.tensor(text[c + 1 :], dtype=torch.long, device=device)
+        out = self._run(ids, e.combine(state.to(e.fc.weight.dtype)), pos, pos, slots[None, :] <= pos[:, None])[-1:]
+        self.length = L = c + m  # the root's entry is at slot L - 1; node j >= 1 goes to scratch slot L + j - 1
+        N, top_k = buf.num_nodes, buf.top_k
+        tokens = torch.empty(N, dtype=torch.long, device=device)
+        tokens[0] = root
+        parent, depth = buf.parent.tolist(), buf.depth.tolist()
+        ranks = [0] + [p[-1] for p in buf.tree.paths]
+        has_child = set(parent[1:])
+        scored, target = [0], e.target_ids()  # the nodes whose outputs are `out`, in order
+        for d in range(buf.tree.depth):
+            top = target[torch.topk(e.logits(out), min(top_k, e.config.draft_vocab_size), dim=-1).indices]  # [q, top_k]
+            row = {node: i for i, node in enumerate(scored)}
+            level = [i for i in range(1, N) if depth[i] == d + 1]
+            for i in level:
+                tokens[i] = top[row[parent[i]], ranks[i]]
+            nxt = [i for i in level if i in has_child]
+            if not nxt:
+                break
+            nodes = torch.tensor(nxt, device=device)
+            hidden = out[torch.tensor([row[parent[i]] for i in nxt], device=device)]  # [q, H] the parents' outputs
+            seen = (slots < L).expand(len(nxt), -1).clone()  # [q, capacity]: the committed entries
+            seen[:, L : L + N - 1] = buf.mask[nodes, 1:]  # and the node's ancestors and itself
+            out = self._run(tokens[nodes], hidden, L - 1 + buf.depth[nodes], L - 1 + nodes, seen)
+            scored = nxt
+        return tokens, None
+
+    @torch.inference_mode()
+    def ranks(self, prompt_ids, tokens, top_k, depth, hidden=None):
+        """One teacher-forced forward of prompt + y for the base model's aux hidden states, then the
+        drafter unrolled `depth` steps over every position (Eagle3.unroll): r_d at t from row P - 1 + t."""
+        e = self.eagle
+        P, T = len(prompt_ids), len(tokens)
+        device = e.fc.weight.device
+        text = torch.tensor(list(prompt_ids) + list(tokens), dtype=torch.long, device=device)
+        out = self.base(input_ids=text[None], output_hidden_states=True)
+        aux = torch.cat([out.hidden_states[l][0] for l in self.aux_layers], -1)  # [P + T, A * H]
+        n = P + T - 1  # entries 0..n-1: (aux_i, text_{i+1})
+        ids = torch.cat([text[1:], text.new_zeros(depth - 1)])  # [n + depth - 1]
+        outs = e.unroll(aux[:n].to(e.fc.weight.dtype), ids, depth)
+        index = e.draft_index()
+        y = torch.tensor(tokens, dtype=torch.long, device=device)
+        result = torch.full((T, depth), MISSING, dtype=torch.int16)
+        for d in range(1, depth + 1):
+            live = T - d  # roots t < T - d have a true token at depth d
+            if live <= 0:
+                break
+            for s in range(0, live, 256):
+                t = torch.arange(s, min(s + 256, live), device=device)
+                logits = e.logits(outs[d - 1][P - 1 + t]).float()  # [b, Vd]
+                j = index[y[t + d]]  # [b] the true token's draft index, -1: not in the draft vocabulary
+                true = logits.gather(1, j.clamp(min=0)[:, None])
+                r = (logits > true).sum(1).clamp_(max=top_k)
+                result[s : s + len(t), d - 1] = torch.where(j < 0, top_k, r).to(torch.int16).cpu()
+        return result
+
+
 # ---- building one ----------------------------------------------------------------------------------
 
 def resolve_drafter(spec: str | DrafterSpec | None, model, heads: str | None = None, heads_obj=None,
@@ -277,6 +399,11 @@ def resolve_drafter(spec: str | DrafterSpec | None, model, heads: str | None = N
         return HeadsDrafter(heads_obj if heads_obj is not None else resolve_heads(source, model), source)
     if spec.kind == "ngram":
         return NgramDrafter(spec.min_n, spec.max_n)
+    if spec.kind == "eagle3":
+        from treeopt.decoding.eagle3 import load_eagle3, shipped_eagle3
+
+        path = spec.path or shipped_eagle3(model)
+        return Eagle3Drafter(load_eagle3(path, model), model, spec.path or "default")
     from treeopt.decoding.models import load_model
 
     weight = model.get_output_embeddings().weight

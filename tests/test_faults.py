@@ -353,7 +353,7 @@ READS_RECORD = {"search", "evaluate", "sweep", "plot", "bench", "report"}  # a c
 READS_TREE = {"bench", "evaluate", "export", "plot", "decode", "profile"}  # a tree file
 READS_LATENCY = {"search", "evaluate", "sweep"}  # a latency CSV
 READS_PROMPTS = {"decode", "calibrate", "bench", "demo"}  # prompts the model reads
-WRITES_RUN = {"calibrate", "bench", "demo", "train-heads"}  # a run directory (locked)
+WRITES_RUN = {"calibrate", "bench", "demo", "train-heads", "train-drafter"}  # a run directory (locked)
 NEITHER = {"info", "export-heads"}  # export-heads reads heads only; its output is checked against them
 
 
@@ -651,6 +651,8 @@ LOCK_COMMANDS = {  # a command that writes the run directory D
     "demo": lambda d, tiny, prompts: ["demo", *tiny, "-p", prompts, "-o", d],
     "train-heads": lambda d, tiny, prompts: ["train-heads", "--output-dir", d, "-p", prompts, "--model", tiny[1],
                                              "--device", "cpu"],
+    "train-drafter": lambda d, tiny, prompts: ["train-drafter", "--output-dir", d, "-p", prompts, "--model", tiny[1],
+                                               "--device", "cpu"],
 }
 assert set(LOCK_COMMANDS) == WRITES_RUN
 

@@ -16,10 +16,10 @@ from treeopt.core.settings import (BenchConfig, CalibrationConfig, DecodeConfig,
                                    ExportHeadsConfig,
                                    ModelSettings, PlotConfig, ProfileConfig, SearchConfig, SweepConfig, default)
 from treeopt.demo import DemoConfig
-from treeopt.training.config import TrainConfig
+from treeopt.training.config import DrafterTrainConfig, TrainConfig
 
 runner = CliRunner()
-CONFIGS = {"info": ModelSettings, "train-heads": TrainConfig, "calibrate": CalibrationConfig, "search": SearchConfig,
+CONFIGS = {"info": ModelSettings, "train-heads": TrainConfig, "train-drafter": DrafterTrainConfig, "calibrate": CalibrationConfig, "search": SearchConfig,
            "export": ExportConfig, "export-heads": ExportHeadsConfig, "evaluate": EvaluateConfig, "sweep": SweepConfig, "decode": DecodeConfig,
            "bench": BenchConfig, "profile": ProfileConfig, "plot": PlotConfig, "demo": DemoConfig}
 CLI_ONLY = {"quiet", "max_gen_minutes", "max_train_minutes", "instruction", "run_dir", "out@demo"}

@@ -81,7 +81,7 @@ def accepted_from(dec: TreeDecoder, prefix: list[int], root: int) -> int:
     """The depth `dec` accepts in one step with `root` after `prefix` (prompt + output so far), as
     `generate` takes a step: candidates from the heads at the prefix's last token."""
     dec._prepare(len(prefix) + dec.buf.num_nodes)
-    hidden = dec.prefill(torch.tensor(prefix))  # [H]
+    hidden, _ = dec.prefill(torch.tensor(prefix))  # [H]
     tokens = torch.cat([torch.tensor([root]), dec.candidates(hidden).flatten()[dec.buf.candidate_index]])  # [N]
     logits, _, _ = dec.tree_forward(tokens)
     return len(dec.accept(tokens, logits)) - 1

@@ -57,3 +57,27 @@ class TrainConfig:
             raise TreeoptError(f"--distill is {self.distill}: pass a weight between 0 and 1")
         if not 0 < self.decay <= 1:
             raise TreeoptError(f"decay is {self.decay}: pass a weight in (0, 1]")
+
+
+@dataclass
+class DrafterTrainConfig(TrainConfig):
+    """`treeopt train-drafter`: the data stage of TrainConfig (its data fields), then a drafter of `kind`
+    trained on it (treeopt.training.eagle3); the heads' own fields (num_heads, distill, ...) are unused."""
+
+    kind: str = "eagle3"
+    drafter_out: str | None = None  # where the final drafter is saved (vLLM's EAGLE-3 layout)
+    draft_vocab: int = 8192  # the drafter's vocabulary: the most frequent continuation tokens
+    steps: int = 3  # training-time test: unrolled steps (depths trained)
+    aux_layers: tuple[int, ...] | None = None  # None: vLLM's default (2, L/2, L-3)
+    batch_sequences: int = 4  # texts per optimizer step
+    epochs: float = 4.0
+    lr: float = 1e-3
+    num_prompts: int = 576
+
+    OPTION = {"work": "--output-dir", "drafter_out": "--save-drafter"}
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.kind != "eagle3":
+            raise TreeoptError(f"unknown --kind {self.kind!r}: train-drafter trains eagle3 drafters")
+        at_least(self, draft_vocab=1, steps=1, batch_sequences=1)

@@ -21,7 +21,7 @@ from treeopt.core.settings import (BenchConfig, CalibrationConfig, DecodeConfig,
                                    ProfileConfig, RuleSettings, SearchConfig, SearchSettings, SweepConfig,
                                    VllmSettings, default)
 from treeopt.demo import DemoConfig
-from treeopt.training.config import TrainConfig
+from treeopt.training.config import DrafterTrainConfig, TrainConfig
 
 
 _click = getattr(typer.core, "_click", None)  # the click typer runs on (typer >= 0.29 vendors its own)
@@ -136,7 +136,7 @@ def settings(config, given: dict, **extra):
 
 # Options shared by several commands: one name (and short flag) per idea everywhere.
 ModelOpt = opt(ModelSettings, "model", "--model", "-m", help="smollm2-135m (bundled), a local directory, or a Hugging Face id.")
-DrafterOpt = opt(CalibrationConfig, "drafter", "--drafter", help="What drafts: heads (--heads), ngram[:MIN-MAX] (vLLM's prompt lookup, chains only) or draft:MODEL (a causal LM sharing the tokenizer).")
+DrafterOpt = opt(CalibrationConfig, "drafter", "--drafter", help="What drafts: heads (--heads), ngram[:MIN-MAX] (vLLM's prompt lookup, chains only), draft:MODEL (a causal LM sharing the tokenizer) or eagle3[:DIR] (an EAGLE-3 drafter; default: the one shipped for the bundled model).")
 HeadsOpt = opt(ModelSettings, "heads", "--heads", help="Medusa heads directory; default: the heads shipped for the bundled model; `random` for untrained ones.")
 DeviceOpt = opt(ModelSettings, "device", "--device", help="cpu, cuda or auto.")
 DtypeOpt = opt(ModelSettings, "dtype", "--dtype", help="auto (bfloat16 where the device computes it natively, else float32), float32 (exact reference), bfloat16 or float16.")
@@ -219,6 +219,41 @@ def train_heads_cmd(
     cfg = settings(TrainConfig, {**locals(), "work": str(work), "heads_out": str(heads_out) if heads_out else None},
                    max_gen_s=minutes(max_gen_minutes), max_train_s=minutes(max_train_minutes))
     train_heads(cfg, log=lambda s: typer.echo(s, err=True), progress=_progress(quiet))
+
+
+# --- train-drafter (treeopt.training.eagle3) ---
+
+
+@command("train-drafter", resumable=True)
+def train_drafter_cmd(
+    work: Path = opt(DrafterTrainConfig, "work", "--output-dir", "-o", help="Directory for data shards, aux hidden states, checkpoints and the report; re-run the same command to resume (a train-heads directory with the same data settings reuses its shards)."),
+    kind: str = opt(DrafterTrainConfig, "kind", "--kind", help="The drafter to train: eagle3."),
+    drafter_out: Optional[Path] = opt(DrafterTrainConfig, "drafter_out", "--save-drafter", help="Directory to save the trained drafter in (vLLM's EAGLE-3 layout; --drafter eagle3:DIR reads it)."),
+    prompts: str = opt(DrafterTrainConfig, "prompts", "--prompts", "-p", help="`magpie` (user turns sampled from the model itself), a .json/.jsonl file with an `instruction` or `prompt` field, or a Hugging Face dataset id."),
+    num_prompts: int = opt(DrafterTrainConfig, "num_prompts", "--num-prompts", help="Sequences to generate (magpie: an upper bound, duplicates are dropped)."),
+    max_new_tokens: int = opt(DrafterTrainConfig, "max_new_tokens", "--max-new-tokens", help="Greedy continuation length per prompt."),
+    batch_size: int = opt(DrafterTrainConfig, "batch_size", "--batch-size", help="Sequences per generation batch (= one shard)."),
+    magpie_max_tokens: int = opt(DrafterTrainConfig, "magpie_max_tokens", "--magpie-max-tokens", help="Longest sampled instruction (longer ones are dropped)."),
+    draft_vocab: int = opt(DrafterTrainConfig, "draft_vocab", "--draft-vocab", help="The drafter's vocabulary: the most frequent tokens of the continuations."),
+    steps: int = opt(DrafterTrainConfig, "steps", "--steps", help="Training-time test: the drafter unrolled on its own outputs this many steps."),
+    epochs: float = opt(DrafterTrainConfig, "epochs", "--epochs"),
+    lr: float = opt(DrafterTrainConfig, "lr", "--lr"),
+    batch_sequences: int = opt(DrafterTrainConfig, "batch_sequences", "--batch-sequences", help="Texts per optimizer step."),
+    seed: int = opt(DrafterTrainConfig, "seed", "--seed"),
+    stage: str = opt(DrafterTrainConfig, "stage", "--stage", help="all, data (generate shards only) or train (aux states and training on the shards there are)."),
+    max_gen_minutes: Optional[float] = typer.Option(None, "--max-gen-minutes", help="Stop generating after this long (re-run to continue)."),
+    max_train_minutes: Optional[float] = typer.Option(None, "--max-train-minutes", help="Stop training after this long, checkpointed (re-run to continue)."),
+    model: str = ModelOpt,
+    device: str = opt(DrafterTrainConfig, "device", "--device", help="cpu, cuda or auto."),
+    quiet: bool = QuietOpt,
+):
+    """Train an EAGLE-3 drafter (base model frozen, training-time test) on the model's own greedy continuations, and save it."""
+    from treeopt.training.eagle3 import train_drafter
+
+    minutes = lambda m: None if m is None else m * 60  # noqa: E731
+    cfg = settings(DrafterTrainConfig, {**locals(), "work": str(work), "drafter_out": str(drafter_out) if drafter_out else None},
+                   max_gen_s=minutes(max_gen_minutes), max_train_s=minutes(max_train_minutes))
+    train_drafter(cfg, log=lambda s: typer.echo(s, err=True), progress=_progress(quiet))
 
 
 # --- calibrate (calibrate/) ---

@@ -95,11 +95,14 @@ def run_job(job: dict, python: Path, log: Path | None = None, timeout: float | N
         return json.loads(result_file.read_text())
 
 
-def speculative_config(heads_dir: str | Path | None, k: int) -> dict | None:
-    """vLLM's speculative config for a k-token Medusa chain; None for plain decoding (k = 0)."""
+def speculative_config(drafter_dir: str | Path | None, k: int, method: str = "medusa", **extra) -> dict | None:
+    """vLLM's speculative config for a k-token chain of `method` (medusa: each head's top-1; eagle3:
+    the drafter's top-1 unrolled k times; ngram: `extra` holds prompt_lookup_min/max, no model); None
+    for plain decoding (k = 0)."""
     if k == 0:
         return None
-    return {"method": "medusa", "model": str(heads_dir), "num_speculative_tokens": int(k)}
+    model = {} if drafter_dir is None else {"model": str(drafter_dir)}
+    return {"method": method, **model, "num_speculative_tokens": int(k), **extra}
 
 
 @dataclass(frozen=True)
@@ -142,16 +145,45 @@ def parse_runs(result: dict) -> list[VllmRun]:
 # ---- the model and heads, as vLLM reads them --------------------------------------------------------
 
 
-def prepare(model: str, heads: str | None, out: Path):
-    """(model directory vLLM loads, exported heads directory, tokenizer): the model's local copy and
-    the heads written in vLLM's Medusa layout under `out`/vllm-heads."""
+@dataclass(frozen=True)
+class VllmDrafter:
+    """What vLLM drafts with: its `method`, the checkpoint directory it loads (None: model-free), the
+    longest chain it can draft (None: any) and the method's own fields."""
+
+    method: str
+    directory: Path | None
+    max_k: int | None = None
+    extra: tuple = ()
+
+    def config(self, k: int) -> dict | None:
+        return speculative_config(self.directory, k, self.method, **dict(self.extra))
+
+
+def prepare(model: str, heads: str | None, out: Path, drafter: str | None = None):
+    """(model directory vLLM loads, VllmDrafter, tokenizer, model): the model's local copy and what
+    `--drafter` names as vLLM reads it (heads: written in vLLM's Medusa layout under `out`/vllm-heads;
+    an EAGLE-3 checkpoint: its own directory, already vLLM's layout, checked by loading it)."""
+    from treeopt.core.drafter import parse_drafter
     from treeopt.decoding.heads import export_vllm, resolve_heads
     from treeopt.decoding.models import load_model
 
+    spec = parse_drafter(drafter)
     loaded = load_model(model, device="cpu", dtype="float32")
-    medusa = resolve_heads(heads, loaded.model)
-    heads_dir = export_vllm(medusa, Path(out) / "vllm-heads", loaded.model.get_output_embeddings().weight)
-    return loaded.source, heads_dir, loaded.tokenizer, loaded.model
+    if spec.kind == "heads":
+        medusa = resolve_heads(spec.path or heads, loaded.model)
+        heads_dir = export_vllm(medusa, Path(out) / "vllm-heads", loaded.model.get_output_embeddings().weight)
+        found = VllmDrafter("medusa", heads_dir, medusa.num_heads)
+    elif spec.kind == "eagle3":
+        from treeopt.decoding.eagle3 import load_eagle3, shipped_eagle3
+
+        directory = Path(spec.path) if spec.path else shipped_eagle3(loaded.model)
+        load_eagle3(directory, loaded.model)  # a one-line error for a checkpoint that is not this model's drafter
+        found = VllmDrafter("eagle3", directory.resolve())
+    elif spec.kind == "ngram":
+        found = VllmDrafter("ngram", None, None, (("prompt_lookup_min", spec.min_n), ("prompt_lookup_max", spec.max_n)))
+    else:
+        found = VllmDrafter("draft_model", Path(spec.path).resolve() if Path(spec.path).exists() else spec.path)
+    return loaded.source, found, loaded.tokenizer, loaded.model
 
 
 # ---- profile --engine vllm ------------------------------------------------------------------------------
@@ -163,7 +195,7 @@ PROFILE_COLUMNS = ["engine", "batch_size", "context", "nodes", "forward_ms", "ms
 def profile_vllm(model: str = DEFAULT_MODEL, heads: str | None = None, chains=(0, 1, 2, 3, 4), batch_sizes=(1,),
                  context: int = 256, new_tokens: int = 64, python: str | Path | None = None,
                  out: Path = Path("latency-vllm.csv"), dtype: str = "auto", eager: bool = True,
-                 prompts: str | None = None, limit: int | None = None, seed: int = 0,
+                 prompts: str | None = None, limit: int | None = None, seed: int = 0, drafter: str | None = None,
                  log=lambda s: None) -> pd.DataFrame:
     """vLLM's time per decoding step and per generated token, plain (nodes 0) and with a k-token Medusa
     chain (nodes k), for each batch size B (concurrent requests).
@@ -179,7 +211,7 @@ def profile_vllm(model: str = DEFAULT_MODEL, heads: str | None = None, chains=(0
     dtype = engine_dtype(dtype)
     work = Path(out).with_suffix("")
     engine_dir = work.parent / (work.name + "-engine")  # the exported heads and vLLM's logs
-    model_dir, heads_dir, tokenizer, lm = prepare(model, heads, engine_dir)
+    model_dir, drafting, tokenizer, lm = prepare(model, heads, engine_dir, drafter)
     rng = np.random.default_rng(seed)
     vocab = lm.get_output_embeddings().weight.shape[0]
     if prompts is not None:
@@ -202,7 +234,7 @@ def profile_vllm(model: str = DEFAULT_MODEL, heads: str | None = None, chains=(0
         log(f"vLLM profile: chain {k}, batch sizes {', '.join(map(str, batch_sizes))}")
         result = run_job({"model": model_dir, "dtype": dtype, "enforce_eager": eager,
                           "max_model_len": context + new_tokens + 16, "max_num_seqs": max(batch_sizes),
-                          "speculative_config": speculative_config(heads_dir, k),
+                          "speculative_config": drafting.config(k),
                           "warmup": [{**runs[1], "name": "warmup", "prompts": runs[1]["prompts"][:2], "max_new_tokens": 8}],
                           "runs": runs}, python, log=engine_dir / f"vllm-k{k}.log")
         done = parse_runs(result)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from treeopt.decoding.vllm_engine import engine_dtype, parse_runs, prepare, run_job, speculative_config, vllm_python
+from treeopt.decoding.vllm_engine import engine_dtype, parse_runs, prepare, run_job, vllm_python
 from treeopt.core.settings import DEFAULT_MODEL
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import check_writable, write_text
@@ -36,8 +36,9 @@ def bench_vllm(model: str = DEFAULT_MODEL, heads: str | None = None, prompts: st
                limit: int | None = 20, max_new_tokens: int = 96, chains=(1, 2, 3, 4), batch_sizes=(1,),
                calibration: str | Path | None = None, out: str | Path = Path("bench-vllm"),
                python: str | Path | None = None, dtype: str = "auto", eager: bool = True,
-               log=lambda s: None) -> pd.DataFrame:
-    """The CLI's twin: export the heads, run vLLM plain and with each chain, write `out`/bench-vllm.csv."""
+               drafter: str | None = None, log=lambda s: None) -> pd.DataFrame:
+    """The CLI's twin: export the heads (or take --drafter's checkpoint), run vLLM plain and with each
+    chain, write `out`/bench-vllm.csv."""
     from treeopt.decoding.models import chat_prompt
     from treeopt.core.prompts import default_prompts, load_instructions
 
@@ -55,12 +56,11 @@ def bench_vllm(model: str = DEFAULT_MODEL, heads: str | None = None, prompts: st
 
         cal = load_calibration(calibration)
         if max(chains) > cal.num_heads:
-            raise TreeoptError(f"--chains up to {max(chains)} but {calibration} records {cal.num_heads} heads")
+            raise TreeoptError(f"--chains up to {max(chains)} but {calibration} records {cal.num_heads} depths")
         predicted = dict(enumerate(chain_predictions(cal, max(chains))))
-    model_dir, heads_dir, tokenizer, lm = prepare(model, heads, out)
-    num_heads = json.loads((heads_dir / "config.json").read_text())["num_heads"]
-    if max(chains) > num_heads:
-        raise TreeoptError(f"--chains up to {max(chains)}: the heads have {num_heads}; vLLM drafts one token per head")
+    model_dir, drafting, tokenizer, lm = prepare(model, heads, out, drafter)
+    if drafting.max_k is not None and max(chains) > drafting.max_k:
+        raise TreeoptError(f"--chains up to {max(chains)}: the heads have {drafting.max_k}; vLLM drafts one token per head")
     ids = [chat_prompt(tokenizer, s) for s in load_instructions(prompts or default_prompts(), limit)]
     longest = max(map(len, ids)) + max_new_tokens + 8
     runs = [{"name": f"batch-{b}", "prompts": ids, "max_new_tokens": max_new_tokens, "batch_size": b}
@@ -70,7 +70,7 @@ def bench_vllm(model: str = DEFAULT_MODEL, heads: str | None = None, prompts: st
     for k in (0, *chains):
         log(f"vLLM: {'plain' if k == 0 else f'{k}-token chain'}, batch sizes {', '.join(map(str, batch_sizes))}")
         result = run_job({"model": model_dir, "dtype": dtype, "enforce_eager": eager, "max_model_len": longest,
-                          "max_num_seqs": max(batch_sizes), "speculative_config": speculative_config(heads_dir, k),
+                          "max_num_seqs": max(batch_sizes), "speculative_config": drafting.config(k),
                           "warmup": warm, "runs": runs}, python, log=out / f"vllm-k{k}.log")
         measured[k] = {r.batch_size: r for r in parse_runs(result)}
         version = result["vllm"]
@@ -91,7 +91,8 @@ def bench_vllm(model: str = DEFAULT_MODEL, heads: str | None = None, prompts: st
     df = pd.DataFrame(rows, columns=COLUMNS).sort_values(["batch_size", "k"], kind="stable").reset_index(drop=True)
     write_text(out / CSV, df.to_csv(index=False, float_format="%.6g"))
     write_text(out / "bench-vllm.json", json.dumps({"vllm": version, "model": model, "model_source": model_dir,
-                                                    "heads": heads or "default", "dtype": dtype, "eager": eager,
+                                                    "heads": heads or "default", "drafter": drafter or "heads",
+                                                    "method": drafting.method, "dtype": dtype, "eager": eager,
                                                     "prompts": str(prompts or default_prompts()), "limit": limit,
                                                     "max_new_tokens": max_new_tokens,
                                                     "calibration": str(calibration or "")}, indent=1) + "\n")

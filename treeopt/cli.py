@@ -490,7 +490,7 @@ def bench(
                         chains=list(int_list(c.chains, "--chains", 1)),
                         batch_sizes=list(int_list(c.serving_batches, "--serving-batches", 1) or [1]),
                         calibration=c.calibration, out=c.out or Path("bench-vllm"), python=c.vllm_python, dtype=c.dtype,
-                        eager=c.compiled is not True, log=lambda m: typer.echo(m, err=True))
+                        eager=c.compiled is not True, drafter=c.drafter, log=lambda m: typer.echo(m, err=True))
         typer.echo(render_vllm_bench(df))
         return
     typer.echo(render(run_bench(c, progress=_progress(quiet))))
@@ -521,6 +521,7 @@ def profile(
     prompts: Optional[str] = opt(ProfileConfig, "prompts", "--prompts", "-p", help="--engine vllm: time on these instructions (chat template; real acceptance) instead of random-token prompts of --context tokens."),
     first: Optional[int] = opt(ProfileConfig, "first", "--first", help="--engine vllm with --prompts: the first N, in file order."),
     vllm_python: Optional[Path] = VllmPythonOpt,
+    drafter: str = opt(ProfileConfig, "drafter", "--drafter", help="--engine vllm: what vLLM drafts with: heads (--heads), ngram[:MIN-MAX], draft:MODEL or eagle3[:DIR]."),
 ):
     """Time one decoding step vs tree size on this device, beside the machine's roofline, into a CSV.
     --engine vllm: vLLM's time per step and per token, plain and with a k-token chain, per batch size."""
@@ -534,7 +535,7 @@ def profile(
         df = profile_vllm(model=c.model, heads=c.heads, chains=list(int_list(c.chains, "--chains", 0)),
                           batch_sizes=list(int_list(c.serving_batches, "--serving-batches", 1)), context=c.context,
                           new_tokens=c.new_tokens, python=c.vllm_python, out=Path(c.out), dtype=c.dtype,
-                          eager=c.compiled is not True, prompts=c.prompts, limit=c.first,
+                          eager=c.compiled is not True, prompts=c.prompts, limit=c.first, drafter=c.drafter,
                           log=lambda m: typer.echo(m, err=True))
         typer.echo(render_vllm_profile(df))
         typer.echo(f"wrote {c.out}", err=True)

@@ -97,9 +97,9 @@ def run_job(job: dict, python: Path, log: Path | None = None, timeout: float | N
 
 def speculative_config(heads_dir: str | Path | None, k: int) -> dict | None:
     """vLLM's speculative config for a k-token Medusa chain; None for plain decoding (k = 0)."""
-    if k == 0:
-        return None
-    return {"method": "medusa", "model": str(heads_dir), "num_speculative_tokens": int(k)}
+    from treeopt.core.serving import vllm_config
+
+    return None if k == 0 else vllm_config(f"heads:{heads_dir}", int(k))
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ TARGETS = {
 # the consumer each export format is for; SGLang and TensorRT-LLM's EAGLE-3 serve a chain (any chain: --target chain)
 FORMAT_TARGET = {**{t.format: t for t in TARGETS.values()},
                  "sglang": Target("chain", "SGLang", "sglang", max_rank=0, chain=True),
-                 "trtllm-eagle3": Target("chain", "TensorRT-LLM's EAGLE-3", "trtllm-eagle3", max_rank=0, chain=True)}
+                 "trtllm-eagle3": Target("chain", "TensorRT-LLM EAGLE-3", "trtllm-eagle3", max_rank=0, chain=True)}
 
 
 def export_targets(format: str, target: Target | None = None) -> list[Target]:

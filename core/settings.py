@@ -17,6 +17,8 @@ from pathlib import Path
 
 from treeopt.core.drafter import parse_drafter
 from treeopt.core.errors import TreeoptError
+from treeopt.core.serving import SERVING_FORMATS, check_serving
+from treeopt.core.treefile import FORMATS, file_format
 
 DEFAULT_MODEL = "smollm2-135m"  # the bundled model (SmolLM2-135M-Instruct, treeopt.decoding.models)
 DEFAULT_ACCEPTANCE_MODEL = "smoothed"  # the acceptance estimator (treeopt.search.acceptance)
@@ -228,10 +230,14 @@ class SearchConfig(SearchSettings, EngineChoice):
     target: str | None = None  # search within a consumer's rules: medusa, trtllm, vllm or chain
     serving_batch: int = 1  # sequences decoded together: the latency file's rows for that batch size
     serving_batches: str | None = None  # e.g. 1,4,16: a schedule, the best tree at each batch size
+    drafter: str | None = None  # engine vllm: what vLLM loads (heads:DIR, eagle3:DIR, ...); None: the calibration's
 
     def __post_init__(self):
         self.check_search()
-        self.check_engine(treeopt_only=("nodes", "fmt", "target", "acceptance", "max_depth", "max_rank"))
+        self.check_engine(vllm_only=("drafter",),
+                          treeopt_only=("nodes", "fmt", "target", "acceptance", "max_depth", "max_rank"))
+        if self.drafter is not None:
+            check_serving("vllm", self.drafter)
         if self.engine == "vllm" and self.latency is None:
             raise TreeoptError("--engine vllm needs --latency FILE from `treeopt profile --engine vllm`")
         nodes = str(self.nodes)
@@ -290,8 +296,19 @@ class EvaluateConfig(SearchSettings):
 class ExportConfig:
     tree: str = ...  # a tree file, a published name or a list string (required)
     out: str | Path = ...  # the file to write (required)
-    fmt: str | None = None  # json, python, trtllm, vllm or chain; None: from the suffix
+    fmt: str | None = None  # json, python, trtllm, vllm, chain, sglang or trtllm-eagle3; None: from the suffix
     target: str | None = None  # also check this consumer's rules
+    drafter: str | None = None  # vllm, sglang, trtllm-eagle3: heads[:DIR], eagle3:DIR, draft:MODEL or ngram[:MIN-MAX]; None: the tree file's, else heads
+
+    def __post_init__(self):
+        if self.fmt is not None and self.fmt not in FORMATS:
+            raise TreeoptError(f"unknown --format {self.fmt!r}: use {', '.join(FORMATS)}")
+        if self.drafter is not None:
+            fmt = file_format(self.out, self.fmt) if self.out is not ... else self.fmt
+            if fmt not in SERVING_FORMATS:
+                raise TreeoptError(f"--drafter is for --format {', '.join(SERVING_FORMATS)} (the engine's config names "
+                                   f"it): drop --drafter for --format {fmt}")
+            check_serving(fmt, self.drafter)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,10 +13,17 @@ length. All round-trip (paths and their order).
   NVIDIA/TensorRT-LLM#15918: current TensorRT-LLM reads no tree). TensorRT-LLM sorts the paths itself
   and accepts leaf-only lists: the reader adds missing ancestors.
 - ``vllm``: ``{"method": "medusa", "num_speculative_tokens": k}``, vLLM's ``--speculative-config``
-  (add ``"model"``: the heads from ``treeopt export-heads --format vllm``). vLLM (>= 0.32, which
+  (add ``"model"``: the heads from ``treeopt export-heads --format vllm``, or name them with the
+  drafter ``heads:DIR``; other drafters: ``eagle3``, ``draft_model``, ``ngram``). vLLM (>= 0.32, which
   dropped ``speculative_token_tree`` with its tree attention) drafts a top-1 chain of k tokens for every
   method, so only a chain is written so, and the file holds nothing else: vLLM's `SpeculativeConfig`
   forbids unknown keys.
+- ``sglang``: SGLang's launch flags for a top-1 chain of L tokens with EAGLE-3 or a draft model, on
+  one line (``python -m sglang.launch_server --model-path MODEL $(cat FILE)``); ``trtllm-eagle3``:
+  TensorRT-LLM's LLM API options, ``{"speculative_config": {"decoding_type": "Eagle3", "max_draft_len":
+  L, "speculative_model": DIR}}`` (JSON, which ``trtllm-serve --extra_llm_api_options`` reads as YAML).
+  vLLM's, SGLang's and TensorRT-LLM's configs name the drafter (the metadata's ``drafter``, e.g.
+  ``eagle3:DIR``; heads when none): their fields and rules are `treeopt.core.serving`'s.
 - ``chain``: ``{"chain_length": L, "predicted_tokens_per_step": x, ...}`` for servers that draft a
   top-1 chain (TGI ``--speculate L``, llama.cpp ``--draft-max L``); only a chain can be written so.
 
@@ -30,15 +37,18 @@ from __future__ import annotations
 
 import ast
 import json
+import shlex
 from pathlib import Path
 
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import write_text
 from treeopt.core.published import PUBLISHED
+from treeopt.core.serving import ENGINE, read_chain_length, sglang_args, trtllm_eagle3_config, vllm_config
 from treeopt.core.tree import Tree
 
-FORMATS = ("json", "python", "trtllm", "vllm", "chain")
-SUFFIX_FORMAT = {".json": "json", ".py": "python", ".txt": "trtllm"}
+FORMATS = ("json", "python", "trtllm", "vllm", "chain", "sglang", "trtllm-eagle3")
+SUFFIX_FORMAT = {".json": "json", ".py": "python", ".txt": "trtllm", ".args": "sglang", ".yaml": "trtllm-eagle3",
+                 ".yml": "trtllm-eagle3"}
 FIX = "write medusa_choices as a list of rank paths, e.g. [[0], [0, 0], [1]]"
 
 
@@ -146,6 +156,9 @@ def read_tree_meta(spec: str | Path) -> tuple[Tree, dict]:
                 return parse_json(text, str(file))
             if fmt == "python":
                 return parse_python(text, name or None, str(file))
+            if fmt in ("sglang", "trtllm-eagle3"):
+                k, meta = read_chain_length(fmt, text, str(file))
+                return _chain(k, str(file)), meta
             return parse_trtllm(text, str(file)), {}
         except TreeoptError as e:  # the tree's own checks (treeopt.core.tree) do not know the file
             if str(file) in str(e):
@@ -192,13 +205,18 @@ def format_tree(tree: Tree, format: str = "json", **meta) -> str:
     meta = _plain(meta)
     if format == "json":
         return _json_lines({"medusa_choices": tree.choices, "nodes": tree.num_nodes, "depth": tree.depth, **meta})
-    if format in ("vllm", "chain") and tree != Tree.chain(tree.num_nodes):
-        raise TreeoptError(f"{'vLLM drafts' if format == 'vllm' else 'a chain file holds'} a top-1 chain only, the tree "
-                           f"branches: search with --target {format}")
+    if format in ("vllm", "chain", "sglang", "trtllm-eagle3") and tree != Tree.chain(tree.num_nodes):
+        who = f"{ENGINE[format]} drafts" if format in ENGINE else "a chain file holds"
+        raise TreeoptError(f"{who} a top-1 chain only, the tree branches: search with --target "
+                           f"{'vllm' if format == 'vllm' else 'chain'}")
+    drafter = meta.get("drafter")
     if format == "vllm":
-        if tree.num_nodes == 0:
-            raise TreeoptError("a chain of 0 tokens is plain decoding: serve vLLM without --speculative-config")
-        return _json_lines({"method": "medusa", "num_speculative_tokens": tree.num_nodes})
+        return _json_lines(vllm_config(drafter, tree.num_nodes))
+    if format == "sglang":
+        return shlex.join(sglang_args(drafter, tree.num_nodes)) + "\n"
+    if format == "trtllm-eagle3":
+        options = trtllm_eagle3_config(drafter, tree.num_nodes)
+        return "{\n  \"speculative_config\": " + json.dumps(options["speculative_config"]) + "\n}\n"
     if format == "chain":
         return _json_lines({"chain_length": tree.num_nodes, **meta})
     if format == "python":
@@ -216,7 +234,7 @@ def format_tree(tree: Tree, format: str = "json", **meta) -> str:
 
 
 def file_format(path: str | Path, format: str | None = None) -> str:
-    """`format`, or the one the suffix implies (.json, .py, else trtllm)."""
+    """`format`, or the one the suffix implies (.json, .py, .args, .yaml, else trtllm)."""
     return format or SUFFIX_FORMAT.get(Path(path).suffix.lower(), "trtllm")
 
 

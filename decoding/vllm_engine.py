@@ -95,14 +95,13 @@ def run_job(job: dict, python: Path, log: Path | None = None, timeout: float | N
         return json.loads(result_file.read_text())
 
 
-def speculative_config(drafter_dir: str | Path | None, k: int, method: str = "medusa", **extra) -> dict | None:
-    """vLLM's speculative config for a k-token chain of `method` (medusa: each head's top-1; eagle3:
-    the drafter's top-1 unrolled k times; ngram: `extra` holds prompt_lookup_min/max, no model); None
-    for plain decoding (k = 0)."""
-    if k == 0:
-        return None
-    model = {} if drafter_dir is None else {"model": str(drafter_dir)}
-    return {"method": method, **model, "num_speculative_tokens": int(k), **extra}
+def speculative_config(drafter: str | None, k: int) -> dict | None:
+    """vLLM's speculative config for a k-token chain of `drafter` (a --drafter string with its
+    checkpoint: heads:DIR, eagle3:DIR, draft:MODEL, ngram:MIN-MAX; treeopt.core.serving.vllm_config);
+    None for plain decoding (k = 0)."""
+    from treeopt.core.serving import vllm_config
+
+    return None if k == 0 else vllm_config(drafter, int(k))
 
 
 @dataclass(frozen=True)
@@ -147,16 +146,18 @@ def parse_runs(result: dict) -> list[VllmRun]:
 
 @dataclass(frozen=True)
 class VllmDrafter:
-    """What vLLM drafts with: its `method`, the checkpoint directory it loads (None: model-free), the
-    longest chain it can draft (None: any) and the method's own fields."""
+    """What vLLM drafts with: the --drafter string naming the checkpoint vLLM loads (heads: their
+    export), and the longest chain it can draft (None: any)."""
 
-    method: str
-    directory: Path | None
+    drafter: str
     max_k: int | None = None
-    extra: tuple = ()
+
+    @property
+    def method(self) -> str:
+        return speculative_config(self.drafter, 1)["method"]
 
     def config(self, k: int) -> dict | None:
-        return speculative_config(self.directory, k, self.method, **dict(self.extra))
+        return speculative_config(self.drafter, k)
 
 
 def prepare(model: str, heads: str | None, out: Path, drafter: str | None = None):
@@ -172,17 +173,17 @@ def prepare(model: str, heads: str | None, out: Path, drafter: str | None = None
     if spec.kind == "heads":
         medusa = resolve_heads(spec.path or heads, loaded.model)
         heads_dir = export_vllm(medusa, Path(out) / "vllm-heads", loaded.model.get_output_embeddings().weight)
-        found = VllmDrafter("medusa", heads_dir, medusa.num_heads)
+        found = VllmDrafter(f"heads:{heads_dir}", medusa.num_heads)
     elif spec.kind == "eagle3":
         from treeopt.decoding.eagle3 import load_eagle3, shipped_eagle3
 
         directory = Path(spec.path) if spec.path else shipped_eagle3(loaded.model)
         load_eagle3(directory, loaded.model)  # a one-line error for a checkpoint that is not this model's drafter
-        found = VllmDrafter("eagle3", directory.resolve())
+        found = VllmDrafter(f"eagle3:{directory.resolve()}")
     elif spec.kind == "ngram":
-        found = VllmDrafter("ngram", None, None, (("prompt_lookup_min", spec.min_n), ("prompt_lookup_max", spec.max_n)))
+        found = VllmDrafter(str(spec))
     else:
-        found = VllmDrafter("draft_model", Path(spec.path).resolve() if Path(spec.path).exists() else spec.path)
+        found = VllmDrafter(f"draft:{Path(spec.path).resolve() if Path(spec.path).exists() else spec.path}")
     return loaded.source, found, loaded.tokenizer, loaded.model
 
 

@@ -25,7 +25,9 @@ from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write, check_writable
 from treeopt.core.prompts import overlap, overlap_warning
 from treeopt.core.published import BASELINES, PUBLISHED
+from treeopt.core.drafter import drafter_of
 from treeopt.core.record import Calibration, check_rule, load_calibration, load_typical
+from treeopt.core.serving import ENGINE, SERVING_FORMATS, VARIABLE_K, check_serving, drafter_spec
 from treeopt.core.settings import SearchConfig, SweepConfig
 from treeopt.core.tables import render_table
 from treeopt.core.tree import Tree
@@ -153,18 +155,55 @@ def export(tree: Tree, out: str | Path, format: str | None = None, num_heads: in
     return write_tree(tree, out, format, **(meta or {}))
 
 
-def export_report(tree: str | Path, out: str | Path, format: str | None = None, target: str | None = None) -> str:
+def export_report(tree: str | Path, out: str | Path, format: str | None = None, target: str | None = None,
+                  drafter: str | None = None) -> str:
     """`treeopt export`: write a tree (file, published name or list string) in a consumer's format,
-    after that consumer's check (and `target`'s); the depth rule uses the heads the tree file records."""
+    after that consumer's check (and `target`'s); the depth rule uses the heads the tree file records.
+    `drafter` (serving formats: vllm, sglang, trtllm-eagle3): what the engine drafts with, default the
+    drafter the tree file records (its calibration's), else heads; see `treeopt.core.serving`."""
     t, meta = read_tree_meta(tree)
     tgt = get_target(target)
-    check_writable(out, fix="pass another --output")
-    path = export(t, out, format, meta.get("num_heads"), tgt, {**meta, **({"target": tgt.name} if tgt else {})})
     fmt = file_format(out, format)
+    if drafter is not None and fmt not in SERVING_FORMATS:
+        raise TreeoptError(f"--drafter is for --format {', '.join(SERVING_FORMATS)} (the engine's config names it): "
+                           f"drop --drafter for --format {fmt}")
+    drafter = drafter or meta.get("drafter")
+    if fmt in SERVING_FORMATS:
+        check_serving(fmt, drafter)
+        recorded = meta.get("drafter") or ("heads" if "num_heads" in meta else None)
+        if recorded and drafter:
+            same_drafter(recorded, drafter, f"{tree} was searched on a calibration")
+    check_writable(out, fix="pass another --output")
+    path = export(t, out, format, meta.get("num_heads"), tgt,
+                  {**meta, **({"target": tgt.name} if tgt else {}), **({"drafter": drafter} if drafter else {})})
     checked = " and ".join(t.consumer for t in export_targets(fmt, tgt))
-    drafts = (f"; vLLM drafts each head's top-1, the chain {t.choices} (add \"model\": the heads from "
-              "`treeopt export-heads --format vllm`)") if fmt == "vllm" else ""
+    drafts = ""
+    if fmt in SERVING_FORMATS:
+        spec = drafter_spec(drafter)
+        drafts = f"; {ENGINE[fmt]} drafts a top-1 chain of {t.num_nodes} tokens with {spec}"
+        if fmt == "vllm" and spec.kind == "heads" and not spec.path:
+            drafts += (" (add \"model\": the heads from `treeopt export-heads --format vllm`, or pass "
+                       "--drafter heads:DIR)")
     return f"wrote {path}" + (f" (checked against {checked}'s rules)" if checked else "") + drafts
+
+
+def vllm_drafter(cal: Calibration, drafter: str | None) -> str:
+    """`--drafter` for vLLM's config of a schedule predicted on `cal`: the calibration's own drafter
+    unless another location of it is given."""
+    theirs = drafter_of(cal.meta)
+    if drafter is not None:
+        same_drafter(theirs, drafter, f"{cal.directory} was calibrated")
+    return drafter or theirs
+
+
+def same_drafter(recorded: str, given: str, what: str) -> None:
+    """A one-line error unless `given` is the drafter the predictions were made with (same kind, for
+    n-gram lookup the same lengths; a drafter with weights may be named by another path)."""
+    spec, own = drafter_spec(given), drafter_spec(recorded)
+    if spec.kind != own.kind or (spec.kind == "ngram" and spec != own):
+        fix = recorded if own.kind == "ngram" else f"{own.kind}[:PATH]"
+        raise TreeoptError(f"{what} with --drafter {recorded}: its predictions are not --drafter {spec}'s; "
+                           f"pass --drafter {fix}")
 
 
 def evaluate_report(trees: list[str], calibration: str | Path, model: str = DEFAULT_MODEL, split: float | None = None,
@@ -261,20 +300,22 @@ def schedule_report(calibration: str | Path, latency: str | Path, batch_sizes: l
 
 MEDUSA_FIXED_K = ("note: vLLM 0.32's Medusa drafter keeps k fixed (`vllm/v1/spec_decode/medusa.py`, MedusaProposer.propose "
                   "asserts num_speculative_tokens == the configured one) and stops on a schedule whose k changes: "
-                  "for Medusa heads serve each batch range with its own k (the table); the ranges serve "
-                  "drafters that vary k")
+                  "for Medusa heads serve each batch range with its own k (the table); EAGLE-3, a draft model "
+                  "and n-gram lookup take the ranges")
 
 
 def vllm_schedule_report(calibration: str | Path, latency: str | Path, batch_sizes: list[int] | None = None,
                          model: str = DEFAULT_MODEL, out: str | Path | None = None,
-                         sweep: bool = False) -> tuple[list[dict], str]:
+                         sweep: bool = False, drafter: str | None = None) -> tuple[list[dict], str]:
     """`treeopt search --engine vllm` (and `sweep --engine vllm`): the chain length of best predicted
     vLLM throughput at each batch size of `latency` (`treeopt profile --engine vllm`), from the
     calibration's cross-validated chain predictions; -o writes vLLM's --speculative-config JSON
-    (search) or the table as CSV (sweep). See `treeopt.search.vllm`."""
+    (search) or the table as CSV (sweep). `drafter`: what vLLM loads (e.g. heads:DIR, eagle3:DIR), the
+    calibration's own kind; default the calibration's drafter. See `treeopt.search.vllm`."""
     from treeopt.search.vllm import speculative_config, vllm_schedule, write_vllm_config
 
     cal = load_calibration(calibration)
+    drafter = vllm_drafter(cal, drafter)
     model = resolve_model(cal, model)
     lats = read_latencies(latency)
     if batch_sizes:
@@ -298,14 +339,15 @@ def vllm_schedule_report(calibration: str | Path, latency: str | Path, batch_siz
     table = pd.DataFrame([{k: e[k] for k in ("batch_size", "k", "predicted_tokens_per_step", "step_ms", "plain_step_ms",
                                              "predicted_tokens_per_s", "predicted_speedup")} for e in entries])
     lines.append(render_table(table))
-    config = speculative_config(entries)
-    if config is not None and "num_speculative_tokens_per_batch_size" in config:
+    config = speculative_config(entries, drafter)
+    if config is not None and "num_speculative_tokens_per_batch_size" in config and config["method"] not in VARIABLE_K:
         lines.append(MEDUSA_FIXED_K)
     if config is None:
         lines.append("speculation loses at every batch size: serve vLLM without --speculative-config")
     else:
-        lines.append("--speculative-config (add \"model\": the heads from `treeopt export-heads --format vllm`): "
-                     + json.dumps(config))
+        hint = ("" if config["method"] != "medusa" or "model" in config else
+                " (add \"model\": the heads from `treeopt export-heads --format vllm`, or pass --drafter heads:DIR)")
+        lines.append(f"--speculative-config{hint}: " + json.dumps(config))
     if out is not None:
         lines.append(f"wrote {write_vllm_config(out, config)}")
     return entries, "\n".join(lines)

@@ -21,6 +21,8 @@ through it):
   and at most one token per head (`SpeculativeConfig.__post_init__` sets the drafter's `num_heads` to
   ``num_speculative_tokens``; the loader then finds no weights for a head the checkpoint lacks).
 - ``chain`` (TGI ``--speculate``, llama.cpp ``--draft-max``): a top-1 chain; only its length is passed.
+  SGLang (``--speculative-eagle-topk 1``) and TensorRT-LLM's EAGLE-3 (``max_draft_len``) exports keep the
+  same rule (`FORMAT_TARGET`; their configs are `treeopt.core.serving`'s).
 
 Every target also keeps the depth within the calibrated heads (a calibration sees no deeper).
 
@@ -63,7 +65,10 @@ TARGETS = {
     "vllm": Target("vllm", "vLLM", "vllm", max_rank=0, chain=True),
     "chain": Target("chain", "TGI/llama.cpp", "chain", max_rank=0, chain=True),
 }
-FORMAT_TARGET = {t.format: t for t in TARGETS.values()}  # the consumer each export format is for
+# the consumer each export format is for; SGLang and TensorRT-LLM's EAGLE-3 serve a chain (any chain: --target chain)
+FORMAT_TARGET = {**{t.format: t for t in TARGETS.values()},
+                 "sglang": Target("chain", "SGLang", "sglang", max_rank=0, chain=True),
+                 "trtllm-eagle3": Target("chain", "TensorRT-LLM EAGLE-3", "trtllm-eagle3", max_rank=0, chain=True)}
 
 
 def export_targets(format: str, target: Target | None = None) -> list[Target]:

@@ -18,7 +18,9 @@ non-overlapping, the first starting at 1; `build_dynamic_sd_schedule_lookup` car
 k to every larger batch and caps each k at `num_speculative_tokens`, so that is the largest k.
 vLLM 0.32's Medusa drafter itself keeps k fixed (`MedusaProposer.propose` asserts
 `num_speculative_tokens == self.num_speculative_tokens`, and vLLM stops there on a schedule whose k
-changes): with Medusa heads each batch range is served with its own k (`treeopt.search.api` says so).
+changes): with Medusa heads each batch range is served with its own k (`treeopt.search.api` says so);
+EAGLE-3, a draft model and n-gram lookup take the schedule (`treeopt.core.serving.VARIABLE_K`). The
+config's fields per drafter are `treeopt.core.serving.vllm_config`'s.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from treeopt.search.crossval import cross_validated
 from treeopt.search.targets import TARGETS
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import write_text
+from treeopt.core.serving import vllm_config
 from treeopt.core.record import Calibration
 
 
@@ -88,44 +91,15 @@ def batch_ranges(entries: list[dict]) -> list[list[int]]:
     return ranges
 
 
-def speculative_config(entries: list[dict], heads: str | None = None) -> dict | None:
-    """vLLM's `--speculative-config` for the schedule: one entry gives `num_speculative_tokens`,
-    several add `num_speculative_tokens_per_batch_size`; None when k = 0 everywhere (serve plainly)."""
+def speculative_config(entries: list[dict], drafter: str | None = "heads") -> dict | None:
+    """vLLM's `--speculative-config` for the schedule with `drafter` (`--drafter`: heads[:DIR],
+    eagle3:DIR, draft:MODEL, ngram[:MIN-MAX]): one k gives `num_speculative_tokens`, several add
+    `num_speculative_tokens_per_batch_size`; None when k = 0 everywhere (serve plainly)."""
     kmax = max(e["k"] for e in entries)
     if kmax == 0:
         return None
-    config = {"method": "medusa", **({"model": str(heads)} if heads else {}), "num_speculative_tokens": kmax}
-    if len(entries) > 1 and len({e["k"] for e in entries}) > 1:
-        config["num_speculative_tokens_per_batch_size"] = batch_ranges(entries)
-    return config
-
-
-def validate_ranges(ranges) -> list[tuple[int, int, int]]:
-    """vLLM's rules for `num_speculative_tokens_per_batch_size` (module docstring), re-implemented from
-    `validate_and_normalize_dynamic_sd_schedule`; a TreeoptError names the broken one."""
-    if not isinstance(ranges, list) or not ranges:
-        raise TreeoptError("num_speculative_tokens_per_batch_size must be a non-empty list of [low, high, k]")
-    parsed = []
-    for r in ranges:
-        if not isinstance(r, (list, tuple)) or len(r) != 3:
-            raise TreeoptError(f"{r!r}: each range is [low, high, k]")
-        low, high, k = map(int, r)
-        if low <= 0 or high <= 0:
-            raise TreeoptError(f"range ({low}, {high}) must be positive")
-        if low > high:
-            raise TreeoptError(f"range ({low}, {high}): low must be <= high")
-        if k < 0:
-            raise TreeoptError(f"range ({low}, {high}): k {k} must be >= 0")
-        parsed.append((low, high, k))
-    parsed.sort(key=lambda r: r[0])
-    end = 0
-    for low, high, _ in parsed:
-        if low <= end:
-            raise TreeoptError("batch-size ranges must be sorted and non-overlapping")
-        end = high
-    if parsed[0][0] != 1:
-        raise TreeoptError("the first batch-size range must start at 1")
-    return parsed
+    varies = len(entries) > 1 and len({e["k"] for e in entries}) > 1
+    return vllm_config(drafter, kmax, batch_ranges(entries) if varies else None)
 
 
 def write_vllm_config(path: str | Path, config: dict | None) -> Path:

@@ -133,8 +133,8 @@ def test_heads_drafter_decodes_as_heads(tiny_llama):
     assert (a.tokens, a.accepted) == (b.tokens, b.accepted)
 
 
-@pytest.mark.parametrize("drafter", ["ngram:1-3", "draft"])
-def test_calibrate_records_any_drafter_and_replays_the_decoder(tmp_path, tiny_model_dir, drafter):
+@pytest.mark.parametrize("drafter", ["ngram:1-3", "draft", "eagle3"])
+def test_calibrate_records_any_drafter_and_replays_the_decoder(tmp_path, tiny_model_dir, tiny_llama, drafter):
     """`treeopt calibrate --drafter`: the same files, naming the drafter; a rerun resumes (same bytes);
     the record replays the decoder's steps with that drafter, prompt by prompt."""
     import json
@@ -147,11 +147,18 @@ def test_calibrate_records_any_drafter_and_replays_the_decoder(tmp_path, tiny_mo
     from treeopt.decoding.models import load_model
 
     spec = f"draft:{tiny_model_dir}" if drafter == "draft" else drafter
+    if drafter == "eagle3":  # trained for the tiny model on its own text (tests/test_eagle3.py)
+        from test_eagle3 import train_tiny
+
+        from treeopt.decoding.eagle3 import save_eagle3
+
+        spec = f"eagle3:{save_eagle3(train_tiny(tiny_llama, iters=60), tmp_path / 'e3')}"
+    model_drafter = drafter in ("draft", "eagle3")
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"instruction": w}) + "\n" for w in ["w4 w5 w4", "w7", "w9 w9 w3 w9", "w12 w5"]))
     args = ["calibrate", "--model", str(tiny_model_dir), "--drafter", spec, "--draft-depth", "3", "--prompts",
             str(prompts), "--max-new-tokens", "24", "--batch-size", "1", "--shard-size", "2",
-            "--output-dir", str(tmp_path / "c"), "--quiet"] + (["--top-k", "5"] if drafter == "draft" else [])
+            "--output-dir", str(tmp_path / "c"), "--quiet"] + (["--top-k", "5"] if model_drafter else [])
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     first = (tmp_path / "c" / RANKS).read_bytes()
@@ -159,7 +166,7 @@ def test_calibrate_records_any_drafter_and_replays_the_decoder(tmp_path, tiny_mo
     cal = load_calibration(tmp_path / "c")
     assert cal.meta["drafter"]["kind"] == drafter.split(":")[0] and len(cal.meta["drafter"]["sha256"]) == 64
     assert cal.meta["settings"]["drafter"] == spec and cal.ranks.shape[1] == 3
-    assert cal.top_k == (5 if drafter == "draft" else 1)  # n-gram lookup: one candidate per depth
+    assert cal.top_k == (5 if model_drafter else 1)  # n-gram lookup: one candidate per depth
 
     loaded = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
     drafting = resolve_drafter(spec, loaded.model)
@@ -177,7 +184,7 @@ def test_calibrate_records_any_drafter_and_replays_the_decoder(tmp_path, tiny_mo
     # search reads the record unchanged, and names its drafter
     result = CliRunner().invoke(app, ["search", "-c", str(tmp_path / "c"), "--nodes", "3", "-o", str(tmp_path / "t.json")])
     assert result.exit_code == 0 and f"drafter {spec}, 3 depths" in result.output, result.output
-    if drafter != "draft":
+    if drafter == "ngram:1-3":  # one candidate per depth: the search finds the chain
         assert json.loads((tmp_path / "t.json").read_text())["medusa_choices"] == [[0], [0, 0], [0, 0, 0]]
 
     # bench and decode with the same drafter: lossless, and the record's prediction is what it measures
@@ -192,7 +199,7 @@ def test_calibrate_records_any_drafter_and_replays_the_decoder(tmp_path, tiny_mo
     result = CliRunner().invoke(app, ["decode", "w4 w5 w4", "--model", str(tiny_model_dir), "--drafter", spec,
                                       "--tree", "[[0], [0, 0]]", "--max-new-tokens", "8", "--device", "cpu"])
     assert result.exit_code == 0 and "tokens/step" in result.output, result.output
-    other = "ngram:2-2" if drafter == "draft" else "ngram:1-2"  # a record of another drafter is refused
+    other = "ngram:2-2" if model_drafter else "ngram:1-2"  # a record of another drafter is refused
     result = CliRunner().invoke(app, [*bench[:4], other, *bench[5:]])
     assert result.exit_code == 2 and "calibrated with --drafter" in result.output, result.output
 

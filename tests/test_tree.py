@@ -53,14 +53,18 @@ def test_prefixes_are_trees_and_parents_come_first(tree):
 @settings(max_examples=60, deadline=None)
 @given(trees() | st.integers(0, 5).map(Tree.chain), st.sampled_from(FORMATS))
 def test_every_format_round_trips(tmp_path_factory, tree, fmt):
-    path = tmp_path_factory.mktemp("t") / {"python": "tree.py", "trtllm": "tree.txt"}.get(fmt, "tree.json")
-    if fmt in ("chain", "vllm") and tree != Tree.chain(len(tree)):
-        one_line_error(write_tree, tree, path, fmt, match=f"--target {fmt}")
+    path = tmp_path_factory.mktemp("t") / {"python": "tree.py", "trtllm": "tree.txt", "sglang": "tree.args",
+                                           "trtllm-eagle3": "tree.yaml"}.get(fmt, "tree.json")
+    serving = {"sglang": "eagle3:/e", "trtllm-eagle3": "eagle3:/e"}.get(fmt)  # engines that serve no Medusa heads
+    if fmt in ("chain", "vllm", "sglang", "trtllm-eagle3") and tree != Tree.chain(len(tree)):
+        one_line_error(lambda: write_tree(tree, path, fmt, drafter=serving),
+                       match=f"--target {'vllm' if fmt == 'vllm' else 'chain'}")
         return
-    if fmt == "vllm" and len(tree) == 0:
-        one_line_error(write_tree, tree, path, fmt, match="without --speculative-config")
+    if fmt in ("vllm", "sglang", "trtllm-eagle3") and len(tree) == 0:
+        one_line_error(lambda: write_tree(tree, path, fmt, drafter=serving), match="plain decoding")
         return
-    write_tree(tree, path, fmt, predicted_tokens_per_step=2.5, acceptance_model="empirical")
+    write_tree(tree, path, fmt, predicted_tokens_per_step=2.5, acceptance_model="empirical",
+               **({"drafter": serving} if serving else {}))
     back, meta = read_tree_meta(path)
     assert back == tree and back.paths == tree.paths  # same paths, same (greedy) order
     if fmt in ("json", "python", "chain"):

@@ -17,7 +17,8 @@ from treeopt.decoding.heads import (MedusaHeads, HeadsConfig, PT_FILE, ST_FILE, 
                                     vllm_logits, vllm_state)
 from treeopt.decoding.vllm_engine import DEFAULT_PYTHON, RUNNER, VllmRun, parse_runs, speculative_config, vllm_python
 from treeopt.search.budget import Latency
-from treeopt.search.vllm import batch_ranges, best_k, speculative_config as schedule_config, validate_ranges
+from treeopt.core.serving import validate_ranges
+from treeopt.search.vllm import batch_ranges, best_k, speculative_config as schedule_config
 
 H, V = 16, 50
 
@@ -107,7 +108,7 @@ def test_ranges_keep_vllms_rules():
     assert ranges == [[1, 15, 3], [16, 63, 1], [64, 64, 0]]
     assert validate_ranges(ranges) == [tuple(r) for r in ranges]
     assert batch_ranges([{"batch_size": 2, "k": 2}]) == [[1, 2, 2]]  # the first range starts at 1
-    config = schedule_config(entries, "heads")
+    config = schedule_config(entries, "heads:heads")
     assert config == {"method": "medusa", "model": "heads", "num_speculative_tokens": 3,
                       "num_speculative_tokens_per_batch_size": ranges}
     assert schedule_config([{"batch_size": 1, "k": 2}, {"batch_size": 8, "k": 2}]) == \
@@ -183,8 +184,9 @@ def test_results_parse_into_runs():
     del result["runs"][0]["drafts"]
     with pytest.raises(TreeoptError, match="malformed"):
         parse_runs(result)
-    assert speculative_config("h", 0) is None
-    assert speculative_config("h", 2) == {"method": "medusa", "model": "h", "num_speculative_tokens": 2}
+    assert speculative_config("heads:h", 0) is None
+    assert speculative_config("heads:h", 2) == {"method": "medusa", "model": "h", "num_speculative_tokens": 2}
+    assert speculative_config("eagle3:e", 3) == {"method": "eagle3", "model": "e", "num_speculative_tokens": 3}
 
 
 def test_a_missing_vllm_is_one_line(tmp_path, monkeypatch):

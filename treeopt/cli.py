@@ -155,7 +155,7 @@ PriorOpt = opt(SearchSettings, "prior", "--prior-calibration", help="typical: a 
 LatencyOpt = opt(SearchSettings, "latency", "--latency", help="Latency CSV (nodes,forward_ms) from `treeopt profile`: adds tokens/s.")
 MaxDepthOpt = opt(SearchConfig, "max_depth", "--max-depth", help="Deepest path (default: number of heads).")
 MaxRankOpt = opt(SearchConfig, "max_rank", "--max-rank", help="Ranks allowed per head: highest rank + 1 (default: the calibration's --top-k).")
-FormatOpt = opt(SearchConfig, "fmt", "--format", help="json, python (Medusa's medusa_choices = [...]), trtllm (--medusa_choices string), vllm (--speculative-config keys) or chain (top-1 chain length); default from the suffix.")
+FormatOpt = opt(SearchConfig, "fmt", "--format", help="json, python (Medusa's medusa_choices = [...]), trtllm (--medusa_choices string), vllm (--speculative-config keys), chain (top-1 chain length), sglang (launch flags) or trtllm-eagle3 (TensorRT-LLM's EAGLE-3 options); the last three for the calibration's drafter (see `treeopt export --help`); default from the suffix.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars (they are also off when stderr is not a terminal).")
 TreeHelp = "a .json/.py/.py:NAME/.txt tree file, a published name (mc_sim_7b_63) or '[[0], [0, 0]]'"
 EngineOpt = opt(EngineChoice, "engine", "--engine", help="treeopt (its own decoder) or vllm (vLLM >= 0.32 in its own environment, driven as a subprocess; see --vllm-python).")
@@ -313,10 +313,11 @@ def search(
     acceptance: str = AcceptanceOpt,
     prior: Optional[Path] = PriorOpt,
     engine: str = EngineOpt,
+    drafter: Optional[str] = opt(SearchConfig, "drafter", "--drafter", help="--engine vllm: what vLLM loads, of the calibration's kind: heads:DIR (from `treeopt export-heads`), eagle3:DIR, draft:MODEL or ngram:MIN-MAX; default: the calibration's drafter."),
 ):
     """Search the tree that maximizes expected tokens/step; compare it with the baselines.
     --engine vllm: the chain length of best vLLM throughput per serving batch size (needs --latency from
-    `treeopt profile --engine vllm`), written as vLLM's --speculative-config JSON."""
+    `treeopt profile --engine vllm`), written as vLLM's --speculative-config JSON for the drafter."""
     from treeopt.core.settings import int_list
     from treeopt.search.api import schedule_report, search_report, vllm_schedule_report
 
@@ -324,7 +325,8 @@ def search(
     if c.engine == "vllm":
         sizes = int_list(c.serving_batches, "--serving-batches", 1) or (
             [c.serving_batch] if c.serving_batch != 1 else None)
-        typer.echo(vllm_schedule_report(c.calibration, c.latency, sizes and list(sizes), c.acceptance_model, c.out)[1])
+        typer.echo(vllm_schedule_report(c.calibration, c.latency, sizes and list(sizes), c.acceptance_model, c.out,
+                                        drafter=c.drafter)[1])
         return
     if c.serving_batches is not None:
         sizes = list(int_list(c.serving_batches, "--serving-batches", 1))
@@ -339,14 +341,16 @@ def search(
 def export(
     tree: str = opt(ExportConfig, "tree", "--tree", "-t", help=f"The tree: {TreeHelp}."),
     out: Path = opt(ExportConfig, "out", "--output", "-o", help="File to write."),
-    fmt: Optional[str] = opt(ExportConfig, "fmt", "--format", help="json, python (Medusa), trtllm (TensorRT-LLM's engine backend, releases before NVIDIA/TensorRT-LLM#15918), vllm (vLLM >= 0.32: a top-1 chain) or chain; default from the suffix."),
+    fmt: Optional[str] = opt(ExportConfig, "fmt", "--format", help="json, python (Medusa), trtllm (TensorRT-LLM's engine backend, releases before NVIDIA/TensorRT-LLM#15918), vllm (vLLM >= 0.32's --speculative-config: a top-1 chain), chain, sglang (SGLang's launch flags for an EAGLE-3 or draft-model chain; .args) or trtllm-eagle3 (TensorRT-LLM's Eagle3DecodingConfig as LLM API options YAML; .yaml); default from the suffix."),
     target: Optional[str] = opt(ExportConfig, "target", "--target", help="Also check this consumer's rules: medusa, trtllm (releases before NVIDIA/TensorRT-LLM#15918), vllm (>= 0.32) or chain."),
+    drafter: Optional[str] = opt(ExportConfig, "drafter", "--drafter", help="vllm, sglang, trtllm-eagle3: what the engine drafts with: heads[:DIR] (vLLM's Medusa), eagle3:DIR, draft:MODEL or ngram[:MIN-MAX] (vLLM); default: the drafter the tree file's calibration used, else heads."),
 ):
-    """Write a tree for a consumer, after checking that consumer's rules (one line naming a broken rule)."""
+    """Write a tree for a consumer, after checking that consumer's rules (one line naming a broken rule).
+    vllm, sglang and trtllm-eagle3 serve a top-1 chain: the engine's config for --drafter."""
     from treeopt.search.api import export_report
 
     c = settings(ExportConfig, locals())
-    typer.echo(export_report(c.tree, c.out, c.fmt, c.target))
+    typer.echo(export_report(c.tree, c.out, c.fmt, c.target, c.drafter))
 
 
 @command("export-heads")

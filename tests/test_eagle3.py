@@ -135,3 +135,20 @@ def test_resolve_eagle3(tmp_path, tiny_llama, trained):
     drafter = resolve_drafter(f"eagle3:{tmp_path / 'e'}", tiny_llama)
     assert isinstance(drafter, Eagle3Drafter) and drafter.describe()["kind"] == "eagle3"
     assert len(drafter.describe()["sha256"]) == 64
+
+
+@pytest.mark.slow
+def test_shipped_eagle3_replays_the_decoder_on_the_bundled_model(smollm2):
+    """The EAGLE-3 drafter shipped for the bundled model (fp32): its record replays the decoder's steps
+    prompt by prompt, for a searched-size tree and a chain, and it drafts accepted tokens."""
+    from treeopt.decoding.models import chat_prompt, stop_token_ids
+
+    model, tok = smollm2.model, smollm2.tokenizer
+    drafter = resolve_drafter("eagle3", model)
+    stop = tuple(sorted(stop_token_ids(model, tok)))
+    prompts = [chat_prompt(tok, s) for s in ("Give three tips for staying healthy.",
+                                             "Write a Python function that adds two numbers.")]
+    tree = Tree(Tree.cartesian([3, 2]).paths + ((0, 0, 0), (0, 0, 0, 0)))
+    assert replay_matches_decoder(model, drafter, tree, top_k=3, prompts=prompts, max_new_tokens=40, stop=stop) > 20
+    chain = Tree(((0,), (0, 0), (0, 0, 0)))
+    assert replay_matches_decoder(model, drafter, chain, top_k=1, prompts=prompts, max_new_tokens=40, stop=stop) > 10

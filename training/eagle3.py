@@ -11,7 +11,8 @@ Three resumable stages under one work directory:
    over every position of a text, depth d's row i drafting x_{i+d+1}. Loss = sum over depths d of
    0.8^(d-1) CE(depth d, the greedy token), on the continuation's positions only (the prompt's
    tokens are the user's, not the model's). The draft vocabulary is the `draft_vocab` most frequent
-   tokens of the continuations; `lm_head` starts from the base model's rows of those tokens.
+   tokens of the continuations (`draft_vocabulary`); `lm_head` starts from the base model's rows of
+   those tokens and `norm` from its final norm.
    Checkpoints (atomic) every few minutes; re-running the same command resumes.
 """
 
@@ -136,12 +137,14 @@ def _lr(step: int, total: int, lr: float, warmup: int = 30) -> float:
 
 
 def draft_vocabulary(seqs, size: int, vocab: int) -> torch.Tensor:
-    """The `size` most frequent continuation tokens (all of them when fewer), ascending ids."""
+    """`size` target ids, ascending: the continuations' tokens by frequency, then (the data being
+    smaller than the vocabulary) the lowest unseen ids, which a BPE vocabulary gives its earliest,
+    most frequent merges."""
     counts = torch.zeros(vocab, dtype=torch.long)
     for _, ids, p in seqs:
         counts += torch.bincount(ids[p:], minlength=vocab)
-    keep = counts.argsort(descending=True)[: min(size, int((counts > 0).sum()))]
-    return keep.sort().values
+    order = sorted(range(vocab), key=lambda t: (-int(counts[t]), t))
+    return torch.tensor(order[: min(size, vocab)]).sort().values
 
 
 @torch.no_grad()
@@ -171,10 +174,9 @@ def train_eagle3_on(cfg: DrafterTrainConfig, aux_paths: list[Path], model, log=p
     seqs = read_aux(aux_paths, "train")
     W = model.get_output_embeddings().weight
     eagle = for_model(model, draft_vocab_size=cfg.draft_vocab, aux_layers=cfg.aux_layers, seed=cfg.seed).float()
+    if cfg.draft_vocab > W.shape[0]:
+        raise TreeoptError(f"--draft-vocab {cfg.draft_vocab} exceeds the model's vocabulary ({W.shape[0]}): pass at most that")
     vocab = draft_vocabulary(seqs, cfg.draft_vocab, W.shape[0])
-    if len(vocab) < cfg.draft_vocab:
-        raise TreeoptError(f"the data holds {len(vocab)} distinct tokens, fewer than --draft-vocab {cfg.draft_vocab}: "
-                           "pass a smaller --draft-vocab or generate more data")
     eagle.set_vocab(vocab)
     with torch.no_grad():
         eagle.lm_head.weight.copy_(W.detach()[vocab.to(W.device)].float())  # start from the base model's rows

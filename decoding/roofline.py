@@ -97,7 +97,8 @@ def draft_cost(drafter, tree, context: int) -> StepCost:
         return StepCost(0.0, 0.0)
     if drafter.kind == "draft":
         module, c = drafter.model, drafter.model.config.get_text_config()
-        params = sum(p.numel() for p in module.parameters()) - module.get_input_embeddings().weight.numel()
+        params = (sum(p.numel() for p in module.get_decoder().parameters()) - module.get_input_embeddings().weight.numel()
+                  + module.get_output_embeddings().weight.numel())  # its layers and lm_head (tied or not)
         layers, heads = c.num_hidden_layers, c.num_attention_heads
         kv_heads = getattr(c, "num_key_value_heads", None) or heads
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads

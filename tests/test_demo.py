@@ -170,3 +170,23 @@ def test_demo_drafter_settings():
     with pytest.raises(TreeoptError, match="unknown --drafter"):
         DemoConfig(drafter="medusa")
     assert DemoConfig(drafter="eagle3").cartesian == ("best",)  # a tree drafter keeps the tree baselines
+
+
+def test_demo_with_an_eagle3_drafter_searches_trees(tmp_path, tiny_model_dir, tiny_llama):
+    """--drafter eagle3:DIR: a tree drafter keeps the tree baselines; the profile times its drafting."""
+    from test_eagle3 import train_tiny
+
+    from treeopt.decoding.eagle3 import save_eagle3
+
+    save_eagle3(train_tiny(tiny_llama, iters=60), tmp_path / "e")
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"instruction": f"w{i} w{i + 1} w{i + 2}"} for i in range(3, 10)]))
+    cfg = DemoConfig(model=str(tiny_model_dir), drafter=f"eagle3:{tmp_path / 'e'}", prompts=str(prompts), seed=1,
+                     fit_prompts=3, bench_prompts=2, max_new_tokens=12, nodes=8, profile_sizes="0,4,8", device="cpu",
+                     dtype="float32")
+    out = run_demo(tmp_path / "run", cfg, log=lambda s: None).out
+    latency = pd.read_csv(out / "latency.csv")
+    assert latency["drafter"].str.startswith("eagle3:").all() and (latency["heads_ms"][latency["nodes"] > 0] > 0).all()
+    bench = pd.read_csv(out / "bench" / "bench.csv")
+    assert any(m.startswith("cartesian-") for m in bench["method"]) and (bench["match_rate"] == 1.0).all()
+    assert "eagle3:" in (out / "report.md").read_text()

@@ -377,16 +377,16 @@ class ProfileConfig(EngineSettings, VllmSettings):
     new_tokens: int = 32  # engine vllm: tokens generated per request per timing
     prompts: str | None = None  # engine vllm: time on these instructions (real acceptance), not random tokens
     first: int | None = None  # engine vllm with prompts: the first N
-    drafter: str = "heads"  # engine vllm: what vLLM drafts with (treeopt.core.drafter); treeopt: heads
+    drafter: str = "heads"  # what drafts (treeopt.core.drafter): treeopt times its drafting step, vLLM drafts with it
 
     def __post_init__(self):
         EngineSettings.__post_init__(self)
         at_least(self, context=1, repeats=1, new_tokens=1, first=1)
-        if parse_drafter(self.drafter).kind != "heads":
+        kind = parse_drafter(self.drafter).kind
+        if kind != "heads":
             not_with(self, f"--drafter {self.drafter}", "heads")
-        if self.engine != "vllm" and parse_drafter(self.drafter).kind != "heads":
-            raise TreeoptError(f"profile --drafter {self.drafter}: treeopt's profile times the tree step and the heads' "
-                               "step; pass --engine vllm to time vLLM drafting with it, or drop --drafter")
+            if self.engine == "treeopt":
+                not_with(self, f"--drafter {kind} (treeopt drafts one sequence at a time)", "serving_batches")
         self.check_engine(vllm_only=("chains", "new_tokens", "prompts", "first", "vllm_python"),
                           treeopt_only=("sizes", "tree", "device_map", "max_memory", "threads", "repeats"))
         if self.engine == "vllm" and not int_list(self.chains, "--chains", 0):

@@ -4,7 +4,8 @@
 and the peak GEMM rate per dtype (a large square matmul). `step_cost` counts what one step must do:
 read every weight it uses once (the base model without its embedding table, the lm_head, the heads)
 plus the committed KV cache, and multiply each of its M = nodes + 1 rows through those weights plus
-the attention over the context. roofline_ms = max(bytes / bandwidth, FLOPs / peak): a step can go no
+the attention over the context; `draft_cost` adds a drafter other than heads: nothing for n-gram
+lookup (no model), one forward per tree level for a draft model or EAGLE-3. roofline_ms = max(bytes / bandwidth, FLOPs / peak): a step can go no
 faster, whatever its kernels.
 """
 
@@ -84,4 +85,31 @@ def step_cost(model, nodes: int, context: int, heads=None, depth: int = 0, batch
         vocab = 0 if heads.config.own_lm_head else weight.numel()  # the shared lm_head, read again
         nbytes += (block_params + vocab) * size
         flops += batch * 2 * (block_params + depth * vocab)
+    return StepCost(nbytes, flops)
+
+
+def draft_cost(drafter, tree, context: int) -> StepCost:
+    """Bytes read and FLOPs of one drafting step of a treeopt.decoding.drafters drafter for `tree`: 0 for
+    one without a model (n-gram lookup); a draft model or EAGLE-3 runs one forward per tree level (the
+    root, then each level's nodes that have children, as `propose` drafts), each reading the drafter's
+    weights (EAGLE-3: without the base model's embedding, shared) and its KV cache of `context` entries."""
+    if tree.depth == 0 or drafter.kind not in ("draft", "eagle3"):
+        return StepCost(0.0, 0.0)
+    if drafter.kind == "draft":
+        module, c = drafter.model, drafter.model.config.get_text_config()
+        params = (sum(p.numel() for p in module.get_decoder().parameters()) - module.get_input_embeddings().weight.numel()
+                  + module.get_output_embeddings().weight.numel())  # its layers and lm_head (tied or not)
+        layers, heads = c.num_hidden_layers, c.num_attention_heads
+        kv_heads = getattr(c, "num_key_value_heads", None) or heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    else:
+        module, c = drafter.eagle, drafter.eagle.config
+        params = sum(p.numel() for p in module.parameters())
+        layers, heads, kv_heads, head_dim = 1, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    size = next(module.parameters()).element_size()
+    parents = {p[:-1] for p in tree.paths if len(p) > 1}  # the nodes with children (the root: ())
+    rows = 1 + len(parents)  # the root's row, then one per node with children
+    forwards = tree.depth
+    nbytes = forwards * (params + 2 * layers * kv_heads * head_dim * context) * size
+    flops = 2 * rows * params + 2 * 2 * rows * context * layers * heads * head_dim
     return StepCost(nbytes, flops)

@@ -152,6 +152,49 @@ def test_profile_cli_times_a_trees_prefixes(tiny_model_dir, tmp_path):
     assert r.exit_code == 2 and "the --tree has 5" in r.output
 
 
+def test_profile_times_each_drafters_drafting_step(tiny_model_dir, tmp_path):
+    """--drafter eagle3:DIR: heads_ms is its propose for each tree (one forward per level, > 0) and
+    forward_ms includes it; --drafter ngram: chains, drafting without a model; both read by search."""
+    from treeopt.decoding.eagle3 import for_model, save_eagle3
+    from treeopt.decoding.models import load_model
+    from treeopt.search.budget import read_latency
+
+    save_eagle3(for_model(load_model(str(tiny_model_dir), device="cpu", dtype="float32").model, draft_vocab_size=40,
+                          aux_layers=(0, 1, 1)), tmp_path / "e")
+    base = ["profile", "--model", str(tiny_model_dir), "--sizes", "0,1,4,8", "--context", "16", "--repeats", "2",
+            "--device", "cpu", "--dtype", "float32"]
+    out = tmp_path / "eagle3.csv"
+    r = runner.invoke(app, base + ["--drafter", f"eagle3:{tmp_path / 'e'}", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    df = pd.read_csv(out)
+    assert df["nodes"].tolist() == [0, 1, 4, 8]
+    assert df["depth"].tolist() == [profile_tree(n, 4).depth for n in (0, 1, 4, 8)]  # balanced trees, 4 deep at most
+    assert df.loc[0, "heads_ms"] == 0 and (df["heads_ms"][1:] > 0).all()
+    assert (df["forward_ms"] - df["base_ms"] - df["heads_ms"]).abs().max() < 1e-3
+    assert df["drafter"].str.startswith("eagle3:").all() and "drafter eagle3" in r.output
+    assert read_latency(out).forward_ms.tolist() == df["forward_ms"].tolist()  # what --nodes auto prices
+
+    out = tmp_path / "ngram.csv"
+    r = runner.invoke(app, base + ["--drafter", "ngram:1-3", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    df = pd.read_csv(out)
+    assert df["depth"].tolist() == [0, 1, 4, 8]  # chains
+    assert (df["heads_ms"] >= 0).all() and (df["forward_ms"] > 0).all() and (df["drafter"] == "ngram:1-3").all()
+    r = runner.invoke(app, ["profile", "--model", "/nonexistent", "--drafter", "ngram", "--tree", "[[0], [1]]"])
+    assert r.exit_code == 2 and "pass a chain" in r.output
+
+
+def test_profile_drafter_conflicts(tmp_path):
+    from treeopt.core.settings import ProfileConfig
+
+    ProfileConfig(drafter="eagle3")  # treeopt's engine times any drafter
+    with pytest.raises(TreeoptError, match="--heads"):
+        ProfileConfig(drafter="ngram", heads="random")
+    with pytest.raises(TreeoptError, match="--serving-batches"):
+        ProfileConfig(drafter="ngram", serving_batches="1,4")
+    ProfileConfig(drafter="ngram", serving_batches="1,4", engine="vllm")  # vLLM batches any drafter
+
+
 def test_decode_cli(tiny_model_dir):
     r = runner.invoke(app, ["decode", "w1 w2 w3", "--model", str(tiny_model_dir), "--heads", "random",
                             "--tree", "[[0], [1], [0, 0]]", "--max-new-tokens", "6", "--device", "cpu"])

@@ -129,3 +129,64 @@ def test_demo_prompts_offline_without_a_local_copy(monkeypatch):
     assert source.endswith("offline.json") and "not AlpacaEval" in note  # the report shows this note
     with pytest.raises(TreeoptError, match="--prompts PATH"):  # calibrate itself still says so
         treeopt.core.prompts.load_instructions(treeopt.core.prompts.default_prompts())
+
+
+def test_demo_with_the_ngram_drafter_searches_and_benches_chains(tmp_path, tiny_model_dir):
+    """--drafter ngram: every stage drafts by n-gram lookup; its record (top-k 1) searches a chain, the
+    profile times chains, the bench runs the chains only, and the report names the drafter."""
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"instruction": f"w{i} w{i + 1} w{i + 2} w{i} w{i + 1}"} for i in range(3, 10)]))
+    cfg = DemoConfig(model=str(tiny_model_dir), drafter="ngram:1-2", prompts=str(prompts), seed=1, fit_prompts=3,
+                     bench_prompts=2, max_new_tokens=24, nodes="auto", profile_sizes="0,1,2,4", device="cpu",
+                     dtype="float32")
+    assert cfg.cartesian == () and cfg.published == ()  # tree baselines: none for a chain drafter
+    result = run_demo(tmp_path / "run", cfg, log=lambda s: None)
+    out = result.out
+    meta = json.loads((out / "calibration" / "calibration.json").read_text())
+    assert meta["settings"]["drafter"] == "ngram:1-2" and meta["settings"]["top_k"] == 1
+    latency = pd.read_csv(out / "latency.csv")
+    assert (latency["drafter"] == "ngram:1-2").all() and (latency["depth"] == latency["nodes"]).all()  # chains
+    tree = json.loads((out / "tree.json").read_text())
+    assert tree["nodes"] >= 1 and all(set(p) == {0} for p in tree["medusa_choices"])  # a chain, sized on the profile
+    assert len(tree["medusa_choices"]) == max(map(len, tree["medusa_choices"]))
+    bench = pd.read_csv(out / "bench" / "bench.csv")
+    trees = set(bench["method"]) - {"plain", "hf-generate"}
+    assert trees and all(m.startswith(("searched-", "chain-")) for m in trees)
+    assert (bench["match_rate"] == 1.0).all()  # lossless under greedy
+    assert json.loads((out / "bench" / "bench.json").read_text())["drafter"] == "ngram:1-2"
+    report = (out / "report.md").read_text()
+    assert "ngram:1-2" in report and "is missing" not in report and "damaged" not in report
+    again = run_demo(out, cfg, log=lambda s: None)
+    assert all(again.stages[s] == 0.0 for s in ("calibrate", "profile", "search", "bench"))
+
+
+def test_demo_drafter_settings():
+    with pytest.raises(TreeoptError, match="--heads"):
+        DemoConfig(drafter="eagle3", heads="random")
+    with pytest.raises(TreeoptError, match="chains only: drop --cartesian"):
+        DemoConfig(drafter="ngram", cartesian="2x2")
+    with pytest.raises(TreeoptError, match="chains only: drop --published"):
+        DemoConfig(drafter="ngram", published=("mc_sim_7b_63", "vicuna_7b_stage2"))
+    with pytest.raises(TreeoptError, match="unknown --drafter"):
+        DemoConfig(drafter="medusa")
+    assert DemoConfig(drafter="eagle3").cartesian == ("best",)  # a tree drafter keeps the tree baselines
+
+
+def test_demo_with_an_eagle3_drafter_searches_trees(tmp_path, tiny_model_dir, tiny_llama):
+    """--drafter eagle3:DIR: a tree drafter keeps the tree baselines; the profile times its drafting."""
+    from test_eagle3 import train_tiny
+
+    from treeopt.decoding.eagle3 import save_eagle3
+
+    save_eagle3(train_tiny(tiny_llama, iters=60), tmp_path / "e")
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"instruction": f"w{i} w{i + 1} w{i + 2}"} for i in range(3, 10)]))
+    cfg = DemoConfig(model=str(tiny_model_dir), drafter=f"eagle3:{tmp_path / 'e'}", prompts=str(prompts), seed=1,
+                     fit_prompts=3, bench_prompts=2, max_new_tokens=12, nodes=8, profile_sizes="0,4,8", device="cpu",
+                     dtype="float32")
+    out = run_demo(tmp_path / "run", cfg, log=lambda s: None).out
+    latency = pd.read_csv(out / "latency.csv")
+    assert latency["drafter"].str.startswith("eagle3:").all() and (latency["heads_ms"][latency["nodes"] > 0] > 0).all()
+    bench = pd.read_csv(out / "bench" / "bench.csv")
+    assert any(m.startswith("cartesian-") for m in bench["method"]) and (bench["match_rate"] == 1.0).all()
+    assert "eagle3:" in (out / "report.md").read_text()

@@ -20,3 +20,24 @@ def test_step_cost_counts_weights_kv_and_heads(tiny_llama):
     assert tree.bytes == plain.bytes + (blocks + vocab) * 4  # the shared lm_head read a second time
     machine = Machine("cpu", 1, bandwidth_gbs=1.0, peak_gflops={"float32": 1e9})
     assert tree.ms(machine, tiny_llama.dtype) == tree.bytes / 1e6  # memory-bound at this peak
+
+
+def test_draft_cost_is_one_forward_per_level(tiny_llama):
+    from treeopt.core.tree import Tree
+    from treeopt.decoding.drafters import DraftModelDrafter, Eagle3Drafter, NgramDrafter
+    from treeopt.decoding.eagle3 import for_model
+    from treeopt.decoding.roofline import draft_cost
+
+    tree = Tree(((0,), (1,), (0, 0), (0, 1), (0, 0, 0)))  # 3 levels; the root, (0,) and (0, 0) have children
+    ngram = draft_cost(NgramDrafter(), Tree.chain(3), 100)
+    assert ngram.bytes == ngram.flops == 0  # no model
+    eagle = for_model(tiny_llama, draft_vocab_size=40, aux_layers=(0, 1, 1))
+    params = sum(p.numel() for p in eagle.parameters())  # the shared embedding is the base model's, not its own
+    c = eagle.config
+    cost = draft_cost(Eagle3Drafter(eagle, tiny_llama), tree, 0)
+    assert cost.bytes == 3 * params * 4 and cost.flops == 2 * 3 * params  # 3 forwards of 1 row each
+    kv = 2 * c.num_key_value_heads * c.head_dim * 10 * 4
+    assert draft_cost(Eagle3Drafter(eagle, tiny_llama), tree, 10).bytes == cost.bytes + 3 * kv
+    draft = draft_cost(DraftModelDrafter(tiny_llama), Tree.chain(2), 0)
+    weights = sum(p.numel() for p in tiny_llama.parameters()) - tiny_llama.get_input_embeddings().weight.numel()
+    assert draft.bytes == 2 * weights * 4 and draft_cost(DraftModelDrafter(tiny_llama), Tree(()), 0).bytes == 0

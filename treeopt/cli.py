@@ -525,7 +525,7 @@ def profile(
     prompts: Optional[str] = opt(ProfileConfig, "prompts", "--prompts", "-p", help="--engine vllm: time on these instructions (chat template; real acceptance) instead of random-token prompts of --context tokens."),
     first: Optional[int] = opt(ProfileConfig, "first", "--first", help="--engine vllm with --prompts: the first N, in file order."),
     vllm_python: Optional[Path] = VllmPythonOpt,
-    drafter: str = opt(ProfileConfig, "drafter", "--drafter", help="--engine vllm: what vLLM drafts with: heads (--heads), ngram[:MIN-MAX], draft:MODEL or eagle3[:DIR]."),
+    drafter: str = opt(ProfileConfig, "drafter", "--drafter", help="What drafts: heads (--heads), ngram[:MIN-MAX] (chains), draft:MODEL or eagle3[:DIR]; treeopt times its drafting step (heads_ms), --engine vllm drafts with it."),
 ):
     """Time one decoding step vs tree size on this device, beside the machine's roofline, into a CSV.
     --engine vllm: vLLM's time per step and per token, plain and with a k-token chain, per batch size."""
@@ -592,6 +592,7 @@ def demo(
     prompts: Optional[str] = PromptsOpt,
     model: str = ModelOpt,
     heads: Optional[str] = HeadsOpt,
+    drafter: str = opt(DemoConfig, "drafter", "--drafter", help="What drafts, in every stage: heads (--heads), ngram[:MIN-MAX] (vLLM's prompt lookup: chains only, so no tree baselines), draft:MODEL or eagle3[:DIR]."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     compiled: Optional[bool] = CompileOpt,

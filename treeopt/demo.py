@@ -7,7 +7,10 @@ Stages, each writing into OUT (a run directory, see reports/report.py):
              set's sources (AlpacaEval's `dataset`), the bench among prompts whose text is not in
              the fit set (never evaluate on what the tree was fitted to).
              OUT/prompts/source.json says where they came from.
-2. calibrate OUT/calibration/ (calibrate/: the heads' rank of each true token, per position).
+2. calibrate OUT/calibration/ (calibrate/: the drafter's rank of each true token, per position and
+             depth; `drafter`: the Medusa heads, else n-gram lookup, a draft model or EAGLE-3, whose
+             profile, search and bench then use it too; n-gram lookup drafts chains only, so its
+             record (top-k 1) searches chains and the demo benches no tree baselines).
 3. heldout   OUT/calibration-heldout/: the same on the held-out prompts, for the report's ceiling
              (the best tree fit on them) and an exact replay of every tree there.
 4. profile   OUT/latency.csv (decoding/profile.py: forward ms vs tree size on this machine, timed on
@@ -36,8 +39,9 @@ from treeopt.core import layout
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import check_writable, locking, write_text
 from treeopt.core.layout import DEMO, HELDOUT, PROFILE_TREE, STAGES
+from treeopt.core.drafter import parse_drafter
 from treeopt.core.settings import (DEFAULT_ACCEPTANCE_MODEL, BenchConfig, CalibrationConfig, EngineSettings,
-                                   ModelSettings, ProfileConfig, at_least, int_list)
+                                   ModelSettings, ProfileConfig, at_least, default, int_list, option_name)
 from treeopt.core.stage import Stage
 from treeopt.core.validate import sha256_file
 
@@ -52,6 +56,7 @@ class DemoConfig:
     OPTION = {"fit_prompts": "--limit"}
     model: str = ModelSettings.model
     heads: str | None = ModelSettings.heads  # None: the heads shipped for the bundled model
+    drafter: str = CalibrationConfig.drafter  # heads (--heads), ngram[:MIN-MAX] (chains only), draft:MODEL or eagle3[:DIR]
     prompts: str | None = None  # None: treeopt.core.prompts.default_prompts() (AlpacaEval)
     seed: int = 0  # of the random draw of the fit and bench prompts
     fit_prompts: int = 12  # calibrate on these
@@ -78,7 +83,14 @@ class DemoConfig:
         object.__setattr__(self, "nodes", nodes if nodes == "auto" else int(nodes))
         at_least(self, fit_prompts=1, bench_prompts=1, max_new_tokens=1, top_k=1, threads=1,
                  **({} if self.nodes == "auto" else {"nodes": 1}))
-        CalibrationConfig(top_k=self.top_k, max_new_tokens=self.max_new_tokens)  # the calibration's own checks
+        CalibrationConfig(top_k=self.top_k, max_new_tokens=self.max_new_tokens, drafter=self.drafter,
+                          heads=self.heads)  # the calibration's own checks (a drafter and --heads conflict)
+        if parse_drafter(self.drafter).kind == "ngram":  # it drafts chains only: the tree baselines cannot run
+            for name in ("cartesian", "published"):
+                if getattr(self, name) not in ((), default(DemoConfig, name)):
+                    raise TreeoptError(f"--drafter ngram drafts chains only: drop {option_name(self, name)} "
+                                       "(the demo benches the searched chain and the top-1 chain)")
+                object.__setattr__(self, name, ())
         sizes = int_list(self.profile_sizes, "--profile-sizes", 0)
         if self.nodes == "auto" and not sizes:
             raise TreeoptError("--nodes auto needs the latency profile: drop --profile-sizes '' or pass --nodes N")
@@ -93,9 +105,12 @@ class DemoResult:
 
 
 def _settings(cfg: DemoConfig) -> dict:
-    """What the outputs depend on (not `threads`, which only changes the timings)."""
+    """What the outputs depend on (not `threads`, which only changes the timings; the drafter only when
+    it is not the heads, so that a heads run's settings name what it uses: model and heads)."""
     settings = json.loads(json.dumps(asdict(cfg)))
     settings.pop("threads")
+    if settings["drafter"] == "heads":
+        settings.pop("drafter")
     return settings
 
 
@@ -224,7 +239,7 @@ def run_demo(out: str | Path = layout.DEMO_DIR, config: DemoConfig | None = None
                                                                 "fit": len(fit), "held_out": len(held)}, indent=1) + "\n")
 
     c = _settings(cfg)
-    model = {k: c[k] for k in ("model", "heads", "device", "dtype")}
+    model = {k: c[k] for k in ("model", "heads", "drafter", "device", "dtype") if k in c}
     stage("prompts", {k: c[k] for k in ("prompts", "seed", "fit_prompts", "bench_prompts")}, [],
           [fit_file, bench_file, source_file], prompts)
     calibration = {**model, "max_new_tokens": c["max_new_tokens"], "top_k": c["top_k"]}
@@ -286,7 +301,7 @@ def _save(out: Path, cfg: DemoConfig, stages: dict, old: dict, wall_s: float | N
 def _calibrate(cfg: DemoConfig, prompts: Path, out: Path, progress: bool):
     from treeopt.calibrate.run import calibrate
 
-    calibrate(CalibrationConfig(out=out, model=cfg.model, heads=cfg.heads, prompts=str(prompts),
+    calibrate(CalibrationConfig(out=out, model=cfg.model, heads=cfg.heads, drafter=cfg.drafter, prompts=str(prompts),
                                 max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, device=cfg.device,
                                 dtype=cfg.dtype, progress=progress))
 
@@ -299,7 +314,7 @@ def _profile(cfg: DemoConfig, out: Path, progress: bool):
 
     sizes = parse_sizes(cfg.profile_sizes)
     tree = search_report(out / layout.CALIBRATION, max(sizes), out=out / PROFILE_TREE)[0].tree
-    run_profile(ProfileConfig(model=cfg.model, heads=cfg.heads, sizes=",".join(str(n) for n in sizes if n <= len(tree)),
+    run_profile(ProfileConfig(model=cfg.model, heads=cfg.heads, drafter=cfg.drafter, sizes=",".join(str(n) for n in sizes if n <= len(tree)),
                               context=cfg.max_new_tokens + 64, device=cfg.device, dtype=cfg.dtype,
                               out=out / layout.LATENCY, threads=cfg.threads, compiled=cfg.compiled,
                               tree=out / PROFILE_TREE), progress=progress)
@@ -370,7 +385,7 @@ def _bench(cfg: DemoConfig, out: Path, bench_file: Path, log, progress: bool):
     from treeopt.core.record import load_calibration
 
     trees = bench_trees(cfg, out, load_calibration(out / layout.CALIBRATION))
-    result = run_bench(BenchConfig(model=cfg.model, heads=cfg.heads, trees=tuple(trees), prompts=str(bench_file),
+    result = run_bench(BenchConfig(model=cfg.model, heads=cfg.heads, drafter=cfg.drafter, trees=tuple(trees), prompts=str(bench_file),
                                    first=None, max_new_tokens=cfg.max_new_tokens, device=cfg.device, dtype=cfg.dtype,
                                    calibration=str(out / layout.CALIBRATION), out=out / layout.BENCH_DIR,
                                    threads=cfg.threads, compiled=cfg.compiled), progress=progress)

@@ -212,6 +212,7 @@ def profile_vllm(model: str = DEFAULT_MODEL, heads: str | None = None, chains=(0
     dtype = engine_dtype(dtype)
     work = Path(out).with_suffix("")
     engine_dir = work.parent / (work.name + "-engine")  # the exported heads and vLLM's logs
+    engine_dir.mkdir(parents=True, exist_ok=True)
     model_dir, drafting, tokenizer, lm = prepare(model, heads, engine_dir, drafter)
     rng = np.random.default_rng(seed)
     vocab = lm.get_output_embeddings().weight.shape[0]

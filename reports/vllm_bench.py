@@ -49,6 +49,7 @@ def bench_vllm(model: str = DEFAULT_MODEL, heads: str | None = None, prompts: st
     python = vllm_python(python)
     dtype = engine_dtype(dtype)
     out = check_writable(out, directory=True, fix="pass another --out")
+    out.mkdir(parents=True, exist_ok=True)
     predicted = {}
     if calibration is not None:
         from treeopt.core.record import load_calibration

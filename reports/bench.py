@@ -342,7 +342,8 @@ def render(result: BenchResult) -> str:
     head = (f"{s.get('model', '')} on {s.get('device', '')} {s.get('dtype', '')}"
             f"{f', compiled ({compile_s:.0f} s compiling)' if s.get('compiled') else ', eager'}"
             f"{f' ({reason})' if (reason := s.get('engine_reason')) and not s.get('compiled') else ''}: "
-            f"{result.table['prompts'].iloc[0]} prompts, up to {s.get('max_new_tokens')} new tokens, heads {s.get('heads', '')}")
+            f"{result.table['prompts'].iloc[0]} prompts, up to {s.get('max_new_tokens')} new tokens, "
+            + (f"heads {s.get('heads', '')}" if s.get("drafter", "heads") == "heads" else f"drafter {s['drafter']}"))
     rule = s.get("acceptance") or {}
     if rule.get("mode") == "typical":
         head += (f"; trees under typical acceptance (temperature {rule['temperature']}, posterior_threshold "

@@ -100,6 +100,37 @@ def _depth_targets(T: int, depth: int) -> np.ndarray:
     return np.where(idx < T, idx, -1)
 
 
+def draft_levels(buf, root, out, top, advance, L: int, slots: torch.Tensor) -> torch.Tensor:
+    """The tokens [N] of tree `buf` drafted level by level by a model drafter (a draft model, EAGLE-3).
+    out [1, ...]: the root entry's output; top(out [q, ...]) -> each row's candidates [q, k] (token ids,
+    best first); advance(nodes [q], rows [q]: each node's parent's row of `out`, out, tokens, seen
+    [q, capacity] bool, positions [q], slots [q]) -> those nodes' outputs. The root's entry is at slot
+    L - 1, node j >= 1 at scratch slot L + j - 1; a node sees the committed slots and its ancestors."""
+    N = buf.num_nodes
+    tokens = torch.empty(N, dtype=torch.long, device=slots.device)
+    tokens[0] = root
+    parent, depth = buf.parent.tolist(), buf.depth.tolist()
+    ranks = [0] + [p[-1] for p in buf.tree.paths]
+    has_child = set(parent[1:])
+    scored = [0]  # the nodes whose outputs are `out`, in order
+    for d in range(buf.tree.depth):
+        candidates = top(out)  # [q, k]
+        row = {node: i for i, node in enumerate(scored)}
+        level = [i for i in range(1, N) if depth[i] == d + 1]
+        for i in level:
+            tokens[i] = candidates[row[parent[i]], ranks[i]]
+        nxt = [i for i in level if i in has_child]
+        if not nxt:
+            break
+        nodes = torch.tensor(nxt, device=slots.device)
+        rows = torch.tensor([row[parent[i]] for i in nxt], device=slots.device)
+        seen = (slots < L).expand(len(nxt), -1).clone()  # [q, capacity]: the committed entries
+        seen[:, L : L + N - 1] = buf.mask[nodes, 1:]  # and the node's ancestors and itself
+        out = advance(nodes, rows, out, tokens, seen, L - 1 + buf.depth[nodes], L - 1 + nodes)
+        scored = nxt
+    return tokens
+
+
 # ---- Medusa heads ------------------------------------------------------------------------------
 
 class HeadsDrafter(Drafter):
@@ -236,27 +267,10 @@ class DraftModelDrafter(Drafter):
         logits = self._forward(new, slots[None, :] <= pos[:, None], pos, pos)[-1:]  # [1, V] at the root
         cache.commit(pos - c)  # in place: slots relative to the committed length
         self.fed = text
-        L = cache.length  # the root is at slot L - 1; node j >= 1 goes to scratch slot L + j - 1
-        N, top_k = buf.num_nodes, buf.top_k
-        tokens = torch.empty(N, dtype=torch.long, device=device)
-        tokens[0] = root
-        parent, depth = buf.parent.tolist(), buf.depth.tolist()
-        ranks = [0] + [p[-1] for p in buf.tree.paths]
-        has_child = set(parent[1:])
-        scored = [0]  # the nodes whose next-token logits are `logits`, in order
-        for d in range(buf.tree.depth):
-            top = torch.topk(logits, top_k, dim=-1).indices  # [q, top_k]
-            row = {node: i for i, node in enumerate(scored)}
-            level = [i for i in range(1, N) if depth[i] == d + 1]
-            for i in level:
-                tokens[i] = top[row[parent[i]], ranks[i]]
-            scored = [i for i in level if i in has_child]
-            if not scored:
-                break
-            nodes = torch.tensor(scored, device=device)
-            seen = (slots < L).expand(len(scored), -1).clone()  # [q, capacity]: the text, the root included
-            seen[:, L : L + N - 1] = buf.mask[nodes, 1:]  # and the node's ancestors and itself
-            logits = self._forward(tokens[nodes], seen, L - 1 + buf.depth[nodes], L - 1 + nodes)
+        top_k = buf.top_k
+        tokens = draft_levels(buf, root, logits, lambda lg: torch.topk(lg, top_k, dim=-1).indices,
+                              lambda nodes, rows, out, tokens, seen, pos, sl: self._forward(tokens[nodes], seen, pos, sl),
+                              cache.length, slots)
         return tokens, None
 
     @torch.inference_mode()
@@ -330,29 +344,11 @@ class Eagle3Drafter(Drafter):
         pos = torch.arange(c, c + m, device=device)
         ids = torch.tensor(text[c + 1 :], dtype=torch.long, device=device)
         out = self._run(ids, e.combine(state.to(e.fc.weight.dtype)), pos, pos, slots[None, :] <= pos[:, None])[-1:]
-        self.length = L = c + m  # the root's entry is at slot L - 1; node j >= 1 goes to scratch slot L + j - 1
-        N, top_k = buf.num_nodes, buf.top_k
-        tokens = torch.empty(N, dtype=torch.long, device=device)
-        tokens[0] = root
-        parent, depth = buf.parent.tolist(), buf.depth.tolist()
-        ranks = [0] + [p[-1] for p in buf.tree.paths]
-        has_child = set(parent[1:])
-        scored, target = [0], e.target_ids()  # the nodes whose outputs are `out`, in order
-        for d in range(buf.tree.depth):
-            top = target[torch.topk(e.logits(out), min(top_k, e.config.draft_vocab_size), dim=-1).indices]  # [q, top_k]
-            row = {node: i for i, node in enumerate(scored)}
-            level = [i for i in range(1, N) if depth[i] == d + 1]
-            for i in level:
-                tokens[i] = top[row[parent[i]], ranks[i]]
-            nxt = [i for i in level if i in has_child]
-            if not nxt:
-                break
-            nodes = torch.tensor(nxt, device=device)
-            hidden = out[torch.tensor([row[parent[i]] for i in nxt], device=device)]  # [q, H] the parents' outputs
-            seen = (slots < L).expand(len(nxt), -1).clone()  # [q, capacity]: the committed entries
-            seen[:, L : L + N - 1] = buf.mask[nodes, 1:]  # and the node's ancestors and itself
-            out = self._run(tokens[nodes], hidden, L - 1 + buf.depth[nodes], L - 1 + nodes, seen)
-            scored = nxt
+        self.length = c + m
+        target, k = e.target_ids(), min(buf.top_k, e.config.draft_vocab_size)
+        tokens = draft_levels(buf, root, out, lambda o: target[torch.topk(e.logits(o), k, dim=-1).indices],
+                              lambda nodes, rows, out, tokens, seen, pos, sl: self._run(tokens[nodes], out[rows], pos, sl, seen),
+                              self.length, slots)
         return tokens, None
 
     @torch.inference_mode()

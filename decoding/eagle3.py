@@ -32,8 +32,9 @@ WEIGHTS = "model.safetensors"
 
 
 def default_aux_layers(num_layers: int) -> tuple[int, int, int]:
-    """vLLM's default (vllm/model_executor/models/interfaces.py, get_eagle3_default_aux_hidden_state_layers)."""
-    return (2, num_layers // 2, num_layers - 3)
+    """vLLM's default (vllm/model_executor/models/interfaces.py, get_eagle3_default_aux_hidden_state_layers),
+    kept inside the model for models of fewer than 6 layers."""
+    return tuple(min(max(i, 0), num_layers - 1) for i in (2, num_layers // 2, num_layers - 3))
 
 
 @dataclass(frozen=True)

@@ -152,3 +152,33 @@ def test_shipped_eagle3_replays_the_decoder_on_the_bundled_model(smollm2):
     assert replay_matches_decoder(model, drafter, tree, top_k=3, prompts=prompts, max_new_tokens=40, stop=stop) > 20
     chain = Tree(((0,), (0, 0), (0, 0, 0)))
     assert replay_matches_decoder(model, drafter, chain, top_k=1, prompts=prompts, max_new_tokens=40, stop=stop) > 10
+
+
+def test_train_drafter_resumes_to_the_same_drafter_and_saves_it(tmp_path, tiny_model_dir):
+    """`treeopt train-drafter --kind eagle3`'s twin: a run stopped after 2 steps saves no drafter; its rerun
+    resumes and ends with the weights of an uninterrupted run, saved in the layout load_eagle3 reads."""
+    from dataclasses import replace
+
+    from treeopt.decoding.models import load_model
+    from treeopt.training.config import DrafterTrainConfig
+    from treeopt.training.eagle3 import train_drafter
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"instruction": f"w{i} w{i + 1} w{i + 2}"}) + "\n" for i in range(8)))
+    cfg = DrafterTrainConfig(work=str(tmp_path / "a"), model=str(tiny_model_dir), prompts=str(prompts), num_prompts=8,
+                             batch_size=4, max_new_tokens=16, draft_vocab=40, epochs=2, batch_sequences=2,
+                             checkpoint_every_s=1e9, drafter_out=str(tmp_path / "e3a"), max_steps=2)
+    first = train_drafter(cfg, log=lambda s: None, progress=False)
+    assert first["steps"] == 2 and not first["finished"] and not (tmp_path / "e3a").exists()
+    resumed = train_drafter(replace(cfg, max_steps=None), log=lambda s: None, progress=False)
+    assert resumed["finished"] and resumed["steps"] == resumed["total_steps"] > 2
+    whole = train_drafter(replace(cfg, work=str(tmp_path / "b"), drafter_out=str(tmp_path / "e3b"), max_steps=None),
+                          log=lambda s: None, progress=False)
+    assert whole["steps"] == resumed["steps"]
+    model = load_model(str(tiny_model_dir), device="cpu", dtype="float32").model
+    a, b = load_eagle3(tmp_path / "e3a", model), load_eagle3(tmp_path / "e3b", model)
+    assert a.config.draft_vocab_size == 40 and a.config.aux_layers == (1, 1, 0)
+    for k, v in a.state_dict().items():
+        assert torch.allclose(v.float(), b.state_dict()[k].float(), atol=1e-6), k
+    with pytest.raises(TreeoptError, match="other settings"):
+        train_drafter(replace(cfg, max_steps=None, lr=5e-3), log=lambda s: None, progress=False)

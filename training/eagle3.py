@@ -31,6 +31,7 @@ from treeopt.core.fileio import atomic_write, check_writable, locking, write_tex
 from treeopt.core.stage import differences
 from treeopt.training.config import DrafterTrainConfig
 from treeopt.training.data import generate_data, held_out, read_shard, refuse_calibration_set
+from treeopt.training.train import lr_at, out_of_budget, save_checkpoint
 
 AUX = "aux-{:05d}.safetensors"
 DECAY = 0.8  # depth d's loss weight is DECAY ** (d - 1), as EAGLE-3 weights its unrolled steps
@@ -130,12 +131,6 @@ def sequence_loss(eagle, aux, ids, prompt_len: int, steps: int, index: torch.Ten
     return loss, stats
 
 
-def _lr(step: int, total: int, lr: float, warmup: int = 30) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
 def draft_vocabulary(seqs, size: int, vocab: int) -> torch.Tensor:
     """`size` target ids, ascending: the continuations' tokens by frequency, then (the data being
     smaller than the vocabulary) the lowest unseen ids, which a BPE vocabulary gives its earliest,
@@ -203,24 +198,22 @@ def train_eagle3_on(cfg: DrafterTrainConfig, aux_paths: list[Path], model, log=p
         f"{list(eagle.config.aux_layers)}) on {len(seqs)} sequences ({positions} continuation tokens): {total} steps")
 
     def save():
-        state = {"fingerprint": fp, "eagle": eagle.state_dict(), "opt": opt.state_dict(), "step": step,
-                 "elapsed": elapsed + time.time() - t0}
-        atomic_write(ckpt_path, lambda p: torch.save(state, p))
+        save_checkpoint(ckpt_path, fingerprint=fp, eagle=eagle.state_dict(), opt=opt.state_dict(), step=step,
+                        elapsed=elapsed + time.time() - t0)
 
     bar = tqdm(total=total, initial=step, disable=not progress, desc="train", unit="step")
     t0 = last = time.time()
     first_step, run = step, None
     eagle.train()
     while step < total:
-        if (cfg.max_train_s is not None and time.time() - t0 > cfg.max_train_s) or \
-                (cfg.max_steps is not None and step - first_step >= cfg.max_steps):
+        if out_of_budget(cfg, time.time() - t0, step - first_step):
             log(f"training stopped at step {step}/{total}; re-run to continue")
             break
         epoch, i = divmod(step, steps_per_epoch)
         perm = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
         batch = perm[i * per_step : (i + 1) * per_step].tolist()
         for g in opt.param_groups:
-            g["lr"] = _lr(step, total, cfg.lr)
+            g["lr"] = lr_at(step, total, cfg.lr, warmup=30)
         opt.zero_grad(set_to_none=True)
         acc = torch.zeros(cfg.steps)
         for j in batch:

@@ -83,10 +83,21 @@ CHUNK = 64  # rows per contiguous block: a step's rows are whole blocks, so the 
 MICRO = 256  # rows per forward/backward pass (bounds the [K, rows, V] logits' memory)
 
 
-def _lr(step: int, total: int, lr: float, warmup: int = 50) -> float:
+def lr_at(step: int, total: int, lr: float, warmup: int = 50) -> float:
+    """Linear warm-up over `warmup` steps, then cosine to 0 at `total`."""
     if step < warmup:
         return lr * (step + 1) / warmup
     return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def out_of_budget(cfg, seconds: float, steps: int) -> bool:
+    """This run has trained for its --max-train-minutes or its max_steps (a rerun resumes)."""
+    return (cfg.max_train_s is not None and seconds > cfg.max_train_s) or (cfg.max_steps is not None and steps >= cfg.max_steps)
+
+
+def save_checkpoint(path: Path, **state) -> None:
+    """A training checkpoint, written atomically (an interrupted run resumes from the last one)."""
+    atomic_write(path, lambda p: torch.save(state, p))
 
 
 def train_heads_on(cfg: TrainConfig, paths: list[Path], lm_head: torch.nn.Module, base_name: str = "",
@@ -134,9 +145,8 @@ def train_heads_on(cfg: TrainConfig, paths: list[Path], lm_head: torch.nn.Module
         f"{lm_head.weight.shape[0]} tokens: {total} steps of {blocks_per_step * CHUNK} rows, {cfg.epochs} epochs")
 
     def save():
-        state = {"fingerprint": fp, "heads": heads.heads.state_dict(), "opt": opt.state_dict(), "step": step,
-                 "elapsed": elapsed + time.time() - t0}
-        atomic_write(ckpt_path, lambda p: torch.save(state, p))
+        save_checkpoint(ckpt_path, fingerprint=fp, heads=heads.heads.state_dict(), opt=opt.state_dict(), step=step,
+                        elapsed=elapsed + time.time() - t0)
 
     from tqdm.auto import tqdm
 
@@ -145,8 +155,7 @@ def train_heads_on(cfg: TrainConfig, paths: list[Path], lm_head: torch.nn.Module
     run_loss, first_step = None, step
     heads.train()
     while step < total:
-        if (cfg.max_train_s is not None and time.time() - t0 > cfg.max_train_s) or \
-                (cfg.max_steps is not None and step - first_step >= cfg.max_steps):
+        if out_of_budget(cfg, time.time() - t0, step - first_step):
             log(f"training stopped at step {step}/{total}; re-run to continue")
             break
         epoch, i = divmod(step, steps_per_epoch)
@@ -155,7 +164,7 @@ def train_heads_on(cfg: TrainConfig, paths: list[Path], lm_head: torch.nn.Module
         rows = (starts[:, None] + torch.arange(CHUNK)).flatten()  # [R]
         rows = rows[rows < N]
         for g in opt.param_groups:
-            g["lr"] = _lr(step, total, cfg.lr)
+            g["lr"] = lr_at(step, total, cfg.lr)
         opt.zero_grad(set_to_none=True)
         per_head_sum = torch.zeros(K)
         for m in range(0, len(rows), MICRO):
@@ -175,7 +184,7 @@ def train_heads_on(cfg: TrainConfig, paths: list[Path], lm_head: torch.nn.Module
         step += 1
         run_loss = per_head_sum if run_loss is None else 0.95 * run_loss + 0.05 * per_head_sum
         bar.update(1)
-        bar.set_postfix(loss=" ".join(f"{x:.2f}" for x in run_loss.tolist()), lr=f"{_lr(step, total, cfg.lr):.1e}")
+        bar.set_postfix(loss=" ".join(f"{x:.2f}" for x in run_loss.tolist()), lr=f"{lr_at(step, total, cfg.lr):.1e}")
         if time.time() - last > cfg.checkpoint_every_s or step == total:
             save()
             last = time.time()

@@ -55,14 +55,9 @@ SGLANG_ALGORITHM = {"eagle3": "EAGLE3", "draft": "STANDALONE"}
 ENGINE = {"vllm": "vLLM", "sglang": "SGLang", "trtllm-eagle3": "TensorRT-LLM"}
 
 
-def drafter_spec(text: str | None) -> DrafterSpec:
-    """`--drafter` as `treeopt.core.drafter.parse_drafter` reads it."""
-    return parse_drafter(text)
-
-
 def check_serving(format: str, drafter: str | None) -> DrafterSpec:
     """The drafter `format`'s engine can serve, or a one-line error naming what it serves."""
-    spec = drafter_spec(drafter)
+    spec = parse_drafter(drafter)
     if format == "sglang" and spec.kind not in SGLANG_ALGORITHM:
         raise TreeoptError(f"SGLang serves no --drafter {spec.kind} chain (its NGRAM is its own trie lookup, and it has "
                            "no Medusa heads): pass --drafter eagle3:DIR or draft:MODEL, or use --format vllm")

@@ -25,9 +25,9 @@ from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import atomic_write, check_writable
 from treeopt.core.prompts import overlap, overlap_warning
 from treeopt.core.published import BASELINES, PUBLISHED
-from treeopt.core.drafter import drafter_of
+from treeopt.core.drafter import drafter_of, parse_drafter
 from treeopt.core.record import Calibration, check_rule, load_calibration, load_typical
-from treeopt.core.serving import ENGINE, SERVING_FORMATS, VARIABLE_K, check_serving, drafter_spec
+from treeopt.core.serving import ENGINE, SERVING_FORMATS, VARIABLE_K, check_serving
 from treeopt.core.settings import SearchConfig, SweepConfig
 from treeopt.core.tables import render_table
 from treeopt.core.tree import Tree
@@ -179,7 +179,7 @@ def export_report(tree: str | Path, out: str | Path, format: str | None = None, 
     checked = " and ".join(t.consumer for t in export_targets(fmt, tgt))
     drafts = ""
     if fmt in SERVING_FORMATS:
-        spec = drafter_spec(drafter)
+        spec = parse_drafter(drafter)
         drafts = f"; {ENGINE[fmt]} drafts a top-1 chain of {t.num_nodes} tokens with {spec}"
         if fmt == "vllm" and spec.kind == "heads" and not spec.path:
             drafts += (" (add \"model\": the heads from `treeopt export-heads --format vllm`, or pass "
@@ -199,7 +199,7 @@ def vllm_drafter(cal: Calibration, drafter: str | None) -> str:
 def same_drafter(recorded: str, given: str, what: str) -> None:
     """A one-line error unless `given` is the drafter the predictions were made with (same kind, for
     n-gram lookup the same lengths; a drafter with weights may be named by another path)."""
-    spec, own = drafter_spec(given), drafter_spec(recorded)
+    spec, own = parse_drafter(given), parse_drafter(recorded)
     if spec.kind != own.kind or (spec.kind == "ngram" and spec != own):
         fix = recorded if own.kind == "ngram" else f"{own.kind}[:PATH]"
         raise TreeoptError(f"{what} with --drafter {recorded}: its predictions are not --drafter {spec}'s; "

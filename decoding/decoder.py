@@ -29,11 +29,12 @@ from pathlib import Path
 import torch
 
 from treeopt.decoding.buffers import TreeBuffers, tree_buffers
+from treeopt.decoding.fast import FastLlama
 from treeopt.decoding.cache import TreeCache
 from treeopt.core.errors import TreeoptError
 from treeopt.core.settings import DecodeConfig, RuleSettings
-from treeopt.decoding.models import (DEFAULT_MODEL, cache_argument, cache_dir, cpu_flags, decode_path, layer_devices,
-                                     stop_token_ids)
+from treeopt.decoding.models import (DEFAULT_MODEL, WeightFirstLinear, cache_argument, cache_dir, cpu_flags,
+                                     decode_path, layer_devices, stop_token_ids)
 from treeopt.core.tree import Tree
 
 
@@ -264,6 +265,10 @@ class TreeDecoder:
         self.fused = (heads is not None and not heads.config.own_lm_head and self.depth > 0
                       and self.buf.num_nodes * self.depth <= self.FUSED_ROWS)
         self.row_topk: torch.Tensor | None = None  # [N, D, top_k] fused: each row's candidates, last step
+        # The AVX2 decode-time load (WeightFirstLinear linears, `--dtype auto`) runs its steps through the
+        # written-out forward of decoding/fast.py; the float32 reference load keeps transformers' forward.
+        self.fast = (FastLlama.of(model) if not compiled and isinstance(self.lm_head, WeightFirstLinear)
+                     and FastLlama.supports(model) else None)
         self.verify = _Step(self._verify, self.device, compiled)
         self.propose = _Step(self._propose, self.device, compiled)
 
@@ -286,6 +291,9 @@ class TreeDecoder:
         """ids [q], bias [q, capacity], positions [q] -> (last hidden states [q, H], the drafter's state
         [q, S]: those, or with a drafter's `aux_layers` the hidden states entering them [q, A * H]);
         writes K/V at the slots placed in the cache."""
+        if self.fast is not None:
+            hidden, aux = self.fast(ids, bias, positions, self.cache, self.aux_layers)
+            return hidden, (hidden if aux is None else aux)
         out = self.base(input_ids=ids[None], attention_mask=bias[None, None], position_ids=positions[None],
                         **{self.cache_argument: self.cache}, use_cache=True, output_hidden_states=bool(self.aux_layers))
         hidden = out.last_hidden_state[0]

@@ -104,7 +104,8 @@ def decode_path(device: torch.device) -> DecodePath:
         return DecodePath(torch.float32, False, True, "an AVX2 CPU without native bf16 (no avx512_bf16/amx_bf16): "
                           "float32 (bf16 math is emulated), eager (compiling the float32 steps takes many minutes "
                           "on such a CPU), every linear as (W @ x.T).T (BLAS's tall path: about 2x F.linear's "
-                          "small-M path at 1-9 rows)")
+                          "small-M path at 1-9 rows), and a Llama's decoding steps through decoding/fast.py "
+                          "(q/k/v and gate/up fused, attention over the used slots only)")
     return DecodePath(torch.float32, False, False, "a CPU without AVX2 or native bf16: float32, eager (the reference)")
 
 

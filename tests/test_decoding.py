@@ -24,6 +24,19 @@ def heads(tiny_llama):
     return random_heads(tiny_llama, num_heads=4, seed=1)
 
 
+@pytest.fixture(scope="module")
+def fast_llama():
+    """The tiny Llama as the AVX2 decode-time load makes it (WeightFirstLinear linears): its TreeDecoder
+    steps run decoding/fast.py's written-out forward."""
+    from conftest import make_tiny_llama
+    from treeopt.decoding.models import weight_first
+
+    return weight_first(make_tiny_llama())
+
+
+LOADS = ["tiny_llama", "fast_llama"]  # transformers' forward (the reference), the written-out one
+
+
 def prompt(seed: int, length: int = 7) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, 97, (length,), generator=g).tolist()
@@ -76,10 +89,13 @@ def trees(draw, max_depth: int = 4, max_rank: int = 3, max_nodes: int = 14):
     return Tree(tuple(paths))
 
 
+@pytest.mark.parametrize("load", LOADS)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(tree=trees(), context=st.integers(1, 12), seed=st.integers(0, 1000))
-def test_tree_forward_equals_each_path_alone(tiny_llama, heads, tree, context, seed):
-    dec = TreeDecoder(tiny_llama, heads, tree)
+def test_tree_forward_equals_each_path_alone(request, tiny_llama, heads, load, tree, context, seed):
+    """Every node's logits equal the reference model's on its path alone (transformers' forward, F.linear)."""
+    dec = TreeDecoder(request.getfixturevalue(load), heads, tree)
+    assert (dec.fast is not None) == (load == "fast_llama")
     N = dec.buf.num_nodes
     g = torch.Generator().manual_seed(seed)
     prefix = torch.randint(0, 97, (context,), generator=g)
@@ -110,9 +126,10 @@ TREES = {
 }
 
 
+@pytest.mark.parametrize("load", LOADS)
 @pytest.mark.parametrize("name", list(TREES))
-def test_greedy_is_lossless_vs_generate(tiny_llama, heads, name):
-    dec = TreeDecoder(tiny_llama, heads, TREES[name], stop_ids={EOS})
+def test_greedy_is_lossless_vs_generate(request, tiny_llama, heads, name, load):
+    dec = TreeDecoder(request.getfixturevalue(load), heads, TREES[name], stop_ids={EOS})
     accepted = 0
     for s in range(3):
         p = prompt(s, 5 + s)
@@ -227,3 +244,44 @@ def test_lossless_on_bundled_model(smollm2):
     want = greedy_reference(model, p, 32, stops).tokens
     got = decode(model, heads, Tree.cartesian([4, 2, 2]), p, 32, stop_ids=stops)
     assert got.tokens == want
+
+
+def test_fast_forward_gives_transformers_hidden_states(tiny_llama, fast_llama):
+    """decoding/fast.py over a prompt: the last hidden states and those entering each layer (a drafter's
+    aux_layers) equal transformers' forward of the same weights."""
+    from treeopt.decoding.cache import TreeCache
+    from treeopt.decoding.decoder import additive_mask
+    from treeopt.decoding.fast import FastLlama
+
+    ids = torch.tensor(prompt(3, 9))  # [P]
+    P, capacity = ids.shape[0], 16
+    cache = TreeCache(2, capacity)
+    positions = torch.arange(P)
+    cache.place(positions)
+    bias = additive_mask(torch.arange(capacity)[None, :] <= positions[:, None], torch.float32)  # [P, capacity]
+    with torch.inference_mode():
+        hidden, aux = FastLlama.of(fast_llama)(ids, bias, positions, cache, (1, 0))
+        want = tiny_llama.model(ids[None], output_hidden_states=True)
+    torch.testing.assert_close(hidden, want.last_hidden_state[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(aux, torch.cat([want.hidden_states[1][0], want.hidden_states[0][0]], -1),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_fast_forward_is_lossless_on_bundled_model(smollm2):
+    """The AVX2 decode-time load (decoding/fast.py's forward): a tree's output equals the float32 reference's
+    plain greedy decoding."""
+    from treeopt.decoding.models import chat_prompt, decode_path, load_model, stop_token_ids
+
+    if not decode_path(torch.device("cpu")).weight_first:
+        pytest.skip("this CPU's default decode path is not the float32 AVX2 one")
+    fast = load_model("smollm2-135m", device="cpu", attention="decode").model
+    tok = smollm2.tokenizer
+    stops = stop_token_ids(smollm2.model, tok)
+    heads = random_heads(fast, num_heads=4)
+    for question in ("Name three primary colors.", "Explain what a CPU cache is."):
+        p = chat_prompt(tok, question)
+        want = greedy_reference(smollm2.model, p, 48, stops).tokens
+        dec = TreeDecoder(fast, heads, Tree.cartesian([4, 2, 2]), stop_ids=stops)
+        assert dec.fast is not None
+        assert dec.generate(p, 48).tokens == want

@@ -12,6 +12,7 @@ def describe(model: str = DEFAULT_MODEL, heads: str | None = None, device: str =
 
     from treeopt.decoding.decoder import compile_cache_dir, compiles_by_default
     from treeopt.decoding.heads import resolve_heads
+    from treeopt.decoding.fast import FastLlama
     from treeopt.decoding.models import WeightFirstLinear, decode_path, load_model
 
     lm = load_model(model, device=device, dtype=dtype, attention="decode")  # as decode, profile and bench load it
@@ -27,8 +28,10 @@ def describe(model: str = DEFAULT_MODEL, heads: str | None = None, device: str =
     path = decode_path(lm.model.device)
     compiled = compiles_by_default(lm.model)
     weight_first = isinstance(lm.model.get_output_embeddings(), WeightFirstLinear)
-    lines += [f"path         {'compiled' if compiled else 'eager'}, {'(W @ x.T).T' if weight_first else 'F.linear'} linears "
-              f"(--dtype auto, --compile unset): {path.why}",
+    forward = ("decoding/fast.py's written-out forward, " if weight_first and FastLlama.supports(lm.model)
+               else "transformers' forward, ")
+    lines += [f"path         {'compiled' if compiled else 'eager'}, {forward}"
+              f"{'(W @ x.T).T' if weight_first else 'F.linear'} linears (--dtype auto, --compile unset): {path.why}",
               "  reference  --dtype float32 --eager: float32 arithmetic throughout (outputs equal plain greedy decoding)",
               f"  compiled   steps cached in {compile_cache_dir()} (TORCHINDUCTOR_CACHE_DIR overrides)"]
     try:

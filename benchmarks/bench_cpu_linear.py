@@ -3,7 +3,8 @@
 
     flock -x /tmp/cpu.lock python benchmarks/bench_cpu_linear.py --threads 2
 
-Kernels: F.linear (MKL's small-M sgemm), x @ W.T, (W @ x.T).T, oneDNN (mkldnn_linear), MKL prepacked
+Kernels: F.linear (MKL's small-M sgemm), numpy's OpenBLAS (what decoding/fast.py runs a one-row step
+with; here beside torch's two threads, so above one row its threads contend with them), x @ W.T, (W @ x.T).T, oneDNN (mkldnn_linear), MKL prepacked
 (`torch.ops.mkl._mkl_linear`, the weight packed for one row), bf16 weights computed in
 float32 (upcast per call), bf16 x bf16 (F.linear), int8 weights (`torch.ops.aten._weight_int8pack_mm`).
 """
@@ -35,8 +36,10 @@ def kernels(W: torch.Tensor) -> dict:
     bf = W.to(torch.bfloat16)
     scale = W.abs().amax(1) / 127  # [V]
     q = torch.round(W / scale[:, None]).to(torch.int8)  # [V, H]
+    Wn = W.numpy()
     return {
         "F.linear": lambda x: F.linear(x, W),
+        "numpy (OpenBLAS) W @ x.T": lambda x: torch.from_numpy(Wn @ x.numpy().T).T,
         "x @ W.T": lambda x: x @ W.T,
         "(W @ x.T).T": lambda x: (W @ x.T).T,
         "mkldnn_linear": lambda x: torch.ops.aten.mkldnn_linear(x.to_mkldnn(), dnn).to_dense(),

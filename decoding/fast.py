@@ -1,7 +1,9 @@
 """The Llama forward of a TreeCache step, written out (as gpt-fast writes it) for CPUs without native
-bf16: q/k/v and gate/up as one product each, every product as (W @ x.T).T, attention over the
-`length + q` slots the step can see instead of the cache's whole capacity, and no mask or cache
-framework around it. It reads the transformers model's own weights (fused copies of q/k/v and
+bf16: q/k/v and gate/up as one product each, attention over the `length + q` slots the step can see
+instead of the cache's whole capacity, and no mask or cache framework around it. A one-row step (plain
+decoding) runs its products as OpenBLAS's sgemv through numpy (about 2x torch's MKL one-row product on
+the AMD AVX2 CPU measured, benchmarks/bench_cpu_linear.py) with torch on one thread meanwhile, so the
+two thread pools never spin against each other; steps of more rows run (W @ x.T).T through torch. It reads the transformers model's own weights (fused copies of q/k/v and
 gate/up) and its rotary embedding, so it computes the same float32 function as the model's forward
 up to summation order.
 
@@ -12,8 +14,10 @@ forward, the exact reference. Measured beside it: docs/speed-cpu-avx2.md.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -39,6 +43,8 @@ class FastLlama:
         self.embed = base.embed_tokens.weight  # [V, H]
         self.rotary = base.rotary_emb
         self.norm = base.norm.weight
+        self.lm_head_weight = model.get_output_embeddings().weight  # [V, H]
+        self.openblas = _openblas_threads(torch.get_num_threads())
         self.layers = []
         for layer in base.layers:
             a, m = layer.self_attn, layer.mlp
@@ -68,9 +74,29 @@ class FastLlama:
             _BUILT[model] = FastLlama(model)
         return _BUILT[model]
 
+    def one_row(self, rows: int):
+        """The context a step of `rows` rows runs in: torch on one thread (its ops are then tiny) while
+        OpenBLAS runs the one-row products, else nothing."""
+        return _torch_threads(1) if rows == 1 and self.openblas else contextlib.nullcontext()
+
+    def _product(self, W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """W [out, in], x [M, in] -> x W^T [M, out]"""
+        if x.shape[0] == 1 and self.openblas:
+            return torch.from_numpy(W.numpy() @ x.numpy()[0])[None]  # OpenBLAS sgemv
+        return (W @ x.T).T
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [q, H] -> logits [q, V]"""
+        with self.one_row(hidden.shape[0]):
+            return self._product(self.lm_head_weight, hidden)
+
     def __call__(self, ids: torch.Tensor, bias: torch.Tensor, positions: torch.Tensor, cache,
                  aux_layers: tuple[int, ...] = ()):
-        nH, kvH, D = self.num_heads, self.num_kv, self.head_dim
+        with self.one_row(ids.shape[0]):
+            return self._forward(ids, bias, positions, cache, aux_layers)
+
+    def _forward(self, ids, bias, positions, cache, aux_layers):
+        nH, kvH, D, mm = self.num_heads, self.num_kv, self.head_dim, self._product
         g = nH // kvH
         x = F.embedding(ids, self.embed)  # [q, H]
         q_len = x.shape[0]
@@ -82,7 +108,7 @@ class FastLlama:
             if i in aux_layers:
                 aux[i] = x
             h = F.rms_norm(x, x.shape[-1:], ln1, self.eps)
-            q, k, v = (qkv_w @ h.T).T.split([nH * D, kvH * D, kvH * D], -1)  # [q, nH D], [q, kvH D] x2
+            q, k, v = mm(qkv_w, h).split([nH * D, kvH * D, kvH * D], -1)  # [q, nH D], [q, kvH D] x2
             q = q.view(q_len, nH, D).transpose(0, 1)  # [nH, q, D]
             k = k.view(q_len, kvH, D).transpose(0, 1)  # [kvH, q, D]
             q = q * cos + _rotate_half(q) * sin
@@ -92,9 +118,30 @@ class FastLlama:
             s = (q.reshape(kvH, g * q_len, D) @ keys.transpose(1, 2)).view(kvH, g, q_len, extent)
             p = (s * D ** -0.5 + bias).softmax(-1).view(kvH, g * q_len, extent)
             o = (p @ values).view(nH, q_len, D).transpose(0, 1).reshape(q_len, nH * D)  # [q, nH D]
-            x = x + (o_w @ o.T).T
+            x = x + mm(o_w, o)
             h = F.rms_norm(x, x.shape[-1:], ln2, self.eps)
-            gate, up = (gu_w @ h.T).T.chunk(2, -1)  # [q, I] x2
-            x = x + (down_w @ (F.silu(gate) * up).T).T
+            gate, up = mm(gu_w, h).chunk(2, -1)  # [q, I] x2
+            x = x + mm(down_w, F.silu(gate) * up)
         hidden = F.rms_norm(x, x.shape[-1:], self.norm, self.eps)
         return hidden, (torch.cat([aux[i] for i in aux_layers], -1) if aux_layers else None)
+
+
+def _openblas_threads(threads: int) -> bool:
+    """Whether numpy computes with OpenBLAS (then limited to `threads` threads, as torch is)."""
+    from threadpoolctl import ThreadpoolController
+
+    blas = ThreadpoolController().select(internal_api="openblas")
+    if not blas.lib_controllers:
+        return False
+    blas.limit(limits=threads)
+    return True
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -77,6 +77,29 @@ def main():
                 except RuntimeError as e:
                     cells.append(f"{'n/a':>8s}")
             print(f"  {name:20s}" + "".join(cells), flush=True)
+    stream(rows, a.repeats, g)
+
+
+def stream(rows, repeats: int, g) -> None:
+    """The products of a whole step, as decoding/fast.py runs them: 30 layers' fused weights (q/k/v,
+    o, gate/up, down; 425 MB, more than the caches hold), each kernel in turn, GB/s of weights read."""
+    mats = [torch.randn(o, i, generator=g) * 0.02 for _ in range(30)
+            for o, i in [(960, 576), (576, 576), (3072, 576), (576, 1536)]]
+    arrays = [W.numpy() for W in mats]
+    mb = sum(W.numel() * 4 for W in mats) / 1e6
+    print(f"a step's products: 30 layers, {mb:.0f} MB of weights; median ms (GB/s)")
+    runs = {
+        "torch (W @ x.T).T": lambda xs: [(W @ x.T).T for W, x in zip(mats, xs)],
+        "torch F.linear": lambda xs: [F.linear(x, W) for W, x in zip(mats, xs)],
+        "numpy (OpenBLAS)": lambda xs: [A @ x.numpy().T for A, x in zip(arrays, xs)],
+    }
+    for name, run in runs.items():
+        cells = []
+        for M in rows:
+            xs = [torch.randn(M, W.shape[1], generator=g) for W in mats]
+            ms = median_ms(lambda: run(xs), repeats)
+            cells.append(f"{ms:8.2f} ({mb / ms:4.1f})")
+        print(f"  {name:20s}" + "".join(cells), flush=True)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
     flock -x /tmp/cpu.lock python benchmarks/bench_cpu_linear.py --threads 2
 
 Kernels: F.linear (MKL's small-M sgemm), numpy's OpenBLAS (what decoding/fast.py runs a one-row step
-with; here beside torch's two threads, so above one row its threads contend with them), x @ W.T, (W @ x.T).T, oneDNN (mkldnn_linear), MKL prepacked
+with; here beside torch's two threads, so above one row its threads contend with them), x @ W.T,
+(W @ x.T).T, oneDNN (mkldnn_linear), MKL prepacked
 (`torch.ops.mkl._mkl_linear`, the weight packed for one row), bf16 weights computed in
 float32 (upcast per call), bf16 x bf16 (F.linear), int8 weights (`torch.ops.aten._weight_int8pack_mm`).
 """

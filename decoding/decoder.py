@@ -33,7 +33,7 @@ from treeopt.decoding.fast import FastLlama
 from treeopt.decoding.cache import TreeCache
 from treeopt.core.errors import TreeoptError
 from treeopt.core.settings import DecodeConfig, RuleSettings
-from treeopt.decoding.models import (DEFAULT_MODEL, WeightFirstLinear, cache_argument, cache_dir, cpu_flags,
+from treeopt.decoding.models import (DEFAULT_MODEL, cache_argument, cache_dir, cpu_flags,
                                      decode_path, layer_devices, stop_token_ids)
 from treeopt.core.tree import Tree
 
@@ -267,8 +267,7 @@ class TreeDecoder:
         self.row_topk: torch.Tensor | None = None  # [N, D, top_k] fused: each row's candidates, last step
         # The AVX2 decode-time load (WeightFirstLinear linears, `--dtype auto`) runs its steps through the
         # written-out forward of decoding/fast.py; the float32 reference load keeps transformers' forward.
-        self.fast = (FastLlama.of(model) if not compiled and isinstance(self.lm_head, WeightFirstLinear)
-                     and FastLlama.supports(model) else None)
+        self.fast = FastLlama.of(model) if not compiled and FastLlama.applies(model) else None
         self.verify = _Step(self._verify, self.device, compiled)
         self.propose = _Step(self._propose, self.device, compiled)
 

@@ -3,13 +3,13 @@ bf16: q/k/v and gate/up as one product each, attention over the `length + q` slo
 instead of the cache's whole capacity, and no mask or cache framework around it. A one-row step (plain
 decoding) runs its products as OpenBLAS's sgemv through numpy (about 2x torch's MKL one-row product on
 the AMD AVX2 CPU measured, benchmarks/bench_cpu_linear.py) with torch on one thread meanwhile, so the
-two thread pools never spin against each other; steps of more rows run (W @ x.T).T through torch. It reads the transformers model's own weights (fused copies of q/k/v and
-gate/up) and its rotary embedding, so it computes the same float32 function as the model's forward
-up to summation order.
+two thread pools never spin against each other; steps of more rows run (W @ x.T).T through torch.
+It reads the transformers model's own weights (fused copies of q/k/v and gate/up) and its rotary
+embedding, so it computes the same float32 function as the model's forward up to summation order.
 
-The AVX2 decode-time load (`models.load_model(..., decoding=True)`, `--dtype auto`, whose linears are
-`WeightFirstLinear`) runs every TreeDecoder step through it; `--dtype float32` keeps transformers'
-forward, the exact reference. Measured beside it: docs/speed-cpu-avx2.md.
+The AVX2 decode-time load (`models.load_model(..., attention="decode")`, `--dtype auto`, whose linears
+are `WeightFirstLinear`) runs every TreeDecoder step through it (`FastLlama.applies`); `--dtype
+float32` keeps transformers' forward, the exact reference. Measured beside it: docs/speed-cpu-avx2.md.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import weakref
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+
+from treeopt.decoding.models import WeightFirstLinear
 
 _BUILT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its FastLlama (one per model)
 
@@ -68,6 +69,11 @@ class FastLlama:
         return plain and len(devices) == 1 and not hasattr(model, "hf_device_map") and hasattr(base, "rotary_emb")
 
     @staticmethod
+    def applies(model) -> bool:
+        """Whether `model` decodes through a FastLlama: the AVX2 decode-time load of a supported model."""
+        return isinstance(model.get_output_embeddings(), WeightFirstLinear) and FastLlama.supports(model)
+
+    @staticmethod
     def of(model) -> "FastLlama":
         """The model's FastLlama (built once per model)."""
         if model not in _BUILT:
@@ -86,9 +92,8 @@ class FastLlama:
         return (W @ x.T).T
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [q, H] -> logits [q, V]"""
-        with self.one_row(hidden.shape[0]):
-            return self._product(self.lm_head_weight, hidden)
+        """hidden [q, H] -> logits [q, V] (one row: inside `one_row`, as the decoder's verification step runs it)"""
+        return self._product(self.lm_head_weight, hidden)
 
     def __call__(self, ids: torch.Tensor, bias: torch.Tensor, positions: torch.Tensor, cache,
                  aux_layers: tuple[int, ...] = ()):

@@ -28,8 +28,7 @@ def describe(model: str = DEFAULT_MODEL, heads: str | None = None, device: str =
     path = decode_path(lm.model.device)
     compiled = compiles_by_default(lm.model)
     weight_first = isinstance(lm.model.get_output_embeddings(), WeightFirstLinear)
-    forward = ("decoding/fast.py's written-out forward, " if weight_first and FastLlama.supports(lm.model)
-               else "transformers' forward, ")
+    forward = "decoding/fast.py's written-out forward, " if FastLlama.applies(lm.model) else "transformers' forward, "
     lines += [f"path         {'compiled' if compiled else 'eager'}, {forward}"
               f"{'(W @ x.T).T' if weight_first else 'F.linear'} linears (--dtype auto, --compile unset): {path.why}",
               "  reference  --dtype float32 --eager: float32 arithmetic throughout (outputs equal plain greedy decoding)",

@@ -137,7 +137,7 @@ def test_demo_with_the_ngram_drafter_searches_and_benches_chains(tmp_path, tiny_
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([{"instruction": f"w{i} w{i + 1} w{i + 2} w{i} w{i + 1}"} for i in range(3, 10)]))
     cfg = DemoConfig(model=str(tiny_model_dir), drafter="ngram:1-2", prompts=str(prompts), seed=1, fit_prompts=3,
-                     bench_prompts=2, max_new_tokens=24, nodes="auto", profile_sizes="0,1,2,4", device="cpu",
+                     bench_prompts=2, max_new_tokens=24, nodes=2, profile_sizes="0,1,2,4", device="cpu",
                      dtype="float32")
     assert cfg.cartesian == () and cfg.published == ()  # tree baselines: none for a chain drafter
     result = run_demo(tmp_path / "run", cfg, log=lambda s: None)
@@ -147,7 +147,8 @@ def test_demo_with_the_ngram_drafter_searches_and_benches_chains(tmp_path, tiny_
     latency = pd.read_csv(out / "latency.csv")
     assert (latency["drafter"] == "ngram:1-2").all() and (latency["depth"] == latency["nodes"]).all()  # chains
     tree = json.loads((out / "tree.json").read_text())
-    assert tree["nodes"] >= 1 and all(set(p) == {0} for p in tree["medusa_choices"])  # a chain, sized on the profile
+    # a fixed size: "auto" sizes on this machine's timings, which a busy CPU can tip to plain decoding
+    assert tree["nodes"] >= 1 and all(set(p) == {0} for p in tree["medusa_choices"])  # a chain
     assert len(tree["medusa_choices"]) == max(map(len, tree["medusa_choices"]))
     bench = pd.read_csv(out / "bench" / "bench.csv")
     trees = set(bench["method"]) - {"plain", "hf-generate"}

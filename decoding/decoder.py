@@ -300,6 +300,10 @@ class TreeDecoder:
             return hidden, hidden
         return hidden, torch.cat([out.hidden_states[i][0] for i in self.aux_layers], -1)
 
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., H] -> logits [..., V]: the model's lm_head (its written-out product on the fast path)."""
+        return self.lm_head(hidden) if self.fast is None else self.fast.lm_head(hidden)
+
     def _verify(self, tokens: torch.Tensor, bias: torch.Tensor, positions: torch.Tensor):
         """The tree forward: tokens [N] -> (logits [N, V], hidden [N, H], each row's argmax [N], fused: the
         heads' top-k at every row [N, D, top_k], else None). The argmax is taken here, inside the compiled
@@ -312,10 +316,10 @@ class TreeDecoder:
     def _verify_rows(self, tokens: torch.Tensor, bias: torch.Tensor, positions: torch.Tensor):
         hidden, state = self.forward(tokens, bias, positions)  # [N, H], [N, S]
         if not self.fused:
-            logits = self.lm_head(hidden) if self.fast is None else self.fast.lm_head(hidden)  # [N, V]
+            logits = self.project(hidden)  # [N, V]
             return logits, state, logits.argmax(-1), None
         rows = torch.cat([hidden[None], self.heads.features(hidden)[:self.depth]])  # [1 + D, N, H]
-        logits = self.lm_head(rows)  # [1 + D, N, V]: one pass over the vocabulary matrix
+        logits = self.project(rows)  # [1 + D, N, V]: one pass over the vocabulary matrix
         topk = torch.topk(logits[1:], self.buf.top_k, dim=-1).indices  # [D, N, top_k]
         return logits[0], hidden, logits[0].argmax(-1), topk.transpose(0, 1)
 
@@ -327,7 +331,7 @@ class TreeDecoder:
         if self.heads.config.own_lm_head:
             logits = self.heads(hidden)[:D, 0]  # [D, V]
         else:
-            logits = self.lm_head(self.heads.features(hidden)[:D, 0])  # [D, V]
+            logits = self.project(self.heads.features(hidden)[:D, 0])  # [D, V]
         return torch.topk(logits, self.buf.top_k, dim=-1).indices.to(self.device)
 
     def candidates(self, hidden: torch.Tensor, depth: int | None = None, row: int | None = None) -> torch.Tensor:

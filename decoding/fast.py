@@ -1,11 +1,13 @@
 """The Llama forward of a TreeCache step, written out (as gpt-fast writes it) for CPUs without native
-bf16: q/k/v and gate/up as one product each, attention over the `length + q` slots the step can see
-instead of the cache's whole capacity, and no mask or cache framework around it. A one-row step (plain
-decoding) runs its products as OpenBLAS's sgemv through numpy (about 2x torch's MKL one-row product on
-the AMD AVX2 CPU measured, benchmarks/bench_cpu_linear.py) with torch on one thread meanwhile, so the
-two thread pools never spin against each other; steps of more rows run (W @ x.T).T through torch.
-It reads the transformers model's own weights (fused copies of q/k/v and gate/up) and its rotary
-embedding, so it computes the same float32 function as the model's forward up to summation order.
+bf16: q/k/v and gate/up as one product each, q and k rotated together, attention by
+`scaled_dot_product_attention` over the `length + q` slots the step can see instead of the cache's
+whole capacity, and no mask or cache framework around it. A one-row step (plain decoding) runs its
+products as OpenBLAS's sgemv through numpy with torch on one thread meanwhile, so the two thread pools
+never spin against each other; steps of more rows run oneDNN's product over weights prepacked once
+(`_Linear`). On the AMD AVX2 CPU measured, both read the weights at 1.3-2x the rate of torch's MKL
+small-M product (benchmarks/bench_cpu_linear.py). It reads the transformers model's own weights (fused
+copies of q/k/v and gate/up, and the prepacked copies) and its rotary embedding, so it computes the
+same float32 function as the model's forward up to summation order.
 
 The AVX2 decode-time load (`models.load_model(..., attention="decode")`, `--dtype auto`, whose linears
 are `WeightFirstLinear`) runs every TreeDecoder step through it (`FastLlama.applies`); `--dtype
@@ -25,11 +27,6 @@ from treeopt.decoding.models import WeightFirstLinear
 _BUILT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its FastLlama (one per model)
 
 
-def _rotate_half(t: torch.Tensor) -> torch.Tensor:
-    a, b = t.chunk(2, -1)
-    return torch.cat([-b, a], -1)
-
-
 class FastLlama:
     """`FastLlama(model)(ids [q], bias [q, capacity], positions [q], cache, aux_layers)` -> (the last
     hidden states [q, H], the hidden states entering `aux_layers`, concatenated [q, A * H], or None).
@@ -43,19 +40,21 @@ class FastLlama:
         self.eps = c.rms_norm_eps
         self.embed = base.embed_tokens.weight  # [V, H]
         self.rotary = base.rotary_emb
+        half = torch.ones(self.head_dim // 2, dtype=self.embed.dtype, device=self.embed.device)
+        self.signs = torch.cat([-half, half])  # [D]: rotate_half's signs
         self.norm = base.norm.weight
-        self.lm_head_weight = model.get_output_embeddings().weight  # [V, H]
         self.openblas = _openblas_threads(torch.get_num_threads())
+        self.lm_head_linear = _Linear(model.get_output_embeddings().weight, self.openblas)  # [V, H]
         self.layers = []
         for layer in base.layers:
             a, m = layer.self_attn, layer.mlp
             self.layers.append((
                 layer.input_layernorm.weight,
-                torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),  # [(nH + 2 kvH) D, H]
-                a.o_proj.weight,  # [H, nH D]
+                _Linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), self.openblas),  # [(nH + 2 kvH) D, H]
+                _Linear(a.o_proj.weight, self.openblas),  # [H, nH D]
                 layer.post_attention_layernorm.weight,
-                torch.cat([m.gate_proj.weight, m.up_proj.weight]),  # [2 I, H]
-                m.down_proj.weight,  # [H, I]
+                _Linear(torch.cat([m.gate_proj.weight, m.up_proj.weight]), self.openblas),  # [2 I, H]
+                _Linear(m.down_proj.weight, self.openblas),  # [H, I]
             ))
 
     @staticmethod
@@ -85,15 +84,9 @@ class FastLlama:
         OpenBLAS runs the one-row products, else nothing."""
         return _torch_threads(1) if rows == 1 and self.openblas else contextlib.nullcontext()
 
-    def _product(self, W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """W [out, in], x [M, in] -> x W^T [M, out]"""
-        if x.shape[0] == 1 and self.openblas:
-            return torch.from_numpy(W.numpy() @ x.numpy()[0])[None]  # OpenBLAS sgemv
-        return (W @ x.T).T
-
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [q, H] -> logits [q, V] (one row: inside `one_row`, as the decoder's verification step runs it)"""
-        return self._product(self.lm_head_weight, hidden)
+        """hidden [..., H] -> logits [..., V] (one row: inside `one_row`, as the decoder's verification step runs it)"""
+        return self.lm_head_linear(hidden)
 
     def __call__(self, ids: torch.Tensor, bias: torch.Tensor, positions: torch.Tensor, cache,
                  aux_layers: tuple[int, ...] = ()):
@@ -101,34 +94,52 @@ class FastLlama:
             return self._forward(ids, bias, positions, cache, aux_layers)
 
     def _forward(self, ids, bias, positions, cache, aux_layers):
-        nH, kvH, D, mm = self.num_heads, self.num_kv, self.head_dim, self._product
-        g = nH // kvH
+        nH, kvH, D, eps = self.num_heads, self.num_kv, self.head_dim, self.eps
         x = F.embedding(ids, self.embed)  # [q, H]
         q_len = x.shape[0]
         extent = cache.length + q_len  # the slots this step can see: the committed text and its own rows
         bias = bias[:, :extent]  # [q, extent]
-        cos, sin = (t[0] for t in self.rotary(x[None], positions[None]))  # [q, D]
+        cos, sin = (t[0, :, None] for t in self.rotary(x[None], positions[None]))  # [q, 1, D]
+        sin = sin * self.signs  # rotate_half(t) * sin == roll(t, D / 2) * (signs * sin)
         aux = {}
-        for i, (ln1, qkv_w, o_w, ln2, gu_w, down_w) in enumerate(self.layers):
+        for i, (ln1, qkv, o_proj, ln2, gate_up, down) in enumerate(self.layers):
             if i in aux_layers:
                 aux[i] = x
-            h = F.rms_norm(x, x.shape[-1:], ln1, self.eps)
-            q, k, v = mm(qkv_w, h).split([nH * D, kvH * D, kvH * D], -1)  # [q, nH D], [q, kvH D] x2
-            q = q.view(q_len, nH, D).transpose(0, 1)  # [nH, q, D]
-            k = k.view(q_len, kvH, D).transpose(0, 1)  # [kvH, q, D]
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            keys, values = cache.layers[i].update(k[None], v.view(q_len, kvH, D).transpose(0, 1)[None])
-            keys, values = keys[0, :, :extent], values[0, :, :extent]  # [kvH, extent, D]
-            s = (q.reshape(kvH, g * q_len, D) @ keys.transpose(1, 2)).view(kvH, g, q_len, extent)
-            p = (s * D ** -0.5 + bias).softmax(-1).view(kvH, g * q_len, extent)
-            o = (p @ values).view(nH, q_len, D).transpose(0, 1).reshape(q_len, nH * D)  # [q, nH D]
-            x = x + mm(o_w, o)
-            h = F.rms_norm(x, x.shape[-1:], ln2, self.eps)
-            gate, up = mm(gu_w, h).chunk(2, -1)  # [q, I] x2
-            x = x + mm(down_w, F.silu(gate) * up)
-        hidden = F.rms_norm(x, x.shape[-1:], self.norm, self.eps)
+            qk, v = qkv(_rms_norm(x, ln1, eps)).reshape(q_len, nH + 2 * kvH, D).split([nH + kvH, kvH], 1)
+            qk = torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin)  # q and k rotated at once [q, nH + kvH, D]
+            q, k = qk.transpose(0, 1).split([nH, kvH])  # [nH, q, D], [kvH, q, D]
+            keys, values = cache.layers[i].update(k[None], v.transpose(0, 1)[None])  # [1, kvH, capacity, D] x2
+            o = F.scaled_dot_product_attention(q[None], keys[:, :, :extent], values[:, :, :extent], attn_mask=bias,
+                                               enable_gqa=True)  # [1, nH, q, D]
+            x = x + o_proj(o[0].transpose(0, 1).reshape(q_len, nH * D))
+            gate, up = gate_up(_rms_norm(x, ln2, eps)).chunk(2, -1)  # [q, I] x2
+            x = x + down(F.silu(gate).mul_(up))
+        hidden = _rms_norm(x, self.norm, eps)
         return hidden, (torch.cat([aux[i] for i in aux_layers], -1) if aux_layers else None)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [q, H] -> weight * x / rms(x), in transformers' LlamaRMSNorm's order of operations"""
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+class _Linear:
+    """A weight W [out, in] and its products x [..., in] -> x W^T [..., out]: one row by OpenBLAS's sgemv
+    (with `openblas`), more by oneDNN over a copy of W prepacked once (where torch has oneDNN; else
+    (W @ x.T).T by MKL). On the AMD AVX2 CPU measured, oneDNN's prepacked product reads a decoding
+    step's weights at 2-16 rows at up to 2x MKL's small-M rate, and OpenBLAS's sgemv one row at 1.3x
+    oneDNN's (benchmarks/bench_cpu_linear.py)."""
+
+    def __init__(self, W: torch.Tensor, openblas: bool):
+        self.W, self.openblas = W, openblas
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(W, 2) if torch.backends.mkldnn.is_available() else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.openblas and x.numel() == x.shape[-1]:  # one row
+            return torch.from_numpy(self.W.numpy() @ x.reshape(-1).numpy()).view(*x.shape[:-1], -1)  # sgemv
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return (self.W @ x.reshape(-1, x.shape[-1]).T).T.reshape(*x.shape[:-1], -1)
 
 
 def _openblas_threads(threads: int) -> bool:

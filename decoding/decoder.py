@@ -290,7 +290,7 @@ class TreeDecoder:
         """ids [q], bias [q, capacity], positions [q] -> (last hidden states [q, H], the drafter's state
         [q, S]: those, or with a drafter's `aux_layers` the hidden states entering them [q, A * H]);
         writes K/V at the slots placed in the cache."""
-        if self.fast is not None:
+        if self.fast is not None:  # the written-out forward of decoding/fast.py
             hidden, aux = self.fast(ids, bias, positions, self.cache, self.aux_layers)
             return hidden, (hidden if aux is None else aux)
         out = self.base(input_ids=ids[None], attention_mask=bias[None, None], position_ids=positions[None],
@@ -300,26 +300,16 @@ class TreeDecoder:
             return hidden, hidden
         return hidden, torch.cat([out.hidden_states[i][0] for i in self.aux_layers], -1)
 
-    def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [..., H] -> logits [..., V]: the model's lm_head (its written-out product on the fast path)."""
-        return self.lm_head(hidden) if self.fast is None else self.fast.lm_head(hidden)
-
     def _verify(self, tokens: torch.Tensor, bias: torch.Tensor, positions: torch.Tensor):
         """The tree forward: tokens [N] -> (logits [N, V], hidden [N, H], each row's argmax [N], fused: the
         heads' top-k at every row [N, D, top_k], else None). The argmax is taken here, inside the compiled
         graph: eager bf16 argmax over the vocabulary costs ~0.2 ms a row on a CPU."""
-        if self.fast is not None:
-            with self.fast.one_row(tokens.shape[0]):  # one row: torch on one thread beside OpenBLAS
-                return self._verify_rows(tokens, bias, positions)
-        return self._verify_rows(tokens, bias, positions)
-
-    def _verify_rows(self, tokens: torch.Tensor, bias: torch.Tensor, positions: torch.Tensor):
         hidden, state = self.forward(tokens, bias, positions)  # [N, H], [N, S]
         if not self.fused:
-            logits = self.project(hidden)  # [N, V]
+            logits = self.lm_head(hidden)  # [N, V]
             return logits, state, logits.argmax(-1), None
         rows = torch.cat([hidden[None], self.heads.features(hidden)[:self.depth]])  # [1 + D, N, H]
-        logits = self.project(rows)  # [1 + D, N, V]: one pass over the vocabulary matrix
+        logits = self.lm_head(rows)  # [1 + D, N, V]: one pass over the vocabulary matrix
         topk = torch.topk(logits[1:], self.buf.top_k, dim=-1).indices  # [D, N, top_k]
         return logits[0], hidden, logits[0].argmax(-1), topk.transpose(0, 1)
 
@@ -331,7 +321,7 @@ class TreeDecoder:
         if self.heads.config.own_lm_head:
             logits = self.heads(hidden)[:D, 0]  # [D, V]
         else:
-            logits = self.project(self.heads.features(hidden)[:D, 0])  # [D, V]
+            logits = self.lm_head(self.heads.features(hidden)[:D, 0])  # [D, V]
         return torch.topk(logits, self.buf.top_k, dim=-1).indices.to(self.device)
 
     def candidates(self, hidden: torch.Tensor, depth: int | None = None, row: int | None = None) -> torch.Tensor:

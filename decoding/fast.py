@@ -1,13 +1,10 @@
 """The Llama forward of a TreeCache step, written out (as gpt-fast writes it) for CPUs without native
 bf16: q/k/v and gate/up as one product each, q and k rotated together, attention by
 `scaled_dot_product_attention` over the `length + q` slots the step can see instead of the cache's
-whole capacity, and no mask or cache framework around it. A one-row step (plain decoding) runs its
-products as OpenBLAS's sgemv through numpy with torch on one thread meanwhile, so the two thread pools
-never spin against each other; steps of more rows run oneDNN's product over weights prepacked once
-(`_Linear`). On the AMD AVX2 CPU measured, both read the weights at 1.3-2x the rate of torch's MKL
-small-M product (benchmarks/bench_cpu_linear.py). It reads the transformers model's own weights (fused
-copies of q/k/v and gate/up, and the prepacked copies) and its rotary embedding, so it computes the
-same float32 function as the model's forward up to summation order.
+whole capacity, and no mask or cache framework around it. Its products are the load's own
+`models.WeightFirstLinear`s (oneDNN over weights prepacked once), plus two over fused copies of q/k/v
+and gate/up. It reads the transformers model's own weights and its rotary embedding, so it computes
+the same float32 function as the model's forward up to summation order.
 
 The AVX2 decode-time load (`models.load_model(..., attention="decode")`, `--dtype auto`, whose linears
 are `WeightFirstLinear`) runs every TreeDecoder step through it (`FastLlama.applies`); `--dtype
@@ -16,7 +13,6 @@ float32` keeps transformers' forward, the exact reference. Measured beside it: d
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 
 import torch
@@ -43,18 +39,17 @@ class FastLlama:
         half = torch.ones(self.head_dim // 2, dtype=self.embed.dtype, device=self.embed.device)
         self.signs = torch.cat([-half, half])  # [D]: rotate_half's signs
         self.norm = base.norm.weight
-        self.openblas = _openblas_threads(torch.get_num_threads())
-        self.lm_head_linear = _Linear(model.get_output_embeddings().weight, self.openblas)  # [V, H]
+        self.lm_head = model.get_output_embeddings()  # a WeightFirstLinear [V, H]
         self.layers = []
         for layer in base.layers:
             a, m = layer.self_attn, layer.mlp
             self.layers.append((
                 layer.input_layernorm.weight,
-                _Linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), self.openblas),  # [(nH + 2 kvH) D, H]
-                _Linear(a.o_proj.weight, self.openblas),  # [H, nH D]
+                WeightFirstLinear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])),  # [(nH + 2 kvH) D, H]
+                a.o_proj,  # [H, nH D]
                 layer.post_attention_layernorm.weight,
-                _Linear(torch.cat([m.gate_proj.weight, m.up_proj.weight]), self.openblas),  # [2 I, H]
-                _Linear(m.down_proj.weight, self.openblas),  # [H, I]
+                WeightFirstLinear(torch.cat([m.gate_proj.weight, m.up_proj.weight])),  # [2 I, H]
+                m.down_proj,  # [H, I]
             ))
 
     @staticmethod
@@ -79,21 +74,8 @@ class FastLlama:
             _BUILT[model] = FastLlama(model)
         return _BUILT[model]
 
-    def one_row(self, rows: int):
-        """The context a step of `rows` rows runs in: torch on one thread (its ops are then tiny) while
-        OpenBLAS runs the one-row products, else nothing."""
-        return _torch_threads(1) if rows == 1 and self.openblas else contextlib.nullcontext()
-
-    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [..., H] -> logits [..., V] (one row: inside `one_row`, as the decoder's verification step runs it)"""
-        return self.lm_head_linear(hidden)
-
     def __call__(self, ids: torch.Tensor, bias: torch.Tensor, positions: torch.Tensor, cache,
                  aux_layers: tuple[int, ...] = ()):
-        with self.one_row(ids.shape[0]):
-            return self._forward(ids, bias, positions, cache, aux_layers)
-
-    def _forward(self, ids, bias, positions, cache, aux_layers):
         nH, kvH, D, eps = self.num_heads, self.num_kv, self.head_dim, self.eps
         x = F.embedding(ids, self.embed)  # [q, H]
         q_len = x.shape[0]
@@ -121,43 +103,3 @@ class FastLlama:
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [q, H] -> weight * x / rms(x), in transformers' LlamaRMSNorm's order of operations"""
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-
-class _Linear:
-    """A weight W [out, in] and its products x [..., in] -> x W^T [..., out]: one row by OpenBLAS's sgemv
-    (with `openblas`), more by oneDNN over a copy of W prepacked once (where torch has oneDNN; else
-    (W @ x.T).T by MKL). On the AMD AVX2 CPU measured, oneDNN's prepacked product reads a decoding
-    step's weights at 2-16 rows at up to 2x MKL's small-M rate, and OpenBLAS's sgemv one row at 1.3x
-    oneDNN's (benchmarks/bench_cpu_linear.py)."""
-
-    def __init__(self, W: torch.Tensor, openblas: bool):
-        self.W, self.openblas = W, openblas
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(W, 2) if torch.backends.mkldnn.is_available() else None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.openblas and x.numel() == x.shape[-1]:  # one row
-            return torch.from_numpy(self.W.numpy() @ x.reshape(-1).numpy()).view(*x.shape[:-1], -1)  # sgemv
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-        return (self.W @ x.reshape(-1, x.shape[-1]).T).T.reshape(*x.shape[:-1], -1)
-
-
-def _openblas_threads(threads: int) -> bool:
-    """Whether numpy computes with OpenBLAS (then limited to `threads` threads, as torch is)."""
-    from threadpoolctl import ThreadpoolController
-
-    blas = ThreadpoolController().select(internal_api="openblas")
-    if not blas.lib_controllers:
-        return False
-    blas.limit(limits=threads)
-    return True
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

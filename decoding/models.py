@@ -83,7 +83,7 @@ class DecodePath:
 
     dtype: torch.dtype
     compiled: bool  # torch.compile the decoding steps
-    weight_first: bool  # float32 on a CPU: every linear as (W @ x.T).T (WeightFirstLinear)
+    weight_first: bool  # float32 on a CPU: every linear a WeightFirstLinear (oneDNN prepacked)
     why: str
 
 
@@ -103,30 +103,35 @@ def decode_path(device: torch.device) -> DecodePath:
     if {"avx2", "fma"} <= flags and torch.backends.mkl.is_available():
         return DecodePath(torch.float32, False, True, "an AVX2 CPU without native bf16 (no avx512_bf16/amx_bf16): "
                           "float32 (bf16 math is emulated), eager (compiling the float32 steps takes many minutes "
-                          "on such a CPU), every linear as (W @ x.T).T (BLAS's tall path: about 2x F.linear's "
-                          "small-M path at 1-9 rows), and a Llama's decoding steps through decoding/fast.py "
-                          "(q/k/v and gate/up fused, attention over the used slots only)")
+                          "on such a CPU), every linear as oneDNN's product over its weight prepacked once (1.3-2x "
+                          "F.linear's MKL small-M rate at 1-17 rows), drafters' too, and a Llama's decoding steps "
+                          "through decoding/fast.py (q/k/v and gate/up fused, attention over the used slots only)")
     return DecodePath(torch.float32, False, False, "a CPU without AVX2 or native bf16: float32, eager (the reference)")
 
 
 class WeightFirstLinear(torch.nn.Module):
-    """`linear` as (W @ x.T).T + b: the same float32 product as F.linear (only the blocking differs), run
-    by BLAS as a tall [out, in] x [in, M] product that reads W once, where MKL's small-M path of F.linear
-    (x @ W.T) runs a decoding step's few rows at 2-3x the cost of one (benchmarks/bench_cpu_linear.py).
-    Shares the linear's parameters."""
+    """A float32 linear for CPUs whose MKL small-M product (F.linear's x @ W.T) reads the weights slowly:
+    oneDNN's product over a copy of W prepacked at the first call (where torch has oneDNN), else
+    (W @ x.T).T, the tall product that reads W once. The same product as F.linear up to summation
+    order; on the AMD AVX2 CPU measured, oneDNN's reads a decoding step's weights at 1.3-2x F.linear's
+    rate at 1-17 rows (benchmarks/bench_cpu_linear.py). Shares the weight and bias it is given."""
 
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
-        self.weight, self.bias = linear.weight, linear.bias  # [out, in], [out] or None
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = weight, bias  # [out, in], [out] or None
+        self.out_features, self.in_features = weight.shape
+        self.packed: torch.Tensor | None = None  # oneDNN's layout of W, made at the first call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out]"""
-        rows = x.reshape(-1, x.shape[-1])  # [M, in]
-        y = (self.weight @ rows.T).T  # [M, out]
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        W = self.weight.detach()
+        if torch.backends.mkldnn.is_available():
+            if self.packed is None:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(W, 2)  # packed for a few rows
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        else:
+            y = (W @ x.reshape(-1, x.shape[-1]).T).T.reshape(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
 
 
 def weight_first(model: torch.nn.Module) -> torch.nn.Module:
@@ -134,7 +139,7 @@ def weight_first(model: torch.nn.Module) -> torch.nn.Module:
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is torch.nn.Linear:
-                setattr(module, name, WeightFirstLinear(child))
+                setattr(module, name, WeightFirstLinear(child.weight, child.bias))
     return model
 
 

@@ -267,25 +267,6 @@ def test_fast_forward_gives_transformers_hidden_states(tiny_llama, fast_llama):
                                atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("openblas, onednn", [(True, True), (False, True), (False, False)])
-@pytest.mark.parametrize("shape", [(1, 24), (1, 1, 24), (5, 24), (2, 3, 24)])
-def test_fast_products_equal_the_linear(openblas, onednn, shape, monkeypatch):
-    """decoding/fast.py's products (OpenBLAS's one-row sgemv, oneDNN's prepacked product, MKL's
-    (W @ x.T).T where torch has no oneDNN) equal x @ W.T at every row count and input rank."""
-    from treeopt.decoding import fast
-
-    if not onednn:
-        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
-    g = torch.Generator().manual_seed(0)
-    W, x = torch.randn(40, 24, generator=g), torch.randn(*shape, generator=g)  # [out, in], [..., in]
-    linear = fast._Linear(W, openblas)
-    assert (linear.packed is not None) == onednn
-    with torch.inference_mode():
-        got = linear(x)
-    assert got.shape == (*shape[:-1], 40)
-    torch.testing.assert_close(got, x @ W.T, atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.slow
 def test_fast_forward_is_lossless_on_bundled_model(smollm2):
     """The AVX2 decode-time load (decoding/fast.py's forward): a tree's output equals the float32 reference's

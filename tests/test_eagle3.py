@@ -137,6 +137,25 @@ def test_resolve_eagle3(tmp_path, tiny_llama, trained):
     assert len(drafter.describe()["sha256"]) == 64
 
 
+def test_eagle3_on_the_avx2_load_takes_its_products_and_decodes_losslessly(tmp_path, tiny_llama, trained):
+    """On the AVX2 decode-time load (WeightFirstLinear linears) the drafter's linears are WeightFirstLinear
+    too, and a tree it drafts decodes what plain greedy decoding of the float32 reference does."""
+    from conftest import make_tiny_llama
+    from treeopt.decoding.models import WeightFirstLinear, weight_first
+
+    save_eagle3(trained, tmp_path / "e")
+    fast = weight_first(make_tiny_llama())  # tiny_llama's weights, the AVX2 load's products
+    assert not any(isinstance(m, WeightFirstLinear) for m in resolve_drafter(f"eagle3:{tmp_path / 'e'}", tiny_llama).eagle.modules())
+    drafter = resolve_drafter(f"eagle3:{tmp_path / 'e'}", fast)
+    linears = [m for m in drafter.eagle.modules() if isinstance(m, (torch.nn.Linear, WeightFirstLinear))]
+    assert linears and all(isinstance(m, WeightFirstLinear) for m in linears)
+    tree = Tree(Tree.cartesian([3, 2]).paths + ((0, 0, 0),))
+    for p in PROMPTS:
+        want = decoder.decode(tiny_llama, None, Tree(()), p, 24).tokens
+        with torch.inference_mode():
+            assert decoder.decode(fast, drafter, tree, p, 24).tokens == want
+
+
 @pytest.mark.slow
 def test_shipped_eagle3_replays_the_decoder_on_the_bundled_model(smollm2):
     """The EAGLE-3 drafter shipped for the bundled model (fp32): its record replays the decoder's steps

@@ -96,6 +96,25 @@ def test_weight_first_linear_is_the_same_product():
     assert net(x[0, 0]).shape == (8,)
 
 
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("shape", [(1, 24), (1, 1, 24), (24,), (5, 24), (2, 3, 24)])
+def test_weight_first_products_equal_the_linear(onednn, shape, monkeypatch):
+    """WeightFirstLinear's product (oneDNN's over the weight prepacked at the first call, or (W @ x.T).T
+    where torch has no oneDNN) equals F.linear at every row count and input rank, call after call."""
+    from treeopt.decoding.models import WeightFirstLinear
+
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: onednn)
+    g = torch.Generator().manual_seed(0)
+    W, b = torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
+    linear = WeightFirstLinear(W, b)
+    for x in (torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)):
+        with torch.inference_mode():
+            got = linear(x)
+        assert got.shape == (*shape[:-1], 40)
+        torch.testing.assert_close(got, torch.nn.functional.linear(x, W, b), atol=1e-5, rtol=1e-5)
+    assert (linear.packed is not None) == onednn
+
+
 def test_cache_argument_follows_the_model_signature(tiny_llama, caplog):
     from treeopt.decoding.decoder import TreeDecoder
     from treeopt.decoding.models import cache_argument

@@ -30,7 +30,7 @@ def describe(model: str = DEFAULT_MODEL, heads: str | None = None, device: str =
     weight_first = isinstance(lm.model.get_output_embeddings(), WeightFirstLinear)
     forward = "decoding/fast.py's written-out forward, " if FastLlama.applies(lm.model) else "transformers' forward, "
     lines += [f"path         {'compiled' if compiled else 'eager'}, {forward}"
-              f"{'(W @ x.T).T' if weight_first else 'F.linear'} linears (--dtype auto, --compile unset): {path.why}",
+              f"{'oneDNN prepacked' if weight_first else 'F.linear'} linears (--dtype auto, --compile unset): {path.why}",
               "  reference  --dtype float32 --eager: float32 arithmetic throughout (outputs equal plain greedy decoding)",
               f"  compiled   steps cached in {compile_cache_dir()} (TORCHINDUCTOR_CACHE_DIR overrides)"]
     try:

@@ -3,9 +3,9 @@
 
     flock -x /tmp/cpu.lock python benchmarks/bench_cpu_linear.py --threads 2
 
-Kernels: F.linear (MKL's small-M sgemm), numpy's OpenBLAS (what decoding/fast.py runs a one-row step
-with; here beside torch's two threads, so above one row its threads contend with them), x @ W.T,
-(W @ x.T).T, oneDNN (mkldnn_linear), MKL prepacked
+Kernels: F.linear (MKL's small-M sgemm), numpy's OpenBLAS (here beside torch's two threads, so above
+one row its threads contend with them), x @ W.T, (W @ x.T).T, oneDNN over the weight prepacked once
+(`models.WeightFirstLinear`, what the AVX2 decode-time load runs), oneDNN unpacked (mkldnn_linear), MKL prepacked
 (`torch.ops.mkl._mkl_linear`, the weight packed for one row), bf16 weights computed in
 float32 (upcast per call), bf16 x bf16 (F.linear), int8 weights (`torch.ops.aten._weight_int8pack_mm`).
 """
@@ -32,7 +32,10 @@ def median_ms(fn, repeats: int) -> float:
 
 def kernels(W: torch.Tensor) -> dict:
     """name -> fn(x [M, H]) -> [M, V], for the weight W [V, H]."""
+    from treeopt.decoding.models import WeightFirstLinear
+
     packed = torch.ops.mkl._mkl_reorder_linear_weight(W, 1)
+    prepacked = WeightFirstLinear(W)
     dnn = W.to_mkldnn()
     bf = W.to(torch.bfloat16)
     scale = W.abs().amax(1) / 127  # [V]
@@ -43,6 +46,7 @@ def kernels(W: torch.Tensor) -> dict:
         "numpy (OpenBLAS) W @ x.T": lambda x: torch.from_numpy(Wn @ x.numpy().T).T,
         "x @ W.T": lambda x: x @ W.T,
         "(W @ x.T).T": lambda x: (W @ x.T).T,
+        "oneDNN prepacked": prepacked,
         "mkldnn_linear": lambda x: torch.ops.aten.mkldnn_linear(x.to_mkldnn(), dnn).to_dense(),
         "MKL packed for 1 row": lambda x: torch.ops.mkl._mkl_linear(x, packed, W, None, 1),
         "bf16 W, fp32 math": lambda x: F.linear(x, bf.float()),
@@ -63,7 +67,11 @@ def main():
     shapes = {"lm_head 49152x576": (49152, 576), "layer: q+k+v+o+gate+up+down": None}
     g = torch.Generator().manual_seed(0)
     layer = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
-    print(f"{a.threads} threads, torch {torch.__version__}; median ms at M = {rows}")
+    from treeopt.decoding.models import cpu_flags
+    from treeopt.demo import machine
+
+    simd = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))
+    print(f"{machine()['cpu']} ({' '.join(simd)}), {a.threads} threads, torch {torch.__version__}; median ms at M = {rows}")
     for title in shapes:
         mats = [torch.randn(*shapes[title], generator=g) * 0.02] if shapes[title] else \
                [torch.randn(o, i, generator=g) * 0.02 for o, i in layer]
@@ -84,12 +92,16 @@ def main():
 def stream(rows, repeats: int, g) -> None:
     """The products of a whole step, as decoding/fast.py runs them: 30 layers' fused weights (q/k/v,
     o, gate/up, down; 425 MB, more than the caches hold), each kernel in turn, GB/s of weights read."""
+    from treeopt.decoding.models import WeightFirstLinear
+
     mats = [torch.randn(o, i, generator=g) * 0.02 for _ in range(30)
             for o, i in [(960, 576), (576, 576), (3072, 576), (576, 1536)]]
     arrays = [W.numpy() for W in mats]
     mb = sum(W.numel() * 4 for W in mats) / 1e6
     print(f"a step's products: 30 layers, {mb:.0f} MB of weights; median ms (GB/s)")
+    linears = [WeightFirstLinear(W) for W in mats]
     runs = {
+        "oneDNN prepacked": lambda xs: [f(x) for f, x in zip(linears, xs)],
         "torch (W @ x.T).T": lambda xs: [(W @ x.T).T for W, x in zip(mats, xs)],
         "torch F.linear": lambda xs: [F.linear(x, W) for W, x in zip(mats, xs)],
         "numpy (OpenBLAS)": lambda xs: [A @ x.numpy().T for A, x in zip(arrays, xs)],

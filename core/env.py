@@ -23,6 +23,16 @@ def versions() -> dict[str, str]:
     return out
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux: /proc), None where the system does not say."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """A quick TCP check, so an offline machine fails at once instead of after minutes of retries."""
     import socket

@@ -215,9 +215,8 @@ class Eagle3(nn.Module):
 
     def attend(self, q, k, v, mask) -> torch.Tensor:
         """q [T, nh, d], k/v [S, nkv, d], mask [T, S] bool (True: visible) -> [T, nh, d]."""
-        rep = self.config.num_attention_heads // self.config.num_key_value_heads
-        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)  # [S, nh, d]
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
+                                             enable_gqa=True)  # each group of nh / nkv query heads on its K/V head
         return out.transpose(0, 1)
 
     def unroll(self, aux: torch.Tensor, ids: torch.Tensor, steps: int) -> list[torch.Tensor]:

@@ -170,7 +170,8 @@ def profile_latency(model, heads, sizes=DEFAULT_SIZES, context: int = 256, repea
         decoder = TreeDecoder(model, (drafter or heads) if n else None, tree, compiled=compiled and b == 1)
         base_ms, heads_ms = (time_step_forward(decoder, context, repeats) if b == 1 else
                              time_batch_forward(decoder, b, context, repeats))
-        cost = step_cost(model, n, context, heads if drafter is None else None, tree.depth, batch=b)
+        cost = step_cost(model, n, context, heads if drafter is None else None, tree.depth, batch=b,
+                         fused=decoder.fused)
         if drafter is not None:
             extra = draft_cost(drafter, tree, context)
             cost = StepCost(cost.bytes + extra.bytes, cost.flops + extra.flops)

@@ -1,7 +1,8 @@
 """The machine's limits and the least time a decoding step can take on it (the roofline).
 
 `measure_machine` times, once, the read bandwidth (a sum over a tensor far larger than the caches)
-and the peak GEMM rate per dtype (a large square matmul). `step_cost` counts what one step must do:
+and the peak GEMM rate per dtype (a large square matmul), each the best of several runs: the rate the
+machine reaches, which other jobs on its cores can only lower. `step_cost` counts what one step must do:
 read every weight it uses once (the base model without its embedding table, the lm_head, the heads)
 plus the committed KV cache, and multiply each of its M = nodes + 1 rows through those weights plus
 the attention over the context; `draft_cost` adds a drafter other than heads: nothing for n-gram
@@ -11,7 +12,6 @@ faster, whatever its kernels.
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -36,7 +36,7 @@ class StepCost:
         return max(self.bytes / machine.bandwidth_gbs, self.flops / peak) / 1e6
 
 
-def _median_s(fn, device: torch.device, repeats: int) -> float:
+def _best_s(fn, device: torch.device, repeats: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -47,27 +47,31 @@ def _median_s(fn, device: torch.device, repeats: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 @torch.inference_mode()
-def measure_machine(device: torch.device, dtypes=(torch.float32, torch.bfloat16), repeats: int = 5,
+def measure_machine(device: torch.device, dtypes=(torch.float32, torch.bfloat16), repeats: int = 9,
                     read_mb: int = 512, gemm: int = 2048) -> Machine:
-    """Read bandwidth (sum over `read_mb` MB of fp32) and GEMM peak ([gemm, gemm] @ [gemm, gemm]) per dtype."""
+    """Read bandwidth (sum over `read_mb` MB of fp32) and GEMM peak ([gemm, gemm] @ [gemm, gemm]) per dtype,
+    each from the fastest of `repeats` runs."""
     x = torch.ones(read_mb * 2**20 // 4, dtype=torch.float32, device=device)
-    bandwidth = x.numel() * 4 / _median_s(x.sum, device, repeats) / 1e9
+    bandwidth = x.numel() * 4 / _best_s(x.sum, device, repeats) / 1e9
     del x
     peaks = {}
     for dt in dtypes:
         a = torch.randn(gemm, gemm, device=device).to(dt)
-        peaks[str(dt).removeprefix("torch.")] = 2 * gemm**3 / _median_s(lambda: a @ a, device, repeats) / 1e9
+        peaks[str(dt).removeprefix("torch.")] = 2 * gemm**3 / _best_s(lambda: a @ a, device, repeats) / 1e9
     return Machine(str(device), torch.get_num_threads(), bandwidth, peaks)
 
 
-def step_cost(model, nodes: int, context: int, heads=None, depth: int = 0, batch: int = 1) -> StepCost:
+def step_cost(model, nodes: int, context: int, heads=None, depth: int = 0, batch: int = 1,
+              fused: bool = False) -> StepCost:
     """Bytes read and FLOPs of one decoding step of `batch` sequences: a forward of `nodes` + 1 tokens
     each over `context` committed ones with the lm_head on every row, then (with `heads`) `depth`
-    heads at one node each. The weights are read once for the whole batch."""
+    heads at one node each. The weights are read once for the whole batch. Heads sharing the lm_head
+    read it a second time for their one node, unless `fused` (the decoder's small-tree step): then its
+    one pass projects every row's `depth` head features too."""
     c = model.config.get_text_config()
     weight = model.get_output_embeddings().weight  # [V, H]
     size = weight.element_size()
@@ -82,9 +86,11 @@ def step_cost(model, nodes: int, context: int, heads=None, depth: int = 0, batch
     flops = batch * (2 * M * (layer_params + weight.numel()) + attn_flops)
     if heads is not None and depth:
         block_params = sum(p.numel() for h in heads.heads[:depth] for p in h.parameters())
-        vocab = 0 if heads.config.own_lm_head else weight.numel()  # the shared lm_head, read again
+        shared = not heads.config.own_lm_head
+        vocab = 0 if shared and fused else weight.numel()  # a head's own lm_head, or the shared one read again
+        rows = M * depth if shared and fused else depth  # the head rows the vocabulary product projects
         nbytes += (block_params + vocab) * size
-        flops += batch * 2 * (block_params + depth * vocab)
+        flops += batch * 2 * ((M if fused else 1) * block_params + rows * weight.numel())
     return StepCost(nbytes, flops)
 
 

@@ -20,6 +20,8 @@ model's work per step — tree forward + heads — timed inside the decoding ste
 profiled), loop_efficiency (tokens_per_s ÷ (tokens_per_step ÷ forward_ms) = forward_ms ÷ step_ms:
 the share of a step spent in the model), profiled_forward_ms (median of separate forwards at this
 tree size and the run's median context, as `treeopt profile` times them), prompts, new_tokens, steps.
+bench.json's `first_token_s`: seconds from the process's start to its first decoded token (model load,
+any compiling, the first prefill), where the system says when the process started.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import pandas as pd
 from treeopt.decoding.models import set_threads
 from treeopt.decoding.decoder import GREEDY, Acceptance, DecodeResult, TreeDecoder, compiles_by_default, engine_ran, greedy_reference
 from treeopt.decoding.profile import time_step_forward
-from treeopt.core.env import versions
+from treeopt.core.env import process_age_s, versions
 from treeopt.core.errors import TreeoptError
 from treeopt.core.fileio import check_writable, locking, write_text
 from treeopt.core.settings import BenchConfig
@@ -141,8 +143,11 @@ def bench_decoding(model, heads, trees: dict[str, Tree], prompts: list[list[int]
             return greedy_reference(model, prompt, limit, stop_ids)
         return decoders[method].generate(prompt, limit)
 
-    for method in methods:  # warm-up: allocate caches, settle kernels
-        run(method, prompts[0], min(warmup_tokens, max_new_tokens))
+    started = process_age_s()  # the process's age before its first decoded token
+    for i, method in enumerate(methods):  # warm-up: allocate caches, settle kernels
+        first = run(method, prompts[0], min(warmup_tokens, max_new_tokens))
+        if i == 0 and started is not None:
+            started += first.prefill_s  # the prefill ends with the first decoded token
 
     records = {(r.method, r.prompt): r for r in (done or []) if r.method in methods and r.prompt < len(prompts)}
     bar = _progress(len(prompts) * len(methods), progress)
@@ -191,6 +196,7 @@ def bench_decoding(model, heads, trees: dict[str, Tree], prompts: list[list[int]
     table["overhead"] = table["step_ms"] / table["step_ms"].iloc[0]
     table["speedup"] = table["tokens_per_s"] / table["tokens_per_s"].iloc[0]
     settings = {"max_new_tokens": max_new_tokens, "context_for_forward_ms": context, "warmup_tokens": warmup_tokens,
+                "first_token_s": started,
                 **engine_ran(decoders.values(), compiled),
                 "compile_s": {name: dec.compile_s for name, dec in decoders.items()}}
     return BenchResult(table[COLUMNS], settings, [records[k] for k in sorted(records, key=lambda k: (k[1], methods.index(k[0])))])
@@ -343,7 +349,8 @@ def render(result: BenchResult) -> str:
             f"{f', compiled ({compile_s:.0f} s compiling)' if s.get('compiled') else ', eager'}"
             f"{f' ({reason})' if (reason := s.get('engine_reason')) and not s.get('compiled') else ''}: "
             f"{result.table['prompts'].iloc[0]} prompts, up to {s.get('max_new_tokens')} new tokens, "
-            + (f"heads {s.get('heads', '')}" if s.get("drafter", "heads") == "heads" else f"drafter {s['drafter']}"))
+            + (f"heads {s.get('heads', '')}" if s.get("drafter", "heads") == "heads" else f"drafter {s['drafter']}")
+            + (f"; first decoded token {first:.1f} s after the process started" if (first := s.get("first_token_s")) else ""))
     rule = s.get("acceptance") or {}
     if rule.get("mode") == "typical":
         head += (f"; trees under typical acceptance (temperature {rule['temperature']}, posterior_threshold "

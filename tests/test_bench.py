@@ -224,6 +224,10 @@ def test_bench_predicts_tokens_per_step_from_a_calibration(tiny_llama):
     assert t.loc["plain", "predicted_tokens_per_step"] == pytest.approx(1.0)
     assert np.isnan(t.loc["too-wide", "predicted_tokens_per_step"])
     assert "warning" not in render(r)
+    from treeopt.core.env import process_age_s
+
+    assert 0 < r.settings["first_token_s"] < process_age_s()  # the process's age at its first decoded token
+    assert f"first decoded token {r.settings['first_token_s']:.1f} s after" in render(r)
     r.settings["calibration_overlap"] = 1  # run_bench counts the bench prompts the calibration also holds
     assert "warning: 1 of the 1 bench prompts are also in the calibration" in render(r)
 

@@ -18,6 +18,11 @@ def test_step_cost_counts_weights_kv_and_heads(tiny_llama):
     blocks = 2 * (c.hidden_size ** 2 + c.hidden_size)  # two heads' ResBlocks
     vocab = tiny_llama.get_output_embeddings().weight.numel()
     assert tree.bytes == plain.bytes + (blocks + vocab) * 4  # the shared lm_head read a second time
+    base = step_cost(tiny_llama, nodes=3, context=0)
+    assert tree.flops == base.flops + 2 * (blocks + 2 * vocab)  # one node through 2 heads and the lm_head
+    fused = step_cost(tiny_llama, nodes=3, context=0, heads=heads, depth=2, fused=True)
+    assert fused.bytes == plain.bytes + blocks * 4  # one pass over the lm_head projects the heads' rows too
+    assert fused.flops == base.flops + 2 * 4 * (blocks + 2 * vocab)  # every one of the 4 rows
     machine = Machine("cpu", 1, bandwidth_gbs=1.0, peak_gflops={"float32": 1e9})
     assert tree.ms(machine, tiny_llama.dtype) == tree.bytes / 1e6  # memory-bound at this peak
 

@@ -308,7 +308,7 @@ class TreeDecoder:
         if not self.fused:
             logits = self.lm_head(hidden)  # [N, V]
             return logits, state, logits.argmax(-1), None
-        rows = torch.cat([hidden[None], self.heads.features(hidden)[:self.depth]])  # [1 + D, N, H]
+        rows = torch.cat([hidden[None], self.heads.features(hidden, self.depth)])  # [1 + D, N, H]
         logits = self.lm_head(rows)  # [1 + D, N, V]: one pass over the vocabulary matrix
         topk = torch.topk(logits[1:], self.buf.top_k, dim=-1).indices  # [D, N, top_k]
         return logits[0], hidden, logits[0].argmax(-1), topk.transpose(0, 1)
@@ -321,7 +321,7 @@ class TreeDecoder:
         if self.heads.config.own_lm_head:
             logits = self.heads(hidden)[:D, 0]  # [D, V]
         else:
-            logits = self.lm_head(self.heads.features(hidden)[:D, 0])  # [D, V]
+            logits = self.lm_head(self.heads.features(hidden, D)[:, 0])  # [D, V]
         return torch.topk(logits, self.buf.top_k, dim=-1).indices.to(self.device)
 
     def candidates(self, hidden: torch.Tensor, depth: int | None = None, row: int | None = None) -> torch.Tensor:

@@ -397,22 +397,16 @@ def resolve_drafter(spec: str | DrafterSpec | None, model, heads: str | None = N
         return NgramDrafter(spec.min_n, spec.max_n)
     if spec.kind == "eagle3":
         from treeopt.decoding.eagle3 import load_eagle3, shipped_eagle3
+        from treeopt.decoding.models import on_path_of
 
         path = spec.path or shipped_eagle3(model)
-        return Eagle3Drafter(_on_path_of(load_eagle3(path, model), model), model, spec.path or "default")
-    from treeopt.decoding.models import load_model
+        return Eagle3Drafter(on_path_of(load_eagle3(path, model), model), model, spec.path or "default")
+    from treeopt.decoding.models import load_model, on_path_of
 
     weight = model.get_output_embeddings().weight
     loaded = load_model(spec.path, device=str(weight.device), dtype=dtype or str(weight.dtype).removeprefix("torch."),
                         attention="decode")
-    drafter = DraftModelDrafter(_on_path_of(loaded.model, model), spec.path)
+    drafter = DraftModelDrafter(on_path_of(loaded.model, model), spec.path)
     drafter.check(model, Tree(()))
     return drafter
 
-
-def _on_path_of(module: torch.nn.Module, model) -> torch.nn.Module:
-    """`module` with the products of base `model`'s load: WeightFirstLinear linears where its are (the AVX2
-    decode-time load), else as it is."""
-    from treeopt.decoding.models import WeightFirstLinear, weight_first
-
-    return weight_first(module) if isinstance(model.get_output_embeddings(), WeightFirstLinear) else module

@@ -65,10 +65,11 @@ class MedusaHeads(nn.Module):
     def num_heads(self) -> int:
         return self.config.num_heads
 
-    def features(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[..., H] -> [K, ..., H]: each head's state before the vocabulary projection."""
+    def features(self, hidden: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        """[..., H] -> [K, ..., H]: each of the first K = `depth` heads' (default: every head's) state
+        before the vocabulary projection."""
         L = self.config.num_layers
-        return torch.stack([head[:L](hidden) for head in self.heads])
+        return torch.stack([head[:L](hidden) for head in self.heads[:depth]])
 
     def forward(self, hidden: torch.Tensor, lm_head: nn.Module | None = None) -> torch.Tensor:
         """hidden [..., H] -> logits [K, ..., V]. `lm_head` is the base model's, used when shared."""
@@ -213,9 +214,11 @@ BUNDLED_HEADS = DATA_DIR / "heads" / DEFAULT_MODEL
 def resolve_heads(spec: str | None, model, num_heads: int = 4) -> MedusaHeads:
     """--heads: a directory, `random` (untrained, for dry runs), or None/`default` for the heads
     shipped with treeopt for the bundled model."""
+    from treeopt.decoding.models import on_path_of
+
     heads = _read_heads(spec, model, num_heads)
     # on the device of the model's last layer, whose output they read (with a device map, maybe not the lm_head's)
-    return heads.to(device=layer_devices(model)[-1], dtype=model.get_output_embeddings().weight.dtype)
+    return on_path_of(heads.to(device=layer_devices(model)[-1], dtype=model.get_output_embeddings().weight.dtype), model)
 
 
 def heads_sha256(heads: MedusaHeads) -> str:

@@ -114,7 +114,8 @@ class WeightFirstLinear(torch.nn.Module):
     oneDNN's product over a copy of W prepacked at the first call (where torch has oneDNN), else
     (W @ x.T).T, the tall product that reads W once. The same product as F.linear up to summation
     order; on the AMD AVX2 CPU measured, oneDNN's reads a decoding step's weights at 1.3-2x F.linear's
-    rate at 1-17 rows (benchmarks/bench_cpu_linear.py). Shares the weight and bias it is given."""
+    rate at 1-17 rows (benchmarks/bench_cpu_linear.py). Shares the weight and bias it is given; the
+    packed copy is for inference over fixed weights (a product that autograd records runs (W @ x.T).T)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -124,10 +125,10 @@ class WeightFirstLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out]"""
-        W = self.weight.detach()
-        if torch.backends.mkldnn.is_available():
+        W = self.weight
+        if torch.backends.mkldnn.is_available() and not (W.requires_grad and torch.is_grad_enabled()):
             if self.packed is None:
-                self.packed = torch.ops.mkldnn._reorder_linear_weight(W, 2)  # packed for a few rows
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(W.detach(), 2)  # packed for a few rows
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         else:
             y = (W @ x.reshape(-1, x.shape[-1]).T).T.reshape(*x.shape[:-1], -1)
@@ -141,6 +142,12 @@ def weight_first(model: torch.nn.Module) -> torch.nn.Module:
             if type(child) is torch.nn.Linear:
                 setattr(module, name, WeightFirstLinear(child.weight, child.bias))
     return model
+
+
+def on_path_of(module: torch.nn.Module, model) -> torch.nn.Module:
+    """`module` (a drafter, heads) with the products of base `model`'s load: WeightFirstLinear linears where
+    its are (the AVX2 decode-time load), else as it is."""
+    return weight_first(module) if isinstance(model.get_output_embeddings(), WeightFirstLinear) else module
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device | None = None) -> torch.dtype:

@@ -94,6 +94,8 @@ def test_weight_first_linear_is_the_same_product():
     assert all(isinstance(m, WeightFirstLinear) for m in net)
     torch.testing.assert_close(net(x), want)
     assert net(x[0, 0]).shape == (8,)
+    net(x).sum().backward()  # a product autograd records: no packed copy, gradients reach the weights
+    assert net[0].packed is None and net[0].weight.grad is not None
 
 
 @pytest.mark.parametrize("onednn", [True, False])

@@ -61,6 +61,30 @@ def test_demo_writes_every_stage(tiny_demo):
     assert demo["settings"]["nodes"] == 8 and set(demo["stages"]) >= {"calibrate", "search", "bench", "report"}
 
 
+def test_demo_benches_the_tree_nodes_auto_picks(tiny_demo, tmp_path):
+    """With a profile in which steps of 1-3 nodes cost far less than any other (plain decoding too), the
+    bench's trees include the tree `--nodes auto` picks from it; without a profile, only the others."""
+    import shutil
+
+    from treeopt.core.record import load_calibration
+    from treeopt.demo import bench_trees
+    from treeopt.search.api import search_report
+
+    cfg, result, _ = tiny_demo
+    out = tmp_path / "run"
+    shutil.copytree(result.out, out)
+    lat = pd.read_csv(out / "latency.csv").iloc[[0]]
+    lat = pd.concat([lat.assign(nodes=n, forward_ms=10.0 if 1 <= n <= 3 else 1000.0) for n in range(9)])
+    lat.to_csv(out / "latency.csv", index=False)
+    auto = search_report(out / "calibration", "auto", latency=out / "latency.csv")[0].tree
+    assert 1 <= auto.num_nodes <= 3
+    names = [p.rsplit("/", 1)[-1] for p in bench_trees(cfg, out, load_calibration(out / "calibration"))]
+    assert f"searched-{auto.num_nodes}.json" in names and "searched-8.json" in names
+    (out / "latency.csv").unlink()
+    names = [p.rsplit("/", 1)[-1] for p in bench_trees(cfg, out, load_calibration(out / "calibration"))]
+    assert f"searched-{auto.num_nodes}.json" not in names and "searched-8.json" in names
+
+
 def test_demo_resumes_and_guards_settings(tiny_demo):
     cfg, result, _ = tiny_demo
     again = run_demo(result.out, cfg, log=lambda s: None)

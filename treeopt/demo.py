@@ -18,7 +18,8 @@ Stages, each writing into OUT (a run directory, see reports/report.py):
 5. search    OUT/tree.json and OUT/sweep.csv (search/: the greedy optimal tree).
 6. bench     OUT/bench/ (reports/bench.py: plain greedy vs each baseline (the best Cartesian tree,
              Medusa's published trees, the top-1 chain) beside a searched tree of the same node count,
-             OUT/trees/*.json, on the held-out prompts; outputs checked equal to plain greedy).
+             and the tree `--nodes auto` picks from the profile, OUT/trees/*.json, on the held-out
+             prompts; outputs checked equal to plain greedy).
 7. report    OUT/report.md and OUT/report.html.
 
 Re-running skips a stage only when OUT/stages/NAME/ says the same settings made its outputs from the
@@ -256,7 +257,7 @@ def run_demo(out: str | Path = layout.DEMO_DIR, config: DemoConfig | None = None
           [tree_file, out / layout.SWEEP], lambda: _search(cfg, out, log))
     stage("bench", {**model, "max_new_tokens": c["max_new_tokens"], "cartesian": c["cartesian"],
                     "published": c["published"], "chain": c["chain"], "compiled": c["compiled"]},
-          [bench_file, cal_file, tree_file],
+          [bench_file, cal_file, tree_file] + ([latency] if cfg.profile_sizes else []),
           [out / layout.BENCH, out / layout.BENCH_META], lambda: _bench(cfg, out, bench_file, log, progress))
 
     from treeopt.reports.report import write_report
@@ -351,7 +352,8 @@ def bench_trees(cfg: DemoConfig, out: Path, calibration) -> list[str]:
     Cartesian trees, Medusa's published trees cut to the calibration's heads (a 3-head run cannot
     draft 4 deep), the top-1 chain) after a searched tree of its node count (every prefix of one
     greedy search is the best tree of its size; none where the calibration holds no tree that large
-    of nonzero value), smallest first."""
+    of nonzero value), smallest first; with the profile, also the tree `--nodes auto` picks for this
+    machine (none where it picks plain decoding)."""
     from treeopt.search.grow import search
     from treeopt.core.tree import Tree, truncate
     from treeopt.core.treefile import read_tree, read_tree_meta, write_tree
@@ -367,12 +369,20 @@ def bench_trees(cfg: DemoConfig, out: Path, calibration) -> list[str]:
                                  "note": "" if len(cut) == len(full) else f"cut to {calibration.num_heads} heads"})
     if cfg.chain:
         baselines[f"chain-{calibration.num_heads}"] = (Tree.chain(calibration.num_heads), {"source": "top-1 chain"})
-    sizes = sorted({len(tree)} | {len(t) for t, _ in baselines.values()})
+    auto = None
+    if (out / layout.LATENCY).is_file():  # what `treeopt search --nodes auto --latency` picks
+        from treeopt.search.api import search_report
+
+        auto = search_report(out / layout.CALIBRATION, "auto", latency=out / layout.LATENCY)[0].tree
+    sizes = sorted({len(tree)} | {len(t) for t, _ in baselines.values()} | ({len(auto)} if auto else set()))
     found = search(calibration, max(sizes), meta.get("acceptance_model", DEFAULT_ACCEPTANCE_MODEL))
     files = []
     for n in sizes:
         if n == len(tree):
             files.append(write_tree(tree, out / layout.TREES / f"searched-{n}.json", **meta))
+        elif auto and n == len(auto):
+            files.append(write_tree(auto, out / layout.TREES / f"searched-{n}.json",
+                                    source=f"--nodes auto on {calibration.directory} and {out / layout.LATENCY}"))
         elif n <= len(found.tree):  # a small calibration may hold no n-node tree of nonzero value
             files.append(write_tree(found.tree[:n], out / layout.TREES / f"searched-{n}.json",
                                     source=f"searched on {calibration.directory}"))

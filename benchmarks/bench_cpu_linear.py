@@ -5,7 +5,7 @@
 
 Kernels: F.linear (MKL's small-M sgemm), numpy's OpenBLAS (here beside torch's two threads, so above
 one row its threads contend with them), x @ W.T, (W @ x.T).T, oneDNN over the weight prepacked once
-(`models.WeightFirstLinear`, what the AVX2 decode-time load runs), oneDNN unpacked (mkldnn_linear), MKL prepacked
+(`models.PackedLinear`, what the AVX2 decode-time load runs), oneDNN unpacked (mkldnn_linear), MKL prepacked
 (`torch.ops.mkl._mkl_linear`, the weight packed for one row), bf16 weights computed in
 float32 (upcast per call), bf16 x bf16 (F.linear), int8 weights (`torch.ops.aten._weight_int8pack_mm`).
 """
@@ -32,10 +32,10 @@ def median_ms(fn, repeats: int) -> float:
 
 def kernels(W: torch.Tensor) -> dict:
     """name -> fn(x [M, H]) -> [M, V], for the weight W [V, H]."""
-    from treeopt.decoding.models import WeightFirstLinear
+    from treeopt.decoding.models import PackedLinear
 
     packed = torch.ops.mkl._mkl_reorder_linear_weight(W, 1)
-    prepacked = WeightFirstLinear(W)
+    prepacked = PackedLinear(W)
     dnn = W.to_mkldnn()
     bf = W.to(torch.bfloat16)
     scale = W.abs().amax(1) / 127  # [V]
@@ -92,14 +92,14 @@ def main():
 def stream(rows, repeats: int, g) -> None:
     """The products of a whole step, as decoding/fast.py runs them: 30 layers' fused weights (q/k/v,
     o, gate/up, down; 425 MB, more than the caches hold), each kernel in turn, GB/s of weights read."""
-    from treeopt.decoding.models import WeightFirstLinear
+    from treeopt.decoding.models import PackedLinear
 
     mats = [torch.randn(o, i, generator=g) * 0.02 for _ in range(30)
             for o, i in [(960, 576), (576, 576), (3072, 576), (576, 1536)]]
     arrays = [W.numpy() for W in mats]
     mb = sum(W.numel() * 4 for W in mats) / 1e6
     print(f"a step's products: 30 layers, {mb:.0f} MB of weights; median ms (GB/s)")
-    linears = [WeightFirstLinear(W) for W in mats]
+    linears = [PackedLinear(W) for W in mats]
     runs = {
         "oneDNN prepacked": lambda xs: [f(x) for f, x in zip(linears, xs)],
         "torch (W @ x.T).T": lambda xs: [(W @ x.T).T for W, x in zip(mats, xs)],

@@ -265,7 +265,7 @@ class TreeDecoder:
         self.fused = (heads is not None and not heads.config.own_lm_head and self.depth > 0
                       and self.buf.num_nodes * self.depth <= self.FUSED_ROWS)
         self.row_topk: torch.Tensor | None = None  # [N, D, top_k] fused: each row's candidates, last step
-        # The AVX2 decode-time load (WeightFirstLinear linears, `--dtype auto`) runs its steps through the
+        # The AVX2 decode-time load (PackedLinear linears, `--dtype auto`) runs its steps through the
         # written-out forward of decoding/fast.py; the float32 reference load keeps transformers' forward.
         self.fast = FastLlama.of(model) if not compiled and FastLlama.applies(model) else None
         self.verify = _Step(self._verify, self.device, compiled)

@@ -2,12 +2,12 @@
 bf16: q/k/v and gate/up as one product each, q and k rotated together, attention by
 `scaled_dot_product_attention` over the `length + q` slots the step can see instead of the cache's
 whole capacity, and no mask or cache framework around it. Its products are the load's own
-`models.WeightFirstLinear`s (oneDNN over weights prepacked once), plus two over fused copies of q/k/v
+`models.PackedLinear`s (oneDNN over weights prepacked once), plus two over fused copies of q/k/v
 and gate/up. It reads the transformers model's own weights and its rotary embedding, so it computes
 the same float32 function as the model's forward up to summation order.
 
 The AVX2 decode-time load (`models.load_model(..., attention="decode")`, `--dtype auto`, whose linears
-are `WeightFirstLinear`) runs every TreeDecoder step through it (`FastLlama.applies`); `--dtype
+are `PackedLinear`) runs every TreeDecoder step through it (`FastLlama.applies`); `--dtype
 float32` keeps transformers' forward, the exact reference. Measured beside it: docs/speed-cpu-avx2.md.
 """
 
@@ -18,7 +18,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from treeopt.decoding.models import WeightFirstLinear
+from treeopt.decoding.models import PackedLinear
 
 _BUILT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its FastLlama (one per model)
 
@@ -39,16 +39,16 @@ class FastLlama:
         half = torch.ones(self.head_dim // 2, dtype=self.embed.dtype, device=self.embed.device)
         self.signs = torch.cat([-half, half])  # [D]: rotate_half's signs
         self.norm = base.norm.weight
-        self.lm_head = model.get_output_embeddings()  # a WeightFirstLinear [V, H]
+        self.lm_head = model.get_output_embeddings()  # a PackedLinear [V, H]
         self.layers = []
         for layer in base.layers:
             a, m = layer.self_attn, layer.mlp
             self.layers.append((
                 layer.input_layernorm.weight,
-                WeightFirstLinear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])),  # [(nH + 2 kvH) D, H]
+                PackedLinear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])),  # [(nH + 2 kvH) D, H]
                 a.o_proj,  # [H, nH D]
                 layer.post_attention_layernorm.weight,
-                WeightFirstLinear(torch.cat([m.gate_proj.weight, m.up_proj.weight])),  # [2 I, H]
+                PackedLinear(torch.cat([m.gate_proj.weight, m.up_proj.weight])),  # [2 I, H]
                 m.down_proj,  # [H, I]
             ))
 
@@ -65,7 +65,7 @@ class FastLlama:
     @staticmethod
     def applies(model) -> bool:
         """Whether `model` decodes through a FastLlama: the AVX2 decode-time load of a supported model."""
-        return isinstance(model.get_output_embeddings(), WeightFirstLinear) and FastLlama.supports(model)
+        return isinstance(model.get_output_embeddings(), PackedLinear) and FastLlama.supports(model)
 
     @staticmethod
     def of(model) -> "FastLlama":

@@ -83,7 +83,7 @@ class DecodePath:
 
     dtype: torch.dtype
     compiled: bool  # torch.compile the decoding steps
-    weight_first: bool  # float32 on a CPU: every linear a WeightFirstLinear (oneDNN prepacked)
+    packed_linears: bool  # float32 on a CPU: every linear a PackedLinear (oneDNN prepacked)
     why: str
 
 
@@ -109,7 +109,7 @@ def decode_path(device: torch.device) -> DecodePath:
     return DecodePath(torch.float32, False, False, "a CPU without AVX2 or native bf16: float32, eager (the reference)")
 
 
-class WeightFirstLinear(torch.nn.Module):
+class PackedLinear(torch.nn.Module):
     """A float32 linear for CPUs whose MKL small-M product (F.linear's x @ W.T) reads the weights slowly:
     oneDNN's product over a copy of W prepacked at the first call (where torch has oneDNN), else
     (W @ x.T).T, the tall product that reads W once. The same product as F.linear up to summation
@@ -135,19 +135,19 @@ class WeightFirstLinear(torch.nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def weight_first(model: torch.nn.Module) -> torch.nn.Module:
-    """Swap every nn.Linear of `model` (in place) for a WeightFirstLinear over the same parameters."""
+def packed_linears(model: torch.nn.Module) -> torch.nn.Module:
+    """Swap every nn.Linear of `model` (in place) for a PackedLinear over the same parameters."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is torch.nn.Linear:
-                setattr(module, name, WeightFirstLinear(child.weight, child.bias))
+                setattr(module, name, PackedLinear(child.weight, child.bias))
     return model
 
 
 def on_path_of(module: torch.nn.Module, model) -> torch.nn.Module:
-    """`module` (a drafter, heads) with the products of base `model`'s load: WeightFirstLinear linears where
+    """`module` (a drafter, heads) with the products of base `model`'s load: PackedLinear linears where
     its are (the AVX2 decode-time load), else as it is."""
-    return weight_first(module) if isinstance(model.get_output_embeddings(), WeightFirstLinear) else module
+    return packed_linears(module) if isinstance(model.get_output_embeddings(), PackedLinear) else module
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device | None = None) -> torch.dtype:
@@ -325,8 +325,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str | tor
                            f"to {', '.join(offloaded) or 'disk'}, which treeopt does not run): raise --max-memory "
                            "or add GPUs")
     model.eval().requires_grad_(False)
-    if decoding and dtype == AUTO and not device_map and dt == torch.float32 and decode_path(dev).weight_first:
-        weight_first(model)  # the decode-time load on an AVX2 CPU; --dtype float32 keeps F.linear, the exact reference
+    if decoding and dtype == AUTO and not device_map and dt == torch.float32 and decode_path(dev).packed_linears:
+        packed_linears(model)  # the decode-time load on an AVX2 CPU; --dtype float32 keeps F.linear, the exact reference
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=path)

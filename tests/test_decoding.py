@@ -26,12 +26,12 @@ def heads(tiny_llama):
 
 @pytest.fixture(scope="module")
 def fast_llama():
-    """The tiny Llama as the AVX2 decode-time load makes it (WeightFirstLinear linears): its TreeDecoder
+    """The tiny Llama as the AVX2 decode-time load makes it (PackedLinear linears): its TreeDecoder
     steps run decoding/fast.py's written-out forward."""
     from conftest import make_tiny_llama
-    from treeopt.decoding.models import weight_first
+    from treeopt.decoding.models import packed_linears
 
-    return weight_first(make_tiny_llama())
+    return packed_linears(make_tiny_llama())
 
 
 LOADS = ["tiny_llama", "fast_llama"]  # transformers' forward (the reference), the written-out one
@@ -273,7 +273,7 @@ def test_fast_forward_is_lossless_on_bundled_model(smollm2):
     plain greedy decoding."""
     from treeopt.decoding.models import chat_prompt, decode_path, load_model, stop_token_ids
 
-    if not decode_path(torch.device("cpu")).weight_first:
+    if not decode_path(torch.device("cpu")).packed_linears:
         pytest.skip("this CPU's default decode path is not the float32 AVX2 one")
     fast = load_model("smollm2-135m", device="cpu", attention="decode").model
     tok = smollm2.tokenizer

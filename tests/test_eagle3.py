@@ -138,17 +138,17 @@ def test_resolve_eagle3(tmp_path, tiny_llama, trained):
 
 
 def test_eagle3_on_the_avx2_load_takes_its_products_and_decodes_losslessly(tmp_path, tiny_llama, trained):
-    """On the AVX2 decode-time load (WeightFirstLinear linears) the drafter's linears are WeightFirstLinear
+    """On the AVX2 decode-time load (PackedLinear linears) the drafter's linears are PackedLinear
     too, and a tree it drafts decodes what plain greedy decoding of the float32 reference does."""
     from conftest import make_tiny_llama
-    from treeopt.decoding.models import WeightFirstLinear, weight_first
+    from treeopt.decoding.models import PackedLinear, packed_linears
 
     save_eagle3(trained, tmp_path / "e")
-    fast = weight_first(make_tiny_llama())  # tiny_llama's weights, the AVX2 load's products
-    assert not any(isinstance(m, WeightFirstLinear) for m in resolve_drafter(f"eagle3:{tmp_path / 'e'}", tiny_llama).eagle.modules())
+    fast = packed_linears(make_tiny_llama())  # tiny_llama's weights, the AVX2 load's products
+    assert not any(isinstance(m, PackedLinear) for m in resolve_drafter(f"eagle3:{tmp_path / 'e'}", tiny_llama).eagle.modules())
     drafter = resolve_drafter(f"eagle3:{tmp_path / 'e'}", fast)
-    linears = [m for m in drafter.eagle.modules() if isinstance(m, (torch.nn.Linear, WeightFirstLinear))]
-    assert linears and all(isinstance(m, WeightFirstLinear) for m in linears)
+    linears = [m for m in drafter.eagle.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))]
+    assert linears and all(isinstance(m, PackedLinear) for m in linears)
     tree = Tree(Tree.cartesian([3, 2]).paths + ((0, 0, 0),))
     for p in PROMPTS:
         want = decoder.decode(tiny_llama, None, Tree(()), p, 24).tokens

@@ -70,10 +70,10 @@ def test_decode_path_follows_the_cpu_flags(monkeypatch, tmp_path):
     cases = {frozenset({"avx2", "fma", "amx_bf16"}): (torch.bfloat16, True, False),
              frozenset({"avx2", "fma"}): (torch.float32, False, torch.backends.mkl.is_available()),
              frozenset({"sse4_2"}): (torch.float32, False, False)}
-    for flags, (dtype, compiled, weight_first) in cases.items():
+    for flags, (dtype, compiled, packed_linears) in cases.items():
         monkeypatch.setattr(models, "cpu_flags", lambda f=flags: f)
         path = models.decode_path(cpu)
-        assert (path.dtype, path.compiled, path.weight_first) == (dtype, compiled, weight_first)
+        assert (path.dtype, path.compiled, path.packed_linears) == (dtype, compiled, packed_linears)
         assert resolve_dtype("auto", cpu) == dtype
     monkeypatch.setenv("TREEOPT_CACHE", str(tmp_path))
     monkeypatch.setattr(decoder, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
@@ -83,15 +83,15 @@ def test_decode_path_follows_the_cpu_flags(monkeypatch, tmp_path):
     assert torch.__version__ in avx2.name
 
 
-def test_weight_first_linear_is_the_same_product():
-    from treeopt.decoding.models import WeightFirstLinear, weight_first
+def test_packed_linear_is_the_same_product():
+    from treeopt.decoding.models import PackedLinear, packed_linears
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8, bias=False))
     x = torch.randn(3, 5, 16)  # [B, S, H]
     want = net(x)
-    weight_first(net)
-    assert all(isinstance(m, WeightFirstLinear) for m in net)
+    packed_linears(net)
+    assert all(isinstance(m, PackedLinear) for m in net)
     torch.testing.assert_close(net(x), want)
     assert net(x[0, 0]).shape == (8,)
     net(x).sum().backward()  # a product autograd records: no packed copy, gradients reach the weights
@@ -100,15 +100,15 @@ def test_weight_first_linear_is_the_same_product():
 
 @pytest.mark.parametrize("onednn", [True, False])
 @pytest.mark.parametrize("shape", [(1, 24), (1, 1, 24), (24,), (5, 24), (2, 3, 24)])
-def test_weight_first_products_equal_the_linear(onednn, shape, monkeypatch):
-    """WeightFirstLinear's product (oneDNN's over the weight prepacked at the first call, or (W @ x.T).T
+def test_packed_linear_products_equal_the_linear(onednn, shape, monkeypatch):
+    """PackedLinear's product (oneDNN's over the weight prepacked at the first call, or (W @ x.T).T
     where torch has no oneDNN) equals F.linear at every row count and input rank, call after call."""
-    from treeopt.decoding.models import WeightFirstLinear
+    from treeopt.decoding.models import PackedLinear
 
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: onednn)
     g = torch.Generator().manual_seed(0)
     W, b = torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
-    linear = WeightFirstLinear(W, b)
+    linear = PackedLinear(W, b)
     for x in (torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)):
         with torch.inference_mode():
             got = linear(x)

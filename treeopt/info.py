@@ -13,7 +13,7 @@ def describe(model: str = DEFAULT_MODEL, heads: str | None = None, device: str =
     from treeopt.decoding.decoder import compile_cache_dir, compiles_by_default
     from treeopt.decoding.heads import resolve_heads
     from treeopt.decoding.fast import FastLlama
-    from treeopt.decoding.models import WeightFirstLinear, decode_path, load_model
+    from treeopt.decoding.models import PackedLinear, decode_path, load_model
 
     lm = load_model(model, device=device, dtype=dtype, attention="decode")  # as decode, profile and bench load it
     cfg = lm.model.config
@@ -27,10 +27,10 @@ def describe(model: str = DEFAULT_MODEL, heads: str | None = None, device: str =
     ]
     path = decode_path(lm.model.device)
     compiled = compiles_by_default(lm.model)
-    weight_first = isinstance(lm.model.get_output_embeddings(), WeightFirstLinear)
+    packed_linears = isinstance(lm.model.get_output_embeddings(), PackedLinear)
     forward = "decoding/fast.py's written-out forward, " if FastLlama.applies(lm.model) else "transformers' forward, "
     lines += [f"path         {'compiled' if compiled else 'eager'}, {forward}"
-              f"{'oneDNN prepacked' if weight_first else 'F.linear'} linears (--dtype auto, --compile unset): {path.why}",
+              f"{'oneDNN prepacked' if packed_linears else 'F.linear'} linears (--dtype auto, --compile unset): {path.why}",
               "  reference  --dtype float32 --eager: float32 arithmetic throughout (outputs equal plain greedy decoding)",
               f"  compiled   steps cached in {compile_cache_dir()} (TORCHINDUCTOR_CACHE_DIR overrides)"]
     try:

@@ -103,9 +103,10 @@ def decode_path(device: torch.device) -> DecodePath:
     if {"avx2", "fma"} <= flags and torch.backends.mkl.is_available():
         return DecodePath(torch.float32, False, True, "an AVX2 CPU without native bf16 (no avx512_bf16/amx_bf16): "
                           "float32 (bf16 math is emulated), eager (compiling the float32 steps takes many minutes "
-                          "on such a CPU), every linear as oneDNN's product over its weight prepacked once (1.3-2x "
-                          "F.linear's MKL small-M rate at 1-17 rows), drafters' too, and a Llama's decoding steps "
-                          "through decoding/fast.py (q/k/v and gate/up fused, attention over the used slots only)")
+                          "on such a CPU), every linear (the heads' and drafters' too) as oneDNN's product over its "
+                          "weight prepacked once (1.5-2.5x F.linear's MKL small-M rate at 1-17 rows), and a Llama's "
+                          "decoding steps through decoding/fast.py (q/k/v and gate/up fused, attention over the used "
+                          "slots only)")
     return DecodePath(torch.float32, False, False, "a CPU without AVX2 or native bf16: float32, eager (the reference)")
 
 
@@ -113,7 +114,7 @@ class PackedLinear(torch.nn.Module):
     """A float32 linear for CPUs whose MKL small-M product (F.linear's x @ W.T) reads the weights slowly:
     oneDNN's product over a copy of W prepacked at the first call (where torch has oneDNN), else
     (W @ x.T).T, the tall product that reads W once. The same product as F.linear up to summation
-    order; on the AMD AVX2 CPU measured, oneDNN's reads a decoding step's weights at 1.3-2x F.linear's
+    order; on the AMD AVX2 CPU measured, oneDNN's reads a decoding step's weights at 1.5-2.5x F.linear's
     rate at 1-17 rows (benchmarks/bench_cpu_linear.py). Shares the weight and bias it is given; the
     packed copy is for inference over fixed weights (a product that autograd records runs (W @ x.T).T)."""
 

@@ -145,7 +145,8 @@ def test_eagle3_on_the_avx2_load_takes_its_products_and_decodes_losslessly(tmp_p
 
     save_eagle3(trained, tmp_path / "e")
     fast = packed_linears(make_tiny_llama())  # tiny_llama's weights, the AVX2 load's products
-    assert not any(isinstance(m, PackedLinear) for m in resolve_drafter(f"eagle3:{tmp_path / 'e'}", tiny_llama).eagle.modules())
+    reference = resolve_drafter(f"eagle3:{tmp_path / 'e'}", tiny_llama)
+    assert not any(isinstance(m, PackedLinear) for m in reference.eagle.modules())
     drafter = resolve_drafter(f"eagle3:{tmp_path / 'e'}", fast)
     linears = [m for m in drafter.eagle.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))]
     assert linears and all(isinstance(m, PackedLinear) for m in linears)

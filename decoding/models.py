@@ -116,7 +116,8 @@ class PackedLinear(torch.nn.Module):
     (W @ x.T).T, the tall product that reads W once. The same product as F.linear up to summation
     order; on the AMD AVX2 CPU measured, oneDNN's reads a decoding step's weights at 1.5-2.5x F.linear's
     rate at 1-17 rows (benchmarks/bench_cpu_linear.py). Shares the weight and bias it is given; the
-    packed copy is for inference over fixed weights (a product that autograd records runs (W @ x.T).T)."""
+    packed copy is for inference over fixed weights (a product that autograd records runs (W @ x.T).T,
+    one torch.compile traces is F.linear)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -127,6 +128,8 @@ class PackedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out]"""
         W = self.weight
+        if torch.compiler.is_compiling():  # inductor prepacks the weights of a compiled graph itself
+            return torch.nn.functional.linear(x, W, self.bias)
         if torch.backends.mkldnn.is_available() and not (W.requires_grad and torch.is_grad_enabled()):
             if self.packed is None:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(W.detach(), 2)  # packed for a few rows

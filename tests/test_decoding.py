@@ -143,11 +143,14 @@ def test_greedy_is_lossless_vs_generate(request, tiny_llama, heads, name, load):
 
 
 @pytest.mark.slow  # compiling takes a minute or more on a busy CPU
-def test_compiled_greedy_is_lossless_vs_plain(tiny_llama, heads):
-    """fp32, compiled: the tree's output equals plain greedy decoding's (compiled too and HF generate's),
-    with one compile per step and shape, none while decoding."""
-    plain = TreeDecoder(tiny_llama, heads, Tree(()), stop_ids={EOS}, compiled=True)
-    tree = TreeDecoder(tiny_llama, heads, TREES["wide"], stop_ids={EOS}, compiled=True)
+@pytest.mark.parametrize("load", LOADS)
+def test_compiled_greedy_is_lossless_vs_plain(load, tiny_llama, heads, request):
+    """fp32, compiled (transformers' forward; on the AVX2 load its PackedLinears trace as F.linear): the
+    tree's output equals plain greedy decoding's (compiled too and HF generate's), with one compile per
+    step and shape, none while decoding."""
+    model = request.getfixturevalue(load)
+    plain = TreeDecoder(model, heads, Tree(()), stop_ids={EOS}, compiled=True)
+    tree = TreeDecoder(model, heads, TREES["wide"], stop_ids={EOS}, compiled=True)
     for s in range(3):
         p = prompt(s, 5 + s)
         want = greedy_reference(tiny_llama, p, 32, {EOS}).tokens

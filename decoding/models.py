@@ -124,15 +124,31 @@ class PackedLinear(torch.nn.Module):
         self.weight, self.bias = weight, bias  # [out, in], [out] or None
         self.out_features, self.in_features = weight.shape
         self.packed: torch.Tensor | None = None  # oneDNN's layout of W, made at the first call
+        self.packed_version: int | None = None  # W's version counter then: an in-place change to W repacks
+
+    def __getstate__(self):  # a copy (deepcopy, pickle) packs its own at its first call
+        return {**self.__dict__, "packed": None}
+
+    def _apply(self, fn, recurse=True):  # .to(), .float(), ...: pack the moved weight afresh
+        self.packed = None
+        return super()._apply(fn, recurse)
+
+    @staticmethod
+    def _onednn(W: torch.Tensor) -> bool:
+        """Whether oneDNN computes the product: a float32 weight on a CPU, no gradient to record."""
+        return (torch.backends.mkldnn.is_available() and W.dtype == torch.float32 and W.device.type == "cpu"
+                and not (W.requires_grad and torch.is_grad_enabled()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out]"""
         W = self.weight
         if torch.compiler.is_compiling():  # inductor prepacks the weights of a compiled graph itself
             return torch.nn.functional.linear(x, W, self.bias)
-        if torch.backends.mkldnn.is_available() and not (W.requires_grad and torch.is_grad_enabled()):
-            if self.packed is None:
+        if self._onednn(W):
+            version = -1 if W.is_inference() else W._version  # (inference mode's tensors keep no counter)
+            if self.packed is None or self.packed_version != version:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(W.detach(), 2)  # packed for a few rows
+                self.packed_version = version
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         else:
             y = (W @ x.reshape(-1, x.shape[-1]).T).T.reshape(*x.shape[:-1], -1)

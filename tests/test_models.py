@@ -1,3 +1,5 @@
+from copy import deepcopy
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -107,7 +109,7 @@ def test_packed_linear_products_equal_the_linear(onednn, shape, monkeypatch):
 
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: onednn)
     g = torch.Generator().manual_seed(0)
-    W, b = torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
+    W, b = (torch.nn.Parameter(torch.randn(*s, generator=g), requires_grad=False) for s in ((40, 24), (40,)))
     linear = PackedLinear(W, b)
     for x in (torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)):
         with torch.inference_mode():
@@ -115,6 +117,13 @@ def test_packed_linear_products_equal_the_linear(onednn, shape, monkeypatch):
         assert got.shape == (*shape[:-1], 40)
         torch.testing.assert_close(got, torch.nn.functional.linear(x, W, b), atol=1e-5, rtol=1e-5)
     assert (linear.packed is not None) == onednn
+    with torch.no_grad():
+        W.mul_(2)  # an in-place change: packed afresh
+    torch.testing.assert_close(linear(x), torch.nn.functional.linear(x, W, b), atol=1e-5, rtol=1e-5)
+    copy = deepcopy(linear)  # a copy packs its own
+    torch.testing.assert_close(copy(x), torch.nn.functional.linear(x, W, b), atol=1e-5, rtol=1e-5)
+    want = torch.nn.functional.linear(x.double(), W.double(), b.double())
+    torch.testing.assert_close(linear.to(torch.float64)(x.double()), want)  # moved: packed afresh
 
 
 def test_cache_argument_follows_the_model_signature(tiny_llama, caplog):

@@ -388,6 +388,7 @@ def resolve_drafter(spec: str | DrafterSpec | None, model, heads: str | None = N
     """--drafter `spec` for base `model`: heads (the directory after `heads:`, else --heads `heads`;
     `heads_obj`: already loaded), ngram, or draft (loaded on the base model's device, in its dtype)."""
     from treeopt.decoding.heads import resolve_heads
+    from treeopt.decoding.models import load_model, on_path_of
 
     spec = spec if isinstance(spec, DrafterSpec) else parse_drafter(spec)
     if spec.kind == "heads":
@@ -397,16 +398,12 @@ def resolve_drafter(spec: str | DrafterSpec | None, model, heads: str | None = N
         return NgramDrafter(spec.min_n, spec.max_n)
     if spec.kind == "eagle3":
         from treeopt.decoding.eagle3 import load_eagle3, shipped_eagle3
-        from treeopt.decoding.models import on_path_of
 
         path = spec.path or shipped_eagle3(model)
         return Eagle3Drafter(on_path_of(load_eagle3(path, model), model), model, spec.path or "default")
-    from treeopt.decoding.models import load_model, on_path_of
-
     weight = model.get_output_embeddings().weight
     loaded = load_model(spec.path, device=str(weight.device), dtype=dtype or str(weight.dtype).removeprefix("torch."),
                         attention="decode")
     drafter = DraftModelDrafter(on_path_of(loaded.model, model), spec.path)
     drafter.check(model, Tree(()))
     return drafter
-
